@@ -1,0 +1,3 @@
+"""lmlab: honest studies of efficient language-model methods (HyLoRADA, LatentWire, MU)."""
+
+__version__ = "0.1.0"
