@@ -1,0 +1,212 @@
+"""Typed configs: pydantic models, YAML presets and `key=value` overrides with readable errors.
+
+Every config section derives from `Section` (unknown keys are errors, assignments are validated).
+A study config is loaded from `configs/<study>/<preset>.yaml` (or a YAML file path), then overridden
+by `key=value` arguments; nested keys use dots (`train.lr=1e-4`) and a study may declare short
+aliases for the flags its research notes use (`epochs` -> `train.epochs`).
+
+Every problem becomes a `ConfigError` whose message names the key, the value, the rule, and - for an
+unknown key - the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmlab.errors import ConfigError
+
+T = TypeVar("T", bound="Section")
+
+
+class Section(BaseModel):
+    """Base of every config model: strict about unknown keys, validates on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # Short flag names (as in the research notes) mapped to dotted field paths.
+    ALIASES: ClassVar[dict[str, str]] = {}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys
+
+
+def valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts, nested sections included."""
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _section_type(field.annotation)
+        if sub is not None:
+            keys.extend(valid_keys(sub, dotted + "."))
+    return keys
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X`, `X | None`), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _suggest(key: str, candidates: list[str]) -> str:
+    leaf_matches = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not leaf_matches:
+        tail = key.rsplit(".", 1)[-1]
+        leaf_matches = [c for c in candidates if c.rsplit(".", 1)[-1] == tail][:1] or difflib.get_close_matches(
+            tail, candidates, n=1, cutoff=0.6
+        )
+    return f"; did you mean '{leaf_matches[0]}'?" if leaf_matches else ""
+
+
+def unknown_key_message(key: str, model_cls: type[BaseModel], where: str) -> str:
+    keys = valid_keys(model_cls) + list(getattr(model_cls, "ALIASES", {}))
+    return f"unknown key '{key}' {where}{_suggest(key, keys)}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """Parse a YAML mapping safely (no object construction); errors carry the line number."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{line}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_value(text: str) -> Any:
+    """An override value: YAML scalars and flow lists/maps (`3`, `1e-4`, `true`, `null`, `[a, b]`)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if value is None and text.strip() not in ("null", "~", "None", "none") else value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Overrides
+
+
+def apply_overrides(data: dict, overrides: list[str], model_cls: type[Section]) -> dict:
+    """Return a copy of `data` with `key=value` overrides applied (dots for nested keys)."""
+    data = _deep_copy(data)
+    aliases = getattr(model_cls, "ALIASES", {})
+    known = set(valid_keys(model_cls))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        path = aliases.get(key, key)
+        if path not in known:
+            raise ConfigError(unknown_key_message(key, model_cls, "in the command-line overrides"))
+        node = data
+        parts = path.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[parts[-1]] = parse_value(raw)
+    return data
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+def build(model_cls: type[T], data: dict, where: str = "") -> T:
+    """Validate `data` into `model_cls`, turning the first pydantic error into a one-line ConfigError."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, model_cls, where)) from None
+
+
+def describe_validation_error(exc: ValidationError, model_cls: type[BaseModel], where: str = "") -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<config>"
+    suffix = f" ({where})" if where else ""
+    if err["type"] == "extra_forbidden":
+        return unknown_key_message(key, model_cls, f"in {model_cls.__name__}{suffix}")
+    if err["type"] == "missing":
+        return f"missing required key '{key}' in {model_cls.__name__}{suffix}"
+    value = err.get("input")
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    return f"{key} = {value!r}: {msg}{suffix}{more}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets
+
+
+def config_dir() -> Path:
+    """Where the YAML presets live: $LMLAB_CONFIG_DIR, the source checkout, or the installed package."""
+    env = os.environ.get("LMLAB_CONFIG_DIR")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve()
+    checkout = here.parents[2] / "configs"
+    if checkout.is_dir():
+        return checkout
+    return here.parent / "configs"
+
+
+def preset_path(study: str, preset: str) -> Path:
+    """A preset name (`smoke`, `default`, `paper`) of a study, or a path to a YAML file."""
+    if preset.endswith((".yaml", ".yml")) or os.sep in preset:
+        return Path(preset)
+    path = config_dir() / study / f"{preset}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in (config_dir() / study).glob("*.yaml"))
+        raise ConfigError(
+            f"preset '{preset}' does not exist for study '{study}'; choose one of {', '.join(available) or '(none)'}"
+            " or give a path to a YAML file"
+        )
+    return path
+
+
+def load_config(model_cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
+    """Load a YAML preset (or start from the defaults), apply overrides, validate."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides), model_cls)
+    return build(model_cls, data, where=str(path) if path is not None else "")
