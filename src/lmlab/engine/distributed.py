@@ -1,0 +1,122 @@
+"""Distributed setup for the one training loop: DDP under torchrun (NCCL on GPU, gloo on CPU).
+
+Single-process runs need nothing: every helper here degrades to the obvious single-process answer.
+Only rank 0 writes files; other ranks compute the same cells in lock step.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_from_env() -> bool:
+    """Join the process group torchrun describes in the environment (no-op when not under torchrun)."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+    return True
+
+
+def shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over ranks (a copy; the input is left untouched)."""
+    if not is_distributed():
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not is_distributed():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def resolve_nproc(value: str | int) -> int:
+    """`--nproc auto`: $NUM_GPUS, else the number of visible GPUs, else 1."""
+    if isinstance(value, int) or str(value).isdigit():
+        n = int(value)
+        if n < 1:
+            raise ValueError("--nproc must be >= 1 or 'auto'")
+        return n
+    if str(value) != "auto":
+        raise ValueError(f"--nproc must be a positive integer or 'auto', got {value!r}")
+    env = os.environ.get("NUM_GPUS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)
+            gpus = [line for line in out.stdout.splitlines() if line.startswith("GPU")]
+            if gpus:
+                return len(gpus)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)

@@ -1,0 +1,149 @@
+"""Loading Hugging Face causal LMs and tokenizers from a local directory or a hub id.
+
+Local directories are what `save_pretrained` writes. Weights load from safetensors only (never pickle).
+A hub id is looked up in the local cache first; when it is not cached and the hub cannot be reached,
+the error says so in one line and names the offline alternative instead of retrying for a minute.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from lmlab.errors import CheckpointError
+from lmlab.hub import hub_reachable
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_local(name_or_path: str) -> bool:
+    """A path (existing, or written like one) rather than a hub id such as `gpt2` or `owner/name`."""
+    return (Path(name_or_path).expanduser().exists() or name_or_path.startswith((".", "/", "~"))
+            or not _HUB_ID.fullmatch(name_or_path))
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model directory must hold config.json and safetensors weights."""
+    if not path.exists():
+        raise CheckpointError(f"model directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is a file; give the directory written by save_pretrained")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} has no config.json; give a directory written by save_pretrained")
+    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+    if not has_safetensors:
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickled:
+            raise CheckpointError(
+                f"{path} has only pickle weights ({', '.join(sorted(pickled))}); lmlab loads safetensors only - "
+                f"convert them in a trusted environment with model.save_pretrained(dir, safe_serialization=True)"
+            )
+        raise CheckpointError(f"{path} has no model weights (*.safetensors); it holds only a config")
+
+
+def resolve(name_or_path: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is local-only)."""
+    path = Path(name_or_path).expanduser()
+    if is_local(name_or_path):
+        check_model_dir(path)
+        return str(path), True
+    return name_or_path, False
+
+
+def _from_hub_or_cache(loader: Callable, name: str, what: str, **kwargs):
+    try:
+        return loader(name, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        pass
+    if not hub_reachable():
+        raise CheckpointError(
+            f"{what} '{name}' is not in the local Hugging Face cache and the hub is unreachable (offline); "
+            f"give a local directory written by save_pretrained (model=path/to/dir) or run where the hub is reachable"
+        ) from None
+    try:
+        return loader(name, **kwargs)
+    except OSError as exc:
+        raise CheckpointError(f"cannot load {what} '{name}' from the hub: {str(exc).splitlines()[0]}") from None
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    source, local = resolve(name_or_path)
+    try:
+        if local:
+            return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return _from_hub_or_cache(AutoConfig.from_pretrained, source, "model", trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        raise CheckpointError(f"{name_or_path}: unusable config.json ({str(exc).splitlines()[0]})") from None
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    config_fn: Callable[[PretrainedConfig], PretrainedConfig] | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """A causal LM from a local directory or hub id, in eval mode.
+
+    `config_fn` edits the config BEFORE the model is built (e.g. RoPE scaling for a longer context:
+    setting it afterwards has no effect). `trust_remote_code` stays off unless the user sets it.
+    """
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype '{dtype}' is not one of {', '.join(DTYPES)}")
+    config = load_config(name_or_path, trust_remote_code)
+    if config_fn is not None:
+        config = config_fn(config)
+    source, local = resolve(name_or_path)
+    kwargs = dict(config=config, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    try:
+        if local:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        else:
+            model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, source, "model", **kwargs)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # corrupt or truncated weights surface as many different exception types
+        raise CheckpointError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from None
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The model's tokenizer; a pad token is set (to EOS) when it has none."""
+    source, local = resolve(name_or_path)
+    try:
+        if local:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        else:
+            tok = _from_hub_or_cache(AutoTokenizer.from_pretrained, source, "tokenizer",
+                                     trust_remote_code=trust_remote_code)
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer of {name_or_path}: {str(exc).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def prefix_token_id(tokenizer) -> int:
+    """The token that starts every scored document: BOS, else EOS (PROTOCOL.md section 4)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise CheckpointError("the tokenizer has neither a BOS nor an EOS token to start documents with")
+    return token
+
+
+def context_length(config: PretrainedConfig) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

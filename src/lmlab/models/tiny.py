@@ -1,0 +1,168 @@
+"""Tiny Hugging Face models for the embedded default: build them, pretrain them locally, cache them.
+
+A pretrained tiny base is saved with `save_pretrained` (plus its tokenizer) in a cache directory keyed
+by a hash of everything that determines it (architecture, data, tokenizer, training), so later runs
+reuse it (PROTOCOL.md section 2). Building one is safe under concurrency (a file lock) and under
+torchrun (all ranks train it together; rank 0 writes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock
+from pydantic import Field
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from lmlab.config import Section
+from lmlab.data import generators
+from lmlab.data.batching import chunk_examples, tokenize_documents
+from lmlab.data.tokenizer import train_bpe_tokenizer
+from lmlab.engine import distributed as D
+from lmlab.engine.train import TrainConfig, collate_lm, train
+from lmlab.eval.perplexity import evaluate_perplexity
+
+PRETRAIN_FORMAT = 1  # bump when the pretraining recipe changes, so caches are rebuilt
+
+
+class TinyModelConfig(Section):
+    """A small Llama (RoPE) or GPT-2 (learned positions) causal LM."""
+
+    arch: Literal["llama", "gpt2"] = "llama"
+    hidden_size: int = Field(128, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int | None = Field(None, ge=1, description="llama only: grouped-query attention heads")
+    intermediate_size: int | None = Field(None, ge=1, description="None: 4x hidden (gpt2), ~2.7x (llama)")
+    context: int = Field(128, ge=8, description="max_position_embeddings / n_positions")
+    tie_embeddings: bool = True
+    rope_theta: float = Field(10000.0, gt=0)
+
+
+def build_tiny(cfg: TinyModelConfig, vocab_size: int, *, bos_id: int, eos_id: int, pad_id: int,
+               seed: int = 0) -> PreTrainedModel:
+    """A freshly initialised tiny model (deterministic for a seed)."""
+    import torch
+
+    torch.manual_seed(seed)
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"hidden_size {cfg.hidden_size} is not divisible by num_heads {cfg.num_heads}")
+    common = dict(vocab_size=vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+                  tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.arch == "llama":
+        inter = cfg.intermediate_size or int(round(cfg.hidden_size * 8 / 3 / 32)) * 32 or 32
+        hf_cfg = LlamaConfig(
+            hidden_size=cfg.hidden_size, intermediate_size=inter, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
+            max_position_embeddings=cfg.context, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+            attention_dropout=0.0, **common,
+        )
+        return LlamaForCausalLM(hf_cfg)
+    hf_cfg = GPT2Config(
+        n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads, n_positions=cfg.context,
+        n_inner=cfg.intermediate_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+    )
+    return GPT2LMHeadModel(hf_cfg)
+
+
+class PretrainConfig(Section):
+    """Everything that determines a cached tiny base model (its hash is the cache key)."""
+
+    name: str = Field("base", description="a label for the cache directory")
+    model: TinyModelConfig = TinyModelConfig()
+    data: Literal["longdoc", "arithmetic", "corpus"] = "longdoc"
+    num_docs: int = Field(2000, ge=10, description="training documents (arithmetic: problems)")
+    num_facts: int = Field(2, ge=0, description="longdoc: facts per document")
+    vocab_size: int = Field(1024, ge=64)
+    tokenizer_seed: int = 0
+    data_seed: int = 0
+    init_seed: int = 0
+    train: TrainConfig = TrainConfig(epochs=1, batch_size=16, lr=2e-3, warmup_ratio=0.05, weight_decay=0.01)
+
+    def key(self) -> str:
+        payload = json.dumps({"format": PRETRAIN_FORMAT, **self.model_dump()}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
+
+
+def _training_texts(cfg: PretrainConfig, tokenizer=None) -> list[str]:
+    if cfg.data == "arithmetic":
+        return [f"Question: {it['question']}\nAnswer: {it['answer']}"
+                for it in generators.arithmetic_problems("train", cfg.num_docs, seed=cfg.data_seed)]
+    if cfg.data == "corpus":
+        return generators.corpus_documents(cfg.data_seed, cfg.num_docs)
+    length_fn = (lambda s: len(tokenizer.encode(s, add_special_tokens=False))) if tokenizer else generators.word_count
+    docs = generators.long_documents(cfg.data_seed, cfg.num_docs, target_length=cfg.model.context - 8,
+                                     num_facts=cfg.num_facts, length_fn=length_fn)
+    return [d.text for d in docs]
+
+
+def tokenizer_texts(data: str, n: int = 1500, seed: int = 0) -> list[str]:
+    """Texts a tokenizer for `data` is trained on: the generator's own training distribution."""
+    if data == "arithmetic":
+        return [f"Question: {it['question']}\nAnswer: {it['answer']}"
+                for it in generators.arithmetic_problems("train", n, seed=seed + 10_000)]
+    rng = random.Random(f"tokenizer-{seed}")
+    docs = [generators.long_document(rng, 200, num_facts=4).text for _ in range(n // 2)]
+    return docs + generators.corpus_documents(seed + 10_000, n // 2, sentences_per_doc=20)
+
+
+def pretrained_tiny(cfg: PretrainConfig, *, progress: bool = True, log=print) -> Path:
+    """Path of the cached pretrained model for `cfg`, pretraining it first when it is not cached."""
+    target = cache_root() / "models" / f"{cfg.name}-{cfg.model.arch}-{cfg.key()}"
+    if (target / "lmlab_pretrain.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock") if D.is_main() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        ready = D.broadcast_object((target / "lmlab_pretrain.json").exists())
+        if not ready:
+            _pretrain_into(cfg, target, progress=progress, log=log)
+        D.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    return target
+
+
+def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) -> None:
+    started = time.perf_counter()
+    if D.is_main():
+        log(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
+            f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data; cached at {target}")
+    tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
+    texts = _training_texts(cfg, tokenizer)
+    val_count = max(1, len(texts) // 20)
+    train_texts, val_texts = texts[val_count:], texts[:val_count]
+    model = build_tiny(cfg.model, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id, seed=cfg.init_seed)
+    examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context, tokenizer.bos_token_id)
+    result = train(model, examples, cfg.train, seed=cfg.init_seed, progress=progress,
+                   collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id), desc=f"pretrain {cfg.name}")
+    val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
+    if D.is_main():
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        info = {"config": cfg.model_dump(), "key": cfg.key(), "final_train_loss": result.final_loss,
+                "val_ppl": val["ppl"], "steps": result.steps, "train_time_s": result.train_time_s,
+                "wall_time_s": time.perf_counter() - started}
+        (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        log(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
+            f"({result.steps} steps, {info['wall_time_s']:.0f}s)")
