@@ -205,8 +205,36 @@ def preset_path(study: str, preset: str) -> Path:
     return path
 
 
+def deep_merge(base: dict, update: dict) -> dict:
+    """`update` laid over `base`: nested mappings merge, everything else replaces."""
+    merged = _deep_copy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = _deep_copy(value)
+    return merged
+
+
+def load_preset(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """A preset's mapping; `extends: <study>/<preset>` (or a YAML path) starts from another preset."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle")
+    data = load_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must name a preset such as hylorada/default")
+    parent_path = Path(parent) if parent.endswith((".yaml", ".yml")) else config_dir() / f"{parent}.yaml"
+    if not parent_path.is_absolute() and not parent_path.exists():
+        parent_path = path.parent / parent_path
+    return deep_merge(load_preset(parent_path, (*_seen, path)), data)
+
+
 def load_config(model_cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
     """Load a YAML preset (or start from the defaults), apply overrides, validate."""
-    data = load_yaml(path) if path is not None else {}
+    data = load_preset(path) if path is not None else {}
     data = apply_overrides(data, list(overrides), model_cls)
     return build(model_cls, data, where=str(path) if path is not None else "")

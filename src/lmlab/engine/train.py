@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -259,7 +258,7 @@ def train(
     higher_is_better: bool = False,
     restore_best: bool | None = None,
     aux_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-    frozen_until: dict[str, int] | None = None,
+    before_step: Callable[[int, nn.Module], None] | None = None,
     on_step: Callable[[int, nn.Module], None] | None = None,
     metrics_path: str | Path | None = None,
     progress: bool = True,
@@ -274,7 +273,8 @@ def train(
     - `restore_best` (default: when early stopping is on): copy the best evaluation's trainable weights
       (a copy, not a reference to the live tensors) and load them back at the end.
     - `aux_loss(model)`: a per-step penalty added with unit weight (e.g. boundary diversity).
-    - `frozen_until`: {name regex: steps}: matching parameters are not updated before that step.
+    - `before_step(step, model)`: called with the final gradients, before clipping and the optimizer
+      step (e.g. to drop the gradients of parameters frozen for the first steps of a curriculum).
     - A non-finite loss raises `NonFiniteLoss(step, value)`.
     """
     D.seed_everything(seed)
@@ -310,8 +310,6 @@ def train(
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * steps))
     eval_every = cfg.eval_every or per_epoch
     restore = cfg.early_stopping_patience is not None if restore_best is None else restore_best
-    frozen = [(re.compile(pat), until) for pat, until in (frozen_until or {}).items()]
-    frozen_params = [(p, until) for name, p in trainable for rx, until in frozen if rx.search(name)]
 
     metrics_file = None
     if metrics_path is not None and D.is_main():
@@ -413,9 +411,8 @@ def train(
                     aux = aux_loss(model)
                     if aux.requires_grad:
                         aux.backward()
-                for p, until in frozen_params:
-                    if step < until:
-                        p.grad = None
+                if before_step is not None:
+                    before_step(step, model)
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm))

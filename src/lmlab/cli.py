@@ -1,0 +1,191 @@
+"""The `lmlab` command (OVERVIEW.md, interface contract).
+
+Exit codes: 0 success; 2 bad usage, config or input (one line on stderr, no traceback); 1 an
+unexpected failure; 130/143 interrupted (finished work is kept; `--resume` continues).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from lmlab.errors import LmlabError
+
+STUDIES = ("hylorada", "landmarks", "bucketing", "latentwire", "mu")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2 like every other bad input."""
+
+    def error(self, message: str):
+        raise LmlabError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmlab", description="Honest studies of efficient language-model methods.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run every configuration x seed of a study")
+    run.add_argument("study", choices=STUDIES)
+    run.add_argument("--preset", default="default", help="smoke | default | paper, or a YAML file")
+    run.add_argument("--out", help="run directory (default runs/<study>-<YYYYmmdd-HHMMSS>)")
+    run.add_argument("--seeds", type=int, help="number of seeds: the first N of 42, 123, 456, 789, 1011, ...")
+    run.add_argument("--resume", metavar="DIR", help="finish an interrupted run; finished cells are kept")
+    run.add_argument("--nproc", default="1", help="processes (DDP via torchrun): a number or 'auto'")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
+
+    report = sub.add_parser("report", help="regenerate a run's report files from its results.jsonl")
+    report.add_argument("dir")
+
+    ev = sub.add_parser("eval", help="evaluate a model")
+    ev_sub = ev.add_subparsers(dest="metric", required=True, parser_class=_Parser)
+    ppl = ev_sub.add_parser("ppl", help="corpus perplexity and bits per byte of text files")
+    ppl.add_argument("--model", required=True, help="a save_pretrained directory (or hub id where online)")
+    ppl.add_argument("--adapter", help="an adapter directory (lmlab or peft format)")
+    ppl.add_argument("--data", required=True, nargs="+", help="UTF-8 text files, each one document")
+    ppl.add_argument("--max-length", type=int, required=True)
+    ppl.add_argument("--stride", type=int, help="default: --max-length")
+    ppl.add_argument("--batch-size", type=int, default=8)
+    ppl.add_argument("--positional", action="store_true",
+                     help="per-decile perplexity and LIM-PPL even when stride != max-length (an extra pass)")
+    ppl.add_argument("--trust-remote-code", action="store_true")
+
+    summ = sub.add_parser("summarize-eval", help="valid vs invalid answers per system in eval_samples JSONL files")
+    summ.add_argument("paths", nargs="+")
+
+    bench = sub.add_parser("bench", help="side-by-side performance benchmarks (writes benchmarks/results/)")
+    bench.add_argument("--quick", action="store_true", help="fewer repeats (for a fast look, not for the README)")
+    bench.add_argument("--only", nargs="*", help="run only these benchmarks")
+    bench.add_argument("--out", help="directory for the results (default benchmarks/results)")
+    return parser
+
+
+def _eval_ppl(args) -> int:
+    import torch
+
+    from lmlab.data.sources import read_text_file
+    from lmlab.eval.perplexity import evaluate_perplexity
+    from lmlab.models.hf import load_causal_lm, load_tokenizer
+
+    if args.max_length < 1:
+        raise LmlabError(f"--max-length must be >= 1, got {args.max_length}")
+    stride = args.stride or args.max_length
+    if not 1 <= stride <= args.max_length:
+        raise LmlabError(f"--stride must be between 1 and --max-length ({args.max_length}), got {stride}")
+    if args.batch_size < 1:
+        raise LmlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    docs = [read_text_file(Path(p)) for p in args.data]
+    model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    if args.adapter:
+        from lmlab.hylorada import load_adapter
+
+        model = load_adapter(model, args.adapter)
+    from lmlab.engine.distributed import device
+
+    model.to(device())
+    positional = args.positional or stride == args.max_length  # free when the windows coincide
+    with torch.inference_mode():
+        result = evaluate_perplexity(model, docs, tokenizer, args.max_length, stride=stride,
+                                     batch_size=args.batch_size, positional=positional)
+    result["model"] = args.model
+    if args.adapter:
+        result["adapter"] = args.adapter
+    print(json.dumps(result))
+    return 0
+
+
+def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with `nproc` processes (gloo on CPU, NCCL on GPU)."""
+    import subprocess
+
+    cleaned, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = i + 1 < len(argv)
+            continue
+        if a.startswith("--nproc="):
+            continue
+        cleaned.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lmlab.cli", *cleaned]
+    return subprocess.call(cmd)
+
+
+def _run(args, argv: list[str]) -> int:
+    from lmlab.engine import distributed as D
+
+    nproc = D.resolve_nproc(args.nproc) if not os.environ.get("LOCAL_RANK") else 1
+    if nproc > 1:
+        return _relaunch_distributed(nproc, argv)
+    from lmlab.studies.runner import run_study
+
+    D.init_from_env()
+    try:
+        out = run_study(args.study, preset=args.preset, overrides=args.overrides, out=args.out,
+                        seeds=args.seeds, resume=args.resume, progress=not args.quiet)
+    finally:
+        D.shutdown()
+    if D.is_main():
+        print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and lines only: no per-load progress bars or advisory warnings from libraries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_libraries()
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "run":
+            return _run(args, argv)
+        if args.command == "report":
+            from lmlab.studies.report import regenerate
+
+            out = regenerate(Path(args.dir))
+            print(f"report: {out / 'report.md'}")
+            return 0
+        if args.command == "eval":
+            return _eval_ppl(args)
+        if args.command == "summarize-eval":
+            from lmlab.latentwire.evaluate import format_summary, summarize_eval
+
+            print(format_summary(summarize_eval(args.paths)))
+            return 0
+        if args.command == "bench":
+            from lmlab.bench import run_benchmarks
+
+            path = run_benchmarks(quick=args.quick, only=args.only, out=args.out)
+            print(f"results: {path}")
+            return 0
+    except LmlabError as exc:
+        print(f"lmlab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print("lmlab: interrupted; finished cells are kept - continue with `lmlab run STUDY --resume DIR`",
+              file=sys.stderr)
+        return 128 + getattr(exc, "signum", 2)
+    return 1
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

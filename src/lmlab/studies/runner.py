@@ -1,0 +1,245 @@
+"""The study harness: named configurations x seeds, one cell at a time, resumable (PROTOCOL.md 5-6).
+
+Each cell trains and evaluates in its own directory; `results.jsonl` gets one line when it finishes.
+A failed cell (an error, a non-finite loss) is recorded and the study goes on. SIGINT/SIGTERM stop the
+run between writes: finished cells stay, the partial cell is discarded, and `--resume DIR` finishes
+the rest without recomputing anything already finished. Bad input (an `LmlabError`) stops the study
+with its one-line message, keeping every finished cell.
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from lmlab.config import Section, build, load_config, preset_path
+from lmlab.engine import distributed as D
+from lmlab.engine.train import NonFiniteLoss
+from lmlab.errors import ConfigError, LmlabError
+from lmlab.studies.rundir import RunDir, library_versions
+
+SEEDS = [42, 123, 456, 789, 1011, 2027, 3037, 4049, 5051, 6067]
+
+REGISTRY = {
+    "hylorada": "lmlab.studies.hylorada_study:HYLORADA",
+    "landmarks": "lmlab.studies.hylorada_study:LANDMARKS",
+    "bucketing": "lmlab.studies.hylorada_study:BUCKETING",
+    "latentwire": "lmlab.studies.latentwire_study:LATENTWIRE",
+    "mu": "lmlab.studies.mu_study:MU",
+}
+
+
+def seed_list(n: int) -> list[int]:
+    """The first `n` seeds of 42, 123, 456, 789, 1011, ... (continued deterministically past the list)."""
+    if n < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {n}")
+    return (SEEDS + [10_000 + 1_000 * i for i in range(max(0, n - len(SEEDS)))])[:n]
+
+
+class StudyConfig(Section):
+    """Fields every study config has."""
+
+    seeds: list[int] = Field(default_factory=lambda: SEEDS[:3], min_length=1)
+    seed: int | None = Field(None, description="run this one seed (the notes' --seed flag)")
+    only: list[str] | None = Field(None, description="run only these configurations (plus the reference)")
+
+    @model_validator(mode="after")
+    def _one_seed(self):
+        if self.seed is not None:
+            self.__dict__["seeds"] = [self.seed]
+        return self
+
+
+@dataclass
+class CellOutput:
+    """What a cell produced: scalar metrics, richer details (curves, per-depth values), parameter counts."""
+
+    metrics: dict[str, float]
+    details: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+
+
+class Study:
+    """A recipe: which configurations exist, how one cell runs, what the report adds."""
+
+    name: str = ""
+    config_cls: type[StudyConfig] = StudyConfig
+    primary_metric: str = "val_ppl"
+    lower_is_better: bool = True
+
+    def configurations(self, cfg) -> list[str]:
+        raise NotImplementedError
+
+    def reference(self, cfg) -> str:
+        raise NotImplementedError
+
+    def candidate(self, cfg) -> str:
+        raise NotImplementedError
+
+    def table_metrics(self, cfg) -> list[str]:
+        """Metrics of the main table (mean ± std)."""
+        return [self.primary_metric]
+
+    def change_metrics(self, cfg) -> list[str]:
+        """Metrics whose paired change vs the reference the report tabulates."""
+        return [self.primary_metric]
+
+    def prepare(self, cfg, run: RunDir, progress: bool):
+        """Shared resources of all cells (cached base models, data); returns a context object."""
+        return None
+
+    def run_cell(self, ctx, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+        raise NotImplementedError
+
+    def report_sections(self, summary: dict, rows: list[dict], run: RunDir, study_record: dict) -> list[str]:
+        """Extra markdown sections (and plots) for this study's report."""
+        return []
+
+
+def get_study(name: str) -> Study:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown study '{name}'; choose one of {', '.join(REGISTRY)}")
+    module, attr = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def selected_configurations(study: Study, cfg) -> list[str]:
+    names = study.configurations(cfg)
+    if cfg.only:
+        unknown = [c for c in cfg.only if c not in names]
+        if unknown:
+            raise ConfigError(f"only={unknown} names no configuration of study '{study.name}'; "
+                              f"configurations are {', '.join(names)}")
+        keep = set(cfg.only) | {study.reference(cfg)}
+        names = [n for n in names if n in keep]
+    return names
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """SIGTERM/SIGINT during a run (a KeyboardInterrupt, so no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupt(signum, frame):
+    raise StudyInterrupted(signum)
+
+
+def log_line(message: str) -> None:
+    """A progress line on stderr (rank 0 only)."""
+    if D.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def _default_out(study: str) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{study}-{stamp}"
+
+
+def run_study(name: str, *, preset: str = "default", overrides: list[str] = (), out: str | None = None,
+              seeds: int | None = None, resume: str | None = None, progress: bool = True) -> Path:
+    """Run (or finish) every configuration x seed of study `name`; returns the run directory."""
+    study = get_study(name)
+    if resume:
+        run = RunDir(Path(resume))
+        record = run.read_study()
+        if record["study"] != name:
+            raise ConfigError(f"{resume} holds a '{record['study']}' study, not '{name}'")
+        if overrides or seeds:
+            raise ConfigError("--resume continues a run with its saved configuration (study.yaml); "
+                              "drop the overrides and --seeds, or start a new run with --out")
+        cfg = build(study.config_cls, record["config"], where=str(run.study_path))
+        seed_values = list(record["seeds"])
+    else:
+        cfg = load_config(study.config_cls, preset_path(name, preset), overrides)
+        seed_values = seed_list(seeds) if seeds else list(cfg.seeds)
+        root = Path(D.broadcast_object(str(out or _default_out(name))))
+        run = RunDir(root)
+        if D.is_main() and not run.is_fresh():
+            raise ConfigError(f"output directory {root} already exists and is not empty; continue it with "
+                              f"--resume {root}, or choose another --out")
+        if D.is_main():
+            run.create()
+        configs = selected_configurations(study, cfg)
+        record = {
+            "study": name, "preset": preset, "seeds": seed_values, "configurations": configs,
+            "reference": study.reference(cfg), "candidate": study.candidate(cfg),
+            "primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
+            "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
+            "config": cfg.model_dump(mode="json"),
+            "versions": library_versions(), "started": datetime.now().isoformat(timespec="seconds"),
+            "command": " ".join(["lmlab", *sys.argv[1:]]) if sys.argv else "",
+        }
+        run.write_study(record)
+        D.barrier()
+    _execute(study, cfg, run, record, progress)
+    return run.root
+
+
+def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> None:
+    from lmlab.studies.report import write_reports
+
+    configs = record["configurations"]
+    seeds = record["seeds"]
+    finished = {(r["config"], r["seed"]) for r in run.read_results()}
+    todo = [(c, s) for s in seeds for c in configs if (c, s) not in finished]
+    total = len(configs) * len(seeds)
+    if finished:
+        log_line(f"resuming {run.root}: {len(finished)} of {total} cells already finished")
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in previous:
+        signal.signal(sig, _raise_interrupt)
+    try:
+        ctx = study.prepare(cfg, run, progress) if todo else None
+        for config, seed in todo:
+            _run_cell(study, ctx, run, config, seed, progress, index=len(finished) + 1, total=total)
+            finished.add((config, seed))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if D.is_main():
+        write_reports(run)
+
+
+def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool, index: int,
+              total: int) -> None:
+    cell_dir = run.cell_dir(config, seed)
+    run.discard_cell(config, seed)  # a partial cell left by an interrupted run
+    if D.is_main():
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        run.write_json(str(cell_dir.relative_to(run.root) / "config.json"),
+                       {"config": config, "seed": seed, "study": study.name})
+    D.barrier()
+    started = time.perf_counter()
+    row = {"config": config, "seed": seed, "status": "ok", "metrics": {}, "error": None}
+    try:
+        output = study.run_cell(ctx, config, seed, cell_dir, progress)
+        row.update(metrics=output.metrics, details=output.details, params=output.params)
+    except (KeyboardInterrupt, LmlabError):
+        run.discard_cell(config, seed)
+        raise
+    except NonFiniteLoss as exc:
+        row.update(status="failed", error=str(exc), details={"failed_step": exc.step, "failed_loss": str(exc.value)})
+    except Exception as exc:  # a failed cell is recorded; the study goes on
+        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        if D.is_main():
+            (cell_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+    row["time_s"] = time.perf_counter() - started
+    run.append_result(row)
+    if row["status"] == "ok":
+        shown_keys = [study.primary_metric] + [k for k in row["metrics"] if k != study.primary_metric][:2]
+        shown = ", ".join(f"{k} {row['metrics'][k]:.4g}" for k in shown_keys
+                          if isinstance(row["metrics"].get(k), (int, float)))
+        log_line(f"[{index}/{total}] {config} seed {seed}: {shown} ({row['time_s']:.0f}s)")
+    else:
+        log_line(f"[{index}/{total}] {config} seed {seed}: FAILED - {row['error']}")
