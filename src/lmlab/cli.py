@@ -151,7 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        # `key=value` overrides may come after options (`run hylorada --seeds 2 lr=1e-3`).
+        unknown = [x for x in extra if not (args.command == "run" and "=" in x and not x.startswith("-"))]
+        if unknown:
+            raise LmlabError(f"unrecognized arguments: {' '.join(unknown)} (see `lmlab --help`)")
+        if args.command == "run":
+            args.overrides = [*args.overrides, *extra]
         if args.command == "run":
             return _run(args, argv)
         if args.command == "report":
@@ -163,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval_ppl(args)
         if args.command == "summarize-eval":
-            from lmlab.latentwire.evaluate import format_summary, summarize_eval
+            from lmlab.latentwire.evaluate import format_eval_summary, summarize_eval
 
-            print(format_summary(summarize_eval(args.paths)))
+            print(format_eval_summary(summarize_eval(args.paths)))
             return 0
         if args.command == "bench":
             from lmlab.bench import run_benchmarks

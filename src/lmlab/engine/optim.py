@@ -24,12 +24,9 @@ class GroupRule:
     weight_decay: float | None = None
 
 
-# Norms, biases, gates and scalars never get weight decay.
-_NO_DECAY = re.compile(r"(norm|bias|gate|scale|ln_|_ln|\.g$)", re.IGNORECASE)
-
-
 def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    return param.ndim < 2 or bool(_NO_DECAY.search(name))
+    """Norm weights, biases, gates and scalars (every tensor of fewer than 2 dimensions) get no decay."""
+    return param.ndim < 2
 
 
 def param_groups(

@@ -138,7 +138,10 @@ def _to_device(batch, device: torch.device):
 
 
 def _count_tokens(batch) -> int:
+    """Input tokens of a batch: `num_tokens` when the collate function provides it, else from the mask/ids."""
     if isinstance(batch, dict):
+        if "num_tokens" in batch:
+            return int(batch["num_tokens"])
         if "attention_mask" in batch:
             return int(batch["attention_mask"].sum())
         if "input_ids" in batch:

@@ -1,0 +1,164 @@
+"""The study harness end to end through the real CLI: layout, summary contract, report, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmlab.studies.report import build_summary
+from lmlab.studies.rundir import RunDir
+
+pytestmark = pytest.mark.xdist_group("studies")
+
+LMLAB = [sys.executable, "-m", "lmlab.cli"]
+VOLATILE = ("time", "mem", "per_s")  # wall-clock metrics differ between runs; everything else must not
+
+
+def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMLAB, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"report: {out / 'report.md'}" in proc.stdout
+    return out
+
+
+def test_smoke_run_writes_the_contracted_layout(smoke_run: Path):
+    for name in ("study.yaml", "results.jsonl", "summary.json", "report.md", "report.tex", "results.csv"):
+        assert (smoke_run / name).is_file(), name
+    for plot in ("training_curves.png", "perplexity_by_decile.png", "retrieval_by_depth.png", "bucket_boundaries.png"):
+        assert (smoke_run / "plots" / plot).stat().st_size > 1000, plot
+    rows = [json.loads(line) for line in (smoke_run / "results.jsonl").read_text().splitlines()]
+    configs = ["base", "lora", "rslora", "rslora+dora", "rslora+bias", "rslora+landmarks", "rslora+bias+landmarks",
+               "rslora+bias+learnable_bucket", "lora+embed+norm"]
+    assert sorted((r["config"], r["seed"]) for r in rows) == sorted((c, s) for c in configs for s in (42, 123))
+    for r in rows:
+        assert set(r) >= {"config", "seed", "status", "metrics", "error"}
+        assert r["status"] == "ok" and r["error"] is None
+        cell = smoke_run / "cells" / r["config"] / f"seed-{r['seed']}"
+        assert (cell / "config.json").is_file()
+        if r["config"] != "base":
+            assert (cell / "metrics.jsonl").is_file()
+            assert (cell / "adapter" / "adapter_model.safetensors").is_file()
+        assert {"val_ppl", "val_bpb", "lim_ppl", "retrieval_acc"} <= set(r["metrics"])
+
+
+def test_summary_follows_the_contract(smoke_run: Path):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["study"] == "hylorada" and summary["preset"] == "smoke"
+    assert summary["reference"] == "lora" and summary["seeds"] == [42, 123]
+    assert summary["decision"]["scenario"] in {"A", "B", "C", "D", "not-significant"}
+    assert summary["decision"]["text"]
+    assert summary["failed_cells"] == []
+    rows = [json.loads(line) for line in (smoke_run / "results.jsonl").read_text().splitlines()]
+    for name, entry in summary["configs"].items():
+        assert entry["n_ok"] == 2 and entry["n_failed"] == 0
+        assert isinstance(entry["trainable_params"], int)
+        values = [r["metrics"]["val_ppl"] for r in rows if r["config"] == name]
+        stats = entry["metrics"]["val_ppl"]
+        assert stats["values"] == values
+        assert stats["mean"] == pytest.approx(sum(values) / 2)
+        assert stats["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+        lo, hi = stats["ci95"]
+        assert lo < stats["mean"] < hi
+        if name == "lora":
+            assert entry["vs_reference"] == {}
+            continue
+        change = entry["vs_reference"]["val_ppl"]
+        ref = {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == "lora"}
+        mine = {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == name}
+        per_seed = [100 * (mine[s] - ref[s]) / ref[s] for s in (42, 123)]
+        assert change["delta_pct"] == pytest.approx(sum(per_seed) / 2)
+        assert set(change) >= {"delta_pct", "ci95", "p_value"}
+    assert summary["configs"]["base"]["trainable_params"] == 0
+    assert summary["configs"]["lora"]["trainable_params"] > 0
+
+
+def test_report_shows_table_decision_and_boundaries(smoke_run: Path):
+    report = (smoke_run / "report.md").read_text()
+    assert "## Decision" in report and "rslora+bias+landmarks" in report
+    assert "| configuration | val_ppl |" in report
+    assert "Learned bucket boundaries" in report
+    assert "plots/training_curves.png" in report
+
+
+def test_report_command_reproduces_the_summary_exactly(smoke_run: Path, tmp_path: Path):
+    before = (smoke_run / "summary.json").read_bytes()
+    (smoke_run / "summary.json").unlink()
+    (smoke_run / "report.md").unlink()
+    proc = run_cli("report", str(smoke_run))
+    assert proc.returncode == 0, proc.stderr
+    assert (smoke_run / "summary.json").read_bytes() == before
+    assert (smoke_run / "report.md").is_file()
+
+
+def _comparable(summary: dict) -> dict:
+    """The summary without wall-clock metrics (they differ run to run by nature)."""
+    out = json.loads(json.dumps(summary))
+    for entry in out["configs"].values():
+        for section in ("metrics", "vs_reference"):
+            for key in list(entry[section]):
+                if any(v in key for v in VOLATILE):
+                    del entry[section][key]
+    return out
+
+
+def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_run(smoke_run: Path, tmp_path: Path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([*LMLAB, "run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr
+    finished_before = [json.loads(line) for line in results.read_text().splitlines()]
+    assert 2 <= len(finished_before) < 18
+    # Only finished cells have directories; the partial cell was discarded.
+    cell_dirs = {(p.parent.name, int(p.name.split("-")[1])) for p in (out / "cells").glob("*/seed-*")}
+    assert cell_dirs == {(r["config"], r["seed"]) for r in finished_before}
+    stamps = {(r["config"], r["seed"]): os.stat(out / "cells" / r["config"] / f"seed-{r['seed']}" / "config.json")
+              .st_mtime_ns for r in finished_before}
+
+    resumed = run_cli("run", "hylorada", "--resume", str(out), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    keys = [(r["config"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 18
+    assert rows[: len(finished_before)] == finished_before  # not recomputed
+    for key, stamp in stamps.items():
+        assert os.stat(out / "cells" / key[0] / f"seed-{key[1]}" / "config.json").st_mtime_ns == stamp
+    resumed_summary = _comparable(json.loads((out / "summary.json").read_text()))
+    reference_summary = _comparable(json.loads((smoke_run / "summary.json").read_text()))
+    assert resumed_summary == reference_summary
+
+
+def test_resume_refuses_overrides_and_existing_out_is_never_overwritten(smoke_run: Path):
+    proc = run_cli("run", "hylorada", "--resume", str(smoke_run), "train.lr=0.1")
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(smoke_run))
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_summary_is_a_function_of_the_results(smoke_run: Path):
+    run = RunDir(smoke_run)
+    rebuilt = build_summary(run.read_study(), run.read_results())
+    assert rebuilt == json.loads((smoke_run / "summary.json").read_text())
