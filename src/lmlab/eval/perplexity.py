@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.engine import distributed as D
+from lmlab.engine.train import model_logits
 from lmlab.models.hf import prefix_token_id
 
 
@@ -69,11 +70,11 @@ def full_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list
 
 @torch.no_grad()
 def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0):
-    """Summed NLL and count of the scored predictions of `windows` (this process's share only), and
-    the NLL and count per position index over the full windows among them ([max_len] tensors)."""
+    """Summed NLL, count and argmax hits of the scored predictions of `windows` (this process's share),
+    and the NLL and count per position index over the full windows among them ([max_len] tensors)."""
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
+    count = hits = 0
     width = max((len(w.inputs) for w in windows), default=0)
     pos_nll = torch.zeros(width, dtype=torch.float64, device=device)
     pos_count = torch.zeros(width, dtype=torch.float64, device=device)
@@ -84,19 +85,15 @@ def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad
         length = max(len(w.inputs) for w in group)
         ids = torch.full((len(group), length), pad_id, dtype=torch.long)
         labels = torch.full((len(group), length), -100, dtype=torch.long)
-        mask = torch.zeros((len(group), length), dtype=torch.long)
         for row, w in enumerate(group):
             n = len(w.inputs)
             ids[row, :n] = torch.tensor(w.inputs)
-            mask[row, :n] = 1
             labels[row, n - w.scored:n] = torch.tensor(w.targets[n - w.scored:])
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        kwargs = {"input_ids": ids}
-        if not bool(mask.all()):
-            kwargs["attention_mask"] = mask
-        out = model(**kwargs)
-        logits = out.logits if hasattr(out, "logits") else out
+        ids, labels = ids.to(device), labels.to(device)
+        # Right padding needs no attention mask in a causal model: real tokens never see later positions.
+        logits = model_logits(model(input_ids=ids))
         nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        hits += int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
         total += nll.sum(dtype=torch.float64)
         count += int((labels != -100).sum())
         full = torch.tensor([w.full for w in group], device=device)
@@ -104,7 +101,7 @@ def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad
             scored = (labels[full] != -100).double()
             pos_nll[:length] += (nll[full].double() * scored).sum(0)
             pos_count[:length] += scored.sum(0)
-    return total, count, pos_nll, pos_count
+    return total, count, hits, pos_nll, pos_count
 
 
 def evaluate_perplexity(
@@ -129,14 +126,15 @@ def evaluate_perplexity(
     was_training = model.training
     model.eval()
     try:
-        nll, count, pos_nll, pos_count = window_nll(model, mine, batch_size, pad_id)
+        nll, count, hits, pos_nll, pos_count = window_nll(model, mine, batch_size, pad_id)
         if positional and stride != max_length:
             full = [w for toks in token_docs for w in full_windows(toks, prefix, max_length)]
-            _, _, pos_nll, pos_count = window_nll(model, full[D.rank()::D.world_size()], batch_size, pad_id)
+            _, _, _, pos_nll, pos_count = window_nll(model, full[D.rank()::D.world_size()], batch_size, pad_id)
     finally:
         model.train(was_training)
-    stats = D.all_reduce_sum(torch.stack([nll, torch.tensor(float(count), dtype=torch.float64, device=nll.device)]))
-    nll_sum, tokens = float(stats[0]), int(round(float(stats[1])))
+    counts = torch.tensor([float(count), float(hits)], dtype=torch.float64, device=nll.device)
+    stats = D.all_reduce_sum(torch.cat([nll.reshape(1), counts]))
+    nll_sum, tokens, correct = float(stats[0]), int(round(float(stats[1]))), int(round(float(stats[2])))
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     result = {
         "ppl": math.exp(nll_sum / tokens) if tokens else None,
@@ -144,6 +142,7 @@ def evaluate_perplexity(
         "tokens": tokens,
         "bytes": n_bytes,
         "bpb": nll_sum / math.log(2) / n_bytes if n_bytes else None,
+        "accuracy": correct / tokens if tokens else None,  # next-token argmax accuracy
         "documents": len(docs),
         "windows": len(windows),
         "max_length": max_length,
