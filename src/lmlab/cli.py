@@ -80,6 +80,10 @@ def _eval_ppl(args) -> int:
         raise LmlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     docs = [read_text_file(Path(p)) for p in args.data]
     model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    learned_positions = getattr(model.config, "n_positions", None)  # GPT-2-style absolute position table
+    if learned_positions is not None and args.max_length > learned_positions:
+        raise LmlabError(f"--max-length {args.max_length} exceeds the model's {learned_positions} learned positions "
+                         f"(n_positions); use --max-length {learned_positions} or less")
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if args.adapter:
         from lmlab.hylorada import load_adapter

@@ -5,7 +5,8 @@
   can learn and document-level structure that rewards longer context.
 - `long_document`: grammar text with key-value facts ("remember that the code of ORION is 7291 .")
   planted at recorded depths and queries at the end that need them
-  ("question : what is the code of ORION ? answer : 7291 .").
+  ("question : what is the code of ORION ? answer : the code of ORION is 7291 ."). The answer restates
+  the fact, so a model can retrieve the value by copying (induction) from wherever the fact is.
 - `arithmetic_problems`: GSM8K-shaped word problems (question, step-by-step rationale, `#### <number>`)
   from templates, with a fixed train/test split.
 """
@@ -96,9 +97,30 @@ def grammar_sentence(rng: random.Random, topic: _Topic) -> str:
     return " ".join(words) + " ."
 
 
+REPEAT_PROBABILITY = 0.3
+
+
+class _Writer:
+    """Sentences of one document. Documents retell themselves: with probability REPEAT_PROBABILITY a
+    sentence is one the document said before, so earlier context predicts later text (a long context
+    helps, and a model learns to copy from it)."""
+
+    def __init__(self, rng: random.Random, topic: _Topic | None = None):
+        self.rng = rng
+        self.topic = topic or _topic(rng)
+        self.said: list[str] = []
+
+    def sentence(self) -> str:
+        if self.said and self.rng.random() < REPEAT_PROBABILITY:
+            return self.rng.choice(self.said)
+        sentence = grammar_sentence(self.rng, self.topic)
+        self.said.append(sentence)
+        return sentence
+
+
 def grammar_text(rng: random.Random, num_sentences: int, topic: _Topic | None = None) -> str:
-    topic = topic or _topic(rng)
-    return " ".join(grammar_sentence(rng, topic) for _ in range(num_sentences))
+    writer = _Writer(rng, topic)
+    return " ".join(writer.sentence() for _ in range(num_sentences))
 
 
 def word_count(text: str) -> int:
@@ -129,7 +151,8 @@ def fact_sentence(kind: str, key: str, value: str) -> str:
 
 
 def query_prefix(kind: str, key: str) -> str:
-    return f"question : what is the {kind} of {key} ? answer :"
+    """The query up to its value: what a retrieval prompt ends with."""
+    return f"question : what is the {kind} of {key} ? answer : the {kind} of {key} is"
 
 
 def long_document(
@@ -144,7 +167,7 @@ def long_document(
 
     Pass `length_fn=lambda s: len(tokenizer.encode(s))` to size documents in a tokenizer's tokens.
     """
-    topic = _topic(rng)
+    writer = _Writer(rng)
     keys = rng.sample(KEYS, num_facts)
     kinds = [rng.choice(FACT_KINDS) for _ in keys]
     values = [str(rng.randrange(10 ** (value_digits - 1), 10**value_digits)) for _ in keys]
@@ -166,7 +189,7 @@ def long_document(
             idx = pending.pop(0)[1]
             sentence = facts_text[idx]
         else:
-            idx, sentence = None, grammar_sentence(rng, topic)
+            idx, sentence = None, writer.sentence()
         if body:
             body += " "
         if idx is not None:

@@ -64,7 +64,8 @@ def read_text_file(path: Path) -> str:
     return text
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSONL file."""
     text = read_text_file(path)
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -76,7 +77,7 @@ def read_jsonl(path: Path) -> list[dict]:
             raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((lineno, row))
     if not rows:
         raise DataError(f"data file {path} has no JSON lines")
     return rows
@@ -85,7 +86,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def _documents_from_file(path: Path, txt_documents: str) -> list[str]:
     if path.suffix == ".jsonl":
         docs = []
-        for i, row in enumerate(read_jsonl(path), start=1):
+        for i, row in read_jsonl(path):
             if "text" in row:
                 docs.append(str(row["text"]))
             elif "question" in row and "answer" in row:
@@ -103,7 +104,7 @@ def _items_from_file(path: Path) -> list[dict]:
     if path.suffix != ".jsonl":
         raise DataError(f"{path}: question-answer data must be JSONL with 'question' and 'answer' fields")
     items = []
-    for i, row in enumerate(read_jsonl(path), start=1):
+    for i, row in read_jsonl(path):
         if "question" not in row or "answer" not in row:
             raise DataError(f"{path} line {i}: needs 'question' and 'answer' fields (GSM8K format)")
         items.append({"question": str(row["question"]), "answer": str(row["answer"])})
@@ -130,6 +131,10 @@ def _local_split(dataset: str, split: str, reader) -> list:
         files = _split_files(path, split)
         if files:
             return [x for f in files for x in reader(f)]
+        named = [s for s in SPLITS if _split_files(path, s)]
+        if named:  # split files exist, just not this one: never re-split (that would leak train into test)
+            raise DataError(f"data directory {path} has {', '.join(named)} files but no '{split}' file; "
+                            f"add {split}.txt / {split}.jsonl (or a {split}/ directory)")
         every = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
         if not every:
             raise DataError(f"data directory {path} holds no .txt or .jsonl files")
@@ -147,11 +152,10 @@ def index_split(records: list, split: str, source: str) -> list:
     if len(records) < 3:
         raise DataError(f"{source}: {len(records)} document(s) cannot be split into train/validation/test; "
                         f"give a directory with train/validation/test files or more documents")
+    if len(records) < 10:  # too few for the modulo rule: the last two serve validation and test
+        return {"train": records[:-2], "validation": records[-2:-1], "test": records[-1:]}[split]
     wanted = {"train": range(0, 8), "validation": (8,), "test": (9,)}[split]
-    picked = [r for i, r in enumerate(records) if i % 10 in wanted]
-    if not picked:  # fewer than 10 records: the last two serve validation and test
-        picked = {"train": records[:-2], "validation": records[-2:-1], "test": records[-1:]}[split]
-    return picked
+    return [r for i, r in enumerate(records) if i % 10 in wanted]
 
 
 # ---------------------------------------------------------------------------------------------------

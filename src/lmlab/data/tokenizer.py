@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizers trained locally with `tokenizers` for the tiny models (PROTOCOL.md section 1).
 
-Digits are split into single tokens (as Llama does), so a number has exactly one tokenization and
-numbers are learnable by a small model. Trained on the training split only.
+Digits are split into single tokens (as Llama does; a space before a number stays with its first
+digit, " 4828" -> " 4", "8", "2", "8"), so a number has exactly one tokenization and numbers are
+learnable by a small model. Trained on the training split only.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -19,7 +20,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency:
     """Train a byte-level BPE tokenizer with BOS/EOS/PAD special tokens on `texts`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Split(Regex(r" ?[0-9]"), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

@@ -284,9 +284,10 @@ def train(
     device = D.device()
     world = D.world_size()
     model.to(device)
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    checkpointing = cfg.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable")
+    if checkpointing:
         # Non-reentrant checkpointing works when the inputs do not require grad (frozen base + adapters).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
@@ -432,7 +433,7 @@ def train(
                 if done % cfg.log_every == 0 or done == steps:
                     now = time.perf_counter()
                     record = {"step": done, "kind": "train", "epoch": epoch, "loss": loss_value,
-                              "lr": optimizer.param_groups[0]["lr"],
+                              "lr": cfg.lr * factor,
                               "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
                     if grad_norm is not None:
                         record["grad_norm"] = grad_norm
@@ -458,8 +459,8 @@ def train(
         with torch.no_grad():
             for name, p in trainable:
                 p.copy_(best_state[name])
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_disable"):
-        model.gradient_checkpointing_disable()
+    if checkpointing:
+        model.activation_checkpointing_disable()
     model.eval()
     return TrainResult(
         steps=done, examples=examples_seen,

@@ -30,7 +30,19 @@ from lmlab.engine import distributed as D
 from lmlab.engine.train import TrainConfig, collate_lm, train
 from lmlab.eval.perplexity import evaluate_perplexity
 
-PRETRAIN_FORMAT = 1  # bump when the pretraining recipe changes, so caches are rebuilt
+PRETRAIN_FORMAT = 1  # bump when the pretraining recipe changes in a way the code hash below misses
+
+
+def _recipe_fingerprint() -> str:
+    """Hash of the code that produces a tiny base (data generators, tokenizer, this recipe), so a cached
+    model is rebuilt when that code changes, not only when its config does."""
+    from lmlab.data import tokenizer as tokenizer_module
+
+    digest = hashlib.sha256()
+    for module in (generators, tokenizer_module):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 class TinyModelConfig(Section):
@@ -81,14 +93,15 @@ class PretrainConfig(Section):
     data: Literal["longdoc", "arithmetic", "corpus"] = "longdoc"
     num_docs: int = Field(2000, ge=10, description="training documents (arithmetic: problems)")
     num_facts: int = Field(2, ge=0, description="longdoc: facts per document")
-    vocab_size: int = Field(1024, ge=64)
+    vocab_size: int = Field(1024, ge=259, description="BPE vocabulary (>= 256 bytes + 3 special tokens)")
     tokenizer_seed: int = 0
     data_seed: int = 0
     init_seed: int = 0
     train: TrainConfig = TrainConfig(epochs=1, batch_size=16, lr=2e-3, warmup_ratio=0.05, weight_decay=0.01)
 
     def key(self) -> str:
-        payload = json.dumps({"format": PRETRAIN_FORMAT, **self.model_dump()}, sort_keys=True)
+        payload = json.dumps({"format": PRETRAIN_FORMAT, "code": _recipe_fingerprint(), **self.model_dump()},
+                             sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

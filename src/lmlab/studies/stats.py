@@ -92,7 +92,10 @@ def wilson_interval(successes: int, total: int, z: float = Z95) -> list[float] |
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denom
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+    # At k = 0 or k = n one end is exactly 0 or 1; do not let round-off exclude the observed value.
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == total else min(1.0, centre + half)
+    return [low, high]
 
 
 def scenario(improvement_pct: float | None, interval: Sequence[float] | None) -> str:

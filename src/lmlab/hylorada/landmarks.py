@@ -1,0 +1,123 @@
+"""Landmarks: K learned vectors mixed into hidden states by a per-token softmax gate (HYLORADA.md s. 4-5).
+
+    position_adaptive / learnable_bucket (after the final norm):
+        g_t = softmax(P[bucket(p)] + W_c h_t)          (learnable_bucket: w(p) @ P instead of P[bucket(p)])
+        h'_t = h_t + scale * dropout(g_t L)
+    original (after the final norm) and per_layer (after every block, K/2 vectors each):
+        g_t = softmax(W_g prefix_mean(h)_t)             causal: token t pools tokens 0..t only
+        h'_t = h_t + scale * dropout(g_t L)
+
+The modules are attached to the model by forward hooks (see `model.py`) and read token positions from
+the model's shared `PositionContext`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmlab.hylorada.position import LearnableBuckets, PositionContext
+
+
+def prefix_mean(
+    hidden: torch.Tensor, token_mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Causal mean over real tokens: out[:, t] = mean of hidden[:, s] for real s <= t (plus the cached past).
+
+    hidden [B, T, d], token_mask [B, T] bool, past = (sum [B, d], count [B, 1]) of earlier decoding steps.
+    Returns the means [B, T, d] and the running (sum, count) to carry to the next step.
+    """
+    mask = token_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    sums = (hidden * mask).cumsum(1)  # [B, T, d]
+    counts = mask.cumsum(1)  # [B, T, 1]
+    if past is not None:
+        sums = sums + past[0].unsqueeze(1)
+        counts = counts + past[1].unsqueeze(1)
+    means = sums / counts.clamp_min(1)  # leading padding has count 0
+    return means, (sums[:, -1].detach(), counts[:, -1].detach())
+
+
+class PositionAdaptiveLandmarks(nn.Module):
+    """Landmarks gated by position bucket and content; with `buckets`, soft learnable buckets."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_landmarks: int,
+        num_buckets: int,
+        dropout: float,
+        context: PositionContext,
+        buckets: LearnableBuckets | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"dtype": dtype, "device": device}
+        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.position_logits = nn.Parameter(torch.randn(num_buckets, num_landmarks, **factory) * 0.02)  # P [nb, K]
+        self.content = nn.Linear(hidden_size, num_landmarks, bias=False, **factory)  # W_c
+        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.buckets = buckets
+        self.context = context
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        ctx.require_positions(hidden.shape[:2])
+        if self.buckets is None:
+            position_logits = self.position_logits[ctx.buckets]  # [B, T, K]
+        else:
+            position_logits = self.buckets(ctx.positions).to(hidden.dtype) @ self.position_logits
+        gate = torch.softmax(position_logits + self.content(hidden), dim=-1)  # [B, T, K]
+        mix = gate @ self.vectors  # [B, T, d]
+        if self.dropout is not None:
+            mix = self.dropout(mix)
+        return hidden + self.scale * mix
+
+    def after_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the final norm: the LM head sees h' instead of h."""
+        return self(output)
+
+
+class PooledLandmarks(nn.Module):
+    """Landmarks gated by a causal prefix mean of the hidden states (designs `original` and `per_layer`)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_landmarks: int,
+        dropout: float,
+        context: PositionContext,
+        key: str,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"dtype": dtype, "device": device}
+        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.gate = nn.Linear(hidden_size, num_landmarks, bias=False, **factory)  # W_g
+        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.context = context
+        self.key = key  # names this module's running sums in the KV cache
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        ctx = self.context
+        ctx.require_positions(hidden.shape[:2])
+        pooled, running = prefix_mean(hidden, ctx.token_mask, ctx.pool_past.get(self.key))
+        ctx.pool_now[self.key] = running
+        gate = torch.softmax(self.gate(pooled), dim=-1)  # [B, T, K]
+        mix = gate @ self.vectors  # [B, T, d]
+        if self.dropout is not None:
+            mix = self.dropout(mix)
+        return hidden + self.scale * mix
+
+    def after_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the final norm (design `original`)."""
+        return self(output)
+
+    def after_block(self, module: nn.Module, args: tuple, output):
+        """Forward hook on a transformer block (design `per_layer`); blocks may return a tensor or a tuple."""
+        if isinstance(output, tuple):
+            return (self(output[0]), *output[1:])
+        return self(output)

@@ -1,0 +1,226 @@
+"""The adapter layer: LoRA / rsLoRA / DoRA around a frozen `nn.Linear` or GPT-2 `Conv1D` (HYLORADA.md s. 1, 3).
+
+    LoRA: y = W0 x + b + s * B A dropout(x) * (1 + sigmoid(w) * tanh(bias[bucket(p)]))   (bias factor optional)
+    DoRA: y = (m / ||W0 + s B A||_row) * (W0 x + s B A dropout(x) ...) + b               (norm detached)
+
+Numerics match peft's LoRA/rsLoRA/DoRA for the same weights. The forward is kept lean because it runs
+inside every attention projection: the low-rank add is fused into one GEMM (`addmm_`), the position
+factor scales the rank-r intermediate [N, r] rather than [N, out], and the DoRA row norm is computed
+without forming B A and cached until A, B or W0 change.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmlab.hylorada.config import HyLoRADAConfig
+from lmlab.hylorada.position import PositionContext
+
+
+class HyLoRADALinear(nn.Module):
+    """Wraps `base_layer` (kept frozen and untouched as `self.base_layer`) with a low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, config: HyLoRADAConfig, context: PositionContext | None = None) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise TypeError(f"HyLoRADA wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        # GPT-2's Conv1D stores its weight transposed: [in, out]
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
+        self.r = config.r
+        self.scaling = config.scaling
+        factory = {"dtype": weight.dtype, "device": weight.device}
+        self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **factory))  # [r, in]
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **factory))  # [out, r]
+        if config.init_a == "orthogonal":
+            nn.init.orthogonal_(self.lora_A)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and peft
+        # no dropout op at all when it would be the identity
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.position_gate = nn.Parameter(torch.zeros(1, **factory)) if config.position_bias else None
+        self.context = context if config.position_bias else None
+        self._w0_sq: tuple[tuple, torch.Tensor] | None = None  # (key, ||W0_i||^2) - W0 is frozen
+        self._norm: tuple[tuple, torch.Tensor] | None = None  # (key, ||W_i||) for DoRA
+        # DoRA magnitude m: [out], initialised to the row norms of W = W0 + s B A (= ||W0|| as B = 0)
+        self.lora_magnitude = nn.Parameter(self.row_norm().clone()) if config.use_dora else None
+
+    def weight_out_in(self) -> torch.Tensor:
+        """W0 as [out, in] (a view, no copy)."""
+        weight = self.base_layer.weight
+        return weight.t() if self.fan_in_fan_out else weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """s B A as [out, in]."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    @torch.no_grad()
+    def row_norm(self) -> torch.Tensor:
+        """||W0_i + s B_i A||, [out], without forming B A.
+
+        ||W_i||^2 = ||W0_i||^2 + 2 s B_i . (A W0_i) + s^2 B_i (A A^T) B_i^T. Cached until A, B or W0
+        change (tensor versions and storage), so eval mode and gradient accumulation reuse it.
+        """
+        weight, a, b = self.base_layer.weight, self.lora_A, self.lora_B
+        w_key = (weight.data_ptr(), weight._version, weight.dtype)
+        key = (w_key, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        if self._norm is not None and self._norm[0] == key:
+            return self._norm[1]
+        if self._w0_sq is None or self._w0_sq[0] != w_key:
+            self._w0_sq = (w_key, self.weight_out_in().pow(2).sum(1))
+        a_w0 = a @ weight if self.fan_in_fan_out else a @ weight.t()  # [r, out]: column i is A W0_i
+        cross = (b * a_w0.t()).sum(1)  # [out]
+        quad = ((b @ (a @ a.t())) * b).sum(1)  # [out]
+        s = self.scaling
+        norm = (self._w0_sq[1] + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+        self._norm = (key, norm)
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        x2 = x.reshape(-1, self.in_features)  # [N, in]
+        factor = None
+        if self.position_gate is not None:
+            # per-token factor (1 + sigmoid(w) tanh(bias[bucket(p)])), applied to the rank-r intermediate
+            factor = 1 + torch.sigmoid(self.position_gate) * self.context.position_bias_term(x2.shape[0])  # [N, 1]
+        magnitude = self.lora_magnitude
+        norm = self.row_norm() if magnitude is not None else None
+        fused = (
+            x2.dtype == weight.dtype == self.lora_A.dtype
+            and not weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and not torch.is_autocast_enabled(x2.device.type)
+        )
+        if fused:
+            p = self.dropout.p if self.dropout is not None and self.training else 0.0
+            y = _LowRankUpdate.apply(
+                x2, weight, bias, self.lora_A, self.lora_B, factor, magnitude, norm, self.scaling,
+                self.fan_in_fan_out, p,
+            )
+        else:
+            y = self._forward_autograd(x2, factor, norm)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _forward_autograd(
+        self, x2: torch.Tensor, factor: torch.Tensor | None, norm: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The same update with plain autograd ops: for autocast, mixed dtypes or a trainable base layer."""
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        lora_in = self.dropout(x2) if self.dropout is not None else x2
+        h = lora_in.to(self.lora_A.dtype) @ self.lora_A.t()  # [N, r]
+        if factor is not None:
+            h = h * factor
+        update = (h @ self.lora_B.t()).to(x2.dtype)  # [N, out]
+        base = x2 @ (weight if self.fan_in_fan_out else weight.t())
+        if self.lora_magnitude is None:
+            y = base + self.scaling * update
+            return y + bias if bias is not None else y
+        y = (self.lora_magnitude / norm).to(x2.dtype) * (base + self.scaling * update)
+        return y + bias if bias is not None else y
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W0 + s B A, rescaled row-wise by m / ||W|| for DoRA, in the base layer's layout."""
+        weight = self.weight_out_in() + self.delta_weight()  # [out, in]
+        if self.lora_magnitude is not None:
+            weight = weight * (self.lora_magnitude / self.row_norm()).unsqueeze(1)
+        weight = weight.to(self.base_layer.weight.dtype)
+        return weight.t().contiguous() if self.fan_in_fan_out else weight
+
+    def extra_repr(self) -> str:
+        kind = "dora" if self.lora_magnitude is not None else "lora"
+        return f"{kind}, r={self.r}, scaling={self.scaling:.4g}, position_bias={self.position_gate is not None}"
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout mask shaped like `x`: True (keep) with probability 1 - p, independently per element.
+
+    Why not `rand_like(x) >= p`: on CPU the random generator dominates dropout's cost. `random_()` on
+    int64 gives 63 uniform bits per draw, so one draw serves four elements as 16-bit chunks: three
+    uniform over int16, and the top chunk (sign bit always 0) uniform over [0, 32767], each compared
+    with its own threshold. p is resolved to 1/32768.
+    """
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()  # [0, 2^63)
+    chunks = bits.view(torch.int16).view(-1, 4)  # little-endian: column 3 holds bits 48..62
+    mask = chunks >= round(-32768 + p * 65536)
+    mask[:, 3] = chunks[:, 3] >= round(p * 32768)
+    return mask.view(-1)[:n].view_as(x)
+
+
+class _LowRankUpdate(torch.autograd.Function):
+    """The adapter's whole forward as one autograd node, with a hand-written backward.
+
+    Why: one node instead of ~8 keeps per-layer overhead low, and the backward can pick fast layouts
+    for the thin rank-r GEMMs (on CPU, [N, out] @ [out, r] is several times faster with the [out, r]
+    operand column-major) and fuse the LoRA input gradient into the base one (addmm_ / addcmul_ over
+    [N, in]). Dropout keeps an unscaled masked copy of x and applies 1/(1-p) to the rank-r
+    intermediate instead of to [N, in]. The base weight and bias are frozen here (the module falls
+    back to plain autograd otherwise).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, factor, magnitude, norm, scaling, fan_in_fan_out, p):
+        # x [N, in]; weight [out, in] ([in, out] for Conv1D); factor [N, 1] | None; magnitude, norm [out] | None
+        keep_scale = 1.0 / (1.0 - p)
+        if p > 0:
+            mask = keep_mask(x, p)
+            lora_in = torch.mul(x, mask)
+            h0 = (lora_in @ lora_a.t()).mul_(keep_scale)  # [N, r]
+        else:
+            mask, lora_in = None, x
+            h0 = lora_in @ lora_a.t()
+        h = h0 * factor if factor is not None else h0
+        b_t = lora_b.t().contiguous()  # [r, out]
+        z = g = None
+        if magnitude is None:
+            if fan_in_fan_out:
+                y = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+            else:
+                y = F.linear(x, weight, bias)
+            y.addmm_(h, b_t, alpha=scaling)  # [N, out]
+        else:
+            z = x @ weight if fan_in_fan_out else x @ weight.t()
+            z.addmm_(h, b_t, alpha=scaling)  # W0 x + s B A x, [N, out]
+            g = magnitude / norm  # norm is a constant (DoRA s. 4.3); bias not rescaled
+            y = torch.addcmul(bias, z, g) if bias is not None else z * g
+            if not magnitude.requires_grad:
+                z = None
+        ctx.save_for_backward(lora_in, mask, h0, h, factor, weight, lora_a, b_t, z, g, norm)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.keep_scale = scaling, fan_in_fan_out, keep_scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        lora_in, mask, h0, h, factor, weight, lora_a, b_t, z, g, norm = ctx.saved_tensors
+        need_x, _, _, need_a, need_b, need_factor, need_magnitude = ctx.needs_input_grad[:7]
+        s = ctx.scaling
+        grad_magnitude = None
+        if g is not None:
+            if need_magnitude:
+                grad_magnitude = (grad_y * z).sum(0) / norm  # [out]
+            grad_z = grad_y * g
+        else:
+            grad_z = grad_y
+        grad_b = (h.t() @ grad_z).mul_(s).t() if need_b else None  # [out, r]
+        grad_h = (grad_z @ b_t.t()).mul_(s)  # [N, r]
+        grad_factor = (grad_h * h0).sum(-1, keepdim=True) if need_factor else None  # [N, 1]
+        grad_h0 = grad_h * factor if factor is not None else grad_h
+        if mask is not None:
+            grad_h0 = grad_h0 * ctx.keep_scale
+        grad_a = grad_h0.t() @ lora_in if need_a else None  # [r, in]
+        grad_x = None
+        if need_x:
+            grad_x = grad_z @ weight.t() if ctx.fan_in_fan_out else grad_z @ weight  # [N, in]
+            if mask is None:
+                grad_x.addmm_(grad_h0, lora_a)
+            else:
+                grad_x.addcmul_(grad_h0 @ lora_a, mask)
+        return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None

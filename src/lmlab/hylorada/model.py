@@ -1,0 +1,387 @@
+"""Injecting HyLoRADA into a Hugging Face causal LM, and what the training loop and studies ask of it.
+
+`apply_hylorada` wraps the target layers in place, freezes the base, and registers everything else
+(position-bias table, landmarks, learnable boundaries) as the submodule `model.hylorada`, so it is in
+`model.parameters()`, moves with `.to()`, and is saved and counted. A forward pre-hook on the model
+computes the token positions once per forward for all HyLoRADA modules (HYLORADA.md section 2).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmlab.engine.optim import GroupRule
+from lmlab.errors import ConfigError
+from lmlab.hylorada.config import HyLoRADAConfig
+from lmlab.hylorada.landmarks import PooledLandmarks, PositionAdaptiveLandmarks
+from lmlab.hylorada.layers import HyLoRADALinear
+from lmlab.hylorada.position import (
+    LearnableBuckets,
+    PositionBias,
+    PositionContext,
+    bucket_edges,
+    bucketize,
+    model_context_length,
+    token_positions,
+)
+
+# HYLORADA.md section 1: default targets per `config.model_type`
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+}
+
+COMPONENTS = ("lora", "dora_magnitude", "position_bias", "landmarks", "bucket_boundaries", "embeddings", "norms")
+
+_LINEAR_TYPES = (nn.Linear, Conv1D)
+_CACHE_ATTRIBUTE = "_hylorada_pool"  # running prefix sums of causal pooling, carried by the KV cache
+
+
+class HyLoRADAState(nn.Module):
+    """Everything HyLoRADA adds outside the adapted layers; registered on the model as `model.hylorada`."""
+
+    def __init__(
+        self,
+        config: HyLoRADAConfig,
+        max_positions: int,
+        hidden_size: int,
+        num_blocks: int,
+        arg_names: list[str],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.max_positions = max_positions
+        self.context = PositionContext()
+        self.edges = bucket_edges(config.num_buckets, max_positions, config.bucket_spacing)
+        self.register_buffer("bucket_edges", torch.tensor(self.edges, device=device), persistent=False)
+        self.arg_names = arg_names  # the model's forward parameters, to read positional arguments
+        self.position_bias = PositionBias(config.num_buckets).to(device, dtype) if config.position_bias else None
+        self.landmarks: nn.Module | None = None
+        self.layer_landmarks: nn.ModuleList | None = None
+        factory = {"dtype": dtype, "device": device}
+        design, k = config.landmarks, config.num_landmarks
+        if design in ("position_adaptive", "learnable_bucket"):
+            buckets = None
+            if design == "learnable_bucket":
+                buckets = LearnableBuckets(self.edges, max_positions, config.boundary_temperature).to(device)
+            self.landmarks = PositionAdaptiveLandmarks(
+                hidden_size, k, config.num_buckets, config.dropout, self.context, buckets, **factory
+            )
+        elif design == "original":
+            self.landmarks = PooledLandmarks(hidden_size, k, config.dropout, self.context, "final", **factory)
+        elif design == "per_layer":
+            self.layer_landmarks = nn.ModuleList(
+                PooledLandmarks(hidden_size, k // 2, config.dropout, self.context, f"block{i}", **factory)
+                for i in range(num_blocks)
+            )
+        # filled by apply_hylorada
+        self.base_model: dict[str, str] = {}
+        self.adapted: list[str] = []
+        self.trained_base: dict[str, list[str]] = {"embeddings": [], "norms": []}
+        self.base_requires_grad: dict[str, bool] = {}
+
+    @property
+    def pools(self) -> bool:
+        return self.config.landmarks in ("original", "per_layer")
+
+    def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: token positions, buckets and the bias term for this forward."""
+        inputs = dict(zip(self.arg_names, args, strict=False))
+        inputs.update(kwargs)
+        reference = inputs.get("input_ids")
+        if reference is None:
+            reference = inputs.get("inputs_embeds")
+        if reference is None:
+            raise ValueError("HyLoRADA needs input_ids or inputs_embeds to compute token positions")
+        batch, length = reference.shape[:2]
+        past = inputs.get("past_key_values")
+        past_length = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        mask = inputs.get("attention_mask")
+        ctx = self.context
+        ctx.positions = token_positions(
+            batch,
+            length,
+            attention_mask=mask,
+            position_ids=inputs.get("position_ids"),
+            past_length=past_length,
+            device=reference.device,
+        )
+        ctx.buckets = bucketize(ctx.positions, self.bucket_edges)
+        if mask is not None and mask.dim() == 2:
+            ctx.token_mask = mask[:, -length:].bool()
+        else:
+            ctx.token_mask = torch.ones(batch, length, dtype=torch.bool, device=reference.device)
+        ctx.bias_term = self.position_bias(ctx.buckets) if self.position_bias is not None else None
+        ctx.pool_now = {}
+        ctx.pool_past = {}
+        if self.pools and past_length > 0:
+            carried = getattr(past, _CACHE_ATTRIBUTE, None)
+            if carried is None or carried["length"] != past_length:
+                raise RuntimeError(
+                    f"landmarks='{self.config.landmarks}' pool over all earlier tokens, but this KV cache was not "
+                    "produced by this model's previous forward calls: decode with the cache the model returned"
+                )
+            ctx.pool_past = carried["sums"]
+
+    def after_forward(self, model: nn.Module, args: tuple, output) -> None:
+        """Forward hook of the model: leave the running pooled sums with the KV cache for the next step."""
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and self.context.pool_now:
+            setattr(cache, _CACHE_ATTRIBUTE, {"length": cache.get_seq_length(), "sums": dict(self.context.pool_now)})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Injection
+
+
+def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int | None = None) -> nn.Module:
+    """Wrap the target layers of `model` in place, freeze the base, add the HyLoRADA modules; returns `model`.
+
+    `max_positions` (used when `config.max_positions` is None) is the run's max_length; without either,
+    the model's context length (`max_position_embeddings` / `n_positions`).
+    """
+    if isinstance(getattr(model, "hylorada", None), HyLoRADAState):
+        raise ConfigError("this model already has HyLoRADA adapters; apply_hylorada to a fresh base model")
+    hf_config = getattr(model, "config", None)
+    context = config.max_positions or max_positions or model_context_length(hf_config)
+    if context is None:
+        raise ConfigError("cannot tell the model's context length: set max_positions in the HyLoRADA config")
+    if config.uses_positions and config.num_buckets > context:
+        raise ConfigError(f"num_buckets={config.num_buckets} is more than max_positions={context}")
+    targets = find_targets(model, config.target_modules)
+    blocks_name, blocks = find_blocks(model)
+    if config.landmarks == "per_layer" and blocks is None:
+        raise ConfigError(f"landmarks='per_layer' needs the transformer blocks, not found in {type(model).__name__}")
+    final_norm = None
+    if config.landmarks in ("position_adaptive", "learnable_bucket", "original"):
+        final_norm = find_final_norm(model, blocks_name)
+    hidden_size = getattr(hf_config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+
+    reference = next(model.parameters())
+    arg_names = list(inspect.signature(model.forward).parameters)
+    state = HyLoRADAState(config, context, hidden_size, len(blocks or []), arg_names, reference.dtype, reference.device)
+    state.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    state.base_model = {
+        "name_or_path": str(getattr(hf_config, "_name_or_path", "") or ""),
+        "architecture": type(model).__name__,
+        "model_type": str(getattr(hf_config, "model_type", "") or ""),
+    }
+    model.requires_grad_(False)
+    model.add_module("hylorada", state)
+    shared = state.context if config.position_bias else None
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, HyLoRADALinear(getattr(parent, child), config, shared))
+    state.adapted = targets
+    _unfreeze_base_parts(model, config, state)
+
+    if config.uses_positions:
+        model.register_forward_pre_hook(state.before_forward, with_kwargs=True)
+    if state.pools:
+        model.register_forward_hook(state.after_forward)
+    if final_norm is not None:
+        final_norm.register_forward_hook(state.landmarks.after_final_norm)
+    if state.layer_landmarks is not None:
+        for block, landmarks in zip(blocks, state.layer_landmarks, strict=True):
+            block.register_forward_hook(landmarks.after_block)
+    return model
+
+
+def _unfreeze_base_parts(model: nn.Module, config: HyLoRADAConfig, state: HyLoRADAState) -> None:
+    """LongLoRA-style extras: make the embeddings and/or norms trainable and record their names."""
+    if not (config.train_embeddings or config.train_norms):
+        return
+    params: dict[str, list[nn.Parameter]] = {"embeddings": [], "norms": []}
+    for module_name, module in model.named_modules():
+        if module_name.startswith("hylorada") or isinstance(module, HyLoRADALinear):
+            continue
+        kind = "embeddings" if isinstance(module, nn.Embedding) else "norms" if _is_norm(module) else None
+        if kind == "embeddings" and config.train_embeddings or kind == "norms" and config.train_norms:
+            for param in module.parameters(recurse=False):
+                param.requires_grad_(True)
+                params[kind].append(param)
+    # record the names named_parameters() reports (a tied LM head shares the embedding tensor)
+    reported = {id(p): n for n, p in model.named_parameters()}
+    state.trained_base = {kind: sorted({reported[id(p)] for p in group}) for kind, group in params.items()}
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
+    """Names of the Linear/Conv1D modules to adapt. An empty match is a ConfigError listing what exists."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linear = [(n, m) for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES) and m is not head]
+    if target_modules == "all-linear":
+        blocks_name, _ = find_blocks(model)
+        if blocks_name is None:
+            raise ConfigError(f"target_modules='all-linear' needs the transformer blocks of {type(model).__name__}, "
+                              "which were not found; give a list of module-name suffixes")
+        names = [n for n, _ in linear if n.startswith(blocks_name + ".")]
+        described = "'all-linear'"
+    else:
+        suffixes = target_modules
+        if suffixes is None:
+            suffixes = DEFAULT_TARGETS.get(model_type)
+            if suffixes is None:
+                raise ConfigError(
+                    f"no default target modules for model type '{model_type}': set target_modules to 'all-linear' "
+                    f"or a list of module-name suffixes (e.g. {_examples(linear)})"
+                )
+        matched = [(n, m) for n, m in model.named_modules() if any(_matches(n, s) for s in suffixes)]
+        wrong = [f"{n} ({type(m).__name__})" for n, m in matched if not isinstance(m, _LINEAR_TYPES) or m is head]
+        if wrong:
+            raise ConfigError(f"target_modules {suffixes} match modules that are not Linear/Conv1D layers of the "
+                              f"blocks: {', '.join(wrong[:3])}")
+        names = [n for n, _ in matched]
+        described = str(suffixes)
+    if not names:
+        raise ConfigError(
+            f"target_modules {described} match no Linear/Conv1D module of {type(model).__name__}; "
+            f"available names include {_examples(linear)}"
+        )
+    return names
+
+
+def _matches(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def _examples(named: list[tuple[str, nn.Module]], count: int = 5) -> str:
+    # distinct suffixes after the block index, e.g. 'attn.c_attn', 'mlp.c_fc'
+    seen: list[str] = []
+    for name, _ in named:
+        short = re.sub(r"^.*?\.\d+\.", "", name)
+        if short not in seen:
+            seen.append(short)
+    return ", ".join(f"'{s}'" for s in seen[:count]) or "(no Linear/Conv1D modules)"
+
+
+def find_blocks(model: nn.Module) -> tuple[str | None, nn.ModuleList | None]:
+    """The ModuleList of transformer blocks: the first one with `num_hidden_layers` entries."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for name, module in lists:
+        if count is None or len(module) == count:
+            return name, module
+    return None, None
+
+
+def find_final_norm(model: nn.Module, blocks_name: str | None) -> nn.Module:
+    """The norm after the last block (GPT-2 `ln_f`, Llama `norm`, NeoX `final_layer_norm`)."""
+    norms = [m for n, m in model.named_modules()
+             if _is_norm(m) and not (blocks_name and n.startswith(blocks_name + "."))]
+    if not norms:
+        raise ConfigError(f"landmarks need the final norm of {type(model).__name__}, which was not found; "
+                          "use landmarks='none' or 'per_layer'")
+    return norms[-1]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or "Norm" in type(module).__name__
+
+
+def hylorada_state(model: nn.Module) -> HyLoRADAState:
+    state = getattr(model, "hylorada", None)
+    if not isinstance(state, HyLoRADAState):
+        raise ConfigError(f"{type(model).__name__} has no HyLoRADA adapters: call apply_hylorada or load_adapter first")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Introspection for training and studies
+
+
+def component_of(name: str, state: HyLoRADAState) -> str | None:
+    """Which HyLoRADA component a parameter name belongs to (None: a frozen base parameter)."""
+    if name.endswith((".lora_A", ".lora_B")):
+        return "lora"
+    if name.endswith(".lora_magnitude"):
+        return "dora_magnitude"
+    if name.endswith(".position_gate") or name.startswith("hylorada.position_bias."):
+        return "position_bias"
+    if name.endswith(".buckets.boundaries"):
+        return "bucket_boundaries"
+    if name.startswith(("hylorada.landmarks.", "hylorada.layer_landmarks.")):
+        return "landmarks"
+    for kind, names in state.trained_base.items():
+        if name in names:
+            return kind
+    return None
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every tensor an adapter checkpoint holds, by parameter name (HyLoRADA parts + trained base parts)."""
+    state = hylorada_state(model)
+    return {n: p for n, p in model.named_parameters() if component_of(n, state) is not None}
+
+
+def component_param_counts(model: nn.Module) -> dict[str, int]:
+    """Parameters per component: lora, dora_magnitude, position_bias, landmarks, bucket_boundaries, embeddings,
+    norms (all keys present, 0 when off)."""
+    state = hylorada_state(model)
+    counts = dict.fromkeys(COMPONENTS, 0)
+    for name, param in model.named_parameters():
+        kind = component_of(name, state)
+        if kind is not None:
+            counts[kind] += param.numel()
+    return counts
+
+
+def learned_boundaries(model: nn.Module) -> dict[str, list]:
+    """Bucket boundaries in token positions: `initial` (the fixed scheme's edges) and `learned` (sorted)."""
+    state = hylorada_state(model)
+    buckets = getattr(state.landmarks, "buckets", None)
+    if buckets is None:
+        raise ConfigError(f"the model has no learnable buckets (landmarks='{state.config.landmarks}')")
+    return {"initial": list(state.edges), "learned": buckets.learned_edges(), "max_positions": state.max_positions}
+
+
+def boundary_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The learnable bucket boundaries (empty unless landmarks='learnable_bucket')."""
+    state = hylorada_state(model)
+    buckets = getattr(state.landmarks, "buckets", None)
+    return [buckets.boundaries] if buckets is not None else []
+
+
+def drop_frozen_boundary_grads(model: nn.Module, step: int) -> bool:
+    """Curriculum: before optimizer step `step` (0-based) < boundary_freeze_steps, drop the boundaries' grads.
+
+    Call between backward and `optimizer.step()`. AdamW skips parameters whose grad is None (no update,
+    no weight decay), so the boundaries stay at the fixed scheme's edges. Returns whether they were held.
+    """
+    state = hylorada_state(model)
+    if step >= state.config.boundary_freeze_steps:
+        return False
+    for param in boundary_parameters(model):
+        param.grad = None
+    return True
+
+
+def optimizer_rules(config: HyLoRADAConfig) -> list[GroupRule]:
+    """Optimizer-group rules: the boundaries get `boundary_lr` (no weight decay) when it is set."""
+    if config.boundary_lr is None:
+        return []
+    return [GroupRule(pattern=r"\.buckets\.boundaries$", lr=config.boundary_lr, weight_decay=0.0)]
+
+
+def auxiliary_loss(model: nn.Module) -> torch.Tensor:
+    """boundary_diversity * penalty for bucket boundaries closing up (a per-step scalar; 0 when off).
+
+    It is a mean, not a sum over tokens: a loop that sums token losses multiplies it by the token count.
+    """
+    state = hylorada_state(model)
+    buckets = getattr(state.landmarks, "buckets", None)
+    weight = state.config.boundary_diversity
+    if buckets is None or weight == 0:
+        return torch.zeros((), device=state.bucket_edges.device)
+    return weight * buckets.diversity_penalty()
