@@ -9,6 +9,7 @@ with its one-line message, keeping every finished cell.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import sys
@@ -131,8 +132,33 @@ class StudyInterrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _raise_interrupt(signum, frame):
-    raise StudyInterrupted(signum)
+class _Signals:
+    """SIGINT/SIGTERM raise StudyInterrupted, except inside `recording()`, where the signal is held
+    until the block ends: a finished cell's result line and its directory are kept together."""
+
+    def __init__(self):
+        self.recording_depth = 0
+        self.pending: int | None = None
+
+    def handle(self, signum, frame):
+        if self.recording_depth:
+            self.pending = signum
+            return
+        raise StudyInterrupted(signum)
+
+    @contextlib.contextmanager
+    def recording(self):
+        self.recording_depth += 1
+        try:
+            yield
+        finally:
+            self.recording_depth -= 1
+        if not self.recording_depth and self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise StudyInterrupted(signum)
+
+
+SIGNALS = _Signals()
 
 
 def log_line(message: str) -> None:
@@ -198,7 +224,7 @@ def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> No
         log_line(f"resuming {run.root}: {len(finished)} of {total} cells already finished")
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig in previous:
-        signal.signal(sig, _raise_interrupt)
+        signal.signal(sig, SIGNALS.handle)
     try:
         ctx = study.prepare(cfg, run, progress) if todo else None
         for config, seed in todo:
@@ -213,6 +239,27 @@ def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> No
 
 def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool, index: int,
               total: int) -> None:
+    recorded = False
+    try:
+        row = _compute_cell(study, ctx, run, config, seed, progress)
+        with SIGNALS.recording():
+            run.append_result(row)
+            recorded = True
+    except (KeyboardInterrupt, LmlabError):
+        if not recorded:  # the partial cell goes; `--resume` recomputes it
+            run.discard_cell(config, seed)
+        raise
+    if row["status"] == "ok":
+        shown_keys = [study.primary_metric] + [k for k in row["metrics"] if k != study.primary_metric][:2]
+        shown = ", ".join(f"{k} {row['metrics'][k]:.4g}" for k in shown_keys
+                          if isinstance(row["metrics"].get(k), (int, float)))
+        log_line(f"[{index}/{total}] {config} seed {seed}: {shown} ({row['time_s']:.0f}s)")
+    else:
+        log_line(f"[{index}/{total}] {config} seed {seed}: FAILED - {row['error']}")
+
+
+def _compute_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool) -> dict:
+    """Train and evaluate one cell in its own directory; a failure becomes a `failed` row."""
     cell_dir = run.cell_dir(config, seed)
     run.discard_cell(config, seed)  # a partial cell left by an interrupted run
     if D.is_main():
@@ -225,8 +272,7 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
     try:
         output = study.run_cell(ctx, config, seed, cell_dir, progress)
         row.update(metrics=output.metrics, details=output.details, params=output.params)
-    except (KeyboardInterrupt, LmlabError):
-        run.discard_cell(config, seed)
+    except LmlabError:  # bad input stops the study (every cell would fail the same way)
         raise
     except NonFiniteLoss as exc:
         row.update(status="failed", error=str(exc), details={"failed_step": exc.step, "failed_loss": str(exc.value)})
@@ -235,11 +281,4 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
         if D.is_main():
             (cell_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
     row["time_s"] = time.perf_counter() - started
-    run.append_result(row)
-    if row["status"] == "ok":
-        shown_keys = [study.primary_metric] + [k for k in row["metrics"] if k != study.primary_metric][:2]
-        shown = ", ".join(f"{k} {row['metrics'][k]:.4g}" for k in shown_keys
-                          if isinstance(row["metrics"].get(k), (int, float)))
-        log_line(f"[{index}/{total}] {config} seed {seed}: {shown} ({row['time_s']:.0f}s)")
-    else:
-        log_line(f"[{index}/{total}] {config} seed {seed}: FAILED - {row['error']}")
+    return row
