@@ -1,0 +1,592 @@
+"""The MU study (MU.md): the semantic-block transformer against a parameter-matched dense GPT.
+
+Recipe: one tokenizer (byte-level BPE trained on the train split, or an HF tokenizer such as GPT-2's), the
+train split packed into windows of `max_seq_len` tokens, and per cell one model trained from scratch with
+the one training loop. Every evaluation measures validation perplexity (non-overlapping windows) and
+watches for the notes' red flags (plateau, oscillation); every N epochs the model writes generation
+samples. The best evaluation's weights are restored and saved as a checkpoint (safetensors + JSON +
+tokenizer), which is loaded back: test perplexity and the final samples come from the loaded checkpoint.
+Out of memory fails the cell with the smaller `max_seq_len` / batch to try.
+
+Configurations: `mu-sota`, `mu-simple` and the reference `dense`, whose width is solved so that its
+parameter count matches mu-sota's (total or non-embedding, tied or untied). A seed fixes initialisation,
+data order and dropout; the data and the tokenizer are the same for every cell, so cells pair by seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
+
+from lmlab.config import Section
+from lmlab.data import generators
+from lmlab.data.batching import packed_examples, tokenize_documents
+from lmlab.data.sources import load_documents
+from lmlab.data.tokenizer import train_bpe_tokenizer
+from lmlab.engine import distributed as D
+from lmlab.engine.train import TrainConfig, steps_per_epoch, train
+from lmlab.errors import DataError
+from lmlab.eval.perplexity import evaluate_perplexity
+from lmlab.eval.sampling import sample
+from lmlab.models.hf import load_tokenizer, prefix_token_id
+from lmlab.mu import (
+    DenseConfig,
+    DenseModel,
+    MUConfig,
+    MUModel,
+    count_parameters,
+    load_checkpoint,
+    match_dense,
+    save_checkpoint,
+)
+from lmlab.mu.config import PRESETS
+from lmlab.mu.matching import model_parameter_counts
+from lmlab.studies.report import fmt, save_figure
+from lmlab.studies.rundir import RunDir
+from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
+
+CONFIGURATIONS = ("mu-sota", "mu-simple", "dense")
+REFERENCE, CANDIDATE = "dense", "mu-sota"
+MATCHED_TO = "mu-sota"  # the dense baseline's parameter budget
+CHECKPOINT_DIR = "checkpoint"
+SAMPLES_FILE = "eval_samples.jsonl"
+
+
+class MUShape(Section):
+    """Fields set on top of an MU preset (`mu-sota`, `mu-simple`); unset fields keep the preset's value."""
+
+    grid: int | None = Field(None, ge=1)
+    block_shape: tuple[int, int] | None = None
+    n_layers: int | None = Field(None, ge=1)
+    cross_heads: int | None = Field(None, ge=1)
+    ffn_mult: int | None = Field(None, ge=1)
+    affinity: Literal["low_rank", "hashed"] | None = None
+    affinity_rank: int | None = Field(None, ge=1)
+    affinity_buckets: int | None = Field(None, ge=1)
+    gate_hidden: int | None = Field(None, ge=1)
+
+
+class MatchConfig(Section):
+    """How the dense baseline is matched to mu-sota's parameter count (MU.md section 2)."""
+
+    count: Literal["total", "non_embedding"] = "total"
+    tie_embeddings: bool | None = Field(None, description="the dense model's tying; None: as MU's")
+
+
+class MonitorConfig(Section):
+    """The notes' red flags, checked at every evaluation of validation perplexity."""
+
+    patience: int = Field(3, ge=1, description="plateau: evaluations without a new best validation perplexity")
+    min_delta: float = Field(0.0, ge=0.0, lt=1.0, description="relative improvement that counts as a new best")
+    rising: int = Field(3, ge=1, description="oscillation: consecutive evaluations whose validation loss rose")
+
+
+class GenerationConfig(Section):
+    """Generation samples every `every_epochs` epochs and from the best checkpoint (MU.md section 3)."""
+
+    every_epochs: int = Field(1, ge=1)
+    prompts: list[str] = Field(default_factory=lambda: ["the old"], min_length=1)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(0.8, ge=0.0, description="0: greedy")
+    top_k: int = Field(40, ge=0, description="0: no top-k filtering")
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.2, ge=1.0, description="CTRL penalty: divides positive, multiplies negative")
+
+
+class MUStudyConfig(StudyConfig):
+    """The MU study: data, tokenizer, the three models, training, monitoring, samples and the ppl bands."""
+
+    # The notes' flag names (their `config.py` and action plan) -> fields.
+    ALIASES = {
+        "epochs": "train.epochs", "num_epochs": "train.epochs", "lr": "train.lr", "learning_rate": "train.lr",
+        "batch_size": "train.batch_size", "grad_accum": "train.grad_accum",
+        "gradient_accumulation": "train.grad_accum", "warmup_steps": "train.warmup_steps",
+        "eval_every": "train.eval_every", "patience": "monitor.patience", "count": "match.count",
+        "temperature": "generation.temperature", "top_k": "generation.top_k", "top_p": "generation.top_p",
+        "repetition_penalty": "generation.repetition_penalty", "samples_every": "generation.every_epochs",
+    }
+
+    dataset: str = Field("builtin", description="'builtin', wikitext-2-raw-v1, wikitext-103-raw-v1 or local files")
+    txt_documents: Literal["file", "blank_line"] = "file"
+    data_seed: int = Field(0, description="built-in corpus: the seed of the generated documents (same for all cells)")
+    num_train_docs: int = Field(300, ge=1, description="built-in corpus: training documents")
+    num_val_docs: int = Field(30, ge=1, description="built-in corpus: validation documents")
+    num_test_docs: int = Field(30, ge=1, description="built-in corpus: test documents")
+    sentences_per_doc: int = Field(40, ge=1, description="built-in corpus: sentences per document")
+    tokenizer: str = Field("bpe", description="'bpe' (trained on the train split), or the tokenizer of an HF model "
+                                              "(hub id such as gpt2, or a save_pretrained directory)")
+    vocab_size: int = Field(512, ge=16, description="size of the BPE vocabulary (tokenizer='bpe' only)")
+    max_seq_len: int = Field(128, ge=8, description="training windows and evaluation context")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    tie_embeddings: bool = True
+    mu_sota: MUShape = MUShape()
+    mu_simple: MUShape = MUShape()
+    match: MatchConfig = MatchConfig()
+    train: TrainConfig = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_ratio=0.05)
+    eval_batch_size: int = Field(16, ge=1)
+    monitor: MonitorConfig = MonitorConfig()
+    generation: GenerationConfig = GenerationConfig()
+    success_ppl: float = Field(200.0, gt=0, description="perplexity band: below is success (the notes' < 200)")
+    partial_ppl: float = Field(300.0, gt=0, description="perplexity band: up to this is partial, above is failure")
+    band_metric: Literal["val_ppl", "test_ppl"] = "val_ppl"
+
+    @field_validator("mu_sota", "mu_simple")
+    @classmethod
+    def _check_shape(cls, shape: MUShape, info: ValidationInfo) -> MUShape:
+        preset = info.field_name.replace("_", "-")
+        try:  # the layout rules (tiling, heads) do not depend on the vocabulary or the context
+            MUConfig.model_validate({**PRESETS[preset], "vocab_size": 1, "max_seq_len": 1,
+                                     **shape.model_dump(exclude_none=True)})
+        except ValidationError as exc:
+            raise ValueError(f"{preset}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        return shape
+
+    @field_validator("partial_ppl")
+    @classmethod
+    def _check_bands(cls, partial_ppl: float, info: ValidationInfo) -> float:
+        success_ppl = info.data.get("success_ppl")
+        if success_ppl is not None and partial_ppl < success_ppl:
+            raise ValueError(f"must be >= success_ppl ({success_ppl:g}): success < success_ppl <= partial <= "
+                             f"partial_ppl < failure")
+        return partial_ppl
+
+
+def mu_config(cfg: MUStudyConfig, name: str, vocab_size: int) -> MUConfig:
+    """The MU preset `name` with the study's vocabulary, context, dropout, tying and shape overrides."""
+    shape = (cfg.mu_sota if name == "mu-sota" else cfg.mu_simple).model_dump(exclude_none=True)
+    return MUConfig.preset(name, vocab_size=vocab_size, max_seq_len=cfg.max_seq_len, dropout=cfg.dropout,
+                           tie_embeddings=cfg.tie_embeddings, **shape)
+
+
+def model_configs(cfg: MUStudyConfig, vocab_size: int) -> dict[str, MUConfig | DenseConfig]:
+    """The three configurations; the dense baseline is matched to mu-sota by `cfg.match`."""
+    configs: dict[str, MUConfig | DenseConfig] = {name: mu_config(cfg, name, vocab_size) for name in ("mu-sota",
+                                                                                                       "mu-simple")}
+    configs["dense"] = match_dense(configs[MATCHED_TO], count=cfg.match.count,
+                                   tie_embeddings=cfg.match.tie_embeddings)
+    return configs
+
+
+def build_model(config: MUConfig | DenseConfig) -> MUModel | DenseModel:
+    return MUModel(config) if isinstance(config, MUConfig) else DenseModel(config)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Monitoring: the notes' red flags
+
+
+class RedFlagMonitor:
+    """Watches the sequence of validation perplexities for the notes' red flags.
+
+    - plateau: no new best (by more than `min_delta`, relative) for `patience` evaluations in a row; raised
+      once per plateau (again only after a new best). The notes: the learning rate is still too high.
+    - oscillation: the validation loss rose on `rising` consecutive evaluations; raised once per run of
+      rises. The notes: reduce the learning rate (5e-5 for their 1e-4).
+    """
+
+    def __init__(self, config: MonitorConfig, lr: float):
+        self.config = config
+        self.lr = lr
+        self.best: float | None = None
+        self.best_step: int | None = None
+        self.since_best = 0
+        self.previous_loss: float | None = None
+        self.rises = 0
+        self.flags: list[dict] = []
+
+    def update(self, step: int, epoch: float, ppl: float) -> list[dict]:
+        """Record one evaluation; returns the flags it raised (also kept in `self.flags`)."""
+        raised = []
+        loss = math.log(ppl) if ppl > 0 and math.isfinite(ppl) else math.inf
+        if self.best is None or ppl < self.best * (1.0 - self.config.min_delta):
+            self.best, self.best_step, self.since_best = ppl, step, 0
+        else:
+            self.since_best += 1
+            if self.since_best == self.config.patience:
+                raised.append(self._flag("plateau", step, epoch, (
+                    f"validation perplexity has not improved for {self.since_best} evaluations (best "
+                    f"{self.best:.4g} at step {self.best_step}); the notes: the learning rate is still too high - "
+                    f"try lr={self.lr / 2:.3g}")))
+        self.rises = self.rises + 1 if self.previous_loss is not None and loss > self.previous_loss else 0
+        self.previous_loss = loss
+        if self.rises == self.config.rising:
+            raised.append(self._flag("oscillation", step, epoch, (
+                f"validation loss rose on {self.rises} consecutive evaluations (now {loss:.4f}); the notes: "
+                f"reduce the learning rate - try lr={self.lr / 2:.3g}")))
+        self.flags += raised
+        return raised
+
+    @staticmethod
+    def _flag(kind: str, step: int, epoch: float, message: str) -> dict:
+        return {"flag": kind, "step": step, "epoch": round(epoch, 3), "message": message}
+
+
+class OutOfMemory(RuntimeError):
+    """A cell ran out of memory; the message names a smaller `max_seq_len` and batch to try."""
+
+
+def smaller_settings(max_seq_len: int, batch_size: int, grad_accum: int) -> dict[str, int]:
+    """What to try after running out of memory: a ~5/6 shorter context rounded down to a multiple of 16
+    (the notes' 192 -> 160), and half the micro-batch with twice the accumulation (same effective batch)."""
+    advice = {"max_seq_len": max(8, int(max_seq_len * 5 / 6) // 16 * 16)}
+    if batch_size > 1:
+        advice.update(batch_size=batch_size // 2, grad_accum=grad_accum * 2)
+    return advice
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(what: str, max_seq_len: int, batch_size: int, grad_accum: int):
+    """Turn an out-of-memory error (CUDA, CPU allocator, Python) inside the block into `OutOfMemory`."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        advice = smaller_settings(max_seq_len, batch_size, grad_accum)
+        hint = f"max_seq_len={advice['max_seq_len']}"
+        if "batch_size" in advice:
+            hint += f", or batch_size={advice['batch_size']} grad_accum={advice['grad_accum']} (same effective batch)"
+        raise OutOfMemory(f"out of memory while {what} at max_seq_len={max_seq_len}, batch_size={batch_size}; "
+                          f"try {hint}") from None
+
+
+def ppl_band(ppl: float | None, success_ppl: float, partial_ppl: float) -> str:
+    """The notes' bands: success below `success_ppl`, partial up to `partial_ppl`, failure above."""
+    if ppl is None or not math.isfinite(ppl):
+        return "failure"
+    if ppl < success_ppl:
+        return "success"
+    return "partial" if ppl <= partial_ppl else "failure"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The recipe
+
+
+@dataclass
+class _Context:
+    cfg: MUStudyConfig
+    tokenizer: object
+    prefix_id: int
+    examples: list[dict]
+    val_docs: list[str]
+    test_docs: list[str]
+    models: dict[str, MUConfig | DenseConfig]
+
+
+def documents(cfg: MUStudyConfig) -> tuple[list[str], list[str], list[str]]:
+    """(train, validation, test) documents: the built-in corpus (three disjoint seeds) or `load_documents`."""
+    if cfg.dataset == "builtin":
+        seed, per_doc = cfg.data_seed, cfg.sentences_per_doc
+        return (generators.corpus_documents(seed, cfg.num_train_docs, per_doc),
+                generators.corpus_documents(seed + 1_000_003, cfg.num_val_docs, per_doc),
+                generators.corpus_documents(seed + 2_000_006, cfg.num_test_docs, per_doc))
+    splits = [load_documents(cfg.dataset, split, txt_documents=cfg.txt_documents)
+              for split in ("train", "validation", "test")]
+    return splits[0], splits[1], splits[2]
+
+
+def _tokenizer(cfg: MUStudyConfig, train_docs: list[str]):
+    if cfg.tokenizer == "bpe":
+        return train_bpe_tokenizer(train_docs, cfg.vocab_size)
+    return load_tokenizer(cfg.tokenizer)
+
+
+def generate_samples(model: MUModel | DenseModel, tokenizer, prefix_id: int, gen_cfg: GenerationConfig,
+                     seed: int) -> list[dict]:
+    """`{"prompt", "text"}` per prompt: the prompt after the document-start token, continued with the
+    configured sampling settings until `max_new_tokens` or a new document starts (seeded: reproducible)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for prompt in gen_cfg.prompts:
+        ids = [prefix_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+        new = sample(model, torch.tensor([ids], device=device), gen_cfg.max_new_tokens,
+                     temperature=gen_cfg.temperature, top_k=gen_cfg.top_k, top_p=gen_cfg.top_p,
+                     repetition_penalty=gen_cfg.repetition_penalty, generator=generator, eos_token_id=prefix_id)
+        out.append({"prompt": prompt, "text": tokenizer.decode(new[0].tolist(), skip_special_tokens=True)})
+    return out
+
+
+def _append_jsonl(path: Path, records: list[dict]) -> None:
+    if D.is_main():
+        with open(path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+class _CellEvaluator:
+    """What the training loop runs at every evaluation of one cell: validation perplexity, bits per byte
+    and accuracy, the red flags, and a set of samples at the first evaluation after every N epochs."""
+
+    def __init__(self, ctx: _Context, cell: str, seed: int, samples_path: Path):
+        self.ctx, self.cell, self.seed, self.samples_path = ctx, cell, seed, samples_path
+        self.monitor = RedFlagMonitor(ctx.cfg.monitor, ctx.cfg.train.lr)
+        self.per_epoch = steps_per_epoch(len(ctx.examples), ctx.cfg.train)
+        self.step = 0  # optimizer steps done
+        self.sampled_block = 0  # epochs // every_epochs at the last periodic samples
+
+    def on_step(self, step: int, model) -> None:
+        self.step = step + 1
+
+    def __call__(self, model) -> dict:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        epoch = self.step / self.per_epoch
+        val = evaluate_perplexity(model, ctx.val_docs, ctx.tokenizer, cfg.max_seq_len,
+                                  batch_size=cfg.eval_batch_size, positional=False, prefix_id=ctx.prefix_id)
+        result = {"epoch": epoch, "val_ppl": val["ppl"], "val_loss": math.log(val["ppl"]), "val_bpb": val["bpb"],
+                  "accuracy": val["accuracy"]}
+        flags = self.monitor.update(self.step, epoch, val["ppl"])
+        for flag in flags:
+            log_line(f"red flag ({self.cell}, step {self.step}): {flag['flag']} - {flag['message']}")
+        if flags:
+            result["red_flags"] = [f["flag"] for f in flags]
+        block = int(epoch + 1e-9) // cfg.generation.every_epochs
+        if block > self.sampled_block:
+            self.sampled_block = block
+            samples = generate_samples(model, ctx.tokenizer, ctx.prefix_id, cfg.generation, self.seed)
+            _append_jsonl(self.samples_path, [{"kind": "periodic", "step": self.step, "epoch": round(epoch, 3), **s}
+                                              for s in samples])
+        return result
+
+
+class MUStudy(Study):
+    name = "mu"
+    config_cls = MUStudyConfig
+    primary_metric = "val_ppl"
+    lower_is_better = True
+
+    def configurations(self, cfg) -> list[str]:
+        return list(CONFIGURATIONS)
+
+    def reference(self, cfg) -> str:
+        return REFERENCE
+
+    def candidate(self, cfg) -> str:
+        return CANDIDATE
+
+    def table_metrics(self, cfg) -> list[str]:
+        return ["val_ppl", "test_ppl", "accuracy", "val_bpb", "tokens_per_s", "train_time_s"]
+
+    def change_metrics(self, cfg) -> list[str]:
+        return ["val_ppl", "test_ppl", "accuracy", "tokens_per_s"]
+
+    def prepare(self, cfg: MUStudyConfig, run: RunDir, progress: bool) -> _Context:
+        train_docs, val_docs, test_docs = documents(cfg)
+        tokenizer = _tokenizer(cfg, train_docs)
+        prefix = prefix_token_id(tokenizer)
+        # Packed fixed-length windows: no padding, so the models never need an attention mask.
+        examples = packed_examples(tokenize_documents(train_docs, tokenizer), cfg.max_seq_len, prefix)
+        if not examples:
+            raise DataError(f"the train split of {cfg.dataset} has fewer tokens than max_seq_len={cfg.max_seq_len}; "
+                            f"give more training text or a smaller max_seq_len")
+        models = model_configs(cfg, len(tokenizer))
+        counts = {name: model_parameter_counts(c) for name, c in models.items()}
+        log_line(f"mu: {len(examples)} training windows of {cfg.max_seq_len} tokens, vocabulary {len(tokenizer)}, "
+                 f"{len(val_docs)} validation / {len(test_docs)} test documents; parameters (total / non-embedding): "
+                 + ", ".join(f"{n} {c['total']:,} / {c['non_embedding']:,}" for n, c in counts.items()))
+        return _Context(cfg, tokenizer, prefix, examples, val_docs, test_docs, models)
+
+    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+        cfg = ctx.cfg
+        with out_of_memory_advice(f"training {config}", cfg.max_seq_len, cfg.train.batch_size, cfg.train.grad_accum):
+            return self._run_cell(ctx, config, seed, cell_dir, progress)
+
+    def _run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+        cfg = ctx.cfg
+        D.seed_everything(seed)  # the initialisation depends on the seed
+        model = build_model(ctx.models[config])
+        counts = count_parameters(model)
+        samples_path = cell_dir / SAMPLES_FILE
+        evaluator = _CellEvaluator(ctx, f"{config} seed {seed}", seed, samples_path)
+        result = train(model, ctx.examples, cfg.train, seed=seed, evaluate=evaluator, select="val_ppl",
+                       restore_best=True, on_step=evaluator.on_step, metrics_path=cell_dir / "metrics.jsonl",
+                       progress=progress, desc=f"{config} seed {seed}")
+        best = result.best
+        # The best weights (restored by train) go to disk; the checkpoint loaded back is what test
+        # perplexity and the final samples are measured on.
+        checkpoint = cell_dir / CHECKPOINT_DIR
+        if D.is_main():
+            save_checkpoint(model, checkpoint, tokenizer=ctx.tokenizer,
+                            extra={"config": config, "seed": seed, "step": best["step"], "epoch": best["epoch"],
+                                   "val_ppl": best["val_ppl"]})
+        D.barrier()
+        loaded, _, _ = load_checkpoint(checkpoint)
+        loaded.to(D.device())
+        test = evaluate_perplexity(loaded, ctx.test_docs, ctx.tokenizer, cfg.max_seq_len,
+                                   batch_size=cfg.eval_batch_size, positional=False, prefix_id=ctx.prefix_id)
+        final_samples = generate_samples(loaded, ctx.tokenizer, ctx.prefix_id, cfg.generation, seed)
+        _append_jsonl(samples_path, [{"kind": "best_checkpoint", "step": best["step"], "epoch": round(best["epoch"], 3),
+                                      **s} for s in final_samples])
+        metrics = {
+            "val_ppl": best["val_ppl"], "test_ppl": test["ppl"], "accuracy": best["accuracy"],
+            "val_bpb": best["val_bpb"], "test_bpb": test["bpb"], "test_accuracy": test["accuracy"],
+            "tokens_per_s": result.tokens / max(result.train_time_s, 1e-9),
+            "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
+            "train_time_s": result.train_time_s, "peak_mem_mb": result.peak_mem_mb, "train_loss": result.final_loss,
+            "best_step": best["step"], "red_flags": len(evaluator.monitor.flags),
+        }
+        details = {
+            "model": {"kind": "mu" if isinstance(model, MUModel) else "dense",
+                      "config": model.config.model_dump(mode="json")},
+            "red_flags": evaluator.monitor.flags,
+            "samples": final_samples,
+            "checkpoint": str(checkpoint.relative_to(cell_dir.parents[2])),
+            "steps": result.steps,
+            "stopped_early": result.stopped_early,
+            "ppl_band": ppl_band(metrics[cfg.band_metric], cfg.success_ppl, cfg.partial_ppl),
+        }
+        return CellOutput(metrics=metrics, details=details, params={"trainable_params": counts["total"]})
+
+    # -----------------------------------------------------------------------------------------------
+
+    def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
+        cfg = record["config"]
+        ok = [r for r in rows if r["status"] == "ok"]
+        configs = record["configurations"]
+        lines = _side_by_side(summary, ok, configs, cfg)
+        lines += _bands(summary, configs, cfg)
+        if _validation_curves_plot(run, configs):
+            lines += ["## Validation perplexity during training", "",
+                      "Mean over seeds at each evaluation (MU vs the dense baseline): "
+                      "`plots/validation_curves.png`.", ""]
+        lines += _red_flags(rows)
+        lines += _samples(ok, configs, cfg)
+        return lines
+
+
+def _first_ok(rows: list[dict], config: str) -> dict | None:
+    return next((r for r in rows if r["config"] == config), None)
+
+
+def _mean(summary: dict, config: str, metric: str):
+    desc = summary["configs"].get(config, {}).get("metrics", {}).get(metric)
+    return desc["mean"] if desc else None
+
+
+def _side_by_side(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
+    count = cfg["match"]["count"]
+    budget = _first_ok(rows, MATCHED_TO)
+    target = budget["metrics"][f"params_{count}"] if budget else None
+    lines = ["## Models side by side (mean over seeds)", "",
+             f"The dense baseline's width is solved so that its {count.replace('_', '-')} parameter count matches "
+             f"{MATCHED_TO}'s within 2%. accuracy: next-token (argmax) accuracy on the validation split; tokens/s: "
+             f"training throughput.", "",
+             "| configuration | layers | state width | attention | embeddings | params total | params non-embedding | "
+             f"{count} vs {MATCHED_TO} | val_ppl | test_ppl | accuracy | val_bpb | tokens/s |",
+             "|" + "---|" * 13]
+    for name in configs:
+        row = _first_ok(rows, name)
+        if row is None:
+            continue
+        model = row["details"]["model"]["config"]
+        if row["details"]["model"]["kind"] == "mu":
+            width = f"{model['grid']}x{model['grid']} = {model['grid'] ** 2}"
+            n_blocks = model["grid"] ** 2 // (model["block_shape"][0] * model["block_shape"][1])
+            attention = (f"{n_blocks} blocks of {model['block_shape'][0]}x{model['block_shape'][1]} + "
+                         f"{model['cross_heads']} cross heads")
+        else:
+            width, attention = str(model["width"]), f"{model['n_heads']} heads"
+        mine = row["metrics"][f"params_{count}"]
+        diff = f"{100 * (mine - target) / target:+.2f}%" if target else "-"
+        cells = [name, str(model["n_layers"]), width, attention, "tied" if model["tie_embeddings"] else "untied",
+                 f"{row['metrics']['params_total']:,}",
+                 f"{row['metrics']['params_non_embedding']:,}", diff]
+        cells += [fmt(_mean(summary, name, m)) for m in ("val_ppl", "test_ppl", "accuracy", "val_bpb")]
+        tps = _mean(summary, name, "tokens_per_s")
+        cells.append(f"{tps:,.0f}" if tps is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _bands(summary: dict, configs: list[str], cfg: dict) -> list[str]:
+    metric, success, partial = cfg["band_metric"], cfg["success_ppl"], cfg["partial_ppl"]
+    lines = ["## Perplexity bands (the notes' rule)", "",
+             f"On mean {metric}: success < {success:g}, partial {success:g}-{partial:g}, failure > {partial:g} "
+             f"(`success_ppl`, `partial_ppl`; the notes used 200 and 300 for WikiText-2).", "",
+             f"| configuration | {metric} | band |", "|---|---|---|"]
+    for name in configs:
+        value = _mean(summary, name, metric)
+        if value is not None:
+            lines.append(f"| {name} | {fmt(value)} | {ppl_band(value, success, partial)} |")
+    return lines + [""]
+
+
+def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
+    curves: dict[str, dict[int, list[float]]] = {}
+    for config in configs:
+        for path in sorted((run.root / "cells" / config).glob("seed-*/metrics.jsonl")):
+            for line in path.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                if rec.get("kind") == "eval" and rec.get("val_ppl") is not None:
+                    curves.setdefault(config, {}).setdefault(rec["step"], []).append(rec["val_ppl"])
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for config, points in curves.items():
+        steps = sorted(points)
+        ax.plot(steps, [sum(points[s]) / len(points[s]) for s in steps], marker="o", label=config)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation perplexity (mean over seeds)")
+    ax.set_yscale("log")
+    ax.set_title("MU vs dense baseline: validation perplexity")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    save_figure(fig, run, "validation_curves.png")
+    return True
+
+
+def _red_flags(rows: list[dict]) -> list[str]:
+    flags = [(r["config"], r["seed"], f) for r in rows if r["status"] == "ok"
+             for f in r["details"].get("red_flags", [])]
+    flags += [(r["config"], r["seed"], {"flag": "out-of-memory", "step": None, "epoch": None, "message": r["error"]})
+              for r in rows if r["status"] != "ok" and (r.get("error") or "").startswith(OutOfMemory.__name__)]
+    lines = ["## Red flags", "",
+             "Checked at every evaluation: plateau (no new best validation perplexity for `monitor.patience` "
+             "evaluations), oscillation (validation loss rising on `monitor.rising` consecutive evaluations), "
+             "out of memory (the cell fails with a smaller `max_seq_len` / batch to try).", ""]
+    if not flags:
+        return lines + ["None raised.", ""]
+    lines += ["| configuration | seed | flag | step | epoch | message |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c} | {s} | {f['flag']} | {fmt(f['step'])} | {fmt(f['epoch'])} | {f['message'].replace('|', '/')} |"
+              for c, s, f in flags]
+    return lines + [""]
+
+
+def _samples(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
+    gen = cfg["generation"]
+    lines = ["## Generation samples (best checkpoint, loaded back)", "",
+             f"temperature {gen['temperature']:g}, top-k {gen['top_k']}, top-p {gen['top_p']:g}, repetition penalty "
+             f"{gen['repetition_penalty']:g}, {gen['max_new_tokens']} new tokens; every cell's samples during "
+             f"training (every {gen['every_epochs']} epoch(s)) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`.", ""]
+    for name in configs:
+        row = _first_ok(rows, name)
+        if row is None:
+            continue
+        lines.append(f"**{name}** (seed {row['seed']}, checkpoint `{row['details']['checkpoint']}`):")
+        lines.append("")
+        for s in row["details"]["samples"]:
+            lines.append(f"> **{s['prompt']}** {' '.join(s['text'].split())}")
+            lines.append("")
+    return lines
+
+
+MU = MUStudy()

@@ -1,0 +1,340 @@
+"""The MU study: smoke and paper presets end to end through the real CLI, the best checkpoint loaded back
+(its perplexity recomputed by hand), samples, red flags, out-of-memory advice, parameter matching by the
+configured count, and the perplexity bands."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmlab.config import load_config, preset_path
+from lmlab.data import generators
+from lmlab.data.tokenizer import train_bpe_tokenizer
+from lmlab.errors import ConfigError
+from lmlab.models.hf import load_tokenizer
+from lmlab.models.tiny import TinyModelConfig, build_tiny
+from lmlab.mu import DenseModel, MUModel, load_checkpoint
+from lmlab.studies.mu_study import (
+    MonitorConfig,
+    MUStudyConfig,
+    OutOfMemory,
+    RedFlagMonitor,
+    documents,
+    generate_samples,
+    model_configs,
+    out_of_memory_advice,
+    ppl_band,
+)
+from lmlab.studies.report import regenerate
+from lmlab.studies.rundir import RunDir
+from lmlab.studies.runner import run_study
+
+pytestmark = pytest.mark.xdist_group("mu_study")
+
+LMLAB = [sys.executable, "-m", "lmlab.cli"]
+# One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on these tiny models.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CONFIGS = ["mu-sota", "mu-simple", "dense"]
+EMBEDDING_TABLES = ("tok_emb.weight", "pos_emb.weight", "head.weight")
+CONTRACT_METRICS = {"val_ppl", "test_ppl", "accuracy", "val_bpb", "tokens_per_s", "params_total",
+                    "params_non_embedding"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The in-process checks run single-threaded too (same reason as ENV); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*LMLAB, *args], capture_output=True, text=True, timeout=900, env=ENV)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def study_config(run: Path) -> MUStudyConfig:
+    return MUStudyConfig.model_validate(RunDir(run).read_study()["config"])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mu-smoke") / "run"
+    proc = run_cli("run", "mu", "--preset", "smoke", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def reference_ppl(model, tokenizer, docs: list[str], max_length: int, prefix_id: int) -> tuple[float, float]:
+    """(perplexity, next-token accuracy) by hand, one window at a time: every document token predicted once,
+    the first from the prefix token, each window predicting the next `max_length` tokens (or the rest)
+    from at most `max_length` inputs."""
+    nll, hits, count = 0.0, 0, 0
+    with torch.no_grad():
+        for doc in docs:
+            seq = [prefix_id, *tokenizer(doc, add_special_tokens=False)["input_ids"]]
+            predicted = 0
+            while predicted < len(seq) - 1:
+                k = min(max_length, len(seq) - 1 - predicted)
+                hi = predicted + k
+                lo = max(0, hi - max_length)
+                logits = model(torch.tensor([seq[lo:hi]]))[0, -k:]  # [k, V]
+                targets = torch.tensor(seq[hi - k + 1:hi + 1])
+                nll += F.cross_entropy(logits.double(), targets, reduction="sum").item()
+                hits += int((logits.argmax(-1) == targets).sum())
+                count += k
+                predicted = hi
+    return math.exp(nll / count), hits / count
+
+
+# ---------------------------------------------------------------------------------------------------
+# The smoke preset end to end
+
+
+def test_smoke_run_has_every_cell_with_the_contracted_metrics(smoke_run: Path):
+    rows = read_jsonl(smoke_run / "results.jsonl")
+    assert sorted((r["config"], r["seed"]) for r in rows) == sorted((c, s) for c in CONFIGS for s in (42, 123))
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] is None
+        assert set(r["metrics"]) >= CONTRACT_METRICS
+        assert 1.0 < r["metrics"]["val_ppl"] < 259 and 0.0 < r["metrics"]["accuracy"] < 1.0
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    assert summary["study"] == "mu" and summary["reference"] == "dense" and summary["candidate"] == "mu-sota"
+    assert summary["decision"]["scenario"] in {"A", "B", "C", "D", "not-significant"}
+    # The paired change of mu-sota vs dense, recomputed from the cells.
+    ppl = {(r["config"], r["seed"]): r["metrics"]["val_ppl"] for r in rows}
+    changes = [100 * (ppl["mu-sota", s] - ppl["dense", s]) / ppl["dense", s] for s in (42, 123)]
+    assert summary["configs"]["mu-sota"]["vs_reference"]["val_ppl"]["delta_pct"] == pytest.approx(sum(changes) / 2)
+    assert summary["decision"]["improvement_pct"] == pytest.approx(-sum(changes) / 2)
+
+
+def test_dense_baseline_matches_mu_sota_parameters_within_two_percent(smoke_run: Path):
+    rows = read_jsonl(smoke_run / "results.jsonl")
+    for seed in (42, 123):
+        counts = {}
+        for config in CONFIGS:
+            row = next(r for r in rows if r["config"] == config and r["seed"] == seed)
+            model, _, _ = load_checkpoint(smoke_run / row["details"]["checkpoint"])
+            named = dict(model.named_parameters())  # a tied head is listed once, as tok_emb
+            total = sum(p.numel() for p in named.values())
+            assert row["metrics"]["params_total"] == total
+            embeddings = sum(named[n].numel() for n in EMBEDDING_TABLES if n in named)
+            assert row["metrics"]["params_non_embedding"] == total - embeddings
+            counts[config] = total
+        assert abs(counts["dense"] - counts["mu-sota"]) / counts["mu-sota"] <= 0.02
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_best_checkpoint_is_the_best_evaluation_and_reproduces_its_perplexities(smoke_run: Path, config: str):
+    cfg = study_config(smoke_run)
+    row = next(r for r in read_jsonl(smoke_run / "results.jsonl") if r["config"] == config and r["seed"] == 42)
+    evals = [e for e in read_jsonl(smoke_run / "cells" / config / "seed-42" / "metrics.jsonl") if e["kind"] == "eval"]
+    best = min(evals, key=lambda e: e["val_ppl"])
+    assert len(evals) >= 4
+    assert row["metrics"]["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-12)
+    assert row["metrics"]["best_step"] == best["step"]
+
+    model, tokenizer, extra = load_checkpoint(smoke_run / row["details"]["checkpoint"])
+    assert extra["step"] == best["step"] and extra["val_ppl"] == pytest.approx(best["val_ppl"], rel=1e-12)
+    _, val_docs, test_docs = documents(cfg)
+    prefix = tokenizer.bos_token_id
+    val_ppl, val_acc = reference_ppl(model, tokenizer, val_docs, cfg.max_seq_len, prefix)
+    test_ppl, test_acc = reference_ppl(model, tokenizer, test_docs, cfg.max_seq_len, prefix)
+    assert row["metrics"]["val_ppl"] == pytest.approx(val_ppl, rel=1e-4)
+    assert row["metrics"]["accuracy"] == pytest.approx(val_acc, abs=1e-9)
+    assert row["metrics"]["test_ppl"] == pytest.approx(test_ppl, rel=1e-4)
+    assert row["metrics"]["test_accuracy"] == pytest.approx(test_acc, abs=1e-9)
+    # Bits per byte from the same NLL: ln(ppl) * tokens / ln 2 / bytes.
+    tokens = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in val_docs)
+    n_bytes = sum(len(d.encode("utf-8")) for d in val_docs)
+    assert row["metrics"]["val_bpb"] == pytest.approx(math.log(val_ppl) * tokens / math.log(2) / n_bytes, rel=1e-4)
+
+
+def test_samples_every_epoch_and_from_the_loaded_checkpoint(smoke_run: Path):
+    cfg = study_config(smoke_run)
+    cell = smoke_run / "cells" / "mu-sota" / "seed-42"
+    samples = read_jsonl(cell / "eval_samples.jsonl")
+    periodic = [s for s in samples if s["kind"] == "periodic"]
+    # Two epochs, samples every epoch: one set per epoch, at the first evaluation after each epoch ends.
+    assert sorted({int(s["epoch"]) for s in periodic}) == [1, 2]
+    assert len(periodic) == 2 * len(cfg.generation.prompts)
+    final = [s for s in samples if s["kind"] == "best_checkpoint"]
+    assert [s["prompt"] for s in final] == cfg.generation.prompts
+    assert all(s["text"].strip() for s in final)
+
+    model, tokenizer, _ = load_checkpoint(cell / "checkpoint")
+    again = generate_samples(model, tokenizer, tokenizer.bos_token_id, cfg.generation, seed=42)
+    assert again == [{"prompt": s["prompt"], "text": s["text"]} for s in final]
+
+
+def test_report_shows_models_side_by_side_bands_curves_flags_and_samples(smoke_run: Path):
+    report = (smoke_run / "report.md").read_text()
+    for section in ("## Decision", "## Models side by side", "## Perplexity bands", "## Red flags",
+                    "## Generation samples", "validation_curves.png", "training_curves.png"):
+        assert section in report, section
+    for plot in ("training_curves.png", "validation_curves.png"):
+        assert (smoke_run / "plots" / plot).stat().st_size > 1000
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    cfg = study_config(smoke_run)
+    rows = read_jsonl(smoke_run / "results.jsonl")
+    for config in CONFIGS:
+        mean = summary["configs"][config]["metrics"]["val_ppl"]["mean"]
+        assert f"| {config} | {mean:.4g} | {ppl_band(mean, cfg.success_ppl, cfg.partial_ppl)} |" in report
+        row = next(r for r in rows if r["config"] == config)
+        assert f"{row['metrics']['params_total']:,} | {row['metrics']['params_non_embedding']:,}" in report
+
+
+def test_out_of_memory_cell_is_reported_with_smaller_settings(smoke_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    with pytest.raises(OutOfMemory) as caught, out_of_memory_advice("training mu-sota", 192, 4, 8):
+        torch.empty(2**40)  # 4 TiB: a real allocator failure
+    RunDir(run).append_result({"config": "mu-sota", "seed": 456, "status": "failed", "metrics": {},
+                               "error": f"OutOfMemory: {caught.value}"})
+    regenerate(run)  # what `lmlab report DIR` runs
+    report = (run / "report.md").read_text()
+    flag_rows = [line for line in report.splitlines() if "| out-of-memory |" in line]
+    assert len(flag_rows) == 1 and "max_seq_len=160" in flag_rows[0] and "batch_size=2 grad_accum=16" in flag_rows[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failed_cells"] == [{"config": "mu-sota", "seed": 456, "error": f"OutOfMemory: {caught.value}"}]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The paper preset on local files
+
+
+def hf_model_dir(directory: Path, texts: list[str]) -> Path:
+    """A save_pretrained directory (tiny GPT-2 + its BPE tokenizer), standing in for `gpt2` offline."""
+    tokenizer = train_bpe_tokenizer(texts, 300)
+    cfg = TinyModelConfig(arch="gpt2", hidden_size=32, num_layers=1, num_heads=2, context=64)
+    model = build_tiny(cfg, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_paper_preset_runs_on_local_files_with_the_notes_recipe(tmp_path: Path):
+    data = tmp_path / "wikitext-local"
+    data.mkdir()
+    for split, seed, n in (("train", 1, 30), ("validation", 2, 2), ("test", 3, 2)):
+        docs = generators.corpus_documents(seed, n, 10)
+        text = "\n\n".join(f" = Article {i} = \n\n {doc}" for i, doc in enumerate(docs))
+        (data / f"{split}.txt").write_text(text, encoding="utf-8")
+    hf_dir = hf_model_dir(tmp_path / "hf-model", [(data / "train.txt").read_text()])
+    out = tmp_path / "run"
+    # In process (the smoke test covers the command line): the paper preset, three optimizer steps, context 32.
+    run_study("mu", preset="paper", out=str(out), seeds=1, progress=False,
+              overrides=[f"dataset={data}", f"tokenizer={hf_dir}", "max_seq_len=32", "train.max_steps=3",
+                         "train.log_every=1", "generation.max_new_tokens=6"])
+    record = RunDir(out).read_study()
+    train_cfg = record["config"]["train"]
+    assert (train_cfg["batch_size"], train_cfg["grad_accum"], train_cfg["lr"], train_cfg["warmup_steps"],
+            train_cfg["epochs"]) == (4, 8, 1e-4, 2000, 30)
+    assert record["preset"] == "paper" and record["seeds"] == [42]
+    rows = read_jsonl(out / "results.jsonl")
+    assert sorted(r["config"] for r in rows) == sorted(CONFIGS)
+    assert all(r["status"] == "ok" and set(r["metrics"]) >= CONTRACT_METRICS for r in rows)
+    layers = {r["config"]: r["details"]["model"]["config"]["n_layers"] for r in rows}
+    assert layers == {"mu-sota": 12, "mu-simple": 8, "dense": 12}
+    # The schedule steps once per optimizer step (8 micro-batches each): linear warmup lr = 1e-4 * k / 2000.
+    logged = [e for e in read_jsonl(out / "cells" / "mu-sota" / "seed-42" / "metrics.jsonl") if e["kind"] == "train"]
+    assert [e["step"] for e in logged] == [1, 2, 3]
+    for e in logged:
+        assert e["lr"] == pytest.approx(1e-4 * e["step"] / 2000, rel=1e-9)
+    # The checkpoint carries the HF tokenizer the run used.
+    _, tokenizer, _ = load_checkpoint(out / "cells" / "dense" / "seed-42" / "checkpoint")
+    assert tokenizer.get_vocab() == load_tokenizer(str(hf_dir)).get_vocab()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Components of the recipe
+
+
+def test_plateau_flag_after_patience_evaluations_without_a_new_best():
+    monitor = RedFlagMonitor(MonitorConfig(patience=2, rising=99), lr=1e-4)
+    raised = [monitor.update(step, step / 10, ppl) for step, ppl in enumerate([50, 40, 41, 40.5, 39, 39.5, 39.2, 39.1])]
+    plateaus = [(i, f["step"]) for i, flags in enumerate(raised) for f in flags if f["flag"] == "plateau"]
+    # Best 40 at index 1; indices 2 and 3 do not beat it -> flag at 3. New best 39 at 4; 5, 6 -> flag at 6;
+    # index 7 is still on the same plateau and raises nothing new.
+    assert plateaus == [(3, 3), (6, 6)]
+    assert "try lr=5e-05" in raised[3][0]["message"]
+
+
+def test_plateau_needs_the_relative_improvement_min_delta():
+    monitor = RedFlagMonitor(MonitorConfig(patience=2, min_delta=0.01, rising=99), lr=1e-3)
+    flags = [monitor.update(i, 0.0, ppl) for i, ppl in enumerate([100.0, 99.5, 99.0, 98.0])]
+    # 99.5 and 99.0 improve by less than 1% of 100 -> plateau at index 2; 98.0 is a new best.
+    assert [i for i, f in enumerate(flags) if f] == [2]
+    assert monitor.best == 98.0
+
+
+def test_oscillation_flag_after_consecutive_rises_of_the_validation_loss():
+    monitor = RedFlagMonitor(MonitorConfig(patience=99, rising=3), lr=1e-4)
+    series = [30, 20, 21, 22, 21, 22, 23, 24, 25]
+    raised = [monitor.update(i, 0.0, ppl) for i, ppl in enumerate(series)]
+    oscillations = [i for i, flags in enumerate(raised) for f in flags if f["flag"] == "oscillation"]
+    # Rises at 2, 3 (broken at 4), then 5, 6, 7 (third consecutive rise) -> flagged once at 7, not again at 8.
+    assert oscillations == [7]
+    assert f"{math.log(24):.4f}" in raised[7][0]["message"]
+
+
+def test_out_of_memory_advice_names_smaller_settings():
+    expected = r"at max_seq_len=192, batch_size=4; try max_seq_len=160, or batch_size=2 grad_accum=16 \(same effective"
+    with pytest.raises(OutOfMemory, match=expected), out_of_memory_advice("training dense", 192, 4, 8):
+        torch.empty(2**40)
+    with pytest.raises(OutOfMemory, match=r"try max_seq_len=96$"), out_of_memory_advice("training dense", 128, 1, 1):
+        raise MemoryError()
+    with pytest.raises(ValueError, match="not memory"), out_of_memory_advice("training dense", 128, 4, 1):
+        raise ValueError("not memory")
+
+
+def test_ppl_bands_follow_the_notes_rule():
+    assert [ppl_band(p, 200, 300) for p in (120.0, 199.9, 200.0, 300.0, 300.1, float("nan"), None)] == [
+        "success", "success", "partial", "partial", "failure", "failure", "failure"]
+
+
+@pytest.mark.parametrize("count", ["total", "non_embedding"])
+def test_dense_is_matched_by_the_configured_count_and_tying(count: str):
+    cfg = MUStudyConfig(max_seq_len=64, mu_sota={"n_layers": 3}, match={"count": count, "tie_embeddings": False})
+    configs = model_configs(cfg, vocab_size=512)
+    assert configs["mu-sota"].tie_embeddings and not configs["dense"].tie_embeddings
+    counts = {}
+    for name, model in (("mu-sota", MUModel(configs["mu-sota"])), ("dense", DenseModel(configs["dense"]))):
+        named = dict(model.named_parameters())
+        total = sum(p.numel() for p in named.values())
+        embedding = sum(named[n].numel() for n in EMBEDDING_TABLES if n in named)
+        counts[name] = {"total": total, "non_embedding": total - embedding}
+    other = "total" if count == "non_embedding" else "non_embedding"
+    assert abs(counts["dense"][count] - counts["mu-sota"][count]) / counts["mu-sota"][count] <= 0.02
+    # The untied head (512 x width) makes the other count differ by far more than 2%: the mode was used.
+    assert abs(counts["dense"][other] - counts["mu-sota"][other]) / counts["mu-sota"][other] > 0.05
+
+
+def test_presets_hold_the_notes_recipe_and_bad_values_are_config_errors():
+    paper = load_config(MUStudyConfig, preset_path("mu", "paper"))
+    assert (paper.dataset, paper.tokenizer, paper.max_seq_len, paper.train.batch_size, paper.train.grad_accum,
+            paper.train.lr, paper.train.warmup_steps, paper.train.epochs) == (
+        "wikitext-2-raw-v1", "gpt2", 192, 4, 8, 1e-4, 2000, 30)
+    assert (paper.success_ppl, paper.partial_ppl) == (200, 300)
+    default = load_config(MUStudyConfig, preset_path("mu", "default"))
+    assert default.seeds == [42, 123, 456] and default.dataset == "builtin"
+    wt103 = load_config(MUStudyConfig, preset_path("mu", "paper"), ["dataset=wikitext-103-raw-v1", "patience=5"])
+    assert wt103.dataset == "wikitext-103-raw-v1" and wt103.monitor.patience == 5
+    with pytest.raises(ConfigError, match=r"^partial_ppl = 200: must be >= success_ppl \(300\)"):
+        load_config(MUStudyConfig, preset_path("mu", "default"), ["success_ppl=300", "partial_ppl=200"])
+    with pytest.raises(ConfigError, match=r"^mu_sota = .*: mu-sota: grid 8x8 is not tiled by block_shape 3x3"):
+        load_config(MUStudyConfig, preset_path("mu", "default"), ["mu_sota.block_shape=[3, 3]"])
