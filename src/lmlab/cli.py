@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="DIR", help="finish an interrupted run; finished cells are kept")
     run.add_argument("--nproc", default="1", help="processes (DDP via torchrun): a number or 'auto'")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--threads", type=int, help="CPU threads per process for torch (default: torch's choice)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
 
     report = sub.add_parser("report", help="regenerate a run's report files from its results.jsonl")
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--positional", action="store_true",
                      help="per-decile perplexity and LIM-PPL even when stride != max-length (an extra pass)")
     ppl.add_argument("--trust-remote-code", action="store_true")
+    ppl.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
     summ = sub.add_parser("summarize-eval", help="valid vs invalid answers per system in eval_samples JSONL files")
     summ.add_argument("paths", nargs="+")
@@ -162,6 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             raise LmlabError(f"unrecognized arguments: {' '.join(unknown)} (see `lmlab --help`)")
         if args.command == "run":
             args.overrides = [*args.overrides, *extra]
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise LmlabError(f"--threads must be >= 1, got {args.threads}")
+            import torch
+
+            torch.set_num_threads(args.threads)
         if args.command == "run":
             return _run(args, argv)
         if args.command == "report":

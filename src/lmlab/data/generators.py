@@ -3,10 +3,10 @@
 - `grammar_text`: filler prose from a small generated grammar. Each document has a topic (a subset of
   nouns, verbs and places it prefers) and a cast of characters, so there is local structure a small model
   can learn and document-level structure that rewards longer context.
-- `long_document`: grammar text with key-value facts ("remember that the code of ORION is 7291 .")
-  planted at recorded depths and queries at the end that need them
-  ("question : what is the code of ORION ? answer : the code of ORION is 7291 ."). The answer restates
-  the fact, so a model can retrieve the value by copying (induction) from wherever the fact is.
+- `long_document`: grammar text with key-value facts ("remember the code ORION 7291 .") planted at
+  recorded depths and queries at the end that need them ("recall the code ORION 7291 ."). The value
+  follows its key in both, so a model retrieves it by copying what followed the key earlier (an
+  induction head), from wherever the fact is.
 - `arithmetic_problems`: GSM8K-shaped word problems (question, step-by-step rationale, `#### <number>`)
   from templates, with a fixed train/test split.
 """
@@ -147,12 +147,12 @@ class LongDocument:
 
 
 def fact_sentence(kind: str, key: str, value: str) -> str:
-    return f"remember that the {kind} of {key} is {value} ."
+    return f"remember the {kind} {key} {value} ."
 
 
 def query_prefix(kind: str, key: str) -> str:
     """The query up to its value: what a retrieval prompt ends with."""
-    return f"question : what is the {kind} of {key} ? answer : the {kind} of {key} is"
+    return f"recall the {kind} {key}"
 
 
 def long_document(

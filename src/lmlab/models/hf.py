@@ -48,11 +48,15 @@ def check_model_dir(path: Path) -> None:
         raise CheckpointError(f"{path} has no model weights (*.safetensors); it holds only a config")
 
 
-def resolve(name_or_path: str) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, whether it is local-only)."""
+def resolve(name_or_path: str, *, weights: bool = True) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, whether it is local-only). A local model directory must hold
+    a config and safetensors weights unless only its tokenizer is wanted (`weights=False`)."""
     path = Path(name_or_path).expanduser()
     if is_local(name_or_path):
-        check_model_dir(path)
+        if weights:
+            check_model_dir(path)
+        elif not path.is_dir():
+            raise CheckpointError(f"tokenizer directory {path} does not exist")
         return str(path), True
     return name_or_path, False
 
@@ -116,8 +120,9 @@ def load_causal_lm(
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The model's tokenizer; a pad token is set (to EOS) when it has none."""
-    source, local = resolve(name_or_path)
+    """The model's tokenizer (a model directory, a tokenizer-only directory or a hub id); a pad token is
+    set (to EOS) when it has none."""
+    source, local = resolve(name_or_path, weights=False)
     try:
         if local:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

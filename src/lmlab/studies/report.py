@@ -36,8 +36,10 @@ def fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             return "-"
-        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+        if value != 0 and (abs(value) >= 1e7 or abs(value) < 1e-3):
             return f"{value:.{digits - 1}e}"
+        if abs(value) >= 10 ** digits:
+            return f"{value:,.0f}"
         return f"{value:.{digits}g}"
     return str(value)
 

@@ -71,7 +71,9 @@ def paired_relative_change(candidate: Mapping[int, float], reference: Mapping[in
     vals = list(per_seed.values())
     p_value = None
     if len(vals) >= 2:
-        if _std(vals) > 0:
+        mean = sum(vals) / len(vals)
+        # A std at float round-off of the mean is no variance (e.g. a parameter count): no t-test on noise.
+        if _std(vals) > 1e-12 * max(abs(mean), 1e-300):
             p_value = float(_scipy_stats.ttest_1samp(vals, 0.0).pvalue)
         elif vals[0] != 0:
             p_value = 0.0  # identical non-zero changes on every seed: no variance, the effect is certain
