@@ -241,6 +241,11 @@ class HyloradaStudy(Study):
         if depth_lines:
             _retrieval_plot(ok, configs, run)
             lines += ["## Retrieval accuracy by depth of the planted fact (mean over seeds)", "", *depth_lines, ""]
+            if all(r["metrics"].get("retrieval_acc") == 0 for r in ok if "retrieval_acc" in r["metrics"]):
+                lines += ["No configuration retrieved any planted fact: this model does not copy a value from "
+                          "earlier in its context at this scale and training budget, before or after fine-tuning, "
+                          "so retrieval cannot separate the configurations here; it is meant for pretrained LLMs "
+                          "(`--preset paper`).", ""]
         boundary_lines = _boundary_section(ok, run)
         if boundary_lines:
             lines += boundary_lines
