@@ -38,7 +38,7 @@ from lmlab.hylorada import (
 )
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.models.tiny import PretrainConfig, pretrained_tiny
-from lmlab.studies.report import save_figure
+from lmlab.studies.report import line_plot, save_figure
 from lmlab.studies.rundir import RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
@@ -287,22 +287,10 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
     curves = _by_config(rows, configs, "decile_ppl")
     if not curves:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [(d + 0.5) / 10 for d in range(10)]
-    for c, values in curves.items():
-        ax.plot(x, [v if v is not None else float("nan") for v in values], marker="o", label=c)
-    ax.axvspan(0.25, 0.75, color="grey", alpha=0.1, label="LIM region")
-    ax.set_xlabel("relative position in the window")
-    ax.set_ylabel("perplexity (mean over seeds)")
-    ax.set_title("Perplexity by position decile")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    save_figure(fig, run, "perplexity_by_decile.png")
+    line_plot(run, "perplexity_by_decile.png", {c: (x, v) for c, v in curves.items()}, marker="o",
+              xlabel="relative position in the window", ylabel="perplexity (mean over seeds)",
+              title="Perplexity by position decile", shade=(0.25, 0.75, "LIM region"))
     return True
 
 
@@ -318,23 +306,11 @@ def _retrieval_table(rows, configs) -> list[str]:
 
 
 def _retrieval_plot(rows, configs, run: RunDir) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves = _by_config(rows, configs, "retrieval_by_depth")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     x = [(d + 0.5) / 10 for d in range(10)]
-    for c, values in curves.items():
-        ax.plot(x, [v if v is not None else float("nan") for v in values], marker="o", label=c)
-    ax.set_xlabel("depth of the planted fact in the document")
-    ax.set_ylabel("retrieval accuracy (mean over seeds)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Retrieval accuracy by depth")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    save_figure(fig, run, "retrieval_by_depth.png")
+    curves = _by_config(rows, configs, "retrieval_by_depth")
+    line_plot(run, "retrieval_by_depth.png", {c: (x, v) for c, v in curves.items()}, marker="o",
+              xlabel="depth of the planted fact in the document", ylabel="retrieval accuracy (mean over seeds)",
+              title="Retrieval accuracy by depth", ylim=(-0.02, 1.02))
 
 
 def _boundary_section(rows, run: RunDir) -> list[str]:

@@ -48,7 +48,7 @@ from lmlab.mu import (
 )
 from lmlab.mu.config import PRESETS
 from lmlab.mu.matching import model_parameter_counts
-from lmlab.studies.report import fmt, save_figure
+from lmlab.studies.report import cell_curves, fmt, line_plot, mean_over_seeds
 from lmlab.studies.rundir import RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
@@ -526,31 +526,12 @@ def _bands(summary: dict, configs: list[str], cfg: dict) -> list[str]:
 
 
 def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
-    curves: dict[str, dict[int, list[float]]] = {}
-    for config in configs:
-        for path in sorted((run.root / "cells" / config).glob("seed-*/metrics.jsonl")):
-            for line in path.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line) if line.strip() else {}
-                if rec.get("kind") == "eval" and rec.get("val_ppl") is not None:
-                    curves.setdefault(config, {}).setdefault(rec["step"], []).append(rec["val_ppl"])
+    curves = cell_curves(run, configs, "eval", "val_ppl")
     if not curves:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for config, points in curves.items():
-        steps = sorted(points)
-        ax.plot(steps, [sum(points[s]) / len(points[s]) for s in steps], marker="o", label=config)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation perplexity (mean over seeds)")
-    ax.set_yscale("log")
-    ax.set_title("MU vs dense baseline: validation perplexity")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    save_figure(fig, run, "validation_curves.png")
+    line_plot(run, "validation_curves.png", mean_over_seeds(curves), xlabel="optimizer step",
+              ylabel="validation perplexity (mean over seeds)", title="MU vs dense baseline: validation perplexity",
+              marker="o", logy=True)
     return True
 
 

@@ -262,34 +262,60 @@ def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
     atomic_write_text(run.root / "report.tex", "\n".join(lines))
 
 
-def training_curves_plot(run: RunDir, configs: list[str]) -> str | None:
-    """Training loss against optimizer step, one line per configuration (mean over seeds)."""
+def cell_curves(run: RunDir, configs: list[str], kind: str, key: str) -> dict[str, dict[int, list[float]]]:
+    """{config: {step: [value per seed]}} of `key` in the cells' metrics.jsonl records of `kind`."""
     curves: dict[str, dict[int, list[float]]] = {}
     for config in configs:
         for metrics_file in sorted((run.root / "cells" / config).glob("seed-*/metrics.jsonl")):
             for line in metrics_file.read_text(encoding="utf-8").splitlines():
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                if rec.get("kind") == "train" and rec.get("loss") is not None:
-                    curves.setdefault(config, {}).setdefault(rec["step"], []).append(rec["loss"])
-    if not curves:
-        return None
+                rec = json.loads(line) if line.strip() else {}
+                if rec.get("kind") == kind and rec.get(key) is not None:
+                    curves.setdefault(config, {}).setdefault(rec["step"], []).append(rec[key])
+    return curves
+
+
+def mean_over_seeds(curves: dict[str, dict[int, list[float]]]) -> dict[str, tuple[list, list]]:
+    """{config: (steps, mean value per step)} from `cell_curves`."""
+    out = {}
+    for config, points in curves.items():
+        steps = sorted(points)
+        out[config] = (steps, [sum(points[s]) / len(points[s]) for s in steps])
+    return out
+
+
+def line_plot(run: RunDir, name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
+              title: str, marker: str | None = None, logy: bool = False, ylim: tuple | None = None,
+              shade: tuple[float, float, str] | None = None) -> str:
+    """One line per series (None values become gaps), saved as plots/<name>; returns its relative path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for config, points in curves.items():
-        steps = sorted(points)
-        ax.plot(steps, [sum(points[s]) / len(points[s]) for s in steps], label=config)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (mean over seeds)")
-    ax.set_title("Training curves")
+    for label, (x, y) in series.items():
+        ax.plot(x, [float("nan") if v is None else v for v in y], marker=marker, label=label)
+    if shade is not None:
+        ax.axvspan(shade[0], shade[1], color="grey", alpha=0.1, label=shade[2])
+    if logy:
+        ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return save_figure(fig, run, "training_curves.png")
+    return save_figure(fig, run, name)
+
+
+def training_curves_plot(run: RunDir, configs: list[str]) -> str | None:
+    """Training loss against optimizer step, one line per configuration (mean over seeds)."""
+    curves = cell_curves(run, configs, "train", "loss")
+    if not curves:
+        return None
+    return line_plot(run, "training_curves.png", mean_over_seeds(curves), xlabel="optimizer step",
+                     ylabel="training loss (mean over seeds)", title="Training curves")
 
 
 def save_figure(fig, run: RunDir, name: str) -> str:
