@@ -240,7 +240,7 @@ def test_non_finite_loss_raises_with_its_step_and_leaves_weights_finite():
     def loss_fn(m: nn.Module, batch: dict) -> LossOut:
         calls.append(1)
         per = per_example_loss(m, batch)
-        if len(calls) == 3:  # optimizer step 2 (0-based), one micro-batch per step
+        if len(calls) == 3:  # the third optimizer step (one micro-batch per step)
             before_bad_step.update(trainable_copy(m))
             per = per * float("nan")
         return LossOut(per.sum(), len(per))
@@ -248,8 +248,8 @@ def test_non_finite_loss_raises_with_its_step_and_leaves_weights_finite():
     with pytest.raises(NonFiniteLoss) as info:
         train(model, toy_data(12), constant_lr(epochs=1, batch_size=2, lr=1e-2), seed=6, loss_fn=loss_fn,
               collate=toy_collate, progress=False)
-    assert info.value.step == 2 and math.isnan(info.value.value)
-    assert "step 2" in str(info.value)
+    assert info.value.step == 3 and math.isnan(info.value.value)
+    assert "at optimizer step 3" in str(info.value)
     for name, value in trainable_copy(model).items():
         assert torch.equal(value, before_bad_step[name]), name
 

@@ -75,7 +75,7 @@ def _eval_ppl(args) -> int:
 
     if args.max_length < 1:
         raise LmlabError(f"--max-length must be >= 1, got {args.max_length}")
-    stride = args.stride or args.max_length
+    stride = args.max_length if args.stride is None else args.stride
     if not 1 <= stride <= args.max_length:
         raise LmlabError(f"--stride must be between 1 and --max-length ({args.max_length}), got {stride}")
     if args.batch_size < 1:
@@ -192,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"results: {path}")
             return 0
     except LmlabError as exc:
-        print(f"lmlab: error: {exc}", file=sys.stderr)
+        one_line = " ".join(str(exc).splitlines())  # a message may quote user text holding a line break
+        # ...or undecodable bytes of an argument or file name (surrogates): shown escaped, never a crash
+        one_line = one_line.encode("utf-8", "backslashreplace").decode("utf-8")
+        print(f"lmlab: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print("lmlab: interrupted; finished cells are kept - continue with `lmlab run STUDY --resume DIR`",

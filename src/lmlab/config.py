@@ -27,7 +27,8 @@ T = TypeVar("T", bound="Section")
 class Section(BaseModel):
     """Base of every config model: strict about unknown keys, validates on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # NaN/inf pass every `gt=`/`ge=` bound pydantic checks (inf > 0), so no float field accepts them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
 
     # Short flag names (as in the research notes) mapped to dotted field paths.
     ALIASES: ClassVar[dict[str, str]] = {}
@@ -88,12 +89,14 @@ def load_yaml(path: str | os.PathLike) -> dict:
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
     try:
-        data = yaml.safe_load(text)
+        data = _deep_copy(yaml.safe_load(text))  # a plain tree: aliases become copies
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{line}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply, or an alias (*name) contains itself") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -102,10 +105,14 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def parse_value(text: str) -> Any:
-    """An override value: YAML scalars and flow lists/maps (`3`, `1e-4`, `true`, `null`, `[a, b]`)."""
+    """An override value: YAML scalars and flow lists/maps (`3`, `1e-4`, `true`, `null`, `[a, b]`).
+
+    Text that is not YAML (or nests too deeply, or holds an alias containing itself) stays a string, which
+    validation then names with its key.
+    """
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = _deep_copy(yaml.safe_load(text))
+    except (yaml.YAMLError, RecursionError):
         return text
     return text if value is None and text.strip() not in ("null", "~", "None", "none") else value
 
@@ -167,12 +174,14 @@ def describe_validation_error(exc: ValidationError, model_cls: type[BaseModel], 
         return unknown_key_message(key, model_cls, f"in {model_cls.__name__}{suffix}")
     if err["type"] == "missing":
         return f"missing required key '{key}' in {model_cls.__name__}{suffix}"
-    value = err.get("input")
+    shown = repr(err.get("input"))
+    if len(shown) > 80:  # a whole mapping or a pasted document: the start identifies it
+        shown = shown[:77] + "..."
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-    return f"{key} = {value!r}: {msg}{suffix}{more}"
+    return f"{key} = {shown}: {msg}{suffix}{more}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -64,10 +64,11 @@ class LossOut:
 
 
 class NonFiniteLoss(RuntimeError):
-    """Training produced a NaN/inf loss; the study records the cell as failed with step and value."""
+    """Training produced a NaN/inf loss (or, in fp32/bf16, gradient norm); the study records the cell as
+    failed with the optimizer step (1-based: the first step is 1) and the value."""
 
-    def __init__(self, step: int, value: float):
-        super().__init__(f"non-finite loss {value} at optimizer step {step}")
+    def __init__(self, step: int, value: float, what: str = "loss"):
+        super().__init__(f"non-finite {what} {value} at optimizer step {step}")
         self.step = step
         self.value = value
 
@@ -209,6 +210,15 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=torch.float16)
 
 
+def build_optimizer(params, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `params` (tensors or groups), fp32 master weights, as every run and benchmark uses it.
+
+    The fused kernel updates all parameters in one pass instead of a dozen small ops per tensor: on CPU it
+    is ~4-8x faster than the per-tensor loop (many small adapter tensors), on CUDA it is the fused launch.
+    """
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
+
+
 def steps_per_epoch(num_examples: int, cfg: TrainConfig, world: int | None = None) -> int:
     global_batch = cfg.batch_size * cfg.grad_accum * (world or D.world_size())
     return max(1, math.ceil(num_examples / global_batch))
@@ -278,7 +288,9 @@ def train(
     - `aux_loss(model)`: a per-step penalty added with unit weight (e.g. boundary diversity).
     - `before_step(step, model)`: called with the final gradients, before clipping and the optimizer
       step (e.g. to drop the gradients of parameters frozen for the first steps of a curriculum).
-    - A non-finite loss raises `NonFiniteLoss(step, value)`.
+    - A non-finite loss raises `NonFiniteLoss(step, value)`; so does a non-finite gradient norm without an
+      fp16 loss scaler (clipping would turn it into zero gradients: a step that silently trains nothing).
+      With the scaler, such steps are skipped and the scale lowered, as mixed precision intends.
     """
     D.seed_everything(seed)
     device = D.device()
@@ -294,8 +306,7 @@ def train(
     groups = param_groups(model, cfg.lr, cfg.weight_decay, rules)
     for g in groups:
         g["initial_lr"] = g["lr"]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  fused=device.type == "cuda")
+    optimizer = build_optimizer(groups, cfg.lr, device)
     use_scaler = device.type == "cuda" and cfg.precision == "fp16"
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
     wrapped: nn.Module = model
@@ -403,7 +414,7 @@ def train(
                 window_tokens += int(stats[2])
                 loss_value = global_total / max(global_weight, 1.0)
                 if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(step, loss_value)
+                    raise NonFiniteLoss(step + 1, loss_value)
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 # DDP averaged the summed gradients over ranks; turn them into per-unit means.
@@ -420,6 +431,8 @@ def train(
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm))
+                    if scaler is None and not math.isfinite(grad_norm):
+                        raise NonFiniteLoss(step + 1, grad_norm, "gradient norm")
                 if scaler is not None:
                     scaler.step(optimizer)
                     scaler.update()

@@ -94,7 +94,12 @@ def _read_ours(meta: dict, directory: Path, model: nn.Module) -> tuple[HyLoRADAC
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{config_path} has format_version {version}, newer than this lmlab reads "
                               f"({FORMAT_VERSION}): upgrade lmlab")
-    base = meta.get("base_model", {})
+    base = meta.get("base_model") or {}
+    max_positions = meta.get("max_positions")
+    if not isinstance(base, dict):
+        raise CheckpointError(f"{config_path}: 'base_model' must be a JSON object, got {base!r}")
+    if max_positions is not None and (type(max_positions) is not int or max_positions < 1):
+        raise CheckpointError(f"{config_path}: 'max_positions' must be a positive integer, got {max_positions!r}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if base.get("model_type") and model_type and base["model_type"] != model_type:
         raise CheckpointError(f"{config_path} is an adapter for a '{base['model_type']}' model "
@@ -103,7 +108,7 @@ def _read_ours(meta: dict, directory: Path, model: nn.Module) -> tuple[HyLoRADAC
         config = HyLoRADAConfig.model_validate(meta.get("config", {}))
     except ValidationError as exc:
         raise CheckpointError(f"{config_path}: {describe_validation_error(exc, HyLoRADAConfig)}") from None
-    return config, _read_tensors(directory / WEIGHTS_FILE), meta.get("max_positions")
+    return config, _read_tensors(directory / WEIGHTS_FILE), max_positions
 
 
 def _read_peft(meta: dict, directory: Path) -> tuple[HyLoRADAConfig, dict, None]:
@@ -152,12 +157,17 @@ def _read_peft(meta: dict, directory: Path) -> tuple[HyLoRADAConfig, dict, None]
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
+        pickled = path.with_suffix(".bin")
+        if pickled.is_file():  # peft's older default: a pickle, which can run code when it is loaded
+            raise CheckpointError(f"{path.parent} holds only {pickled.name} (pickle); lmlab loads safetensors only: "
+                                  "re-save it in a trusted environment with safe_serialization=True")
         raise CheckpointError(f"{path} does not exist: the adapter directory is incomplete")
     tensors = {}
     try:
         handle = safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
+                              "it may be truncated or corrupt") from None
     with handle:
         for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
             try:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from lmlab.errors import CheckpointError
@@ -19,6 +20,10 @@ from lmlab.hub import hub_reachable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+# Any one of these makes a directory loadable by AutoTokenizer (fast, sentencepiece or vocab-based tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model",
+                   "vocab.txt")
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -46,6 +51,19 @@ def check_model_dir(path: Path) -> None:
                 f"convert them in a trusted environment with model.save_pretrained(dir, safe_serialization=True)"
             )
         raise CheckpointError(f"{path} has no model weights (*.safetensors); it holds only a config")
+
+
+def check_weight_files(path: Path) -> None:
+    """Every safetensors file of a model directory has a readable header that covers the file (cheap: the
+    tensors are not read), so a truncated or corrupt file is named before transformers sees it."""
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+            raise CheckpointError(f"cannot load model weights from {path}: {weights.name} is not a readable "
+                                  f"safetensors file ({str(exc).splitlines()[0]}); it may be truncated or corrupt - "
+                                  "copy or save the model again") from None
 
 
 def resolve(name_or_path: str, *, weights: bool = True) -> tuple[str, bool]:
@@ -83,7 +101,11 @@ def load_config(name_or_path: str, trust_remote_code: bool = False) -> Pretraine
         if local:
             return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         return _from_hub_or_cache(AutoConfig.from_pretrained, source, "model", trust_remote_code=trust_remote_code)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:  # not JSON, an unknown architecture, custom code without trust
+        if "trust_remote_code" in str(exc):
+            raise CheckpointError(f"{name_or_path} needs its own Python code (auto_map in config.json), which lmlab "
+                                  "does not run by default; read that code, then pass --trust-remote-code (or "
+                                  "trust_remote_code=true in the study config) if you trust it") from None
         raise CheckpointError(f"{name_or_path}: unusable config.json ({str(exc).splitlines()[0]})") from None
 
 
@@ -105,16 +127,22 @@ def load_causal_lm(
     if config_fn is not None:
         config = config_fn(config)
     source, local = resolve(name_or_path)
-    kwargs = dict(config=config, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code)
+    kwargs = dict(config=config, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
+                  output_loading_info=True)
     try:
         if local:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            check_weight_files(Path(source))
+            model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         else:
-            model = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, source, "model", **kwargs)
+            model, info = _from_hub_or_cache(AutoModelForCausalLM.from_pretrained, source, "model", **kwargs)
     except CheckpointError:
         raise
     except Exception as exc:  # corrupt or truncated weights surface as many different exception types
         raise CheckpointError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from None
+    missing = sorted(info["missing_keys"])
+    if missing:  # transformers would initialise them randomly and only log a warning
+        raise CheckpointError(f"the weights of {name_or_path} lack tensor '{missing[0]}' ({len(missing)} missing) that "
+                              "its config.json needs; the weight files and config.json do not belong together")
     model.eval()
     return model
 
@@ -123,6 +151,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The model's tokenizer (a model directory, a tokenizer-only directory or a hub id); a pad token is
     set (to EOS) when it has none."""
     source, local = resolve(name_or_path, weights=False)
+    if local and not any((Path(source) / name).exists() for name in TOKENIZER_FILES):
+        raise CheckpointError(f"{source} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+                              "tokenizer there with tokenizer.save_pretrained(dir)")
     try:
         if local:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)

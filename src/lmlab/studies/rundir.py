@@ -71,6 +71,11 @@ def library_versions() -> dict:
     return versions
 
 
+# What `--resume` and `lmlab report` read from a run directory's files.
+STUDY_KEYS = ("study", "preset", "seeds", "configurations", "reference", "candidate", "primary_metric", "config")
+RESULT_KEYS = ("config", "seed", "status", "metrics")
+
+
 class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -93,18 +98,36 @@ class RunDir:
 
     # creation
     def create(self) -> None:
-        """Make the directory and prove it is writable, before any training starts."""
+        """Claim a new run directory, before any training starts: a path that is a file, or a directory that
+        holds anything (an earlier run), is refused, never overwritten. study.yaml is created exclusively, so
+        two runs started at once (the same --out, or the same default name) cannot share a directory, and
+        creating it proves the directory is writable."""
+        if self.root.exists() and not self.root.is_dir():
+            raise ConfigError(f"output path {self.root} is a file, not a directory; choose another --out")
+        if self.root.exists() and any(self.root.iterdir()):
+            raise ConfigError(f"output directory {self.root} already exists and is not empty; continue it with "
+                              f"--resume {self.root}, or choose another --out")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            with open(self.study_path, "x", encoding="utf-8"):
+                pass
+        except FileExistsError:
+            raise ConfigError(f"output directory {self.root} was just claimed by another run started at the same "
+                              f"time; choose another --out") from None
+        except OSError as exc:
+            raise ConfigError(self._unwritable(exc)) from None
+
+    def check_writable(self) -> None:
+        """Prove an existing run directory is writable (before `--resume` trains anything)."""
+        try:
             probe = self.root / f".write-probe-{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise ConfigError(f"cannot write to the output directory {self.root}: {exc.strerror or exc}; "
-                              f"choose another --out") from None
+            raise ConfigError(self._unwritable(exc)) from None
 
-    def is_fresh(self) -> bool:
-        return not self.root.exists() or not any(self.root.iterdir())
+    def _unwritable(self, exc: OSError) -> str:
+        return f"cannot write to the output directory {self.root}: {exc.strerror or exc}; choose another --out"
 
     # study.yaml
     def write_study(self, record: dict) -> None:
@@ -118,8 +141,10 @@ class RunDir:
             data = yaml.safe_load(self.study_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{self.study_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict) or "study" not in data:
-            raise ConfigError(f"{self.study_path} is not an lmlab study file")
+        missing = [k for k in STUDY_KEYS if k not in data] if isinstance(data, dict) else list(STUDY_KEYS)
+        if missing:
+            raise ConfigError(f"{self.study_path} is not an lmlab study file (no '{missing[0]}'); "
+                              f"it is written by `lmlab run`")
         return data
 
     # results.jsonl
@@ -131,10 +156,13 @@ class RunDir:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                raise ConfigError(f"{self.results_path} line {lineno} is not valid JSON; "
-                                  f"remove that line and resume to recompute its cell") from None
+                row = None
+            if not isinstance(row, dict) or any(k not in row for k in RESULT_KEYS):
+                raise ConfigError(f"{self.results_path} line {lineno} is not a result line (a JSON object with "
+                                  f"{', '.join(RESULT_KEYS)}); remove that line and resume to recompute its cell")
+            rows.append(row)
         return rows
 
     def append_result(self, row: dict) -> None:

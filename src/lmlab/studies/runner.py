@@ -181,22 +181,20 @@ def run_study(name: str, *, preset: str = "default", overrides: list[str] = (), 
         record = run.read_study()
         if record["study"] != name:
             raise ConfigError(f"{resume} holds a '{record['study']}' study, not '{name}'")
-        if overrides or seeds:
+        if overrides or seeds is not None:
             raise ConfigError("--resume continues a run with its saved configuration (study.yaml); "
                               "drop the overrides and --seeds, or start a new run with --out")
         cfg = build(study.config_cls, record["config"], where=str(run.study_path))
         seed_values = list(record["seeds"])
+        if D.is_main():
+            run.check_writable()
     else:
         cfg = load_config(study.config_cls, preset_path(name, preset), overrides)
-        seed_values = seed_list(seeds) if seeds else list(cfg.seeds)
-        root = Path(D.broadcast_object(str(out or _default_out(name))))
-        run = RunDir(root)
-        if D.is_main() and not run.is_fresh():
-            raise ConfigError(f"output directory {root} already exists and is not empty; continue it with "
-                              f"--resume {root}, or choose another --out")
-        if D.is_main():
-            run.create()
+        seed_values = seed_list(seeds) if seeds is not None else list(cfg.seeds)
         configs = selected_configurations(study, cfg)
+        run = RunDir(Path(D.broadcast_object(str(out or _default_out(name)))))
+        if D.is_main():
+            run.create()  # refuses a used directory; fails here, before any training, when unwritable
         record = {
             "study": name, "preset": preset, "seeds": seed_values, "configurations": configs,
             "reference": study.reference(cfg), "candidate": study.candidate(cfg),
