@@ -22,6 +22,7 @@ os.environ["LMLAB_CACHE"] = str(REPO / ".cache" / "test-models")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # two xdist workers on two cores: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # and so do the `lmlab` processes they start
 
 VOCAB_SIZE = 384
 

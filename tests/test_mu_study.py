@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import read_jsonl, run_cli
 from lmlab.config import load_config, preset_path
 from lmlab.data import generators
 from lmlab.data.tokenizer import train_bpe_tokenizer
@@ -40,9 +38,6 @@ from lmlab.studies.runner import run_study
 
 pytestmark = pytest.mark.xdist_group("mu_study")
 
-LMLAB = [sys.executable, "-m", "lmlab.cli"]
-# One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on these tiny models.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 CONFIGS = ["mu-sota", "mu-simple", "dense"]
 EMBEDDING_TABLES = ("tok_emb.weight", "pos_emb.weight", "head.weight")
 CONTRACT_METRICS = {"val_ppl", "test_ppl", "accuracy", "val_bpb", "tokens_per_s", "params_total",
@@ -51,19 +46,11 @@ CONTRACT_METRICS = {"val_ppl", "test_ppl", "accuracy", "val_bpb", "tokens_per_s"
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """The in-process checks run single-threaded too (same reason as ENV); restored afterwards."""
+    """The in-process checks run single-threaded too (as helpers.ONE_THREAD for subprocesses); restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMLAB, *args], capture_output=True, text=True, timeout=900, env=ENV)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def study_config(run: Path) -> MUStudyConfig:

@@ -13,12 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import helpers
 from lmlab.cli import main
-from lmlab.data.tokenizer import train_bpe_tokenizer
 from lmlab.errors import CheckpointError
 from lmlab.hylorada import HyLoRADAConfig, apply_hylorada, load_adapter, save_adapter
 from lmlab.models.hf import load_causal_lm
-from lmlab.models.tiny import TinyModelConfig, build_tiny
 from lmlab.mu import MUConfig, MUModel, load_checkpoint, save_checkpoint
 
 TEXT = "the cat sat on the mat and the dog ran to the park 12 34 " * 6
@@ -26,13 +25,7 @@ TEXT = "the cat sat on the mat and the dog ran to the park 12 34 " * 6
 
 def save_tiny_model(directory: Path, arch: str = "llama", width: int = 64) -> Path:
     """An untrained 2-layer model + BPE tokenizer written with save_pretrained (what users pass as --model)."""
-    tokenizer = train_bpe_tokenizer([TEXT] * 4, 300)
-    model = build_tiny(TinyModelConfig(arch=arch, hidden_size=width, num_layers=2, num_heads=4, context=64),
-                       len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
-                       pad_id=tokenizer.pad_token_id, seed=0)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return helpers.save_tiny_model(directory, arch, texts=[TEXT] * 4, hidden_size=width)
 
 
 def save_tiny_adapter(model_dir: Path, directory: Path) -> Path:

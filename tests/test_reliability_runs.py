@@ -15,17 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from helpers import LMLAB, ONE_THREAD, run_cli
 from lmlab.errors import ConfigError
 from lmlab.studies.rundir import RunDir
 from test_reliability_checkpoints import cli, one_error_line
-from test_studies import LMLAB, _comparable, run_cli
+from test_studies import _comparable
 
 # One worker runs this file and its study fixtures live for the session: each study runs once, not once per
 # xdist worker or per interleaved module.
 pytestmark = pytest.mark.xdist_group("reliability-runs")
 
 # One torch thread per study process: the suite runs two test workers on two cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 # The MU smoke study on its reference configuration only: two cells of a few seconds each.
 MU_RUN = ["run", "mu", "--preset", "smoke", "--seeds", "2", "--quiet", "only=[dense]"]
@@ -44,7 +44,7 @@ def cell_dirs(run: Path) -> set[tuple[str, int]]:
 @pytest.fixture(scope="session")
 def uninterrupted_mu(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mu-uninterrupted") / "run"
-    proc = run_cli(*MU_RUN, "--out", str(out), env=ENV)
+    proc = run_cli(*MU_RUN, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     assert [(r["config"], r["seed"]) for r in result_rows(out)] == MU_CELLS
     return out
@@ -55,7 +55,7 @@ def test_signal_mid_cell_keeps_finished_cells_and_resume_matches_an_uninterrupte
                                                                                       signum):
     out = tmp_path / "run"
     proc = subprocess.Popen([*LMLAB, *MU_RUN, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
+                            text=True, env=ONE_THREAD)
     partial = out / "cells" / "dense" / "seed-123"
     deadline = time.time() + 300
     # After the first finished cell, wait until the second is training (its curve has a line), then signal.
@@ -74,7 +74,7 @@ def test_signal_mid_cell_keeps_finished_cells_and_resume_matches_an_uninterrupte
     assert cell_dirs(out) == set(MU_CELLS[:1]) and not partial.exists()  # the partial cell was discarded
     stamp = (out / "cells" / "dense" / "seed-42" / "config.json").stat().st_mtime_ns
 
-    resumed = run_cli("run", "mu", "--resume", str(out), "--quiet", env=ENV)
+    resumed = run_cli("run", "mu", "--resume", str(out), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out}: 1 of 2 cells already finished" in resumed.stderr
     rows = result_rows(out)
@@ -90,7 +90,7 @@ def overflowing_run(tmp_path_factory) -> Path:
     """LoRA with alpha=1e38: B starts at zero, so step 1 is finite; after it the update overflows."""
     out = tmp_path_factory.mktemp("nonfinite") / "run"
     proc = run_cli("run", "hylorada", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--quiet",
-                   "only=[base]", "adapter.alpha=1e38", env=ENV)
+                   "only=[base]", "adapter.alpha=1e38")
     assert proc.returncode == 0, proc.stderr
     assert "lora seed 42: FAILED - non-finite " in proc.stderr
     return out

@@ -6,39 +6,28 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from helpers import LMLAB, assert_run_layout, run_cli, run_smoke_study
 from lmlab.studies.report import build_summary
 from lmlab.studies.rundir import RunDir
 
 pytestmark = pytest.mark.xdist_group("studies")
 
-LMLAB = [sys.executable, "-m", "lmlab.cli"]
 VOLATILE = ("time", "mem", "per_s")  # wall-clock metrics differ between runs; everything else must not
-
-
-def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*LMLAB, *args], capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet")
-    assert proc.returncode == 0, proc.stderr
-    assert f"report: {out / 'report.md'}" in proc.stdout
-    return out
+    return run_smoke_study(tmp_path_factory.mktemp("smoke"), "hylorada")
 
 
 def test_smoke_run_writes_the_contracted_layout(smoke_run: Path):
-    for name in ("study.yaml", "results.jsonl", "summary.json", "report.md", "report.tex", "results.csv"):
-        assert (smoke_run / name).is_file(), name
-    for plot in ("training_curves.png", "perplexity_by_decile.png", "retrieval_by_depth.png", "bucket_boundaries.png"):
-        assert (smoke_run / "plots" / plot).stat().st_size > 1000, plot
+    assert_run_layout(smoke_run, ["training_curves.png", "perplexity_by_decile.png", "retrieval_by_depth.png",
+                                  "bucket_boundaries.png"])
     rows = [json.loads(line) for line in (smoke_run / "results.jsonl").read_text().splitlines()]
     configs = ["base", "lora", "rslora", "rslora+dora", "rslora+bias", "rslora+landmarks", "rslora+bias+landmarks",
                "rslora+bias+learnable_bucket", "lora+embed+norm"]

@@ -38,7 +38,7 @@ from lmlab.hylorada import (
 )
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.models.tiny import PretrainConfig, pretrained_tiny
-from lmlab.studies.report import line_plot, save_figure
+from lmlab.studies.report import label_axes, line_plot, save_figure
 from lmlab.studies.rundir import RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
@@ -338,11 +338,7 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
             ax.plot(range(len(initial)), initial, "k--", marker="x", label="initial (fixed scheme)")
             plotted_initial = True
         ax.plot(range(len(learned)), learned, marker="o", label=f"learned, {r['config']} seed {r['seed']}")
-    ax.set_xlabel("boundary index")
-    ax.set_ylabel("token position")
-    ax.set_title("Bucket boundaries: initial vs learned")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    label_axes(ax, xlabel="boundary index", ylabel="token position", title="Bucket boundaries: initial vs learned")
     save_figure(fig, run, "bucket_boundaries.png")
     lines.append("")
     return lines

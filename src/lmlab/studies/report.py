@@ -301,12 +301,17 @@ def line_plot(run: RunDir, name: str, series: dict[str, tuple[list, list]], *, x
         ax.set_yscale("log")
     if ylim is not None:
         ax.set_ylim(*ylim)
+    label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title)
+    return save_figure(fig, run, name)
+
+
+def label_axes(ax, *, xlabel: str, ylabel: str, title: str) -> None:
+    """The labels, title, legend and grid every report plot has."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return save_figure(fig, run, name)
 
 
 def training_curves_plot(run: RunDir, configs: list[str]) -> str | None:

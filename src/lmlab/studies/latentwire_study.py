@@ -1,0 +1,587 @@
+"""The LatentWire study (LATENTWIRE.md section 5): `lmlab run latentwire`, ablations chosen by `ablation=`.
+
+One recipe per cell: the frozen source and target (tiny bases pretrained on the built-in arithmetic
+problems and cached, or Hugging Face models) are loaded once per run; each cell builds a translator of its
+arm's size, trains it with the one training loop on the bridge loss, evaluating the bridged accuracy on
+held-out training items every `eval_every` steps (`validation/eval_samples_step<N>.jsonl`), and then
+evaluates the six systems on the same test items, writing the cell's `eval_samples.jsonl`.
+
+Arms (configurations):
+- `stable_k<K>`: the stability fixes (InfoNCE + early stopping with the best weights restored);
+- `baseline_k<K>`: no InfoNCE, no early stopping, the last weights (evaluated along the way for the curve);
+- a `_soft_plus_text` suffix for the other conditioning mode, `_swapped` for source and target exchanged.
+A seed fixes the translator's initialisation, the training sample and its order; the evaluation items are
+the same for every cell, so the text-only systems (`target_text`, `source_text`, `token_budget`), which
+do not involve the translator, are generated once per direction (and K) and shared by the cells.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, PositiveInt, field_validator, model_validator
+
+from lmlab.data import generators
+from lmlab.data.sources import load_qa_items
+from lmlab.engine import distributed as D
+from lmlab.engine.train import LossOut, TrainConfig, TrainResult, total_steps, train
+from lmlab.errors import ConfigError, DataError
+from lmlab.latentwire.bridge import LatentWireBridge, Mode, PromptEncoder, build_translator
+from lmlab.latentwire.evaluate import (
+    SAMPLES_FILE,
+    SYSTEMS,
+    LatentWireEval,
+    evaluate_latentwire,
+    write_eval_samples,
+)
+from lmlab.latentwire.gsm8k import GSM8KPrompt, select_exemplars
+from lmlab.latentwire.losses import LossWeights, answer_nll, bridge_loss
+from lmlab.latentwire.translator import PAPER_PRESETS, TranslatorShape, optimizer_rules, parameter_count
+from lmlab.models.hf import load_causal_lm, load_tokenizer
+from lmlab.models.tiny import PretrainConfig, TinyModelConfig, pretrained_tiny
+from lmlab.studies import stats
+from lmlab.studies.report import cell_curves, fmt, label_axes, line_plot, mean_over_seeds, save_figure
+from lmlab.studies.rundir import RunDir
+from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
+
+BRIDGE_SYSTEMS = ("bridged", "zero_prefix", "shuffled_source")  # the systems that go through the translator
+TEXT_SYSTEMS = tuple(s for s in SYSTEMS if s not in BRIDGE_SYSTEMS)
+PRIMARY = "bridged/acc_flexible"
+
+
+class LatentWireStudyConfig(StudyConfig):
+    """A LatentWire study: the two models, data, the arms' K and translator sizes, losses and training."""
+
+    ALIASES = {
+        "lr": "train.lr", "learning_rate": "train.lr", "epochs": "train.epochs", "batch_size": "train.batch_size",
+        "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "eval_every": "train.eval_every",
+        "early_stopping_patience": "train.early_stopping_patience", "patience": "train.early_stopping_patience",
+        "K": "num_queries", "samples": "num_eval",
+    }
+
+    ablation: list[Literal["stability", "compression", "mode", "swap"]] = Field(
+        default_factory=lambda: ["compression", "stability"], min_length=1,
+        description="studies to run (a list, or names joined by commas)")
+    source_model: str = Field("builtin", description="'builtin' (a cached tiny base) or an HF model dir / hub id")
+    target_model: str = Field("builtin", description="'builtin' (a cached tiny base) or an HF model dir / hub id")
+    source: PretrainConfig = PretrainConfig(
+        name="latentwire-source", model=TinyModelConfig(arch="gpt2"), data="arithmetic", vocab_size=512,
+        tokenizer_seed=1)
+    target: PretrainConfig = PretrainConfig(
+        name="latentwire-target", model=TinyModelConfig(arch="llama", num_kv_heads=2), data="arithmetic",
+        vocab_size=384, tokenizer_seed=2)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights of the frozen models")
+    trust_remote_code: bool = False
+    dataset: str = Field("builtin", description="'builtin' arithmetic problems, gsm8k, or local GSM8K-format JSONL")
+    num_train: int = Field(4000, ge=1, description="translator training items (at most)")
+    num_val: int = Field(128, ge=2, description="held-out training items evaluated during training")
+    num_eval: int = Field(200, ge=2, description="test items every system is evaluated on")
+    n_shot: int = Field(0, ge=0, description="few-shot exemplars in the text prompt (seed 42, training split)")
+    mode: Mode = "soft_only"
+    num_queries: int = Field(16, ge=1, description="K of the stability, mode and swap arms")
+    compression_k: list[PositiveInt] = Field(default_factory=lambda: [8, 12, 16], min_length=1)
+    translators: list[TranslatorShape] = Field(
+        default_factory=list, description="translator size per K; a K without one uses the notes' preset")
+    source_layer: int = Field(-1, description="hidden-state layer of the source the translator reads")
+    kl_weight: float = Field(0.0, ge=0.0)
+    info_nce_weight: float = Field(0.05, ge=0.0)
+    info_nce_start_fraction: float = Field(0.5, ge=0.0, description="InfoNCE starts after this fraction of warmup")
+    temperature: float = Field(0.07, gt=0.0)
+    prompt_align_weight: float = Field(0.0, ge=0.0)
+    train: TrainConfig = TrainConfig(epochs=1, batch_size=16, lr=3e-3, warmup_ratio=0.05, eval_every=100,
+                                     early_stopping_patience=5)
+    eval_batch_size: int = Field(64, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+    # Set by the tiny presets: on a busy 2-core machine a tiny model's step is up to 20x slower on 2 threads.
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (overrides --threads)")
+
+    @field_validator("ablation", mode="before")
+    @classmethod
+    def _split_names(cls, value):
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return list(dict.fromkeys(value)) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _sizes_for_every_k(self):
+        sizes = [t.num_queries for t in self.translators]
+        if len(sizes) != len(set(sizes)):
+            raise ValueError(f"translators: more than one size for K in {sizes}")
+        for k in sorted({arm.num_queries for arm in study_arms(self).values()}):
+            if k not in sizes and k not in PAPER_PRESETS:
+                raise ValueError(f"no translator size for K={k}: add it to translators "
+                                 f"(num_queries, bottleneck, depth, heads) or use a preset K {sorted(PAPER_PRESETS)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arms
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration: K soft tokens, with or without the stability fixes, a mode and a direction."""
+
+    num_queries: int
+    fixes: bool = True
+    mode: str = "soft_only"
+    swapped: bool = False
+
+    @property
+    def name(self) -> str:
+        name = f"{'stable' if self.fixes else 'baseline'}_k{self.num_queries}"
+        if self.mode != "soft_only":
+            name += f"_{self.mode}"
+        return name + ("_swapped" if self.swapped else "")
+
+
+def study_arms(cfg: LatentWireStudyConfig) -> dict[str, Arm]:
+    """Every arm the chosen ablations need, by name, in order; an arm shared by two ablations runs once."""
+    k = cfg.num_queries
+    arms: list[Arm] = []
+    for ablation in cfg.ablation:
+        if ablation == "compression":
+            arms += [Arm(q, True, cfg.mode) for q in sorted(set(cfg.compression_k))]
+        elif ablation == "stability":
+            arms += [Arm(k, True, cfg.mode), Arm(k, False, cfg.mode)]
+        elif ablation == "mode":
+            arms += [Arm(k, True, "soft_only"), Arm(k, True, "soft_plus_text")]
+        else:
+            arms += [Arm(k, True, cfg.mode), Arm(k, True, cfg.mode, swapped=True)]
+    return {arm.name: arm for arm in arms}
+
+
+def reference_and_candidate(cfg: LatentWireStudyConfig) -> tuple[str, str]:
+    """The decision's pair, from the first of stability, compression, mode, swap that runs."""
+    k = cfg.num_queries
+    if "stability" in cfg.ablation:
+        return Arm(k, False, cfg.mode).name, Arm(k, True, cfg.mode).name
+    if "compression" in cfg.ablation:  # does the strongest compression lose accuracy against the weakest?
+        return Arm(max(cfg.compression_k), True, cfg.mode).name, Arm(min(cfg.compression_k), True, cfg.mode).name
+    if "mode" in cfg.ablation:
+        return Arm(k, True, "soft_plus_text").name, Arm(k, True, "soft_only").name
+    return Arm(k, True, cfg.mode).name, Arm(k, True, cfg.mode, swapped=True).name
+
+
+def translator_shape(cfg: LatentWireStudyConfig, num_queries: int) -> TranslatorShape:
+    for shape in cfg.translators:
+        if shape.num_queries == num_queries:
+            return shape
+    return PAPER_PRESETS[num_queries]
+
+
+def loss_weights(cfg: LatentWireStudyConfig, num_train: int) -> LossWeights:
+    """The loss weights, with InfoNCE starting after `info_nce_start_fraction` of the warmup steps."""
+    steps = total_steps(num_train, cfg.train)
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else round(cfg.train.warmup_ratio * steps)
+    return LossWeights(kl_weight=cfg.kl_weight, info_nce_weight=cfg.info_nce_weight,
+                       info_nce_start=round(cfg.info_nce_start_fraction * warmup), temperature=cfg.temperature,
+                       prompt_align_weight=cfg.prompt_align_weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training
+
+
+def collate_items(encoder: PromptEncoder, items: Sequence[dict]) -> dict:
+    """A training batch, with the tokens the models read (source prompt + student input) for tokens/s."""
+    batch = encoder(items)
+    batch["num_tokens"] = int(batch["source_mask"].sum() + batch["student_mask"].sum())
+    return batch
+
+
+@torch.no_grad()
+def validation_run(bridge: LatentWireBridge, items: Sequence[dict], *, batch_size: int = 64,
+                   max_new_tokens: int = 128) -> LatentWireEval:
+    """The bridged system on held-out items, its metrics completed with `val_acc` (its flexible accuracy)
+    and `val_nll` (teacher-forced answer NLL per token)."""
+    result = evaluate_latentwire(bridge, items, systems=("bridged",), batch_size=batch_size,
+                                 max_new_tokens=max_new_tokens)
+    nll, tokens = 0.0, 0
+    device = bridge.translator.queries.device
+    for lo in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in bridge.encoder(items[lo: lo + batch_size]).items()}
+        out = bridge(batch)
+        batch_nll, batch_tokens = answer_nll(out.logits, out.labels)
+        nll, tokens = nll + float(batch_nll), tokens + int(batch_tokens)
+    result.metrics.update(val_acc=result.metrics["bridged/acc_flexible"], val_nll=nll / max(tokens, 1))
+    return result
+
+
+def train_translator(bridge: LatentWireBridge, train_items: Sequence[dict], val_items: Sequence[dict],
+                     cfg: TrainConfig, weights: LossWeights, *, seed: int, stability_fixes: bool,
+                     evaluate: Callable[[LatentWireBridge], dict] | None = None, val_batch_size: int = 64,
+                     val_max_new_tokens: int = 128, metrics_path: str | Path | None = None,
+                     samples_dir: str | Path | None = None, progress: bool = False,
+                     desc: str = "translator") -> TrainResult:
+    """Train the bridge's translator (its only trainable part) with the one training loop.
+
+    Every `cfg.eval_every` steps `evaluate(bridge)` gives `val_acc`, the bridged accuracy; by default it
+    is `validation_run` on `val_items`, whose samples go to `samples_dir/eval_samples_step<N>.jsonl`.
+    With the stability fixes, InfoNCE is on, training stops after `cfg.early_stopping_patience`
+    evaluations without a better `val_acc`, and the best evaluation's weights (a copy) are restored.
+    Without them: no InfoNCE, no early stopping, the last weights are kept.
+    """
+    if not stability_fixes:
+        weights = weights.model_copy(update={"info_nce_weight": 0.0})
+        cfg = cfg.model_copy(update={"early_stopping_patience": None})
+    optimizer_step = {"done": 0}  # bridge_loss needs the step (InfoNCE starts at info_nce_start)
+
+    def loss_fn(model, batch) -> LossOut:
+        total, tokens, logs = bridge_loss(model, batch, optimizer_step["done"], weights)
+        return LossOut(total, tokens, logs)
+
+    def count_step(step: int, model) -> None:
+        optimizer_step["done"] = step + 1
+
+    def validate(model) -> dict:
+        result = validation_run(model, val_items, batch_size=val_batch_size, max_new_tokens=val_max_new_tokens)
+        if samples_dir is not None and D.is_main():
+            write_eval_samples(Path(samples_dir) / f"eval_samples_step{optimizer_step['done']}.jsonl", result.samples)
+        return {"val_acc": result.metrics["val_acc"], "val_nll": result.metrics["val_nll"]}
+
+    return train(bridge, train_items, cfg, seed=seed, loss_fn=loss_fn, collate=partial(collate_items, bridge.encoder),
+                 rules=optimizer_rules(), evaluate=evaluate or validate, select="val_acc", higher_is_better=True,
+                 restore_best=stability_fixes, on_step=count_step, metrics_path=metrics_path, progress=progress,
+                 desc=desc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def merge_evaluations(parts: Sequence[LatentWireEval]) -> LatentWireEval:
+    """One evaluation from several over the same items (each with some of the systems), systems in SYSTEMS order."""
+    metrics = {k: v for part in parts for k, v in part.metrics.items()}
+    samples = []
+    for per_item in zip(*(part.samples for part in parts), strict=True):
+        systems = {name: record for sample in per_item for name, record in sample["systems"].items()}
+        samples.append({**per_item[0], "systems": {s: systems[s] for s in SYSTEMS if s in systems}})
+    notes = {k: v for part in parts for k, v in part.notes.items()}
+    return LatentWireEval(metrics=metrics, samples=samples, notes=notes)
+
+
+@dataclass
+class _Side:
+    """A frozen model with its tokenizer."""
+
+    path: str
+    model: torch.nn.Module
+    tokenizer: object
+
+
+@dataclass
+class _Context:
+    cfg: LatentWireStudyConfig
+    source: _Side
+    target: _Side
+    prompt: GSM8KPrompt
+    eval_items: list[dict]
+    setup: dict
+    train_split: list[dict] | None = None  # a data set's training split (builtin items are generated per seed)
+    text_evals: dict = field(default_factory=dict)  # (swapped, system, K) -> LatentWireEval of a text-only system
+
+
+def _check_positions(side: _Side, prompt: GSM8KPrompt, items: Sequence[dict], reserve: int) -> None:
+    """A model with a table of learned positions (GPT-2's n_positions) cannot read past it: say so up front.
+
+    `reserve`: positions besides BOS and the text prompt (new tokens, and soft tokens in soft_plus_text).
+    """
+    positions = getattr(side.model.config.get_text_config(), "n_positions", None)
+    if positions is None:
+        return
+    longest = max(len(side.tokenizer(prompt.text(item))["input_ids"]) for item in items) + 1 + reserve
+    if longest > positions:
+        raise ConfigError(f"{side.path}: the longest text prompt with its generated (and soft) tokens needs {longest} "
+                          f"positions, more than the model's {positions} learned positions (n_positions); "
+                          "lower n_shot or max_new_tokens")
+
+
+class LatentWireStudy(Study):
+    name = "latentwire"
+    config_cls = LatentWireStudyConfig
+    primary_metric = PRIMARY
+    lower_is_better = False
+
+    def configurations(self, cfg) -> list[str]:
+        return list(study_arms(cfg))
+
+    def reference(self, cfg) -> str:
+        return reference_and_candidate(cfg)[0]
+
+    def candidate(self, cfg) -> str:
+        return reference_and_candidate(cfg)[1]
+
+    def table_metrics(self, cfg) -> list[str]:
+        return ["bridged/acc_flexible", "bridged/acc_strict", "zero_prefix/acc_flexible",
+                "shuffled_source/acc_flexible", "token_budget/acc_flexible", "target_text/acc_flexible",
+                "source_text/acc_flexible", "bridged/compression", "bridged/kv_bytes_saved", "train_time_s"]
+
+    def change_metrics(self, cfg) -> list[str]:
+        return ["bridged/acc_flexible", "bridged/acc_strict", "bridged/invalid_rate"]
+
+    # -----------------------------------------------------------------------------------------------
+
+    def prepare(self, cfg: LatentWireStudyConfig, run: RunDir, progress: bool) -> _Context:
+        if cfg.threads is not None and D.device().type == "cpu":
+            torch.set_num_threads(cfg.threads)
+        sides, setup = {}, {}
+        for role, name, base in (("source", cfg.source_model, cfg.source), ("target", cfg.target_model, cfg.target)):
+            started = time.perf_counter()
+            path = str(pretrained_tiny(base, progress=progress, log=log_line)) if name == "builtin" else name
+            setup[f"{role}_pretrain_s"] = time.perf_counter() - started
+            info = Path(path) / "lmlab_pretrain.json"
+            if name == "builtin" and info.exists():
+                setup[f"{role}_pretrain"] = json.loads(info.read_text(encoding="utf-8"))
+            started = time.perf_counter()
+            model = load_causal_lm(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(D.device())
+            sides[role] = _Side(path, model, load_tokenizer(path, trust_remote_code=cfg.trust_remote_code))
+            setup[f"{role}_load_s"] = time.perf_counter() - started
+            setup[role] = path
+        train_split = None if cfg.dataset == "builtin" else load_qa_items(cfg.dataset, "train")
+        if cfg.dataset == "builtin":
+            eval_items = generators.arithmetic_problems("test", cfg.num_eval, seed=0)
+            exemplar_pool = generators.arithmetic_problems("train", max(100, 4 * cfg.n_shot), seed=0)
+        else:
+            eval_items = load_qa_items(cfg.dataset, "test")[: cfg.num_eval]
+            exemplar_pool = train_split
+        if len(eval_items) < 2:
+            raise DataError(f"{cfg.dataset}: {len(eval_items)} test item(s); the evaluation needs at least 2")
+        prompt = GSM8KPrompt(tuple(select_exemplars(exemplar_pool, cfg.n_shot, eval_items)))
+        soft_with_text = max((a.num_queries for a in study_arms(cfg).values() if a.mode == "soft_plus_text"), default=0)
+        for side in sides.values():
+            _check_positions(side, prompt, eval_items, cfg.max_new_tokens + soft_with_text)
+        return _Context(cfg, sides["source"], sides["target"], prompt, eval_items, setup, train_split)
+
+    def _data(self, ctx: _Context, seed: int) -> tuple[list[dict], list[dict]]:
+        """(training items, held-out validation items) for a seed; the validation items are never trained on."""
+        cfg = ctx.cfg
+        if ctx.train_split is None:
+            pool = generators.arithmetic_problems("train", cfg.num_val + cfg.num_train, seed=seed)
+        else:
+            pool = random.Random(seed).sample(ctx.train_split, len(ctx.train_split))
+        if len(pool) < cfg.num_val + 1:
+            raise DataError(f"{cfg.dataset}: {len(pool)} training items cannot hold num_val={cfg.num_val} "
+                            "validation items and a training set; lower num_val")
+        return pool[cfg.num_val: cfg.num_val + cfg.num_train], pool[: cfg.num_val]
+
+    def _evaluate(self, ctx: _Context, bridge: LatentWireBridge, arm: Arm) -> LatentWireEval:
+        cfg = ctx.cfg
+        run = partial(evaluate_latentwire, bridge, ctx.eval_items, batch_size=cfg.eval_batch_size,
+                      max_new_tokens=cfg.max_new_tokens)
+        parts = []
+        for system in TEXT_SYSTEMS:  # deterministic and translator-free: computed once per direction (and K)
+            key = (arm.swapped, system, arm.num_queries if system == "token_budget" else None)
+            if key not in ctx.text_evals:
+                ctx.text_evals[key] = run(systems=(system,))
+            parts.append(ctx.text_evals[key])
+        parts.append(run(systems=BRIDGE_SYSTEMS))
+        return merge_evaluations(parts)
+
+    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+        cfg = ctx.cfg
+        arm = study_arms(cfg)[config]
+        source, target = (ctx.target, ctx.source) if arm.swapped else (ctx.source, ctx.target)
+        encoder = PromptEncoder(source.tokenizer, target.tokenizer, ctx.prompt, arm.mode, arm.num_queries)
+        shape = translator_shape(cfg, arm.num_queries)
+        D.seed_everything(seed)  # the translator's initialisation depends on the seed
+        translator = build_translator(source.model, target.model, shape)
+        bridge = LatentWireBridge(source.model, target.model, translator, encoder, cfg.source_layer)
+        train_items, val_items = self._data(ctx, seed)
+        result = train_translator(
+            bridge, train_items, val_items, cfg.train, loss_weights(cfg, len(train_items)), seed=seed,
+            stability_fixes=arm.fixes, val_batch_size=cfg.eval_batch_size, val_max_new_tokens=cfg.max_new_tokens,
+            metrics_path=cell_dir / "metrics.jsonl", samples_dir=cell_dir / "validation", progress=progress,
+            desc=f"{config} seed {seed}")
+        started = time.perf_counter()
+        evaluation = self._evaluate(ctx, bridge, arm)
+        eval_time = time.perf_counter() - started
+        if D.is_main():
+            write_eval_samples(cell_dir / SAMPLES_FILE, evaluation.samples)
+        metrics = {**evaluation.metrics, "train_time_s": result.train_time_s, "eval_time_s": eval_time,
+                   "train_loss": result.final_loss, "train_steps": result.steps, "peak_mem_mb": result.peak_mem_mb,
+                   "train_tokens_per_s": result.tokens / max(result.train_time_s, 1e-9)}
+        if result.best is not None:
+            metrics.update(best_val_acc=result.best["val_acc"], best_step=result.best["step"])
+        params = parameter_count(translator, trainable_only=True)
+        details = {"arm": asdict(arm), "translator": shape.model_dump(), "eval_items": len(ctx.eval_items),
+                   "stopped_early": result.stopped_early, "notes": evaluation.notes, "setup": ctx.setup}
+        return CellOutput(metrics=metrics, details=details,
+                          params={"trainable_params": params, "component_params": params})
+
+    # -----------------------------------------------------------------------------------------------
+
+    def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
+        ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
+        if not ok:
+            return []
+        configs = [c for c in record["configurations"] if any(r["config"] == c for r in ok)]
+        lines = _bridge_section(ok, configs)
+        lines += _systems_section(ok, configs)
+        if _compression_plot(ok, run):
+            lines += ["## Accuracy and KV cache vs compression", "",
+                      "Bridged and token-budget accuracy (pooled over seeds, 95% Wilson interval) against compression "
+                      "(text context tokens / context positions), and KV-cache bytes saved per item against "
+                      "`target_text`. See `plots/accuracy_vs_compression.png`.", ""]
+        if _training_plot(configs, run):
+            lines += ["## Bridged accuracy over training", "",
+                      "Bridged flexible accuracy on held-out training items at every evaluation, mean over seeds, "
+                      "with (`stable_*`) and without (`baseline_*`) the stability fixes. Early stopping ends a "
+                      "`stable_*` curve early and restores its best point. See "
+                      "`plots/bridged_accuracy_over_training.png`.", ""]
+        lines += _timing_section(ok, configs)
+        return lines
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report sections
+
+
+def _pooled(rows: list[dict], system: str, metric: str = "acc_flexible") -> tuple[int, int]:
+    """(correct, items) of a system over every cell in `rows` (accuracy x items per cell, summed)."""
+    correct = sum(round(r["metrics"][f"{system}/{metric}"] * r["details"]["eval_items"]) for r in rows)
+    return correct, sum(r["details"]["eval_items"] for r in rows)
+
+
+def _interval(correct: int, total: int) -> str:
+    low, high = stats.wilson_interval(correct, total)
+    return f"{correct / total:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _bridge_section(rows: list[dict], configs: list[str]) -> list[str]:
+    lines = ["## Does information cross the bridge?", "",
+             "Flexible accuracy pooled over seeds (all items of all cells), with 95% Wilson intervals. Bridged "
+             "accuracy only means information crossed the bridge when its interval lies above both controls' "
+             "(zero soft tokens; the source reading another item).", "",
+             "| configuration | items | bridged | zero_prefix | shuffled_source | bridged above both controls | "
+             "cells with bridged above both |", "|---|---|---|---|---|---|---|"]
+    for config in configs:
+        cells = [r for r in rows if r["config"] == config]
+        pooled = {s: _pooled(cells, s) for s in BRIDGE_SYSTEMS}
+        bridged_low = stats.wilson_interval(*pooled["bridged"])[0]
+        above = all(bridged_low > stats.wilson_interval(*pooled[s])[1] for s in ("zero_prefix", "shuffled_source"))
+        per_cell = sum(_cell_above_controls(r) for r in cells)
+        accuracies = " | ".join(_interval(*pooled[s]) for s in BRIDGE_SYSTEMS)
+        lines.append(f"| {config} | {pooled['bridged'][1]} | {accuracies} | {'yes' if above else 'no'} | "
+                     f"{per_cell}/{len(cells)} |")
+    return [*lines, ""]
+
+
+def _cell_above_controls(row: dict) -> bool:
+    m = row["metrics"]
+    low = m["bridged/acc_flexible_wilson95"][0]
+    return all(low > m[f"{s}/acc_flexible_wilson95"][1] for s in ("zero_prefix", "shuffled_source"))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _systems_section(rows: list[dict], configs: list[str]) -> list[str]:
+    lines = ["## Every system", "",
+             "Per configuration and system: strict and flexible accuracy pooled over seeds with 95% Wilson "
+             "intervals; the rest are means over seeds. Prompt tokens count the generating model's prompt "
+             "(`source_text` in the source tokenizer); compression = text context tokens / context positions; "
+             "KV bytes are the generating model's prompt cache (saved: vs `target_text`); latency is wall "
+             "clock per item. Text-only systems are computed once per direction and shared by the cells.", "",
+             "| configuration | system | acc strict | acc flexible | invalid | prompt tokens | compression | "
+             "KV bytes | KV bytes saved | latency s | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for config in configs:
+        cells = [r for r in rows if r["config"] == config]
+        for system in SYSTEMS:
+            if f"{system}/acc_flexible" not in cells[0]["metrics"]:
+                continue
+            mean = {m: _mean([r["metrics"][f"{system}/{m}"] for r in cells])
+                    for m in ("invalid_rate", "prompt_tokens", "compression", "kv_bytes", "kv_bytes_saved",
+                              "latency_s", "tokens_per_s")}
+            lines.append(f"| {config} | {system} | {_interval(*_pooled(cells, system, 'acc_strict'))} | "
+                         f"{_interval(*_pooled(cells, system))} | {mean['invalid_rate']:.3f} | "
+                         f"{mean['prompt_tokens']:.1f} | {mean['compression']:.2f} | {fmt(mean['kv_bytes'])} | "
+                         f"{fmt(mean['kv_bytes_saved'])} | {mean['latency_s']:.4f} | {mean['tokens_per_s']:.1f} |")
+    return [*lines, ""]
+
+
+def _timing_section(rows: list[dict], configs: list[str]) -> list[str]:
+    setup = rows[0]["details"].get("setup", {})
+    lines = ["## Timings", ""]
+    for role in ("source", "target"):
+        info = setup.get(f"{role}_pretrain")
+        cached = "" if info is None else (f"; pretrained tiny base: val ppl {info['val_ppl']:.3f}, {info['steps']} "
+                                          f"steps, {info['wall_time_s']:.0f} s when built")
+        lines.append(f"- {role}: `{setup.get(role)}` (this run: {setup.get(f'{role}_pretrain_s', 0):.1f} s to "
+                     f"pretrain or find in the cache, {setup.get(f'{role}_load_s', 0):.1f} s to load{cached})")
+    lines += ["", "| configuration | train steps (mean) | train s (mean) | evaluation s (mean) | stopped early |",
+              "|---|---|---|---|---|"]
+    for config in configs:
+        cells = [r for r in rows if r["config"] == config]
+        lines.append(f"| {config} | {_mean([r['metrics']['train_steps'] for r in cells]):.0f} | "
+                     f"{_mean([r['metrics']['train_time_s'] for r in cells]):.1f} | "
+                     f"{_mean([r['metrics']['eval_time_s'] for r in cells]):.1f} | "
+                     f"{sum(r['details']['stopped_early'] for r in cells)}/{len(cells)} |")
+    return [*lines, ""]
+
+
+def _compression_plot(rows: list[dict], run: RunDir) -> bool:
+    """Accuracy and KV bytes saved vs compression over the forward `stable` arms of one mode (K varies)."""
+    groups: dict[str, dict[int, list[dict]]] = {}  # mode -> K -> cells
+    for r in rows:
+        arm = r["details"]["arm"]
+        if arm["fixes"] and not arm["swapped"]:
+            groups.setdefault(arm["mode"], {}).setdefault(arm["num_queries"], []).append(r)
+    groups = {mode: by_k for mode, by_k in groups.items() if len(by_k) >= 2}
+    if not groups:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for mode, by_k in groups.items():
+        ks = sorted(by_k)
+        for system, marker in (("bridged", "o"), ("token_budget", "s"), ("zero_prefix", "x"),
+                               ("shuffled_source", "+")):
+            xs = [_mean([r["metrics"][f"{system}/compression"] for r in by_k[k]]) for k in ks]
+            pooled = [_pooled(by_k[k], system) for k in ks]
+            ys = [c / n for c, n in pooled]
+            bounds = [stats.wilson_interval(c, n) for c, n in pooled]
+            errors = [[y - low for y, (low, _) in zip(ys, bounds, strict=True)],
+                      [high - y for y, (_, high) in zip(ys, bounds, strict=True)]]
+            acc_ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, label=f"{system} ({mode})")
+            if system == "bridged":
+                for x, y, k in zip(xs, ys, ks, strict=True):
+                    acc_ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+            if system in ("bridged", "token_budget"):  # in soft_only mode both prompts have 1 + K + cue positions
+                saved = [_mean([r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]]) for k in ks]
+                kv_ax.plot(xs, saved, marker=marker, linestyle="-" if system == "bridged" else "--",
+                           label=f"{system} ({mode})")
+        every = [r for k in ks for r in by_k[k]]
+        text = _pooled(every, "target_text")
+        acc_ax.axhline(text[0] / text[1], color="grey", linestyle="--", label="target_text (compression 1)")
+    label_axes(acc_ax, xlabel="compression (text context tokens / context positions)",
+               ylabel="flexible accuracy (pooled over seeds)", title="Accuracy vs compression")
+    label_axes(kv_ax, xlabel="compression", ylabel="KV-cache bytes saved per item vs target_text",
+               title="KV cache saved vs compression")
+    save_figure(fig, run, "accuracy_vs_compression.png")
+    return True
+
+
+def _training_plot(configs: list[str], run: RunDir) -> bool:
+    curves = cell_curves(run, configs, "eval", "val_acc")
+    if not curves:
+        return False
+    line_plot(run, "bridged_accuracy_over_training.png", mean_over_seeds(curves), marker="o",
+              xlabel="optimizer step", ylabel="bridged accuracy, held-out training items (mean over seeds)",
+              title="Bridged accuracy over training (stable_*: stability fixes, baseline_*: none)")
+    return True
+
+
+LATENTWIRE = LatentWireStudy()

@@ -1,0 +1,56 @@
+"""What several test modules share: running the `lmlab` command in a subprocess and reading JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LMLAB = [sys.executable, "-m", "lmlab.cli"]
+# One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on tiny models.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args: str, timeout: float = 900, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """`lmlab ARGS...` in a fresh process, output captured."""
+    return subprocess.run([*LMLAB, *args], capture_output=True, text=True, timeout=timeout,
+                          env=ONE_THREAD if env is None else env, **kwargs)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def save_tiny_model(directory: Path, arch: str = "llama", *, texts: list[str], vocab_size: int = 300, seed: int = 0,
+                    hidden_size: int = 64, context: int = 64, **sizes) -> Path:
+    """An untrained 2-layer model and a BPE tokenizer trained on `texts`, written with save_pretrained (what
+    users pass as a model directory)."""
+    from lmlab.data.tokenizer import train_bpe_tokenizer
+    from lmlab.models.tiny import TinyModelConfig, build_tiny
+
+    tokenizer = train_bpe_tokenizer(texts, vocab_size)
+    cfg = TinyModelConfig(arch=arch, hidden_size=hidden_size, num_layers=2, num_heads=4, context=context, **sizes)
+    model = build_tiny(cfg, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id, seed=seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def run_smoke_study(directory: Path, study: str) -> Path:
+    """`lmlab run STUDY --preset smoke` into directory/run; checks it succeeded and printed its report."""
+    out = Path(directory) / "run"
+    proc = run_cli("run", study, "--preset", "smoke", "--out", str(out), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert f"report: {out / 'report.md'}" in proc.stdout
+    return out
+
+
+def assert_run_layout(run: Path, plots: list[str]) -> None:
+    """The run directory of the contract: study, results, summary, reports and the named (non-empty) plots."""
+    for name in ("study.yaml", "results.jsonl", "summary.json", "report.md", "report.tex", "results.csv"):
+        assert (run / name).is_file(), name
+    for plot in plots:
+        assert (run / "plots" / plot).stat().st_size > 1000, plot

@@ -1,0 +1,212 @@
+"""The benchmark harness (benchmarks/suite.py via `lmlab.bench`) on tiny sizes, and the code paths the
+optimisations rely on: the fused AdamW, DoRA's folded row scale, autocast, SDPA and the compile flag."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lmlab.bench import load_suite, run_benchmarks
+from lmlab.engine.train import TrainConfig, _autocast, build_optimizer, train
+from lmlab.errors import LmlabError
+from lmlab.hylorada import HyLoRADAConfig
+from lmlab.hylorada.layers import HyLoRADALinear
+
+suite = load_suite()
+
+
+def tiny_settings(**overrides) -> object:
+    return suite.Settings(**{"quick": True, "threads": 1, "sizes": suite.TINY, "memory": False, **overrides})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Harness
+
+
+def test_interleaved_flips_the_order_every_round_and_times_each_call():
+    calls: list[str] = []
+
+    def case(name: str, seconds: float):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    times = suite.interleaved({"a": case("a", 0.002), "b": case("b", 0.004)}, 1, 4, torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]  # warm-up, then A B, B A, A B, B A
+    assert [len(t) for t in times.values()] == [4, 4]
+    assert min(times["a"]) >= 0.002 and min(times["b"]) >= 0.004
+    expected = statistics.median(a / b for a, b in zip(times["a"], times["b"], strict=True))
+    assert suite.paired_ratio(times["a"], times["b"]) == expected
+
+
+def test_compare_applies_the_target_to_the_paired_ratio():
+    times = {"ours": [1.0, 2.0, 3.0], "theirs": [2.0, 2.0, 2.0]}
+    row = suite.compare("b", "ours", "theirs", times, target=0.9)
+    assert row.ratio == pytest.approx(1.0) and row.ours_value == 2.0 and row.reference_value == 2.0
+    assert row.target == "<= 0.9" and row.met is False
+    assert suite.compare("b", "ours", "theirs", times, target=1.0).met is True
+    assert suite.compare("b", "ours", "theirs", times).met is None
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_train_benchmark_times_every_variant_from_the_same_weights(arch):
+    result, rows = suite.bench_train(arch, tiny_settings())
+    variants = result["variants"]
+    assert list(variants) == list(suite.TRAIN_VARIANTS)
+    assert result["same_first_loss"]  # identical base, identical batch, adapters start as the identity
+    losses = [v["first_loss"] for v in variants.values()]
+    assert max(losses) - min(losses) < 1e-4
+    assert all(len(v["times_s"]) == 3 and v["median_s"] > 0 for v in variants.values())
+    sizes = suite.TINY
+    assert variants["floor"]["trainable_params"] == sizes.vocab * sizes.hidden  # the (tied) input embedding
+    # same adapter size on both sides: r (in + out) per adapted layer, plus DoRA's magnitudes
+    assert variants["lmlab-lora"]["trainable_params"] == variants["peft-lora"]["trainable_params"]
+    assert variants["lmlab-dora"]["trainable_params"] == variants["peft-dora"]["trainable_params"]
+    by_pair = {(r.ours, r.reference): r for r in rows}
+    dora = by_pair[("lmlab-dora", "peft-dora")]
+    assert dora.target == "<= 0.75"
+    assert dora.ratio == suite.paired_ratio(variants["lmlab-dora"]["times_s"], variants["peft-dora"]["times_s"])
+    assert by_pair[("lmlab-lora", "floor")].target == "<= 1.12"
+
+
+def test_eval_ppl_benchmark_scores_the_same_tokens_as_the_plain_loop():
+    result, (row,) = suite.bench_eval_ppl(tiny_settings())
+    assert result["same_tokens"]
+    assert result["windows"] > result["documents"]  # several windows per document, last ones partly scored
+    assert result["ppl"]["lmlab"] == pytest.approx(result["ppl"]["plain_loop"], rel=1e-5)
+    assert row.metric == "tokens/s" and row.met == (row.ratio >= 1.0)
+
+
+def test_inference_benchmark_merged_model_gives_the_unmerged_logits():
+    result, rows = suite.bench_inference(tiny_settings())
+    assert result["merged_vs_unmerged_max_abs_diff"] < 1e-4
+    assert [(r.ours, r.reference) for r in rows] == [("merged", "base"), ("unmerged", "merged")]
+
+
+def test_memory_is_measured_in_a_fresh_process():
+    spec = {"kind": "train", "arch": "gpt2", "variant": "lmlab-lora", "sizes": suite.asdict(suite.TINY), "seed": 0,
+            "threads": 1, "steps": 2}
+    memory = suite.peak_memory(spec, tiny_settings(memory=True))
+    assert memory["peak_mb"] > 50  # a Python process with torch loaded
+    assert 0 <= memory["train_mb"] < memory["peak_mb"]
+
+
+def test_run_writes_results_json_and_markdown(tmp_path):
+    path = suite.run(tiny_settings(), ["hylorada", "mu"], tmp_path, log=lambda line: None)
+    assert path.name.endswith("-quick.json")
+    results = json.loads(path.read_text())
+    machine = results["machine"]
+    assert machine["torch_threads"] == 1 and machine["cores"] >= 1
+    assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
+    assert set(results["benchmarks"]) == {"hylorada", "mu"}
+    assert [(r["ours"], r["reference"]) for r in results["rows"]] == [("hylorada", "lmlab-rslora"), ("mu", "dense")]
+    mu = results["benchmarks"]["mu"]["variants"]
+    # the dense baseline is matched to MU's parameter count (MU.md: within 2%)
+    assert abs(mu["dense"]["parameters"]["total"] / mu["mu"]["parameters"]["total"] - 1) <= 0.02
+    table = path.with_suffix(".md").read_text()
+    for row in results["rows"]:
+        assert f"| {row['ours']} | {row['reference']} |" in table and f"{row['ratio']:.3f}" in table
+
+
+def test_unknown_benchmark_names_are_refused():
+    with pytest.raises(LmlabError, match="unknown benchmark"):
+        run_benchmarks(quick=True, only=["train_gpt3"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Code paths of the optimisations
+
+
+def test_fused_adamw_takes_the_steps_of_the_reference_loop():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))]
+    reference = [nn.Parameter(p.detach().clone()) for p in params]
+    fused = build_optimizer(params, 1e-2, torch.device("cpu"))
+    loop = torch.optim.AdamW(reference, lr=1e-2, foreach=False)
+    assert fused.defaults["fused"] and build_optimizer(params, 1e-2, torch.device("cuda")).defaults["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, reference, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        loop.step()
+    for p, q in zip(params, reference, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("layer_type", ["linear", "conv1d", "linear_no_bias"])
+@pytest.mark.parametrize("rows", [6, 40])  # fewer / more rows than inputs: g folds into the output / the weight
+def test_dora_folded_row_scale_matches_plain_autograd(layer_type, rows):
+    torch.manual_seed(0)
+    base = {"linear": lambda: nn.Linear(16, 12), "conv1d": lambda: Conv1D(12, 16),
+            "linear_no_bias": lambda: nn.Linear(16, 12, bias=False)}[layer_type]().requires_grad_(False)
+    config = HyLoRADAConfig(r=4, alpha=8, dropout=0.0, use_dora=True, position_bias=False, landmarks="none")
+    layer = HyLoRADALinear(base, config)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+        layer.lora_magnitude.mul_(torch.rand(12) + 0.5)
+    x = torch.randn(rows, 16, requires_grad=True)
+    grad_out = torch.randn(rows, 12)
+    wrt = [x, layer.lora_A, layer.lora_B, layer.lora_magnitude]
+    fused = layer(x)
+    plain = layer._forward_autograd(x, None, layer.row_norm())
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(fused, wrt, grad_out), torch.autograd.grad(plain, wrt, grad_out), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_runs_adapters_through_plain_autograd_close_to_fp32():
+    assert _autocast(torch.device("cpu"), "bf16").fast_dtype == torch.bfloat16
+    with pytest.warns(UserWarning):  # constructed on a machine without CUDA: the GPU path's context, disabled
+        on_gpu = _autocast(torch.device("cuda"), "bf16")
+    assert on_gpu.device == "cuda" and on_gpu.fast_dtype == torch.bfloat16
+    torch.manual_seed(0)
+    config = HyLoRADAConfig(r=4, alpha=8, dropout=0.0, use_dora=True, position_bias=False, landmarks="none")
+    layer = HyLoRADALinear(nn.Linear(32, 24).requires_grad_(False), config)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    x = torch.randn(10, 32)
+    full = layer(x)
+    with _autocast(torch.device("cpu"), "bf16"):
+        half = layer(x)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), full, rtol=0.05, atol=0.05)
+    half.float().square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_B))
+
+
+def test_tiny_models_attend_through_sdpa():
+    for arch in ("gpt2", "llama"):
+        model = suite.base_model(arch, suite.TINY, seed=0)
+        assert model.config._attn_implementation == "sdpa"  # flash / memory-efficient kernels when available
+
+
+class _TokenMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.head = nn.Linear(16, 32)
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh(self.embed(input_ids)))
+
+
+@pytest.mark.slow
+def test_compile_flag_trains_to_the_eager_losses():
+    data = [{"input_ids": [(3 * i + j) % 32 for j in range(8)]} for i in range(16)]
+    losses = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = _TokenMLP()
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, compile=compiled, log_every=1)
+        result = train(model, data, cfg, seed=0, progress=False)
+        losses[compiled] = [h["loss"] for h in result.history]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

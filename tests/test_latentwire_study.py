@@ -1,0 +1,364 @@
+"""The LatentWire study: early stopping through the recipe, the arms, the shared text systems, and whole
+runs through the real CLI (the smoke preset, and the paper preset on local model directories and a local
+GSM8K-format JSONL data set)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_run_layout, read_jsonl, run_smoke_study, save_tiny_model
+from lmlab.cli import main
+from lmlab.config import load_config, preset_path
+from lmlab.data import generators
+from lmlab.engine.train import TrainConfig
+from lmlab.errors import ConfigError
+from lmlab.latentwire.bridge import LatentWireBridge, PromptEncoder, build_translator
+from lmlab.latentwire.evaluate import METRICS, SYSTEMS, evaluate_latentwire
+from lmlab.latentwire.gsm8k import GSM8KPrompt, gold_answer
+from lmlab.latentwire.losses import LossWeights, answer_nll
+from lmlab.latentwire.translator import translator_preset
+from lmlab.models.hf import load_causal_lm, load_tokenizer
+from lmlab.models.tiny import tokenizer_texts
+from lmlab.studies.latentwire_study import (
+    BRIDGE_SYSTEMS,
+    TEXT_SYSTEMS,
+    LatentWireStudyConfig,
+    merge_evaluations,
+    reference_and_candidate,
+    study_arms,
+    train_translator,
+    validation_run,
+)
+from lmlab.studies.stats import wilson_interval
+
+pytestmark = pytest.mark.xdist_group("studies")
+
+K = 4
+ITEMS = generators.arithmetic_problems("train", 40, seed=3)
+EVAL_ITEMS = generators.arithmetic_problems("test", 6, seed=3)
+VOLATILE = ("latency_s", "tokens_per_s")  # wall-clock measurements differ between two runs of a system
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only add synchronisation on a shared 2-core machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_arithmetic_model(directory: Path, arch: str, vocab_size: int, tokenizer_seed: int, **sizes) -> Path:
+    """A freshly initialised tiny model and its own BPE tokenizer (trained on arithmetic problems)."""
+    return save_tiny_model(directory, arch, texts=tokenizer_texts("arithmetic", n=300, seed=tokenizer_seed),
+                           vocab_size=vocab_size, seed=tokenizer_seed, context=256, **sizes)
+
+
+@pytest.fixture(scope="module")
+def source_dir(tmp_path_factory) -> Path:
+    """GPT-2-style source: width 48, its own byte-level BPE of 320 tokens."""
+    return save_arithmetic_model(tmp_path_factory.mktemp("source"), "gpt2", 320, 1, hidden_size=48)
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory) -> Path:
+    """Llama-style target with grouped-query attention: width 64, a different BPE of 300 tokens."""
+    return save_arithmetic_model(tmp_path_factory.mktemp("target"), "llama", 300, 2, hidden_size=64, num_kv_heads=2)
+
+
+def make_bridge(gpt2_dir: Path, llama_dir: Path, seed: int = 0) -> LatentWireBridge:
+    source, target = load_causal_lm(str(gpt2_dir)), load_causal_lm(str(llama_dir))
+    encoder = PromptEncoder(load_tokenizer(str(gpt2_dir)), load_tokenizer(str(llama_dir)), GSM8KPrompt(),
+                            "soft_only", K)
+    torch.manual_seed(seed)
+    translator = build_translator(source, target, translator_preset(K, bottleneck=32, depth=1, heads=4))
+    return LatentWireBridge(source, target, translator, encoder)
+
+
+def translator_state(bridge: LatentWireBridge) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in bridge.translator.named_parameters()}
+
+
+def scripted_evaluation(scores: list[float], snapshots: list[dict]):
+    """An evaluation that reports the given scores in turn and records the translator weights it saw."""
+    remaining = iter(scores)
+
+    def evaluate(bridge):
+        snapshots.append(translator_state(bridge))
+        return {"val_acc": next(remaining)}
+
+    return evaluate
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[name], b[name]) for name in a)
+
+
+SCORES = [0.10, 0.50, 0.20, 0.30, 0.25, 0.20]  # the best evaluation is the second one
+STEPS_CFG = TrainConfig(epochs=1, batch_size=4, lr=1e-2, warmup_ratio=0.0, eval_every=1, early_stopping_patience=3,
+                        log_every=1)
+
+
+def train_scripted(source_dir: Path, target_dir: Path, metrics_path: Path, *, fixes: bool, info_nce_start: int):
+    """Train a fresh bridge whose evaluations return SCORES: (bridge, result, weights at each evaluation)."""
+    bridge = make_bridge(source_dir, target_dir)
+    snapshots: list[dict] = []
+    result = train_translator(bridge, ITEMS[:24], ITEMS[24:], STEPS_CFG, LossWeights(info_nce_start=info_nce_start),
+                              seed=0, stability_fixes=fixes, evaluate=scripted_evaluation(SCORES, snapshots),
+                              metrics_path=metrics_path)
+    return bridge, result, snapshots
+
+
+def test_early_stopping_restores_the_best_evaluations_translator_weights(source_dir, target_dir, tmp_path):
+    bridge, result, snapshots = train_scripted(source_dir, target_dir, tmp_path / "metrics.jsonl", fixes=True,
+                                               info_nce_start=2)
+    # Three evaluations without improvement after step 2: training stops at step 5 of 6.
+    assert result.stopped_early and result.steps == 5 and len(snapshots) == 5
+    assert result.best["step"] == 2 and result.best["val_acc"] == 0.5
+    final = translator_state(bridge)
+    assert same_weights(final, snapshots[1])
+    assert not same_weights(final, snapshots[-1])  # the weights did move after the best evaluation
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert [("info_nce" in r) for r in train_records] == [False, False, True, True, True]  # InfoNCE from step 2
+
+
+def test_without_the_fixes_training_keeps_the_last_weights_and_no_infonce(source_dir, target_dir, tmp_path):
+    bridge, result, snapshots = train_scripted(source_dir, target_dir, tmp_path / "metrics.jsonl", fixes=False,
+                                               info_nce_start=0)
+    assert not result.stopped_early and result.steps == 6 and len(snapshots) == 6
+    final = translator_state(bridge)
+    assert same_weights(final, snapshots[-1]) and not same_weights(final, snapshots[1])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_acc"] for r in records if r["kind"] == "eval"] == SCORES  # the curve is still recorded
+    assert not any("info_nce" in r for r in records)
+
+
+def test_validation_run_adds_accuracy_and_an_unbatched_nll(source_dir, target_dir):
+    bridge = make_bridge(source_dir, target_dir).eval()
+    items = ITEMS[:5]
+    got = validation_run(bridge, items, batch_size=2, max_new_tokens=6)
+    assert got.metrics["val_acc"] == got.metrics["bridged/acc_flexible"] == pytest.approx(
+        sum(s["systems"]["bridged"]["correct_flexible"] for s in got.samples) / len(items))
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for item in items:  # one item at a time: no padding anywhere
+            out = bridge(bridge.encoder([item]))
+            item_nll, item_tokens = answer_nll(out.logits, out.labels)
+            nll, tokens = nll + float(item_nll), tokens + int(item_tokens)
+    assert tokens == sum(len(bridge.encoder.answer_ids(item)) for item in items)
+    assert got.metrics["val_nll"] == pytest.approx(nll / tokens, rel=1e-5)
+
+
+def test_each_training_evaluation_writes_its_samples(source_dir, target_dir, tmp_path):
+    bridge = make_bridge(source_dir, target_dir)
+    cfg = TrainConfig(epochs=1, batch_size=4, lr=1e-2, warmup_ratio=0.0, eval_every=2, log_every=1)
+    result = train_translator(bridge, ITEMS[:12], ITEMS[12:15], cfg, LossWeights(), seed=0, stability_fixes=True,
+                              val_max_new_tokens=4, samples_dir=tmp_path / "validation",
+                              metrics_path=tmp_path / "metrics.jsonl")
+    files = sorted(p.name for p in (tmp_path / "validation").iterdir())
+    assert files == ["eval_samples_step2.jsonl", "eval_samples_step3.jsonl"]  # every 2 steps and the last one
+    evals = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "eval"]
+    for name, record in zip(files, evals, strict=True):
+        samples = read_jsonl(tmp_path / "validation" / name)
+        assert [s["question"] for s in samples] == [it["question"] for it in ITEMS[12:15]]
+        correct = sum(s["systems"]["bridged"]["correct_flexible"] for s in samples)
+        assert record["val_acc"] == pytest.approx(correct / 3)
+    assert result.best["val_acc"] == max(r["val_acc"] for r in evals)
+
+
+def test_shared_text_systems_merge_into_the_full_evaluation(source_dir, target_dir):
+    bridge = make_bridge(source_dir, target_dir).eval()
+    run = dict(batch_size=3, max_new_tokens=6)
+    parts = [evaluate_latentwire(bridge, EVAL_ITEMS, systems=(s,), **run) for s in TEXT_SYSTEMS]
+    merged = merge_evaluations([*parts, evaluate_latentwire(bridge, EVAL_ITEMS, systems=BRIDGE_SYSTEMS, **run)])
+    direct = evaluate_latentwire(bridge, EVAL_ITEMS, **run)
+    assert set(merged.metrics) == set(direct.metrics) == {f"{s}/{m}" for s in SYSTEMS for m in METRICS}
+    for key, value in direct.metrics.items():
+        if not key.endswith(VOLATILE):
+            assert merged.metrics[key] == pytest.approx(value), key
+    assert merged.samples == direct.samples
+    assert [list(s["systems"]) for s in merged.samples] == [list(SYSTEMS)] * len(EVAL_ITEMS)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Arms and configuration
+
+
+def study_config(*overrides: str) -> LatentWireStudyConfig:
+    return load_config(LatentWireStudyConfig, preset_path("latentwire", "default"), list(overrides))
+
+
+def test_default_arms_share_the_k16_stable_cell_and_decide_on_stability():
+    cfg = study_config()
+    arms = study_arms(cfg)
+    assert list(arms) == ["stable_k8", "stable_k12", "stable_k16", "baseline_k16"]
+    assert [(a.num_queries, a.fixes) for a in arms.values()] == [(8, True), (12, True), (16, True), (16, False)]
+    assert reference_and_candidate(cfg) == ("baseline_k16", "stable_k16")
+
+
+@pytest.mark.parametrize(("ablation", "arms", "pair"), [
+    ("compression", ["stable_k8", "stable_k12", "stable_k16"], ("stable_k16", "stable_k8")),
+    ("mode", ["stable_k16", "stable_k16_soft_plus_text"], ("stable_k16_soft_plus_text", "stable_k16")),
+    ("swap,mode", ["stable_k16", "stable_k16_swapped", "stable_k16_soft_plus_text"],
+     ("stable_k16_soft_plus_text", "stable_k16")),
+    ("[swap]", ["stable_k16", "stable_k16_swapped"], ("stable_k16", "stable_k16_swapped")),
+])
+def test_each_ablation_has_its_arms_and_reference(ablation, arms, pair):
+    cfg = study_config(f"ablation={ablation}")
+    assert list(study_arms(cfg)) == arms
+    assert reference_and_candidate(cfg) == pair
+
+
+def test_bad_ablation_and_missing_translator_size_are_config_errors():
+    with pytest.raises(ConfigError, match="ablation"):
+        study_config("ablation=compresion")
+    with pytest.raises(ConfigError, match="no translator size for K=20"):
+        study_config("compression_k=[8, 20]")
+    cfg = study_config("compression_k=[32, 64]", "ablation=compression")  # the notes' presets need no size
+    assert list(study_arms(cfg)) == ["stable_k32", "stable_k64"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole runs through the CLI
+
+
+def parse_summary_table(text: str) -> dict[str, dict]:
+    lines = text.strip().splitlines()
+    assert lines[0].split() == ["system", "total", "valid", "invalid", "accuracy"]
+    return {name: {"total": int(t), "valid": int(v), "invalid": int(i), "accuracy": float(a)}
+            for name, t, v, i, a in (line.split() for line in lines[1:])}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> Path:
+    return run_smoke_study(tmp_path_factory.mktemp("latentwire"), "latentwire")
+
+
+def test_smoke_run_layout_and_result_metrics(smoke_run: Path):
+    assert_run_layout(smoke_run, ["accuracy_vs_compression.png", "bridged_accuracy_over_training.png",
+                                  "training_curves.png"])
+    rows = read_jsonl(smoke_run / "results.jsonl")
+    configs = ["stable_k4", "stable_k8", "baseline_k8"]
+    assert sorted((r["config"], r["seed"]) for r in rows) == sorted((c, s) for c in configs for s in (42, 123))
+    for r in rows:
+        assert r["status"] == "ok" and r["error"] is None, r.get("error")
+        cell = smoke_run / "cells" / r["config"] / f"seed-{r['seed']}"
+        for name in ("config.json", "metrics.jsonl", "eval_samples.jsonl"):
+            assert (cell / name).is_file(), (cell, name)
+        evals = [m for m in read_jsonl(cell / "metrics.jsonl") if m["kind"] == "eval"]
+        assert evals and all(0.0 <= m["val_acc"] <= 1.0 for m in evals)
+        validation = sorted(p.name for p in (cell / "validation").glob("eval_samples_step*.jsonl"))
+        assert validation == sorted(f"eval_samples_step{m['step']}.jsonl" for m in evals)
+        samples = read_jsonl(cell / "eval_samples.jsonl")
+        n = len(samples)
+        assert [s["index"] for s in samples] == list(range(n)) and n == r["details"]["eval_items"]
+        for system in SYSTEMS:
+            for metric in ("acc_strict", "acc_flexible", "invalid_rate", "prompt_tokens", "kv_bytes", "latency_s"):
+                assert isinstance(r["metrics"][f"{system}/{metric}"], (int, float)), (system, metric)
+            records = [s["systems"][system] for s in samples]
+            assert all(rec["correct_flexible"] == (rec["flexible"] == s["gold"]) for rec, s in zip(records, samples,
+                                                                                                     strict=True))
+            correct = sum(rec["correct_flexible"] for rec in records)
+            assert r["metrics"][f"{system}/acc_flexible"] == pytest.approx(correct / n)
+            assert r["metrics"][f"{system}/acc_strict"] == pytest.approx(
+                sum(rec["correct_strict"] for rec in records) / n)
+            assert r["metrics"][f"{system}/invalid_rate"] == pytest.approx(
+                sum(rec["flexible"] is None for rec in records) / n)
+            assert r["metrics"][f"{system}/acc_flexible_wilson95"] == pytest.approx(wilson_interval(correct, n))
+        cue = load_tokenizer(r["details"]["setup"]["target"])("\nAnswer:", add_special_tokens=False)["input_ids"]
+        assert r["metrics"]["bridged/prompt_tokens"] == 1 + r["details"]["arm"]["num_queries"] + len(cue)  # BOS K cue
+        assert r["params"]["trainable_params"] > 0
+
+
+def test_smoke_summary_follows_the_contract(smoke_run: Path):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    rows = read_jsonl(smoke_run / "results.jsonl")
+    assert summary["study"] == "latentwire" and summary["preset"] == "smoke"
+    assert summary["reference"] == "baseline_k8" and summary["seeds"] == [42, 123]
+    assert summary["primary_metric"] == "bridged/acc_flexible"
+    assert summary["decision"]["scenario"] in {"A", "B", "C", "D", "not-significant"} and summary["decision"]["text"]
+    assert summary["failed_cells"] == []
+    for name, entry in summary["configs"].items():
+        assert entry["n_ok"] == 2 and entry["n_failed"] == 0 and entry["trainable_params"] > 0
+        values = [r["metrics"]["bridged/acc_flexible"] for r in rows if r["config"] == name]
+        described = entry["metrics"]["bridged/acc_flexible"]
+        assert described["values"] == values and described["mean"] == pytest.approx(sum(values) / 2)
+        assert set(entry["vs_reference"]) <= set(entry["metrics"])
+        for change in entry["vs_reference"].values():
+            assert {"delta_pct", "ci95", "p_value"} <= set(change)
+    assert summary["configs"]["stable_k8"]["vs_reference"]["bridged/compression"]["delta_pct"] == pytest.approx(0.0)
+    report = (smoke_run / "report.md").read_text()
+    for heading in ("## Does information cross the bridge?", "## Every system", "## Timings",
+                    "## Accuracy and KV cache vs compression", "## Bridged accuracy over training"):
+        assert heading in report
+
+
+def test_summarize_eval_prints_the_counts_of_the_run(smoke_run: Path, capsys):
+    files = sorted((smoke_run / "cells").glob("*/seed-*/eval_samples.jsonl"))
+    assert len(files) == 6
+    assert main(["summarize-eval", *map(str, files)]) == 0
+    printed = parse_summary_table(capsys.readouterr().out)
+    expected = {s: {"total": 0, "valid": 0, "invalid": 0, "correct": 0} for s in SYSTEMS}
+    for path in files:
+        for sample in read_jsonl(path):
+            for system, rec in sample["systems"].items():
+                counts = expected[system]
+                counts["total"] += 1
+                counts["valid" if rec["flexible"] is not None else "invalid"] += 1
+                counts["correct"] += rec["correct_flexible"]
+    assert list(printed) == list(SYSTEMS)
+    for system, counts in expected.items():
+        assert printed[system]["total"] == counts["total"] == 6 * len(read_jsonl(files[0]))
+        assert (printed[system]["valid"], printed[system]["invalid"]) == (counts["valid"], counts["invalid"])
+        assert printed[system]["accuracy"] == pytest.approx(counts["correct"] / counts["total"], abs=5e-4)
+
+
+def write_gsm8k_jsonl(directory: Path) -> Path:
+    """A local data set in GSM8K's format: train.jsonl and test.jsonl with question/answer lines."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 40), ("test", 6)):
+        items = generators.arithmetic_problems(split, n, seed=11)
+        with (directory / f"{split}.jsonl").open("w", encoding="utf-8") as f:
+            for item in items:
+                f.write(json.dumps(item) + "\n")
+    return directory
+
+
+def test_paper_preset_runs_on_local_models_and_gsm8k_jsonl(source_dir, target_dir, tmp_path, capsys):
+    data = write_gsm8k_jsonl(tmp_path / "gsm8k")
+    out = tmp_path / "run"
+    code = main([
+        "run", "latentwire", "--preset", "paper", "--out", str(out), "--quiet", "--seeds", "1",
+        f"source_model={source_dir}", f"target_model={target_dir}", f"dataset={data}",
+        "ablation=stability", f"num_queries={K}",
+        f"translators=[{{num_queries: {K}, bottleneck: 32, depth: 1, heads: 4}}]",
+        "n_shot=1", "num_train=12", "num_val=4", "num_eval=4", "max_new_tokens=6", "eval_batch_size=4",
+        "train.batch_size=4", "train.grad_accum=1", "train.eval_every=2", "epochs=1", "threads=1"])
+    assert code == 0, capsys.readouterr().err
+    record = (out / "study.yaml").read_text()
+    assert "dtype: bfloat16" in record and "n_shot: 1" in record  # the paper preset, with the test's overrides
+    rows = read_jsonl(out / "results.jsonl")
+    assert sorted(r["config"] for r in rows) == [f"baseline_k{K}", f"stable_k{K}"]
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert r["details"]["setup"]["source"] == str(source_dir)
+        samples = read_jsonl(out / "cells" / r["config"] / "seed-42" / "eval_samples.jsonl")
+        test_items = read_jsonl(data / "test.jsonl")[:4]
+        assert [s["question"] for s in samples] == [it["question"] for it in test_items]
+        assert [s["gold"] for s in samples] == [gold_answer(it) for it in test_items]
+        assert r["metrics"]["bridged/compression"] > 1.0  # a one-shot text prompt against K soft tokens
+
+
+def test_a_prompt_longer_than_the_sources_positions_is_a_one_line_error(source_dir, target_dir, tmp_path,
+                                                                         capsys):
+    data = write_gsm8k_jsonl(tmp_path / "gsm8k")
+    code = main(["run", "latentwire", "--preset", "paper", "--out", str(tmp_path / "run"), "--quiet",
+                 f"source_model={source_dir}", f"target_model={target_dir}", f"dataset={data}", "n_shot=8",
+                 "threads=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "n_positions" in err and "lower n_shot" in err
