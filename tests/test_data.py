@@ -314,14 +314,15 @@ def test_tokenizer_has_distinct_special_tokens_and_saves(bpe_tokenizer, tmp_path
     assert loaded.bos_token_id == bpe_tokenizer.bos_token_id
 
 
+@pytest.mark.parametrize("end_id", [None, 2])
 @pytest.mark.parametrize("seq_len", [2, 5, 8])
-def test_chunk_examples_cut_each_document_with_its_prefix(seq_len):
+def test_chunk_examples_cut_each_document_with_its_prefix(seq_len, end_id):
     docs = [list(range(10, 10 + n)) for n in (0, 1, 4, 7, 8, 15, 16)]
-    examples = chunk_examples(docs, seq_len, prefix_id=1)
+    examples = chunk_examples(docs, seq_len, prefix_id=1, end_id=end_id)
     rebuilt: list[int] = []
     expected: list[int] = []
     for tokens in docs:
-        seq = [1, *tokens]
+        seq = [1, *tokens, *([] if end_id is None else [end_id])]
         n_full, rest = divmod(len(seq), seq_len)
         kept = seq[:n_full * seq_len] + (seq[n_full * seq_len:] if rest >= 2 else [])
         expected += kept
@@ -330,7 +331,7 @@ def test_chunk_examples_cut_each_document_with_its_prefix(seq_len):
         rebuilt += ex["input_ids"]
     assert rebuilt == expected
     # Each non-empty document starts one example with its prefix; no example crosses into the next document.
-    assert sum(ex["input_ids"][0] == 1 for ex in examples) == sum(1 for tokens in docs if tokens)
+    assert sum(ex["input_ids"][0] == 1 for ex in examples) == sum(1 for tokens in docs if tokens or end_id)
     assert all(1 not in ex["input_ids"][1:] for ex in examples)
 
 

@@ -12,15 +12,18 @@ def tokenize_documents(docs: Sequence[str], tokenizer) -> list[list[int]]:
     return tokenizer(list(docs), add_special_tokens=False)["input_ids"]
 
 
-def chunk_examples(token_docs: Sequence[list[int]], seq_len: int, prefix_id: int) -> list[dict]:
-    """Each document, preceded by `prefix_id` (BOS/EOS), cut into pieces of at most `seq_len` tokens.
+def chunk_examples(token_docs: Sequence[list[int]], seq_len: int, prefix_id: int,
+                   end_id: int | None = None) -> list[dict]:
+    """Each document, preceded by `prefix_id` (BOS/EOS) and followed by `end_id` when given, cut into pieces
+    of at most `seq_len` tokens.
 
     Documents never share an example (no cross-document attention); a short last piece is kept and
-    padded at batching time, where its padding is masked out of the loss.
+    padded at batching time, where its padding is masked out of the loss. `end_id` (EOS) teaches a model
+    trained from scratch where a document ends, so that its generations stop (an answer after `#### N`).
     """
     examples = []
     for tokens in token_docs:
-        seq = [prefix_id, *tokens]
+        seq = [prefix_id, *tokens, *(() if end_id is None else (end_id,))]
         for start in range(0, len(seq), seq_len):
             piece = seq[start:start + seq_len]
             if len(piece) >= 2:

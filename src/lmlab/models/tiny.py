@@ -34,12 +34,13 @@ PRETRAIN_FORMAT = 1  # bump when the pretraining recipe changes in a way the cod
 
 
 def _recipe_fingerprint() -> str:
-    """Hash of the code that produces a tiny base (data generators, tokenizer, this recipe), so a cached
-    model is rebuilt when that code changes, not only when its config does."""
+    """Hash of the code that produces a tiny base (data generators, tokenizer, example layout, this recipe), so
+    a cached model is rebuilt when that code changes, not only when its config does."""
+    from lmlab.data import batching
     from lmlab.data import tokenizer as tokenizer_module
 
     digest = hashlib.sha256()
-    for module in (generators, tokenizer_module):
+    for module in (generators, tokenizer_module, batching):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(Path(__file__).read_bytes())
     return digest.hexdigest()[:16]
@@ -162,7 +163,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
     train_texts, val_texts = texts[val_count:], texts[:val_count]
     model = build_tiny(cfg.model, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                        pad_id=tokenizer.pad_token_id, seed=cfg.init_seed)
-    examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context, tokenizer.bos_token_id)
+    examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context, tokenizer.bos_token_id,
+                              end_id=tokenizer.eos_token_id)  # documents end with EOS: generations learn to stop
     result = train(model, examples, cfg.train, seed=cfg.init_seed, progress=progress,
                    collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id), desc=f"pretrain {cfg.name}")
     val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
