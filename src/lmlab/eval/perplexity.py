@@ -16,6 +16,7 @@ Windows of many documents are batched (right padding, never scored) and split ac
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -78,30 +79,45 @@ def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad
     width = max((len(w.inputs) for w in windows), default=0)
     pos_nll = torch.zeros(width, dtype=torch.float64, device=device)
     pos_count = torch.zeros(width, dtype=torch.float64, device=device)
-    # Longest first, so each batch pads little.
-    order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
+    # Hugging Face LMs can skip the LM head on leading context-only positions (a document's last window).
+    trims_logits = _accepts(model, "logits_to_keep")
+    # Longest first, so each batch pads little; among equal lengths, windows that score from the same
+    # position onwards batch together, so a batch of last windows skips their shared unscored prefix.
+    order = sorted(range(len(windows)),
+                   key=lambda i: (-len(windows[i].inputs), len(windows[i].inputs) - windows[i].scored))
     for start in range(0, len(order), batch_size):
         group = [windows[i] for i in order[start:start + batch_size]]
         length = max(len(w.inputs) for w in group)
+        first = min(len(w.inputs) - w.scored for w in group) if trims_logits else 0  # first scored position
         ids = torch.full((len(group), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), length), -100, dtype=torch.long)
+        labels = torch.full((len(group), length - first), -100, dtype=torch.long)
         for row, w in enumerate(group):
             n = len(w.inputs)
             ids[row, :n] = torch.tensor(w.inputs)
-            labels[row, n - w.scored:n] = torch.tensor(w.targets[n - w.scored:])
+            labels[row, n - w.scored - first:n - first] = torch.tensor(w.targets[n - w.scored:])
         ids, labels = ids.to(device), labels.to(device)
         # Right padding needs no attention mask in a causal model: real tokens never see later positions.
-        logits = model_logits(model(input_ids=ids))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        kept = {"logits_to_keep": length - first} if first > 0 else {}
+        logits = model_logits(model(input_ids=ids, **kept))  # [B, length - first, V]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                              reduction="none").view(labels.shape)
         hits += int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
         total += nll.sum(dtype=torch.float64)
         count += int((labels != -100).sum())
         full = torch.tensor([w.full for w in group], device=device)
         if bool(full.any()):
             scored = (labels[full] != -100).double()
-            pos_nll[:length] += (nll[full].double() * scored).sum(0)
-            pos_count[:length] += scored.sum(0)
+            pos_nll[first:length] += (nll[full].double() * scored).sum(0)
+            pos_count[first:length] += scored.sum(0)
     return total, count, hits, pos_nll, pos_count
+
+
+def _accepts(model: nn.Module, argument: str) -> bool:
+    """Whether `model.forward` takes `argument` by name."""
+    try:
+        return argument in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def evaluate_perplexity(

@@ -111,19 +111,28 @@ class HyLoRADALinear(nn.Module):
     def _forward_autograd(
         self, x2: torch.Tensor, factor: torch.Tensor | None, norm: torch.Tensor | None
     ) -> torch.Tensor:
-        """The same update with plain autograd ops: for autocast, mixed dtypes or a trainable base layer."""
+        """The same update with plain autograd ops: for autocast, mixed dtypes or a trainable base layer.
+
+        Under autocast the matmuls run in the autocast dtype and so does the output, as the wrapped layer's
+        would (no casts back and forth); without it the adapter may have another dtype than the base (e.g.
+        fp32 adapters on a bf16 base) and its update is cast to the base's dtype.
+        """
         weight, bias = self.base_layer.weight, self.base_layer.bias
         lora_in = self.dropout(x2) if self.dropout is not None else x2
-        h = lora_in.to(self.lora_A.dtype) @ self.lora_A.t()  # [N, r]
+        if not torch.is_autocast_enabled(x2.device.type):
+            lora_in = lora_in.to(self.lora_A.dtype)
+        h = lora_in @ self.lora_A.t()  # [N, r]
         if factor is not None:
             h = h * factor
-        update = (h @ self.lora_B.t()).to(x2.dtype)  # [N, out]
-        base = x2 @ (weight if self.fan_in_fan_out else weight.t())
+        update = h @ self.lora_B.t()  # [N, out]
+        w = weight if self.fan_in_fan_out else weight.t()  # [in, out] (a view)
         if self.lora_magnitude is None:
-            y = base + self.scaling * update
-            return y + bias if bias is not None else y
-        y = (self.lora_magnitude / norm).to(x2.dtype) * (base + self.scaling * update)
-        return y + bias if bias is not None else y
+            base = torch.addmm(bias, x2, w) if bias is not None else x2 @ w
+            return base + self.scaling * update.to(base.dtype)
+        base = x2 @ w
+        g = (self.lora_magnitude / norm).to(base.dtype)  # DoRA's row scale; the bias is not rescaled
+        y = g * (base + self.scaling * update.to(base.dtype))
+        return y + bias.to(y.dtype) if bias is not None else y
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
@@ -162,8 +171,10 @@ class _LowRankUpdate(torch.autograd.Function):
     for the thin rank-r GEMMs (on CPU, [N, out] @ [out, r] is several times faster with the [out, r]
     operand column-major) and fuse the LoRA input gradient into the base one (addmm_ / addcmul_ over
     [N, in]). Dropout keeps an unscaled masked copy of x and applies 1/(1-p) to the rank-r
-    intermediate instead of to [N, in]. The base weight and bias are frozen here (the module falls
-    back to plain autograd otherwise).
+    intermediate instead of to [N, in]. DoRA's row scale g = m / ||W|| is folded into the weight and
+    the rank-r factor rather than applied to [N, out] activations and gradients, and its magnitude
+    gradient is read off the output. The base weight and bias are frozen here (the module falls back
+    to plain autograd otherwise).
     """
 
     @staticmethod
@@ -179,38 +190,38 @@ class _LowRankUpdate(torch.autograd.Function):
             h0 = lora_in @ lora_a.t()
         h = h0 * factor if factor is not None else h0
         b_t = lora_b.t().contiguous()  # [r, out]
-        z = g = None
-        if magnitude is None:
-            if fan_in_fan_out:
-                y = torch.addmm(bias, x, weight) if bias is not None else x @ weight
-            else:
-                y = F.linear(x, weight, bias)
-            y.addmm_(h, b_t, alpha=scaling)  # [N, out]
-        else:
-            z = x @ weight if fan_in_fan_out else x @ weight.t()
-            z.addmm_(h, b_t, alpha=scaling)  # W0 x + s B A x, [N, out]
-            g = magnitude / norm  # norm is a constant (DoRA s. 4.3); bias not rescaled
-            y = torch.addcmul(bias, z, g) if bias is not None else z * g
-            if not magnitude.requires_grad:
-                z = None
-        ctx.save_for_backward(lora_in, mask, h0, h, factor, weight, lora_a, b_t, z, g, norm)
+        g = None
+        if magnitude is not None:
+            g = magnitude / norm  # DoRA's row scale; norm is a constant (DoRA s. 4.3), the bias is not rescaled
+            b_t = b_t * g
+        # y = g (.) (W0 x + s B h) + bias, with g folded into the [out, in] and [out, r] factors, not into [N, out]
+        y = _linear(x, weight, bias, fan_in_fan_out, g)  # [N, out]
+        y.addmm_(h, b_t, alpha=scaling)
+        # DoRA's magnitude gradient needs W0 x + s B h = (y - bias) / g: keep y rather than a second [N, out]
+        saved_y = y if magnitude is not None and magnitude.requires_grad else None
+        ctx.save_for_backward(lora_in, mask, h0, h, factor, weight, lora_a, b_t, saved_y, g, magnitude, bias)
         ctx.scaling, ctx.fan_in_fan_out, ctx.keep_scale = scaling, fan_in_fan_out, keep_scale
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        lora_in, mask, h0, h, factor, weight, lora_a, b_t, z, g, norm = ctx.saved_tensors
+        lora_in, mask, h0, h, factor, weight, lora_a, b_t, y, g, magnitude, bias = ctx.saved_tensors
         need_x, _, _, need_a, need_b, need_factor, need_magnitude = ctx.needs_input_grad[:7]
         s = ctx.scaling
         grad_magnitude = None
-        if g is not None:
-            if need_magnitude:
-                grad_magnitude = (grad_y * z).sum(0) / norm  # [out]
-            grad_z = grad_y * g
-        else:
-            grad_z = grad_y
-        grad_b = (h.t() @ grad_z).mul_(s).t() if need_b else None  # [out, r]
-        grad_h = (grad_z @ b_t.t()).mul_(s)  # [N, r]
+        if need_magnitude:
+            # d y / d m = (W0 x + s B h) / ||W|| = (y - bias) / m
+            projected = (grad_y * y).sum(0)  # [out]
+            if bias is not None:
+                projected -= bias * grad_y.sum(0)
+            grad_magnitude = projected / magnitude
+        grad_b = None
+        if need_b:
+            grad_b = h.t() @ grad_y  # [r, out]
+            if g is not None:
+                grad_b *= g
+            grad_b = grad_b.mul_(s).t()  # [out, r]
+        grad_h = (grad_y @ b_t.t()).mul_(s)  # [N, r]; b_t already carries g
         grad_factor = (grad_h * h0).sum(-1, keepdim=True) if need_factor else None  # [N, 1]
         grad_h0 = grad_h * factor if factor is not None else grad_h
         if mask is not None:
@@ -218,9 +229,33 @@ class _LowRankUpdate(torch.autograd.Function):
         grad_a = grad_h0.t() @ lora_in if need_a else None  # [r, in]
         grad_x = None
         if need_x:
-            grad_x = grad_z @ weight.t() if ctx.fan_in_fan_out else grad_z @ weight  # [N, in]
+            grad_x = _input_grad(grad_y, weight, ctx.fan_in_fan_out, g)  # [N, in]
             if mask is None:
                 grad_x.addmm_(grad_h0, lora_a)
             else:
                 grad_x.addcmul_(grad_h0 @ lora_a, mask)
         return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None
+
+
+def _linear(x, weight, bias, fan_in_fan_out: bool, g: torch.Tensor | None) -> torch.Tensor:
+    """g (.) (W0 x) + bias for x [N, in], scaling whichever is smaller: W0 ([in, out]) or the output ([N, out])."""
+    if g is not None and x.shape[0] >= weight.shape[0 if fan_in_fan_out else 1]:
+        weight = weight * g if fan_in_fan_out else weight * g.unsqueeze(1)
+        g = None
+    if fan_in_fan_out:
+        y = torch.addmm(bias, x, weight) if bias is not None and g is None else x @ weight
+    else:
+        y = F.linear(x, weight, bias if g is None else None)
+    if g is None:
+        return y
+    return torch.addcmul(bias, y, g) if bias is not None else y.mul_(g)
+
+
+def _input_grad(grad_y, weight, fan_in_fan_out: bool, g: torch.Tensor | None) -> torch.Tensor:
+    """(grad_y (.) g) W0 as [N, in], scaling whichever is smaller: W0 or grad_y ([N, out])."""
+    if g is not None:
+        if grad_y.shape[0] >= weight.shape[0 if fan_in_fan_out else 1]:
+            weight = weight * g if fan_in_fan_out else weight * g.unsqueeze(1)
+        else:
+            grad_y = grad_y * g
+    return grad_y @ weight.t() if fan_in_fan_out else grad_y @ weight
