@@ -48,8 +48,12 @@ def test_summarize_eval_searches_directories_recursively(tmp_path):
     (tmp_path / "a" / "seed-42" / "eval_samples.jsonl").write_text("\n".join(HAND_WRITTEN), encoding="utf-8")
     (tmp_path / "b" / "eval_samples_step100.jsonl").write_text(HAND_WRITTEN[0], encoding="utf-8")
     (tmp_path / "b" / "other.jsonl").write_text("not read", encoding="utf-8")
-    summary = summarize_eval([tmp_path])
-    assert summary["bridged"] == {"total": 4, "valid": 3, "invalid": 1, "accuracy": 0.5}
+    # A run directory: the test evaluations (eval_samples.jsonl) only, not the validation steps'
+    assert summarize_eval([tmp_path])["bridged"] == {"total": 3, "valid": 2, "invalid": 1, "accuracy": 1 / 3}
+    # A directory of validation evaluations only, or a file named explicitly: those
+    assert summarize_eval([tmp_path / "b"])["bridged"] == {"total": 1, "valid": 1, "invalid": 0, "accuracy": 1.0}
+    both = summarize_eval([tmp_path / "a", tmp_path / "b" / "eval_samples_step100.jsonl"])
+    assert both["bridged"] == {"total": 4, "valid": 3, "invalid": 1, "accuracy": 0.5}
 
 
 def test_summarize_eval_names_the_bad_file_and_line(tmp_path):

@@ -210,7 +210,9 @@ def _sample_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(path.rglob("eval_samples*.jsonl"))
+            # A run directory: the cells' test evaluations, not the validation evaluations made during training
+            # (eval_samples_step<N>.jsonl, other items); a directory holding only those gives them.
+            found = sorted(path.rglob(SAMPLES_FILE)) or sorted(path.rglob("eval_samples*.jsonl"))
             if not found:
                 raise DataError(f"{path}: no eval_samples*.jsonl files in this directory")
             files += found
@@ -222,8 +224,9 @@ def _sample_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def summarize_eval(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
-    """Per system over all given files (or directories, searched recursively for eval_samples*.jsonl):
-    total items, valid answers (a number was extracted), invalid ones, and flexible accuracy."""
+    """Per system over all given files (or directories, searched recursively for eval_samples.jsonl, else
+    for eval_samples*.jsonl): total items, valid answers (a number was extracted), invalid ones, and
+    flexible accuracy."""
     counts: dict[str, dict] = {}
     for file in _sample_files(paths):
         with file.open(encoding="utf-8") as f:
