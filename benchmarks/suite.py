@@ -305,7 +305,7 @@ def bench_train(arch: str, settings: Settings) -> tuple[dict, list[Row]]:
     steps = {v: train_step(m, batch, device) for v, m in models.items()}
     # Fairness check: adapters start as the identity (B = 0), so every variant starts from the same loss.
     first_loss = {v: step() for v, step in steps.items()}
-    times = interleaved(steps, *settings.rounds(15), device)
+    times = interleaved(steps, *settings.rounds(31), device)
     name = f"train_{arch}"
     variants = {}
     for v in TRAIN_VARIANTS:
@@ -339,7 +339,7 @@ def bench_hylorada(settings: Settings) -> tuple[dict, list[Row]]:
               "hylorada": apply_lmlab(copy.deepcopy(base), "gpt2", sizes.rank, use_rslora=True, position_bias=True,
                                       landmarks="position_adaptive")}
     steps = {name: train_step(m, batch, device) for name, m in models.items()}
-    times = interleaved(steps, *settings.rounds(15), device)
+    times = interleaved(steps, *settings.rounds(31), device)
     result = {"variants": {name: {"median_s": statistics.median(t), "times_s": t, "trainable_params": trainable(m)}
                            for (name, t), m in zip(times.items(), models.values(), strict=True)}}
     return result, [compare("hylorada", "hylorada", "lmlab-rslora", times, 1.10)]
@@ -372,7 +372,7 @@ def bench_inference(settings: Settings) -> tuple[dict, list[Row]]:
 
     cases = {name: forward(m) for name, m in models.items()}
     max_diff = (cases["merged"]() - cases["unmerged"]()).abs().max().item()
-    times = interleaved(cases, *settings.rounds(20), device)
+    times = interleaved(cases, *settings.rounds(61), device)
     result = {"variants": {name: {"median_s": statistics.median(t), "times_s": t} for name, t in times.items()},
               "merged_vs_unmerged_max_abs_diff": max_diff}
     return result, [compare("inference", "merged", "base", times, 1.03, "s/forward"),
@@ -415,7 +415,7 @@ def bench_eval_ppl(settings: Settings) -> tuple[dict, list[Row]]:
             result = evaluate_perplexity(model, docs, tokenizer, max_length, batch_size=8)
         outcome["lmlab"] = (result["nll_sum"], result["tokens"])
 
-    times = interleaved({"lmlab": lmlab_eval, "plain_loop": plain_loop}, *settings.rounds(7), device)
+    times = interleaved({"lmlab": lmlab_eval, "plain_loop": plain_loop}, *settings.rounds(11), device)
     tokens = outcome["lmlab"][1]
     rates = {name: [tokens / t for t in ts] for name, ts in times.items()}  # tokens/s: higher is better
     ratio = paired_ratio(rates["lmlab"], rates["plain_loop"])
@@ -463,7 +463,7 @@ def bench_mu(settings: Settings) -> tuple[dict, list[Row]]:
     models = {name: mu_model(name, configs, settings.seed) for name in ("mu", "dense")}
     batch = mu_batch(configs, settings.seed, device)
     steps = {name: train_step(m, batch, device) for name, m in models.items()}
-    times = interleaved(steps, *settings.rounds(15), device)
+    times = interleaved(steps, *settings.rounds(31), device)
     variants = {}
     for name, model in models.items():
         memory = peak_memory({"kind": "mu", "variant": name, "sizes": asdict(settings.sizes), "seed": settings.seed,
