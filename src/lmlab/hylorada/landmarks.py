@@ -37,7 +37,27 @@ def prefix_mean(
     return means, (sums[:, -1].detach(), counts[:, -1].detach())
 
 
-class PositionAdaptiveLandmarks(nn.Module):
+class _Landmarks(nn.Module):
+    """What every design shares: its K vectors L (`vectors`), mixed into h by a per-token gate g (its own),
+    h' = h + scale * dropout(g L). Subclasses register `vectors`, `scale`, `dropout` and `context`."""
+
+    vectors: nn.Parameter
+    scale: nn.Parameter
+    dropout: nn.Dropout | None
+
+    def mix(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """h + scale * dropout(g L) for the gate g [B, T, K]."""
+        mixed = gate @ self.vectors  # [B, T, d]
+        if self.dropout is not None:
+            mixed = self.dropout(mixed)
+        return hidden + self.scale * mixed
+
+    def after_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        """Forward hook on the final norm: the LM head sees h' instead of h."""
+        return self(output)
+
+
+class PositionAdaptiveLandmarks(_Landmarks):
     """Landmarks gated by position bucket and content; with `buckets`, soft learnable buckets."""
 
     def __init__(
@@ -68,18 +88,10 @@ class PositionAdaptiveLandmarks(nn.Module):
             position_logits = self.position_logits[ctx.buckets]  # [B, T, K]
         else:
             position_logits = self.buckets(ctx.positions).to(hidden.dtype) @ self.position_logits
-        gate = torch.softmax(position_logits + self.content(hidden), dim=-1)  # [B, T, K]
-        mix = gate @ self.vectors  # [B, T, d]
-        if self.dropout is not None:
-            mix = self.dropout(mix)
-        return hidden + self.scale * mix
-
-    def after_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the final norm: the LM head sees h' instead of h."""
-        return self(output)
+        return self.mix(hidden, torch.softmax(position_logits + self.content(hidden), dim=-1))
 
 
-class PooledLandmarks(nn.Module):
+class PooledLandmarks(_Landmarks):
     """Landmarks gated by a causal prefix mean of the hidden states (designs `original` and `per_layer`)."""
 
     def __init__(
@@ -106,15 +118,7 @@ class PooledLandmarks(nn.Module):
         ctx.require_positions(hidden.shape[:2])
         pooled, running = prefix_mean(hidden, ctx.token_mask, ctx.pool_past.get(self.key))
         ctx.pool_now[self.key] = running
-        gate = torch.softmax(self.gate(pooled), dim=-1)  # [B, T, K]
-        mix = gate @ self.vectors  # [B, T, d]
-        if self.dropout is not None:
-            mix = self.dropout(mix)
-        return hidden + self.scale * mix
-
-    def after_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        """Forward hook on the final norm (design `original`)."""
-        return self(output)
+        return self.mix(hidden, torch.softmax(self.gate(pooled), dim=-1))
 
     def after_block(self, module: nn.Module, args: tuple, output):
         """Forward hook on a transformer block (design `per_layer`); blocks may return a tensor or a tuple."""
