@@ -27,6 +27,16 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 VOCAB_SIZE = 384
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module's in-process work (requested with pytest.mark.usefixtures): on tiny
+    models more intra-op threads only add synchronisation, seconds per step on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def builtin_texts() -> list[str]:
     """Text from every built-in generator: grammar prose, long documents with facts, arithmetic problems."""
     from lmlab.data import generators

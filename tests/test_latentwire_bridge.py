@@ -18,6 +18,8 @@ from lmlab.latentwire.gsm8k import GSM8KPrompt, cut_at_stop, extract_flexible, e
 from lmlab.latentwire.losses import LossWeights, bridge_loss, info_nce
 from lmlab.latentwire.translator import embedding_rms_median, translator_preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAIN = [
     {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
      "answer": "He has 3 + 4 = 7 apples.\n#### 7"},
@@ -56,15 +58,6 @@ def train_tokenizers():
     target = PreTrainedTokenizerFast(tokenizer_object=metaspace, pad_token="<pad>", bos_token="<s>",
                                      eos_token="</s>", unk_token="<unk>")
     return source, target
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: intra-op threads only add synchronisation cost (seconds per step on a busy 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -35,20 +35,12 @@ from lmlab.studies.latentwire_study import (
 )
 from lmlab.studies.stats import wilson_interval
 
-pytestmark = pytest.mark.xdist_group("studies")
+pytestmark = [pytest.mark.xdist_group("studies"), pytest.mark.usefixtures("one_thread")]
 
 K = 4
 ITEMS = generators.arithmetic_problems("train", 40, seed=3)
 EVAL_ITEMS = generators.arithmetic_problems("test", 6, seed=3)
 VOLATILE = ("latency_s", "tokens_per_s")  # wall-clock measurements differ between two runs of a system
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: more threads only add synchronisation on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
 
 
 def save_arithmetic_model(directory: Path, arch: str, vocab_size: int, tokenizer_seed: int, **sizes) -> Path:

@@ -16,16 +16,9 @@ from lmlab.latentwire.translator import (
     translator_preset,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 D_SRC, D_TGT = 48, 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation cost on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_translator(num_queries=8, bottleneck=32, depth=2, heads=4, rms=0.37, seed=0):

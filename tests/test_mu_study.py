@@ -36,21 +36,12 @@ from lmlab.studies.report import regenerate
 from lmlab.studies.rundir import RunDir
 from lmlab.studies.runner import run_study
 
-pytestmark = pytest.mark.xdist_group("mu_study")
+pytestmark = [pytest.mark.xdist_group("mu_study"), pytest.mark.usefixtures("one_thread")]
 
 CONFIGS = ["mu-sota", "mu-simple", "dense"]
 EMBEDDING_TABLES = ("tok_emb.weight", "pos_emb.weight", "head.weight")
 CONTRACT_METRICS = {"val_ppl", "test_ppl", "accuracy", "val_bpb", "tokens_per_s", "params_total",
                     "params_non_embedding"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The in-process checks run single-threaded too (as helpers.ONE_THREAD for subprocesses); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def study_config(run: Path) -> MUStudyConfig:
