@@ -37,6 +37,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """HF_HUB_OFFLINE=1, with lmlab's cached hub-reachability answer cleared before and after the test."""
+    from lmlab.hub import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_reachable.cache_clear()
+    yield
+    hub_reachable.cache_clear()
+
+
 def builtin_texts() -> list[str]:
     """Text from every built-in generator: grammar prose, long documents with facts, arithmetic problems."""
     from lmlab.data import generators

@@ -14,7 +14,6 @@ from lmlab.data import generators
 from lmlab.data.batching import chunk_examples, packed_examples, tokenize_documents
 from lmlab.data.sources import index_split, load_documents, load_qa_items, wikitext_articles
 from lmlab.errors import DataError
-from lmlab.hub import hub_reachable
 
 # ---------------------------------------------------------------------------------------------------
 # Generators
@@ -261,16 +260,11 @@ def test_wikitext_articles_start_at_single_equals_headings():
     assert articles[1].startswith("= Tower Building =") and articles[1].endswith("Built in 1900 .")
 
 
-def test_hub_dataset_offline_and_uncached_fails_fast_with_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub_reachable.cache_clear()
-    try:
-        started = time.perf_counter()
-        with pytest.raises(DataError) as info:
-            load_documents("wikitext-2-raw-v1", "test")
-        elapsed = time.perf_counter() - started
-    finally:
-        hub_reachable.cache_clear()
+def test_hub_dataset_offline_and_uncached_fails_fast_with_one_line(hub_offline):
+    started = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        load_documents("wikitext-2-raw-v1", "test")
+    elapsed = time.perf_counter() - started
     message = str(info.value)
     assert elapsed < 15
     assert "\n" not in message and "offline" in message and "wikitext-2-raw-v1" in message

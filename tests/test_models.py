@@ -12,7 +12,6 @@ from transformers import AutoTokenizer
 from lmlab.config import build
 from lmlab.engine.train import TrainConfig
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.hub import hub_reachable
 from lmlab.models.hf import context_length, load_causal_lm, load_tokenizer, prefix_token_id
 from lmlab.models.tiny import PretrainConfig, TinyModelConfig, build_tiny, cache_root, pretrained_tiny
 
@@ -115,18 +114,13 @@ def test_truncated_safetensors_is_a_readable_checkpoint_error(tmp_path):
     assert "cannot load model weights" in message_of(info)
 
 
-def test_uncached_hub_id_while_offline_fails_fast(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub_reachable.cache_clear()
-    try:
-        started = time.perf_counter()
-        with pytest.raises(CheckpointError) as info:
-            load_causal_lm("lmlab-tests/not-a-cached-model")
-        with pytest.raises(CheckpointError) as tok_info:
-            load_tokenizer("lmlab-tests/not-a-cached-model")
-        elapsed = time.perf_counter() - started
-    finally:
-        hub_reachable.cache_clear()
+def test_uncached_hub_id_while_offline_fails_fast(hub_offline):
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        load_causal_lm("lmlab-tests/not-a-cached-model")
+    with pytest.raises(CheckpointError) as tok_info:
+        load_tokenizer("lmlab-tests/not-a-cached-model")
+    elapsed = time.perf_counter() - started
     assert elapsed < 15
     for error in (info, tok_info):
         message = message_of(error)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from lmlab.hub import hub_reachable
 from test_reliability_checkpoints import TEXT, cli, one_error_line, save_tiny_model
 
 
@@ -112,19 +111,14 @@ def test_model_directory_with_a_broken_config_or_no_tokenizer_exits_2(capsys, mo
     assert f"{broken} has no tokenizer files" in one_error_line(err) and "save_pretrained" in err
 
 
-def test_uncached_hub_model_while_offline_exits_2_fast_naming_the_local_alternative(capsys, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    hub_reachable.cache_clear()
+def test_uncached_hub_model_while_offline_exits_2_fast_naming_the_local_alternative(capsys, hub_offline, tmp_path):
     doc = write(tmp_path / "doc.txt", TEXT)
-    try:
-        started = time.perf_counter()
-        code, _, err = cli(capsys, "eval", "ppl", "--model", "lmlab-tests/not-a-cached-model", "--data", str(doc),
-                           "--max-length", "32")
-        study_code, _, study_err = cli(capsys, "run", "hylorada", "--preset", "smoke", "--quiet", "--out",
-                                       str(tmp_path / "run"), "model=lmlab-tests/not-a-cached-model", "max_length=64")
-        elapsed = time.perf_counter() - started
-    finally:
-        hub_reachable.cache_clear()
+    started = time.perf_counter()
+    code, _, err = cli(capsys, "eval", "ppl", "--model", "lmlab-tests/not-a-cached-model", "--data", str(doc),
+                       "--max-length", "32")
+    study_code, _, study_err = cli(capsys, "run", "hylorada", "--preset", "smoke", "--quiet", "--out",
+                                   str(tmp_path / "run"), "model=lmlab-tests/not-a-cached-model", "max_length=64")
+    elapsed = time.perf_counter() - started
     assert code == study_code == 2 and elapsed < 20
     for line in (one_error_line(err), one_error_line(study_err)):
         assert "'lmlab-tests/not-a-cached-model' is not in the local Hugging Face cache" in line
