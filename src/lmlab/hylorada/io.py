@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,6 +20,7 @@ from lmlab.errors import CheckpointError, ConfigError
 from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import adapter_parameters, apply_hylorada, hylorada_state
+from lmlab.tensorfile import read_tensors
 
 FORMAT = "lmlab-hylorada"
 FORMAT_VERSION = 1
@@ -162,19 +162,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path.parent} holds only {pickled.name} (pickle); lmlab loads safetensors only: "
                                   "re-save it in a trusted environment with safe_serialization=True")
         raise CheckpointError(f"{path} does not exist: the adapter directory is incomplete")
-    tensors = {}
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); "
-                              "it may be truncated or corrupt") from None
-    with handle:
-        for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
-            try:
-                tensors[key] = handle.get_tensor(key)
-            except Exception as exc:
-                raise CheckpointError(f"{path}: tensor '{key}' cannot be read ({exc})") from None
-    return tensors
+    return read_tensors(path)
 
 
 def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lmlab.config import describe_validation_error
@@ -25,6 +24,7 @@ from lmlab.errors import CheckpointError
 from lmlab.mu.config import DenseConfig, MUConfig
 from lmlab.mu.dense import DenseModel
 from lmlab.mu.model import MUModel
+from lmlab.tensorfile import read_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -118,12 +118,9 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _load_weights(model: nn.Module, path: Path) -> None:
-    try:
-        tensors = load_file(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    tensors = read_tensors(path)
     params = dict(model.named_parameters())
     missing = sorted(params.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - params.keys())
