@@ -17,10 +17,10 @@ from torch import nn
 
 from lmlab.config import describe_validation_error
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import read_tensors
 from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import adapter_parameters, apply_hylorada, hylorada_state
-from lmlab.tensorfile import read_tensors
 
 FORMAT = "lmlab-hylorada"
 FORMAT_VERSION = 1

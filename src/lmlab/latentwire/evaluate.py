@@ -29,6 +29,7 @@ import torch
 
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.generation import greedy_generate, left_pad
+from lmlab.fileio import atomic_write_text
 from lmlab.latentwire.bridge import LatentWireBridge, pad_token_id
 from lmlab.latentwire.costs import element_bytes, kv_cache_bytes, prompt_lengths
 from lmlab.latentwire.gsm8k import STOP_STRINGS, cut_at_stop, extract_flexible, extract_strict, gold_answer
@@ -196,12 +197,7 @@ def evaluate_latentwire(bridge: LatentWireBridge, items: Sequence[dict], *, syst
 def write_eval_samples(path: str | os.PathLike, samples: Sequence[dict]) -> Path:
     """Write one JSON line per item, atomically (temporary file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for sample in samples:
-            f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
     return path
 
 

@@ -21,10 +21,10 @@ from torch import nn
 
 from lmlab.config import describe_validation_error
 from lmlab.errors import CheckpointError
+from lmlab.fileio import read_tensors
 from lmlab.mu.config import DenseConfig, MUConfig
 from lmlab.mu.dense import DenseModel
 from lmlab.mu.model import MUModel
-from lmlab.tensorfile import read_tensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -12,34 +12,18 @@ Only rank 0 writes.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from lmlab.engine import distributed as D
 from lmlab.errors import ConfigError
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+from lmlab.fileio import atomic_write_text
 
 
 def json_safe(value):

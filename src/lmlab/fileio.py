@@ -1,13 +1,33 @@
-"""Reading a safetensors file (adapters, MU checkpoints) with one-line errors; never a pickle."""
+"""Files, safely: text written atomically (a killed process never leaves half a file), and safetensors files
+(adapters, MU checkpoints) read with one-line errors - never a pickle."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from lmlab.errors import CheckpointError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same directory, synced and renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
