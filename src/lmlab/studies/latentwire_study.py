@@ -100,8 +100,6 @@ class LatentWireStudyConfig(StudyConfig):
                                      early_stopping_patience=5)
     eval_batch_size: int = Field(64, ge=1)
     max_new_tokens: int = Field(128, ge=1)
-    # Set by the tiny presets: on a busy 2-core machine a tiny model's step is up to 20x slower on 2 threads.
-    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (overrides --threads)")
 
     @field_validator("ablation", mode="before")
     @classmethod
@@ -331,8 +329,6 @@ class LatentWireStudy(Study):
     # -----------------------------------------------------------------------------------------------
 
     def prepare(self, cfg: LatentWireStudyConfig, run: RunDir, progress: bool) -> _Context:
-        if cfg.threads is not None and D.device().type == "cpu":
-            torch.set_num_threads(cfg.threads)
         sides, setup = {}, {}
         for role, name, base in (("source", cfg.source_model, cfg.source), ("target", cfg.target_model, cfg.target)):
             started = time.perf_counter()
