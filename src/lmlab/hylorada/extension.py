@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmlab.errors import ConfigError
-from lmlab.hylorada.position import model_context_length
+from lmlab.models.hf import context_length
 
 
 def rope_scaling(config, max_length: int, kind: Literal["linear", "dynamic", "yarn"] = "linear"):
@@ -33,7 +33,7 @@ def rope_scaling(config, max_length: int, kind: Literal["linear", "dynamic", "ya
             f"model type '{getattr(config, 'model_type', '?')}' does not use RoPE: extend a learned position table "
             "with interpolate_position_embeddings or train_embeddings=True"
         )
-    original = model_context_length(config)
+    original = context_length(config)
     new = copy.deepcopy(config)
     if original is None or max_length <= original:
         return new
@@ -61,7 +61,7 @@ def interpolate_position_embeddings(model: nn.Module, max_length: int) -> nn.Mod
     Row j of the new table is the old table at position j * (n_old - 1) / (max_length - 1), so the first
     and last rows are kept. Changes the model and its config in place; returns the model.
     """
-    original = model_context_length(model.config)
+    original = context_length(model.config)
     token_embeddings = model.get_input_embeddings()
     tables = [m for m in model.modules()
               if isinstance(m, nn.Embedding) and m is not token_embeddings and m.num_embeddings == original]

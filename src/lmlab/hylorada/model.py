@@ -26,9 +26,9 @@ from lmlab.hylorada.position import (
     PositionContext,
     bucket_edges,
     bucketize,
-    model_context_length,
     token_positions,
 )
+from lmlab.models.hf import context_length
 
 # HYLORADA.md section 1: default targets per `config.model_type`
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -153,7 +153,7 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
     if isinstance(getattr(model, "hylorada", None), HyLoRADAState):
         raise ConfigError("this model already has HyLoRADA adapters; apply_hylorada to a fresh base model")
     hf_config = getattr(model, "config", None)
-    context = config.max_positions or max_positions or model_context_length(hf_config)
+    context = config.max_positions or max_positions or context_length(hf_config)
     if context is None:
         raise ConfigError("cannot tell the model's context length: set max_positions in the HyLoRADA config")
     if config.uses_positions and config.num_buckets > context:

@@ -150,11 +150,4 @@ class LearnableBuckets(nn.Module):
         return (torch.sort(self.boundaries.detach().float()).values * self.max_positions).tolist()
 
 
-def model_context_length(config) -> int | None:
-    """The context a Hugging Face config was built for (`max_position_embeddings` / `n_positions`)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 

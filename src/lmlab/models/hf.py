@@ -178,7 +178,8 @@ def prefix_token_id(tokenizer) -> int:
 
 
 def context_length(config: PretrainedConfig) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+    """The context a Hugging Face config was built for, under whichever name its architecture uses."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
