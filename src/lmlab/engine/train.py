@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from lmlab.config import Section
 from lmlab.engine import distributed as D
+from lmlab.engine.nll import IGNORE_INDEX, token_nll
 from lmlab.engine.optim import GroupRule, lr_factor, param_groups
 
 
@@ -99,12 +100,11 @@ def causal_lm_loss(model: nn.Module, batch: dict) -> LossOut:
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model_logits(model(**inputs))
-    shift_labels = labels[:, 1:]
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shift_labels.reshape(-1),
-        ignore_index=-100, reduction="sum",
-    )
-    count = (shift_labels != -100).sum()
+    # position t predicts label t+1: shift the labels (the last position predicts nothing) rather than copy
+    # the logits without their last position
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    nll = token_nll(logits.flatten(0, 1), shift_labels.flatten())
+    count = (shift_labels != IGNORE_INDEX).sum()
     return LossOut(nll, count, {"nll": nll.detach()})
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from lmlab.config import Section
+from lmlab.engine.nll import token_nll
 from lmlab.latentwire.bridge import IGNORE, LatentWireBridge
 
 
@@ -29,8 +30,7 @@ class LossWeights(Section):
 
 def answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL, number of answer tokens) of logits [B, A, V] against labels [B, A] (IGNORE skipped)."""
-    nll = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return nll, (labels != IGNORE).sum()
+    return token_nll(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE), (labels != IGNORE).sum()
 
 
 def distill_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
