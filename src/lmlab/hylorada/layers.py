@@ -181,13 +181,15 @@ class _LowRankUpdate(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, factor, magnitude, norm, scaling, fan_in_fan_out, p):
         # x [N, in]; weight [out, in] ([in, out] for Conv1D); factor [N, 1] | None; magnitude, norm [out] | None
         keep_scale = 1.0 / (1.0 - p)
+        # the rank-r intermediates are computed transposed, [r, N] = A x^T, and used as [N, r] views: on CPU
+        # the thin GEMM is up to 2x faster in this orientation (x is read once along its rows)
         if p > 0:
             mask = keep_mask(x, p)
             lora_in = torch.mul(x, mask)
-            h0 = (lora_in @ lora_a.t()).mul_(keep_scale)  # [N, r]
+            h0 = (lora_a @ lora_in.t()).mul_(keep_scale).t()  # [N, r]
         else:
             mask, lora_in = None, x
-            h0 = lora_in @ lora_a.t()
+            h0 = (lora_a @ lora_in.t()).t()
         h = h0 * factor if factor is not None else h0
         b_t = lora_b.t().contiguous()  # [r, out]
         g = None
@@ -221,7 +223,7 @@ class _LowRankUpdate(torch.autograd.Function):
             if g is not None:
                 grad_b *= g
             grad_b = grad_b.mul_(s).t()  # [out, r]
-        grad_h = (grad_y @ b_t.t()).mul_(s)  # [N, r]; b_t already carries g
+        grad_h = (b_t @ grad_y.t()).mul_(s).t()  # [N, r] (computed as [r, N], as h0); b_t already carries g
         grad_factor = (grad_h * h0).sum(-1, keepdim=True) if need_factor else None  # [N, 1]
         grad_h0 = grad_h * factor if factor is not None else grad_h
         if mask is not None:
