@@ -46,6 +46,31 @@ def test_interleaved_flips_the_order_every_round_and_times_each_call():
     assert suite.paired_ratio(times["a"], times["b"]) == expected
 
 
+@pytest.mark.parametrize("n", [1, 5, 6, 11, 15, 31, 61])
+def test_median_interval_is_the_binomial_order_statistic_interval(n):
+    from math import comb
+
+    def below(k: int) -> float:  # P(Binomial(n, 1/2) < k), summed by hand
+        return sum(comb(n, i) for i in range(k)) / 2**n
+
+    ranks = [k for k in range(1, n // 2 + 1) if below(k) <= 0.025]
+    k = max(ranks) if ranks else 1
+    values = [float(v) for v in torch.randperm(n).tolist()]  # 0 .. n-1 in random order
+    assert suite.median_interval(values) == (k - 1, n - k)
+    if n == 31:
+        assert (k, n + 1 - k) == (10, 22)
+
+
+def test_a_target_inside_the_interval_is_reported_as_within_noise():
+    times = {"ours": [0.84, 0.86, 0.85, 0.80, 0.90, 0.83, 0.87], "theirs": [1.0] * 7}
+    row = suite.compare("b", "ours", "theirs", times, target=0.85)
+    assert row.met and row.interval == (0.80, 0.90) and row.within_noise
+    assert "within noise" in suite.format_row(row)
+    clear = suite.compare("b", "ours", "theirs", times, target=0.95)
+    assert clear.met and not clear.within_noise
+    assert not suite.compare("b", "ours", "theirs", times).within_noise  # no target
+
+
 def test_compare_applies_the_target_to_the_paired_ratio():
     times = {"ours": [1.0, 2.0, 3.0], "theirs": [2.0, 2.0, 2.0]}
     row = suite.compare("b", "ours", "theirs", times, target=0.9)
