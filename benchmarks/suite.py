@@ -552,7 +552,8 @@ RUNNERS: dict[str, Callable[[Settings], tuple[dict, list[Row]]]] = {
 
 
 def run(settings: Settings, only: list[str] | None, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Run the benchmarks (all, or `only`), write `<date>.json` and `<date>.md` into `out`; returns the JSON path."""
+    """Run the benchmarks (all, or `only`), write `<date>.json` and `<date>.md` into `out` (`<date>T<time>.*` when
+    that day already has a run); returns the JSON path."""
     names = list(only) if only else list(BENCHMARKS)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(settings.threads)  # the same on both sides of every comparison
@@ -579,6 +580,8 @@ def run(settings: Settings, only: list[str] | None, out: Path, log: Callable[[st
     suffix = "-quick" if settings.quick else "" if only is None else "-" + "-".join(names)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{results['date']}{suffix}.json"
+    if path.exists():  # never overwrite an earlier run of the same day: add the start time
+        path = out / f"{results['date']}T{started:%H%M%S}{suffix}.json"
     path.write_text(json.dumps(results, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(results))
     return path

@@ -138,6 +138,10 @@ def test_run_writes_results_json_and_markdown(tmp_path):
     table = path.with_suffix(".md").read_text()
     for row in results["rows"]:
         assert f"| {row['ours']} | {row['reference']} |" in table and f"{row['ratio']:.3f}" in table
+    # a second run the same day keeps the first one's files
+    again = suite.run(tiny_settings(), ["hylorada"], tmp_path, log=lambda line: None)
+    assert again != path and path.exists() and again.name.startswith(results["date"] + "T")
+    assert again.with_suffix(".md").exists()
 
 
 def test_unknown_benchmark_names_are_refused():
