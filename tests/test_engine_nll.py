@@ -55,6 +55,17 @@ def test_every_row_ignored_gives_zero_loss_and_gradient():
     assert loss.item() == 0 and logits.grad.abs().max().item() == 0
 
 
+def test_an_ignored_row_with_minus_infinity_logits_does_not_poison_the_loss():
+    logits = torch.randn(3, 6)
+    logits[1, 0] = float("-inf")  # e.g. a token masked out of the vocabulary, on a row the loss ignores
+    labels = torch.tensor([2, -100, 5])
+    value, grad = ours(logits, labels, 1.0)
+    expected_value, expected_grad = reference(logits, labels, 1.0)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, expected_value)
+    torch.testing.assert_close(grad, expected_grad)
+
+
 def test_without_autograd_it_is_cross_entropy():
     logits, labels = torch.randn(5, 11), torch.tensor([1, 2, -100, 4, 10])
     with torch.no_grad():

@@ -1,8 +1,8 @@
 """Summed token negative log-likelihood with its gradient formed in the forward pass.
 
 `token_nll(logits, labels)` equals `F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")`
-in value and gradient. Why not call that: with a vocabulary of a few thousand, the loss is a fifth of a tiny
-model's train step on CPU, and most of it is passes over [N, V] buffers. `F.cross_entropy` allocates three
+in value and gradient. Why not call that: with a vocabulary of a few thousand, the loss is a large part of a
+tiny model's train step on CPU, and most of it is passes over [N, V] buffers. `F.cross_entropy` allocates three
 of them (log-softmax output, a zero-filled buffer for the NLL backward, the log-softmax backward's output);
 this allocates one: the float32 log-softmax, turned in place into the gradient softmax - one-hot (zero on
 ignored rows) while the forward still has it in cache, and scaled in place by the incoming gradient in
@@ -40,7 +40,8 @@ class _TokenNLL(torch.autograd.Function):
         rows = valid.unsqueeze(1)
         targets = labels.masked_fill(~valid, 0).unsqueeze(1)  # [N, 1]; gather raises on labels outside [0, V)
         grad = torch.log_softmax(logits, dim=1, dtype=torch.float32)  # [N, V]
-        nll = -(grad.gather(1, targets) * rows).sum()
+        # masked_fill, not a product with the mask: an ignored row's log-probability may be -inf (-inf * 0 = nan)
+        nll = -grad.gather(1, targets).squeeze(1).masked_fill(~valid, 0.0).sum()
         # d nll / d logits = softmax - one_hot(label) on counted rows, 0 on ignored rows
         grad.exp_()
         grad.scatter_add_(1, targets, -rows.to(grad.dtype))
