@@ -56,6 +56,28 @@ def test_save_then_load_reproduces_logits_and_every_tensor(arch, tmp_path):
         assert torch.equal(param.detach(), expected[name]) and param.requires_grad
 
 
+def test_an_interrupted_save_keeps_the_previous_adapter_whole(tmp_path, monkeypatch):
+    import lmlab.hylorada.io as io
+
+    first = full_model("gpt2")
+    save_adapter(first, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def fail_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", fail_midway)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(full_model("gpt2"), tmp_path)
+    # the old weights and config are untouched and no temporary file is left behind
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    loaded = load_adapter(tiny_gpt2(), tmp_path)
+    ids = token_batch()
+    assert torch.equal(lm_logits(loaded, ids), lm_logits(first, ids))
+
+
 def test_max_positions_resolution():
     model = apply_hylorada(tiny_llama(), hy_config())
     assert model.hylorada.max_positions == CONTEXT  # the model's own context

@@ -71,7 +71,7 @@ def _eval_ppl(args) -> int:
 
     from lmlab.data.sources import read_text_file
     from lmlab.eval.perplexity import evaluate_perplexity
-    from lmlab.models.hf import load_causal_lm, load_tokenizer
+    from lmlab.models.hf import learned_positions, load_causal_lm, load_tokenizer
 
     if args.max_length < 1:
         raise LmlabError(f"--max-length must be >= 1, got {args.max_length}")
@@ -82,10 +82,10 @@ def _eval_ppl(args) -> int:
         raise LmlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     docs = [read_text_file(Path(p)) for p in args.data]
     model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
-    learned_positions = getattr(model.config, "n_positions", None)  # GPT-2-style absolute position table
-    if learned_positions is not None and args.max_length > learned_positions:
-        raise LmlabError(f"--max-length {args.max_length} exceeds the model's {learned_positions} learned positions "
-                         f"(n_positions); use --max-length {learned_positions} or less")
+    positions = learned_positions(model.config)
+    if positions is not None and args.max_length > positions:
+        raise LmlabError(f"--max-length {args.max_length} exceeds the model's {positions} learned positions "
+                         f"(n_positions); use --max-length {positions} or less")
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     if args.adapter:
         from lmlab.hylorada import load_adapter

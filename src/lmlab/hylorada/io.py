@@ -17,7 +17,7 @@ from torch import nn
 
 from lmlab.config import describe_validation_error
 from lmlab.errors import CheckpointError, ConfigError
-from lmlab.fileio import read_tensors
+from lmlab.fileio import atomic_path, atomic_write_text, read_tensors
 from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import adapter_parameters, apply_hylorada, hylorada_state
@@ -30,7 +30,10 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> dict:
-    """Write the adapter (config + every trainable tensor) to `directory`; returns its size."""
+    """Write the adapter (config + every trainable tensor) to `directory`; returns its size.
+
+    Each file goes to a temporary name and is renamed into place, the weights first and the config last: an
+    interrupted save never leaves a truncated file, and a config is never newer than its weights."""
     state = hylorada_state(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -43,8 +46,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> dict:
         "base_model": state.base_model,
         "adapted_modules": state.adapted,
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    with atomic_path(directory / WEIGHTS_FILE) as staging:
+        save_file(tensors, str(staging), metadata={"format": "pt"})
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
     weight_bytes = (directory / WEIGHTS_FILE).stat().st_size
     return {
         "directory": str(directory),
@@ -262,14 +266,15 @@ def export_peft(model: nn.Module, directory: str | Path) -> dict:
         task_type="CAUSAL_LM" if causal else None,
     )
     directory = Path(directory)
-    peft_config.save_pretrained(str(directory))
     tensors = {}
     for name, layer in layers.items():
         tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().contiguous()
         tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().contiguous()
         if layer.lora_magnitude is not None:
             tensors[f"{_PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude.detach().contiguous()
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    with atomic_path(directory / WEIGHTS_FILE) as staging:  # weights first, config last, as save_adapter
+        save_file(tensors, str(staging), metadata={"format": "pt"})
+    peft_config.save_pretrained(str(directory))
     weight_bytes = (directory / WEIGHTS_FILE).stat().st_size
     return {"directory": str(directory), "num_tensors": len(tensors),
             "num_params": sum(t.numel() for t in tensors.values()), "weights_bytes": weight_bytes}

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -119,11 +120,8 @@ def run_system(bridge: LatentWireBridge, system: str, items: Sequence[dict], *, 
         context = text_context
     return SystemRun(outputs=outputs, prompt_tokens=prompt_tokens, context_tokens=context,
                      text_context_tokens=text_context, new_tokens=new_tokens, seconds=seconds,
-                     kv_bytes=kv_cache_bytes(model.config, _mean(prompt_tokens), element_bytes(model)))
+                     kv_bytes=kv_cache_bytes(model.config, fmean(prompt_tokens), element_bytes(model)))
 
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def score_outputs(outputs: Sequence[str], golds: Sequence[str]) -> list[dict]:
@@ -149,8 +147,8 @@ def system_metrics(system: str, run: SystemRun, records: Sequence[dict], referen
         "acc_flexible": correct / n,
         "invalid_rate": sum(r["flexible"] is None for r in records) / n,
         "acc_flexible_wilson95": wilson_interval(correct, n),
-        "prompt_tokens": _mean(run.prompt_tokens),
-        "compression": _mean(run.text_context_tokens) / max(_mean(run.context_tokens), 1e-9),
+        "prompt_tokens": fmean(run.prompt_tokens),
+        "compression": fmean(run.text_context_tokens) / max(fmean(run.context_tokens), 1e-9),
         "kv_bytes": run.kv_bytes,
         "kv_bytes_saved": reference_kv_bytes - run.kv_bytes,
         "latency_s": run.seconds / n,
@@ -174,7 +172,7 @@ def evaluate_latentwire(bridge: LatentWireBridge, items: Sequence[dict], *, syst
     golds = [gold_answer(item) for item in items]
     enc = bridge.encoder
     # The reference KV cache is target_text's prompt, measured from its encoding even when it is not run.
-    reference_kv = kv_cache_bytes(bridge.target.config, _mean([len(enc.text_prompt(it)) for it in items]),
+    reference_kv = kv_cache_bytes(bridge.target.config, fmean([len(enc.text_prompt(it)) for it in items]),
                                   element_bytes(bridge.target))
     metrics: dict = {}
     per_system = {}

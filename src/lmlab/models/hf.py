@@ -177,6 +177,13 @@ def prefix_token_id(tokenizer) -> int:
     return token
 
 
+def learned_positions(config: PretrainedConfig) -> int | None:
+    """The size of a GPT-2-style table of learned absolute positions (n_positions), which a model cannot read
+    past; None for models without one (RoPE and the like)."""
+    value = getattr(config.get_text_config(), "n_positions", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def context_length(config: PretrainedConfig) -> int | None:
     """The context a Hugging Face config was built for, under whichever name its architecture uses."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "max_seq_len", "seq_length"):

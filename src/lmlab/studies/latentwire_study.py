@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from statistics import fmean
 from typing import Literal
 
 import torch
@@ -45,7 +46,7 @@ from lmlab.latentwire.evaluate import (
 from lmlab.latentwire.gsm8k import GSM8KPrompt, select_exemplars
 from lmlab.latentwire.losses import LossWeights, answer_nll, bridge_loss
 from lmlab.latentwire.translator import PAPER_PRESETS, TranslatorShape, optimizer_rules, parameter_count
-from lmlab.models.hf import load_causal_lm, load_tokenizer
+from lmlab.models.hf import learned_positions, load_causal_lm, load_tokenizer
 from lmlab.models.tiny import PretrainConfig, TinyModelConfig, pretrained_tiny
 from lmlab.studies import stats
 from lmlab.studies.report import cell_curves, fmt, label_axes, line_plot, mean_over_seeds, save_figure
@@ -293,7 +294,7 @@ def _check_positions(side: _Side, prompt: GSM8KPrompt, items: Sequence[dict], re
 
     `reserve`: positions besides BOS and the text prompt (new tokens, and soft tokens in soft_plus_text).
     """
-    positions = getattr(side.model.config.get_text_config(), "n_positions", None)
+    positions = learned_positions(side.model.config)
     if positions is None:
         return
     longest = max(len(side.tokenizer(prompt.text(item))["input_ids"]) for item in items) + 1 + reserve
@@ -477,9 +478,6 @@ def _cell_above_controls(row: dict) -> bool:
     return all(low > m[f"{s}/acc_flexible_wilson95"][1] for s in ("zero_prefix", "shuffled_source"))
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
 
 def _systems_section(rows: list[dict], configs: list[str]) -> list[str]:
     lines = ["## Every system", "",
@@ -495,7 +493,7 @@ def _systems_section(rows: list[dict], configs: list[str]) -> list[str]:
         for system in SYSTEMS:
             if f"{system}/acc_flexible" not in cells[0]["metrics"]:
                 continue
-            mean = {m: _mean([r["metrics"][f"{system}/{m}"] for r in cells])
+            mean = {m: fmean([r["metrics"][f"{system}/{m}"] for r in cells])
                     for m in ("invalid_rate", "prompt_tokens", "compression", "kv_bytes", "kv_bytes_saved",
                               "latency_s", "tokens_per_s")}
             lines.append(f"| {config} | {system} | {_interval(*_pooled(cells, system, 'acc_strict'))} | "
@@ -518,9 +516,9 @@ def _timing_section(rows: list[dict], configs: list[str]) -> list[str]:
               "|---|---|---|---|---|"]
     for config in configs:
         cells = [r for r in rows if r["config"] == config]
-        lines.append(f"| {config} | {_mean([r['metrics']['train_steps'] for r in cells]):.0f} | "
-                     f"{_mean([r['metrics']['train_time_s'] for r in cells]):.1f} | "
-                     f"{_mean([r['metrics']['eval_time_s'] for r in cells]):.1f} | "
+        lines.append(f"| {config} | {fmean([r['metrics']['train_steps'] for r in cells]):.0f} | "
+                     f"{fmean([r['metrics']['train_time_s'] for r in cells]):.1f} | "
+                     f"{fmean([r['metrics']['eval_time_s'] for r in cells]):.1f} | "
                      f"{sum(r['details']['stopped_early'] for r in cells)}/{len(cells)} |")
     return [*lines, ""]
 
@@ -545,7 +543,7 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
         ks = sorted(by_k)
         for system, marker in (("bridged", "o"), ("token_budget", "s"), ("zero_prefix", "x"),
                                ("shuffled_source", "+")):
-            xs = [_mean([r["metrics"][f"{system}/compression"] for r in by_k[k]]) for k in ks]
+            xs = [fmean([r["metrics"][f"{system}/compression"] for r in by_k[k]]) for k in ks]
             pooled = [_pooled(by_k[k], system) for k in ks]
             ys = [c / n for c, n in pooled]
             bounds = [stats.wilson_interval(c, n) for c, n in pooled]
@@ -556,7 +554,7 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
                 for x, y, k in zip(xs, ys, ks, strict=True):
                     acc_ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
             if system in ("bridged", "token_budget"):  # in soft_only mode both prompts have 1 + K + cue positions
-                saved = [_mean([r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]]) for k in ks]
+                saved = [fmean([r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]]) for k in ks]
                 kv_ax.plot(xs, saved, marker=marker, linestyle="-" if system == "bridged" else "--",
                            label=f"{system} ({mode})")
         every = [r for k in ks for r in by_k[k]]
