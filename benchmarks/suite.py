@@ -131,16 +131,16 @@ def paired_ratio(ours: list[float], reference: list[float]) -> float:
     return statistics.median(a / b for a, b in zip(ours, reference, strict=True))
 
 
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
     """Distribution-free confidence interval of the median: the order statistics (k, n + 1 - k) where k is the
-    largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (n = 31: ranks 10 and 22, coverage 97%). With
-    fewer than 6 values no such k exists at 95%: the interval is then the range."""
+    largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (n = 31: ranks 10 and 22, coverage 97%).
+    None when there are too few values for any interval to reach `level` (fewer than 6 at 95%, e.g. --quick)."""
     from scipy.stats import binom
 
     ordered = sorted(values)
     n = len(ordered)
-    k = max(int(binom.ppf((1 - level) / 2, n, 0.5)), 1)  # the smallest k with P(B <= k) >= alpha / 2
-    return ordered[k - 1], ordered[n - k]
+    k = int(binom.ppf((1 - level) / 2, n, 0.5))  # the smallest k with P(B <= k) >= alpha / 2
+    return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
 
 
 @dataclass

@@ -54,8 +54,11 @@ def test_median_interval_is_the_binomial_order_statistic_interval(n):
         return sum(comb(n, i) for i in range(k)) / 2**n
 
     ranks = [k for k in range(1, n // 2 + 1) if below(k) <= 0.025]
-    k = max(ranks) if ranks else 1
     values = [float(v) for v in torch.randperm(n).tolist()]  # 0 .. n-1 in random order
+    if not ranks:  # too few rounds for a 95% interval (the --quick runs)
+        assert n < 6 and suite.median_interval(values) is None
+        return
+    k = max(ranks)
     assert suite.median_interval(values) == (k - 1, n - k)
     if n == 31:
         assert (k, n + 1 - k) == (10, 22)
