@@ -354,3 +354,24 @@ def test_a_prompt_longer_than_the_sources_positions_is_a_one_line_error(source_d
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "n_positions" in err and "lower n_shot" in err
+
+
+def test_bridge_section_counts_cells_and_pools_items_above_both_controls():
+    from lmlab.studies.latentwire_study import _bridge_section
+    from lmlab.studies.stats import wilson_interval
+
+    def cell(bridged: int, zero: int, shuffled: int, items: int = 100) -> dict:
+        counts = {"bridged": bridged, "zero_prefix": zero, "shuffled_source": shuffled}
+        metrics = {}
+        for system, correct in counts.items():
+            metrics[f"{system}/acc_flexible"] = correct / items
+            metrics[f"{system}/acc_flexible_wilson95"] = wilson_interval(correct, items)
+        return {"config": "k8", "metrics": metrics, "details": {"eval_items": items}}
+
+    # cell 1 alone is clearly above both controls; cell 2's bridged interval overlaps the shuffled control's
+    rows = [cell(40, 1, 2), cell(12, 0, 8)]
+    assert wilson_interval(12, 100)[0] < wilson_interval(8, 100)[1]
+    line = next(line for line in _bridge_section(rows, ["k8"]) if line.startswith("| k8 |"))
+    # pooled over 200 items: 52 vs 1 and 10 correct -> above both; per cell: 1 of 2
+    assert wilson_interval(52, 200)[0] > wilson_interval(10, 200)[1]
+    assert line.endswith("| 200 | 0.260 [0.204, 0.325] | 0.005 [0.001, 0.028] | 0.050 [0.027, 0.090] | yes | 1/2 |")
