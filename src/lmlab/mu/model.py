@@ -15,9 +15,9 @@ another order changes nothing but speed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lmlab.kernels import causal_attention
 from lmlab.mu.config import MUConfig
 from lmlab.mu.dense import MLP, CausalSelfAttention, init_weights, positions
 
@@ -39,7 +39,7 @@ class BlockLinear(nn.Module):
 
 class BlockAttention(nn.Module):
     """Each block's cells attend across the sequence on their own: one causal head per block, all blocks
-    in one batched attention call."""
+    in one batched attention call (`lmlab.kernels.causal_attention`: a compiled kernel on CPU, SDPA elsewhere)."""
 
     def __init__(self, n_blocks: int, block_dim: int, dropout: float):
         super().__init__()
@@ -51,9 +51,8 @@ class BlockAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x.view(B, T, self.n_blocks, self.block_dim))  # [B, T, nb, 3*db]
-        q, k, v = qkv.transpose(1, 2).split(self.block_dim, dim=-1)  # [B, nb, T, db] each
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_drop(self.proj(y.transpose(1, 2)).reshape(B, T, C))
+        y = causal_attention(qkv, self.n_blocks, self.block_dim, self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y).reshape(B, T, C))  # y: [B, T, nb, db]
 
 
 class TokenBlockAffinity(nn.Module):

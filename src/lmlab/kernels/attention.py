@@ -1,0 +1,170 @@
+"""Causal self-attention over many small heads, with a compiled CPU kernel (MU's block attention).
+
+`causal_attention(qkv, n_heads, head_dim)` takes the fused projection `qkv [B, T, H, 3 * D]` (each head's q, k, v
+side by side, as MU's per-block projection writes them) and returns softmax(q k^T / sqrt(D) + causal mask) v
+as `[B, T, H, D]`. It equals `F.scaled_dot_product_attention(..., is_causal=True)` in value and gradient.
+
+Where it runs: for float32 tensors on the CPU without attention dropout, `causal_attention.c` (next to this
+file) - built on first use with the machine's C compiler into the lmlab cache (`LMLAB_CACHE`, by default
+~/.cache/lmlab) and loaded with ctypes. With heads of width 4, torch's CPU flash kernel spends its time in
+tile GEMMs whose inner dimension is 4; the kernel here is ~3.5x faster forward and backward
+(`benchmarks/`, MU row). Everywhere else (GPU, bf16 / float16 / float64, dropout > 0, no compiler, or
+`LMLAB_CPU_KERNELS=0`) it is `F.scaled_dot_product_attention`, so the numbers are the same either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("causal_attention.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
+DISABLE_ENV = "LMLAB_CPU_KERNELS"
+
+
+def causal_attention(qkv: torch.Tensor, n_heads: int, head_dim: int, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention of each head over the sequence: `qkv [B, T, H, 3 * D]` -> `[B, T, H, D]`.
+
+    `dropout_p` is applied to the attention weights (as in SDPA), so pass 0 outside training.
+    """
+    if qkv.dim() != 4 or qkv.shape[2] != n_heads or qkv.shape[3] != 3 * head_dim:
+        raise ValueError(f"causal_attention takes qkv [B, T, {n_heads}, {3 * head_dim}], got {tuple(qkv.shape)}")
+    if dropout_p == 0.0 and qkv.device.type == "cpu" and qkv.dtype == torch.float32 and kernel_available():
+        return _forward(qkv.contiguous(), n_heads, head_dim)[0]
+    q, k, v = qkv.transpose(1, 2).split(head_dim, dim=-1)  # [B, H, T, D] each
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True).transpose(1, 2)
+
+
+@torch.compiler.assume_constant_result
+def kernel_available() -> bool:
+    """Whether `causal_attention` runs the compiled CPU kernel for float32 CPU tensors (see the module doc)."""
+    if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return _library() is not None
+
+
+# A torch custom op (not a bare autograd.Function) so that torch.compile treats the kernel as one opaque node.
+@torch.library.custom_op("lmlab::causal_attention_cpu", mutates_args=(), device_types="cpu")
+def _forward(qkv: torch.Tensor, n_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, T, H, D], lse [B, H, T]) of a contiguous float32 qkv [B, T, H, 3D]."""
+    B, T = qkv.shape[:2]
+    out, lse = qkv.new_empty(B, T, n_heads, head_dim), qkv.new_empty(B, n_heads, T)
+    _call("forward", qkv, out, lse, *_geometry(qkv, n_heads, head_dim))
+    return out, lse
+
+
+@_forward.register_fake
+def _(qkv, n_heads, head_dim):
+    B, T = qkv.shape[:2]
+    return qkv.new_empty(B, T, n_heads, head_dim), qkv.new_empty(B, n_heads, T)
+
+
+@torch.library.custom_op("lmlab::causal_attention_cpu_backward", mutates_args=(), device_types="cpu")
+def _backward(qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, grad_out: torch.Tensor, n_heads: int,
+              head_dim: int) -> torch.Tensor:
+    grad_qkv = torch.empty_like(qkv)
+    _call("backward", qkv, out, grad_out.contiguous(), lse, grad_qkv, *_geometry(qkv, n_heads, head_dim))
+    return grad_qkv
+
+
+@_backward.register_fake
+def _(qkv, out, lse, grad_out, n_heads, head_dim):
+    return torch.empty_like(qkv)
+
+
+def _save(ctx, inputs, output) -> None:
+    qkv, n_heads, head_dim = inputs
+    ctx.save_for_backward(qkv, *output)
+    ctx.heads = (n_heads, head_dim)
+
+
+def _differentiate(ctx, grad_out, grad_lse):  # lse is never handed out, so grad_lse is unused
+    qkv, out, lse = ctx.saved_tensors
+    return _backward(qkv, out, lse, grad_out, *ctx.heads), None, None
+
+
+_forward.register_autograd(_differentiate, setup_context=_save)
+
+
+def _geometry(qkv: torch.Tensor, n_heads: int, head_dim: int) -> tuple:
+    B, T = qkv.shape[:2]
+    # B, T, H, D, strides of batch / position / head, offsets of k and v inside a head, scale, threads
+    return (B, T, n_heads, head_dim, qkv.stride(0), qkv.stride(1), qkv.stride(2), head_dim, 2 * head_dim,
+            head_dim**-0.5, torch.get_num_threads())
+
+
+def _call(direction: str, *args) -> None:
+    lib = _library()
+    fn = lib.lmlab_causal_attention_forward if direction == "forward" else lib.lmlab_causal_attention_backward
+    converted = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    if fn(*converted) != 0:
+        raise MemoryError(f"the CPU attention kernel could not allocate its work buffers ({direction})")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel (built once per source, compiler and CPU), or None with one warning if it cannot be
+    built here."""
+    try:
+        path = _build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"lmlab: the CPU attention kernel could not be built or loaded ({exc}); falling back to "
+                      f"torch's scaled_dot_product_attention (same results, slower for MU on CPU). Install a C "
+                      f"compiler with OpenMP (e.g. gcc) or set CC to silence this.", RuntimeWarning, stacklevel=3)
+        return None
+    pointer, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    geometry = [i32, i32, i32, i32, i64, i64, i64, i64, i64, f32, i32]
+    lib.lmlab_causal_attention_forward.argtypes = [pointer] * 3 + geometry
+    lib.lmlab_causal_attention_backward.argtypes = [pointer] * 5 + geometry
+    lib.lmlab_causal_attention_forward.restype = lib.lmlab_causal_attention_backward.restype = i32
+    return lib
+
+
+def _build() -> Path:
+    from lmlab.models.tiny import cache_root
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise OSError("no C compiler found (cc, gcc or $CC)")
+    # -march=native: the library is only valid on this kind of CPU, so the CPU is part of its name.
+    key = hashlib.sha256(
+        "\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _cpu_flags()]).encode()
+    ).hexdigest()[:16]
+    target = cache_root() / "kernels" / f"causal_attention-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                                timeout=120)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise OSError(f"{compiler} exited with {result.returncode}: {last}")
+        os.replace(tmp, target)  # concurrent builders (test workers) each rename a whole file into place
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _cpu_flags() -> str:
+    """The first CPU's model name and instruction-set flags, as /proc/cpuinfo lists them (Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return platform.processor()
+    return "\n".join(line for line in text.splitlines() if line.startswith(("model name", "flags", "Features")))
