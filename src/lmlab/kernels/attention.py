@@ -120,9 +120,10 @@ def _library() -> ctypes.CDLL | None:
         path = _build()
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
-        warnings.warn(f"lmlab: the CPU attention kernel could not be built or loaded ({exc}); falling back to "
-                      f"torch's scaled_dot_product_attention (same results, slower for MU on CPU). Install a C "
-                      f"compiler with OpenMP (e.g. gcc) or set CC to silence this.", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"lmlab: the CPU attention kernel could not be built or loaded ({exc}); using torch's "
+                      f"scaled_dot_product_attention instead (same results, slower for MU on CPU). To build it, "
+                      f"install a C compiler with OpenMP (e.g. gcc) or point CC at one; to skip it without this "
+                      f"warning, set {DISABLE_ENV}=0.", RuntimeWarning, stacklevel=3)
         return None
     pointer, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     geometry = [i32, i32, i32, i32, i64, i64, i64, i64, i64, f32, i32]
