@@ -342,26 +342,33 @@ def test_keep_mask_keeps_each_element_with_probability_one_minus_p():
 
 @pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
 @pytest.mark.parametrize("dora", [False, True])
-def test_fused_gradients_match_plain_autograd(layer_type, dora):
+@pytest.mark.parametrize("position_bias,tokens", [(True, 7), (False, 1), (False, 7)])
+def test_fused_gradients_match_plain_autograd(layer_type, dora, position_bias, tokens):
+    """Every path of the fused update: with a per-token factor, and without one for few tokens (rank-r products)
+    and for many (the update merged into the weight, W0 + s B A)."""
     torch.manual_seed(0)
     base = torch.nn.Linear(10, 12) if layer_type == "linear" else Conv1D(12, 10)
     base.requires_grad_(False)
     context = PositionContext()
-    layer = HyLoRADALinear(base, hy_config(use_dora=dora, position_bias=True), context)
+    layer = HyLoRADALinear(base, hy_config(use_dora=dora, position_bias=position_bias), context)
     perturb(layer)
+    n = 2 * tokens
     table = torch.randn(8, requires_grad=True)
-    buckets = torch.randint(0, 8, (14,))
-    x = torch.randn(2, 7, 10, requires_grad=True)
-    grad_out = torch.randn(2, 7, 12)
-    wrt = [x, layer.lora_A, layer.lora_B, layer.position_gate, table] + ([layer.lora_magnitude] if dora else [])
+    buckets = torch.randint(0, 8, (n,))
+    x = torch.randn(2, tokens, 10, requires_grad=True)
+    grad_out = torch.randn(2, tokens, 12)
+    wrt = [x, layer.lora_A, layer.lora_B] + ([layer.position_gate, table] if position_bias else [])
+    wrt += [layer.lora_magnitude] if dora else []
 
     context.bias_term = torch.tanh(table)[buckets].unsqueeze(-1)
     fused = layer(x)
+    # merged exactly when N (in + out) > in out, i.e. 2 * tokens * 22 > 120, and nothing is per token
+    assert fused.grad_fn.next_functions[0][0].merged == (not position_bias and n * 22 > 120)  # under the view
     fused_grads = torch.autograd.grad(fused, wrt, grad_out)
 
     context.bias_term = torch.tanh(table)[buckets].unsqueeze(-1)
-    factor = 1 + torch.sigmoid(layer.position_gate) * context.bias_term
-    plain = layer._forward_autograd(x.reshape(14, 10), factor, layer.row_norm() if dora else None).view(2, 7, 12)
+    factor = 1 + torch.sigmoid(layer.position_gate) * context.bias_term if position_bias else None
+    plain = layer._forward_autograd(x.reshape(n, 10), factor, layer.row_norm() if dora else None).view(2, tokens, 12)
     plain_grads = torch.autograd.grad(plain, wrt, grad_out)
 
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)

@@ -4,9 +4,10 @@
     DoRA: y = (m / ||W0 + s B A||_row) * (W0 x + s B A dropout(x) ...) + b               (norm detached)
 
 Numerics match peft's LoRA/rsLoRA/DoRA for the same weights. The forward is kept lean because it runs
-inside every attention projection: the low-rank add is fused into one GEMM (`addmm_`), the position
-factor scales the rank-r intermediate [N, r] rather than [N, out], and the DoRA row norm is computed
-without forming B A and cached until A, B or W0 change.
+inside every attention projection: for a training batch without dropout or position factor the update is
+merged into the weight (one GEMM with W0 + s B A forward and backward), otherwise the low-rank add is fused
+into one GEMM (`addmm_`); the position factor scales the rank-r intermediate [N, r] rather than [N, out], and
+the DoRA row norm is computed without forming B A and cached until A, B or W0 change.
 """
 
 from __future__ import annotations
@@ -167,47 +168,59 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class _LowRankUpdate(torch.autograd.Function):
     """The adapter's whole forward as one autograd node, with a hand-written backward.
 
-    Why: one node instead of ~8 keeps per-layer overhead low, and the backward can pick fast layouts
-    for the thin rank-r GEMMs (on CPU, [N, out] @ [out, r] is several times faster with the [out, r]
-    operand column-major) and fuse the LoRA input gradient into the base one (addmm_ / addcmul_ over
-    [N, in]). Dropout keeps an unscaled masked copy of x and applies 1/(1-p) to the rank-r
-    intermediate instead of to [N, in]. DoRA's row scale g = m / ||W|| is folded into the weight and
-    the rank-r factor rather than applied to [N, out] activations and gradients, and its magnitude
-    gradient is read off the output. The base weight and bias are frozen here (the module falls back
-    to plain autograd otherwise).
+    Why: one node instead of ~8 keeps per-layer overhead low, the update can be merged into the weight for
+    the step (when N (in + out) > in out: an [out, in] GEMM instead of passes over [N, out] and [N, in]),
+    and the backward can pick fast layouts for the thin rank-r GEMMs (on CPU, [N, out] @ [out, r] is several
+    times faster with the [out, r] operand column-major) and fuse the LoRA input gradient into the base one
+    (addmm_ / addcmul_ over [N, in], or the merged weight). Dropout keeps an unscaled masked copy of x and
+    applies 1/(1-p) to the rank-r intermediate instead of to [N, in]. DoRA's row scale g = m / ||W|| is folded
+    into the weight and the rank-r factor rather than applied to [N, out] activations and gradients, and its
+    magnitude gradient is read off the output. The base weight and bias are frozen here (the module falls
+    back to plain autograd otherwise).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, factor, magnitude, norm, scaling, fan_in_fan_out, p):
         # x [N, in]; weight [out, in] ([in, out] for Conv1D); factor [N, 1] | None; magnitude, norm [out] | None
         keep_scale = 1.0 / (1.0 - p)
-        # the rank-r intermediates are computed transposed, [r, N] = A x^T, and used as [N, r] views: on CPU
-        # the thin GEMM is up to 2x faster in this orientation (x is read once along its rows)
-        if p > 0:
-            mask = keep_mask(x, p)
-            lora_in = torch.mul(x, mask)
-            h0 = (lora_a @ lora_in.t()).mul_(keep_scale).t()  # [N, r]
-        else:
-            mask, lora_in = None, x
-            h0 = (lora_a @ lora_in.t()).t()
-        h = h0 * factor if factor is not None else h0
         b_t = lora_b.t().contiguous()  # [r, out]
         g = None
         if magnitude is not None:
             g = magnitude / norm  # DoRA's row scale; norm is a constant (DoRA s. 4.3), the bias is not rescaled
             b_t = b_t * g
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        # Without dropout or a per-token factor the update is a fixed weight: y = (W0 + s B A) x, one GEMM, and
+        # grad_x = grad_y (W0 + s B A) in backward, instead of two rank-r GEMMs that read and write [N, out] and
+        # [N, in]. Worth it when forming the [out, in] weight costs less than those passes (N (in + out) > in out);
+        # fp32 / fp64 only, so that s B A is not rounded away against W0 in a 16-bit weight.
+        merged = (p == 0 and factor is None and weight.dtype in (torch.float32, torch.float64)
+                  and x.shape[0] * (in_features + out_features) > in_features * out_features)
+        # the rank-r intermediates are computed transposed, [r, N] = A x^T, and used as [N, r] views: on CPU
+        # the thin GEMM is up to 2x faster in this orientation (x is read once along its rows)
+        mask, lora_in = None, x
+        if merged:
+            h0 = (lora_a @ x.t()).t() if ctx.needs_input_grad[4] else None  # only lora_b's gradient needs it
+        elif p > 0:
+            mask = keep_mask(x, p)
+            lora_in = torch.mul(x, mask)
+            h0 = (lora_a @ lora_in.t()).mul_(keep_scale).t()  # [N, r]
+        else:
+            h0 = (lora_a @ lora_in.t()).t()
+        h = h0 * factor if factor is not None else h0
         # y = g (.) (W0 x + s B h) + bias, with g folded into the [out, in] and [out, r] factors, not into [N, out]
-        y = _linear(x, weight, bias, fan_in_fan_out, g)  # [N, out]
-        y.addmm_(h, b_t, alpha=scaling)
+        y = _linear(x, _merge(weight, lora_a, lora_b, scaling, fan_in_fan_out) if merged else weight, bias,
+                    fan_in_fan_out, g)  # [N, out]
+        if not merged:
+            y.addmm_(h, b_t, alpha=scaling)
         # DoRA's magnitude gradient needs W0 x + s B h = (y - bias) / g: keep y rather than a second [N, out]
         saved_y = y if magnitude is not None and magnitude.requires_grad else None
-        ctx.save_for_backward(lora_in, mask, h0, h, factor, weight, lora_a, b_t, saved_y, g, magnitude, bias)
-        ctx.scaling, ctx.fan_in_fan_out, ctx.keep_scale = scaling, fan_in_fan_out, keep_scale
+        ctx.save_for_backward(lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, saved_y, g, magnitude, bias)
+        ctx.scaling, ctx.fan_in_fan_out, ctx.keep_scale, ctx.merged = scaling, fan_in_fan_out, keep_scale, merged
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        lora_in, mask, h0, h, factor, weight, lora_a, b_t, y, g, magnitude, bias = ctx.saved_tensors
+        lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, y, g, magnitude, bias = ctx.saved_tensors
         need_x, _, _, need_a, need_b, need_factor, need_magnitude = ctx.needs_input_grad[:7]
         s = ctx.scaling
         grad_magnitude = None
@@ -223,20 +236,32 @@ class _LowRankUpdate(torch.autograd.Function):
             if g is not None:
                 grad_b *= g
             grad_b = grad_b.mul_(s).t()  # [out, r]
-        grad_h = (b_t @ grad_y.t()).mul_(s).t()  # [N, r] (computed as [r, N], as h0); b_t already carries g
-        grad_factor = (grad_h * h0).sum(-1, keepdim=True) if need_factor else None  # [N, 1]
-        grad_h0 = grad_h * factor if factor is not None else grad_h
-        if mask is not None:
-            grad_h0 = grad_h0 * ctx.keep_scale
-        grad_a = grad_h0.t() @ lora_in if need_a else None  # [r, in]
-        grad_x = None
+        grad_a = grad_factor = grad_x = None
+        if need_a or need_factor or (need_x and not ctx.merged):
+            grad_h = (b_t @ grad_y.t()).mul_(s).t()  # [N, r] (computed as [r, N], as h0); b_t already carries g
+            grad_factor = (grad_h * h0).sum(-1, keepdim=True) if need_factor else None  # [N, 1]
+            grad_h0 = grad_h * factor if factor is not None else grad_h
+            if mask is not None:
+                grad_h0 = grad_h0 * ctx.keep_scale
+            grad_a = grad_h0.t() @ lora_in if need_a else None  # [r, in]
         if need_x:
+            # merged: W0 + s B A (formed again rather than kept: one weight-sized temporary at a time, not one per
+            # adapted layer until backward) already carries the update's share of the input gradient
+            if ctx.merged:
+                weight = _merge(weight, lora_a, lora_b, s, ctx.fan_in_fan_out)
             grad_x = _input_grad(grad_y, weight, ctx.fan_in_fan_out, g)  # [N, in]
-            if mask is None:
+            if not ctx.merged and mask is None:
                 grad_x.addmm_(grad_h0, lora_a)
-            else:
+            elif not ctx.merged:
                 grad_x.addcmul_(grad_h0 @ lora_a, mask)
         return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None
+
+
+def _merge(weight, lora_a, lora_b, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    """W0 + s B A in the base weight's layout ([in, out] for Conv1D)."""
+    if fan_in_fan_out:
+        return torch.addmm(weight, lora_a.t(), lora_b.t(), alpha=scaling)
+    return torch.addmm(weight, lora_b, lora_a, alpha=scaling)
 
 
 def _linear(x, weight, bias, fan_in_fan_out: bool, g: torch.Tensor | None) -> torch.Tensor:
