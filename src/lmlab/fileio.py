@@ -15,6 +15,12 @@ from safetensors import safe_open
 from lmlab.errors import CheckpointError
 
 
+def cache_root() -> Path:
+    """Where lmlab keeps what it builds once per machine (pretrained tiny models, compiled kernels):
+    `LMLAB_CACHE`, by default ~/.cache/lmlab."""
+    return Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write a file to; synced and renamed over `path` when the

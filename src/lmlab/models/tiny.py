@@ -29,6 +29,7 @@ from lmlab.data.tokenizer import train_bpe_tokenizer
 from lmlab.engine import distributed as D
 from lmlab.engine.train import TrainConfig, collate_lm, train
 from lmlab.eval.perplexity import evaluate_perplexity
+from lmlab.fileio import cache_root
 
 PRETRAIN_FORMAT = 1  # bump when the pretraining recipe changes in a way the code hash below misses
 
@@ -104,10 +105,6 @@ class PretrainConfig(Section):
         payload = json.dumps({"format": PRETRAIN_FORMAT, "code": _recipe_fingerprint(), **self.model_dump()},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("LMLAB_CACHE", Path.home() / ".cache" / "lmlab"))
 
 
 def _training_texts(cfg: PretrainConfig, tokenizer=None) -> list[str]:
