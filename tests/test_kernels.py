@@ -27,6 +27,12 @@ def reference(qkv: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     return out
 
 
+def qkv_major(qkv: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """The same numbers as [B, T, 3, H, D] (nanoGPT's layout) from [B, T, H, 3D]."""
+    B, T = qkv.shape[:2]
+    return qkv.view(B, T, n_heads, 3, head_dim).transpose(2, 3).contiguous()
+
+
 def value_and_grad(fn, qkv: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = qkv.detach().clone().requires_grad_()
     out = fn(x)
@@ -40,12 +46,15 @@ needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler 
 
 @needs_kernel
 @pytest.mark.parametrize("B,T,H,D", [(2, 1, 3, 4), (2, 17, 5, 4), (3, 40, 16, 4), (1, 130, 2, 16), (2, 33, 3, 1)])
-def test_kernel_matches_float64_reference_in_value_and_gradient(B, T, H, D):
+@pytest.mark.parametrize("layout", ["per_head", "qkv_major"])
+def test_kernel_matches_float64_reference_in_value_and_gradient(B, T, H, D, layout):
     torch.manual_seed(T * 31 + D)
     qkv = 2.0 * torch.randn(B, T, H, 3 * D)
     grad_out = torch.randn(B, T, H, D)
-    out, grad = value_and_grad(lambda x: causal_attention(x, H, D), qkv, grad_out)
     ref_out, ref_grad = value_and_grad(lambda x: reference(x, H, D), qkv.double(), grad_out)
+    if layout == "qkv_major":  # the same numbers as [B, T, 3, H, D]; the gradient is compared in that layout
+        qkv, ref_grad = qkv_major(qkv, H, D), qkv_major(ref_grad, H, D)
+    out, grad = value_and_grad(lambda x: causal_attention(x, H, D), qkv, grad_out)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-6 * ref_out.abs().max().item() + 1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=2e-6 * ref_grad.abs().max().item() + 1e-6)
     # And no further from the float64 truth than torch's own float32 SDPA is.
@@ -55,7 +64,7 @@ def test_kernel_matches_float64_reference_in_value_and_gradient(B, T, H, D):
 
 
 def _sdpa(qkv: torch.Tensor, H: int, D: int) -> torch.Tensor:
-    q, k, v = qkv.transpose(1, 2).split(D, dim=-1)
+    q, k, v = qkv.transpose(1, 2).split(D, dim=-1) if qkv.dim() == 4 else qkv.transpose(1, 3).unbind(2)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
 
 
@@ -122,25 +131,31 @@ def test_other_dtypes_dropout_and_torch_compile_take_sdpa(case, monkeypatch):
         torch.testing.assert_close(causal_attention(qkv, 3, 4).double(), reference(qkv, 3, 4), rtol=1e-5, atol=1e-6)
     else:
         dtype = getattr(torch, case)
-        out = causal_attention(qkv.to(dtype), 3, 4)
-        assert out.dtype == dtype
         tol = 1e-12 if dtype == torch.float64 else 3e-2
-        torch.testing.assert_close(out.double(), reference(qkv.to(dtype), 3, 4), rtol=tol, atol=tol)
+        for x in (qkv, qkv_major(qkv, 3, 4)):  # both layouts
+            out = causal_attention(x.to(dtype), 3, 4)
+            assert out.dtype == dtype
+            torch.testing.assert_close(out.double(), reference(qkv.to(dtype), 3, 4), rtol=tol, atol=tol)
     assert calls == []
 
 
-def test_shape_errors_name_the_expected_layout():
-    with pytest.raises(ValueError, match=r"qkv \[B, T, 3, 12\]"):
-        causal_attention(torch.zeros(2, 5, 3, 9), 3, 4)
+def test_shape_errors_name_the_expected_layouts():
+    for wrong in (torch.zeros(2, 5, 3, 9), torch.zeros(2, 5, 3, 2, 4)):
+        with pytest.raises(ValueError, match=r"qkv \[B, T, 3, 12\] or \[B, T, 3, 3, 4\]"):
+            causal_attention(wrong, 3, 4)
 
 
 @needs_kernel
-def test_mu_loss_and_gradients_match_with_the_kernel_switched_off(monkeypatch):
-    """A whole MU train step's loss and every parameter gradient agree between the kernel and SDPA."""
-    from lmlab.mu import MUConfig, MUModel
+@pytest.mark.parametrize("kind", ["mu", "dense"])
+def test_mu_and_dense_losses_and_gradients_match_with_the_kernel_switched_off(kind, monkeypatch):
+    """A whole MU / dense-baseline train step's loss and every parameter gradient agree between kernel and SDPA."""
+    from lmlab.mu import DenseConfig, DenseModel, MUConfig, MUModel
 
     torch.manual_seed(0)
-    model = MUModel(MUConfig.preset("mu-sota", vocab_size=50, max_seq_len=24, n_layers=2))
+    if kind == "mu":
+        model = MUModel(MUConfig.preset("mu-sota", vocab_size=50, max_seq_len=24, n_layers=2))
+    else:
+        model = DenseModel(DenseConfig(vocab_size=50, max_seq_len=24, n_layers=2, width=66, n_heads=3))
     ids = torch.randint(0, 50, (3, 24))
 
     def loss_and_grads():

@@ -1,16 +1,18 @@
-"""Causal self-attention over many small heads, with a compiled CPU kernel (MU's block attention).
+"""Causal self-attention with a compiled CPU kernel for small heads (MU's block and cross-block attention, and
+the dense baseline's, which shares the cross-block module).
 
-`causal_attention(qkv, n_heads, head_dim)` takes the fused projection `qkv [B, T, H, 3 * D]` (each head's q, k, v
-side by side, as MU's per-block projection writes them) and returns softmax(q k^T / sqrt(D) + causal mask) v
-as `[B, T, H, D]`. It equals `F.scaled_dot_product_attention(..., is_causal=True)` in value and gradient.
+`causal_attention(qkv, n_heads, head_dim)` takes the fused projection - `qkv [B, T, H, 3 * D]` (each head's q, k,
+v side by side, as MU's per-block projection writes them) or `[B, T, 3, H, D]` (nanoGPT's `Linear(C, 3 C)`) -
+and returns softmax(q k^T / sqrt(D) + causal mask) v as `[B, T, H, D]`. It equals
+`F.scaled_dot_product_attention(..., is_causal=True)` in value and gradient.
 
 Where it runs: for float32 tensors on the CPU without attention dropout, `causal_attention.c` (next to this
 file) - built on first use with the machine's C compiler into the lmlab cache (`LMLAB_CACHE`, by default
 ~/.cache/lmlab) and loaded with ctypes. With heads of width 4, torch's CPU flash kernel spends its time in
-tile GEMMs whose inner dimension is 4; the kernel here is ~3.5x faster forward and backward on MU's shapes
-([16, 16, 128, 4], 2 threads), which takes MU's train step from ~2.5x to ~1.7x the dense baseline's (`make
-bench`). Everywhere else (GPU, bf16 / float16 / float64, dropout > 0, no compiler, `LMLAB_CPU_KERNELS=0`)
-and inside torch.compile it is `F.scaled_dot_product_attention`, with the same results.
+tile GEMMs whose inner dimension is 4; the kernel here is ~3.5x faster forward and backward on MU's block
+heads ([16, 16, 128, 4], 2 threads) and ~1.5x on heads of width 16-22 at 128 tokens (MU's cross-block and the
+dense baseline's attention). Everywhere else (GPU, bf16 / float16 / float64, dropout > 0, no compiler,
+`LMLAB_CPU_KERNELS=0`) and inside torch.compile it is `F.scaled_dot_product_attention`, with the same results.
 """
 
 from __future__ import annotations
@@ -34,16 +36,25 @@ DISABLE_ENV = "LMLAB_CPU_KERNELS"
 
 
 def causal_attention(qkv: torch.Tensor, n_heads: int, head_dim: int, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention of each head over the sequence: `qkv [B, T, H, 3 * D]` -> `[B, T, H, D]`.
+    """Causal attention of each head over the sequence -> `[B, T, H, D]`, from a fused projection in either layout:
+
+    - `[B, T, H, 3 * D]`: each head's q, k, v side by side (MU's per-block projection);
+    - `[B, T, 3, H, D]`: all heads' q, then k, then v (a `Linear(C, 3 C)` output viewed so, as nanoGPT's).
 
     `dropout_p` is applied to the attention weights (as in SDPA), so pass 0 outside training.
     """
-    if qkv.dim() != 4 or qkv.shape[2] != n_heads or qkv.shape[3] != 3 * head_dim:
-        raise ValueError(f"causal_attention takes qkv [B, T, {n_heads}, {3 * head_dim}], got {tuple(qkv.shape)}")
+    per_head = (n_heads, 3 * head_dim)
+    if not (qkv.dim() == 4 and tuple(qkv.shape[2:]) == per_head
+            or qkv.dim() == 5 and tuple(qkv.shape[2:]) == (3, n_heads, head_dim)):
+        raise ValueError(f"causal_attention takes qkv [B, T, {n_heads}, {3 * head_dim}] or [B, T, 3, {n_heads}, "
+                         f"{head_dim}], got {tuple(qkv.shape)}")
     if (dropout_p == 0.0 and qkv.device.type == "cpu" and qkv.dtype == torch.float32
             and not torch.compiler.is_compiling() and kernel_available()):
         return _CausalAttentionCPU.apply(qkv.contiguous(), n_heads, head_dim)
-    q, k, v = qkv.transpose(1, 2).split(head_dim, dim=-1)  # [B, H, T, D] each
+    if qkv.dim() == 4:
+        q, k, v = qkv.transpose(1, 2).split(head_dim, dim=-1)  # [B, H, T, D] each
+    else:
+        q, k, v = qkv.transpose(1, 3).unbind(2)  # [B, H, T, D] each
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True).transpose(1, 2)
 
 
@@ -80,10 +91,14 @@ class _CausalAttentionCPU(torch.autograd.Function):
 
 
 def _geometry(qkv: torch.Tensor, n_heads: int, head_dim: int) -> tuple:
+    """B, T, H, D, the strides of batch / position / head, the offsets of k and v from q, scale, threads."""
     B, T = qkv.shape[:2]
-    # B, T, H, D, strides of batch / position / head, offsets of k and v inside a head, scale, threads
-    return (B, T, n_heads, head_dim, qkv.stride(0), qkv.stride(1), qkv.stride(2), head_dim, 2 * head_dim,
-            head_dim**-0.5, torch.get_num_threads())
+    if qkv.dim() == 4:  # [B, T, H, 3D]
+        head, k_offset = qkv.stride(2), head_dim
+    else:  # [B, T, 3, H, D]
+        head, k_offset = qkv.stride(3), qkv.stride(2)
+    return (B, T, n_heads, head_dim, qkv.stride(0), qkv.stride(1), head, k_offset, 2 * k_offset, head_dim**-0.5,
+            torch.get_num_threads())
 
 
 def _call(direction: str, *args) -> None:

@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab.kernels import causal_attention
 from lmlab.mu.config import DenseConfig
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 
 
 class CausalSelfAttention(nn.Module):
-    """Causal multi-head self-attention with a fused qkv projection."""
+    """Causal multi-head self-attention with a fused qkv projection (`lmlab.kernels.causal_attention`)."""
 
     def __init__(self, width: int, n_heads: int, dropout: float):
         super().__init__()
@@ -30,9 +31,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).transpose(1, 3).unbind(2)  # [B, H, T, hd]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)
+        y = causal_attention(qkv, self.n_heads, C // self.n_heads, self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.reshape(B, T, C)))  # y: [B, T, H, hd]
 
 
 class MLP(nn.Module):
