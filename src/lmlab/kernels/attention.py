@@ -68,8 +68,8 @@ def kernel_available() -> bool:
 class _CausalAttentionCPU(torch.autograd.Function):
     """The kernel as one autograd node: forward keeps (qkv, out, logsumexp), backward recomputes the weights.
 
-    A plain autograd.Function rather than a torch.library custom op: the custom-op machinery imports ~900
-    modules (+70 MB) on first call; under torch.compile `causal_attention` takes SDPA instead.
+    A plain autograd.Function, not a torch.library custom op (torch >= 2.4): torch.compile never sees it, as
+    `causal_attention` takes SDPA while compiling.
     """
 
     @staticmethod
@@ -118,9 +118,9 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as exc:
         warnings.warn(f"lmlab: the CPU attention kernel could not be built or loaded ({exc}); using torch's "
-                      f"scaled_dot_product_attention instead (same results, slower for MU on CPU). To build it, "
-                      f"install a C compiler with OpenMP (e.g. gcc) or point CC at one; to skip it without this "
-                      f"warning, set {DISABLE_ENV}=0.", RuntimeWarning, stacklevel=3)
+                      f"scaled_dot_product_attention instead (same results, slower for MU and its dense baseline on "
+                      f"CPU). To build it, install a C compiler with OpenMP (e.g. gcc) or point CC at one; to skip "
+                      f"it without this warning, set {DISABLE_ENV}=0.", RuntimeWarning, stacklevel=3)
         return None
     pointer, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     geometry = [i32, i32, i32, i32, i64, i64, i64, i64, i64, f32, i32]
