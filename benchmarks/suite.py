@@ -168,13 +168,15 @@ class Row:
 
 
 def compare(benchmark: str, ours: str, reference: str, times: dict[str, list[float]], target: float | None = None,
-            metric: str = "s/step") -> Row:
-    """A row for `ours` against `reference` from interleaved times; lower is better, target is a maximum ratio."""
+            metric: str = "s/step", higher_is_better: bool = False) -> Row:
+    """A row for `ours` against `reference` from interleaved measurements (times, or rates with
+    `higher_is_better`); the target is a maximum ratio, or a minimum one for rates."""
     ratio = paired_ratio(times[ours], times[reference])
     interval = median_interval([a / b for a, b in zip(times[ours], times[reference], strict=True)])
+    op = ">=" if higher_is_better else "<="
+    met = None if target is None else (ratio >= target if higher_is_better else ratio <= target)
     return Row(benchmark, ours, reference, metric, statistics.median(times[ours]), statistics.median(times[reference]),
-               ratio, None if target is None else f"<= {target:g}", None if target is None else ratio <= target,
-               interval)
+               ratio, None if target is None else f"{op} {target:g}", met, interval)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,16 +445,12 @@ def bench_eval_ppl(settings: Settings) -> tuple[dict, list[Row]]:
     times = interleaved({"lmlab": lmlab_eval, "plain_loop": plain_loop}, *settings.rounds(11), device)
     tokens = outcome["lmlab"][1]
     rates = {name: [tokens / t for t in ts] for name, ts in times.items()}  # tokens/s: higher is better
-    ratio = paired_ratio(rates["lmlab"], rates["plain_loop"])
     ppl = {name: math.exp(nll / count) for name, (nll, count) in outcome.items()}
     result = {"documents": len(docs), "windows": len(windows), "tokens": tokens, "max_length": max_length,
               "batch_size": 8, "ppl": ppl, "same_tokens": outcome["plain_loop"][1] == tokens,
               "variants": {name: {"median_tokens_per_s": statistics.median(r), "tokens_per_s": r}
                            for name, r in rates.items()}}
-    interval = median_interval([a / b for a, b in zip(rates["lmlab"], rates["plain_loop"], strict=True)])
-    row = Row("eval_ppl", "lmlab", "plain_loop", "tokens/s", statistics.median(rates["lmlab"]),
-              statistics.median(rates["plain_loop"]), ratio, ">= 1", ratio >= 1.0, interval)
-    return result, [row]
+    return result, [compare("eval_ppl", "lmlab", "plain_loop", rates, 1.0, "tokens/s", higher_is_better=True)]
 
 
 # ---------------------------------------------------------------------------------------------------
