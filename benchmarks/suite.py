@@ -9,6 +9,11 @@ variant could not attribute it) and in-process on GPU (CUDA max allocated).
 
     1. train_gpt2 / train_llama: train step time and peak memory of lmlab LoRA, rsLoRA and DoRA against
        peft's, against the frozen-base floor (only the input embedding trainable) and full fine-tuning.
+       lmlab's variants train as lmlab's engine trains them: on lmlab's attention (`lmlab.kernels`, the compiled
+       CPU kernel); peft's, the floor and full fine-tuning on transformers' default SDPA, as a plain PyTorch or
+       peft user runs them. Two more variants take the attention out of the comparison: `floor-lmlab-attn` (the
+       floor on lmlab's attention: what lmlab's adapters add on the same attention) and `lmlab-lora-sdpa`
+       (lmlab's LoRA on SDPA: lmlab's adapters against peft's alone).
     2. hylorada: the full HyLoRADA step (position bias + landmarks) against plain LoRA.
     3. inference: merged adapter against the base forward, unmerged against merged.
     4. eval_ppl: `evaluate_perplexity` (what `lmlab eval ppl` runs) against a plain per-window loop.
@@ -53,7 +58,8 @@ TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 # (use_rslora, use_dora) of each adapter variant, the same on both sides
 ADAPTERS = {"lora": (False, False), "rslora": (True, False), "dora": (False, True)}
-TRAIN_VARIANTS = ("floor", "full", "peft-lora", "lmlab-lora", "peft-rslora", "lmlab-rslora", "peft-dora", "lmlab-dora")
+TRAIN_VARIANTS = ("floor", "floor-lmlab-attn", "full", "peft-lora", "lmlab-lora", "lmlab-lora-sdpa", "peft-rslora",
+                  "lmlab-rslora", "peft-dora", "lmlab-dora")
 LR = 1e-4
 
 
@@ -193,15 +199,20 @@ def base_model(arch: str, sizes: Sizes, seed: int) -> nn.Module:
 
 
 def train_variant(base: nn.Module, arch: str, variant: str, rank: int) -> nn.Module:
-    """A copy of `base` set up for `variant` (see TRAIN_VARIANTS)."""
+    """A copy of `base` set up for `variant` (see TRAIN_VARIANTS and the module doc)."""
+    from lmlab.kernels import use_kernel_attention
+
     model = copy.deepcopy(base)
     if variant == "full":
         return model
-    if variant == "floor":  # the cost any adapter pays: the backward runs through the whole frozen model
+    if variant.startswith("floor"):  # the cost any adapter pays: the backward runs through the whole frozen model
         model.requires_grad_(False)
         model.get_input_embeddings().weight.requires_grad_(True)
+        if variant == "floor-lmlab-attn":
+            use_kernel_attention(model)
         return model
     library, _, kind = variant.partition("-")
+    kind, _, attention = kind.partition("-")
     use_rslora, use_dora = ADAPTERS[kind]
     if library == "peft":
         from peft import LoraConfig, get_peft_model
@@ -209,7 +220,10 @@ def train_variant(base: nn.Module, arch: str, variant: str, rank: int) -> nn.Mod
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS[arch], lora_dropout=0.0,
                             use_rslora=use_rslora, use_dora=use_dora, fan_in_fan_out=arch == "gpt2")
         return get_peft_model(model, config)
-    return apply_lmlab(model, arch, rank, use_rslora=use_rslora, use_dora=use_dora)
+    model = apply_lmlab(model, arch, rank, use_rslora=use_rslora, use_dora=use_dora)
+    if attention != "sdpa":  # as lmlab's engine trains it (lmlab.engine.train)
+        use_kernel_attention(model)
+    return model
 
 
 def apply_lmlab(model: nn.Module, arch: str, rank: int, **options) -> nn.Module:
@@ -244,6 +258,15 @@ def train_step(model: nn.Module, batch: torch.Tensor, device: torch.device) -> C
 def token_batch(sizes: Sizes, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed + 1)
     return torch.randint(0, vocab, (sizes.batch, sizes.seq), generator=generator).to(device)
+
+
+def attention_of(model: nn.Module) -> str:
+    """The model's attention implementation, and for lmlab's whether its compiled CPU kernel runs here."""
+    from lmlab.kernels import kernel_available
+    from lmlab.kernels.attention import HF_NAME
+
+    name = model.config._attn_implementation
+    return f"{name} ({'kernel' if kernel_available() else 'no kernel: SDPA'})" if name == HF_NAME else name
 
 
 def trainable(model: nn.Module) -> int:
@@ -339,15 +362,17 @@ def bench_train(arch: str, settings: Settings) -> tuple[dict, list[Row]]:
         memory = peak_memory({"kind": "train", "arch": arch, "variant": v, "sizes": asdict(sizes),
                               "seed": settings.seed, "threads": settings.threads, "steps": 3}, settings)
         variants[v] = {"median_s": statistics.median(times[v]), "times_s": times[v], "first_loss": first_loss[v],
-                       "trainable_params": trainable(models[v]), **memory}
+                       "trainable_params": trainable(models[v]), "attention": attention_of(models[v]), **memory}
     rows = []
-    for kind in ADAPTERS:
+    for kind in ADAPTERS:  # as each library trains
         target = 0.75 if kind == "dora" else 0.85
         rows.append(compare(name, f"lmlab-{kind}", f"peft-{kind}", times, target))
-    for kind in ADAPTERS:
-        rows.append(compare(name, f"lmlab-{kind}", "floor", times, None if kind == "dora" else 1.12))
+    rows.append(compare(name, "lmlab-lora-sdpa", "peft-lora", times))  # the adapters alone, both on SDPA
+    for kind in ADAPTERS:  # what lmlab's adapters add to the floor on the same attention
+        rows.append(compare(name, f"lmlab-{kind}", "floor-lmlab-attn", times, None if kind == "dora" else 1.12))
+    rows.append(compare(name, "lmlab-lora-sdpa", "floor", times))
     rows += [compare(name, f"peft-{kind}", "floor", times) for kind in ADAPTERS]
-    rows.append(compare(name, "full", "floor", times))
+    rows += [compare(name, "floor-lmlab-attn", "floor", times), compare(name, "full", "floor", times)]
     result = {"model": {"arch": arch, **asdict(sizes)}, "targets": TARGETS[arch], "variants": variants,
               "same_first_loss": max(first_loss.values()) - min(first_loss.values()) < 1e-4}
     return result, rows
@@ -358,6 +383,8 @@ def bench_train(arch: str, settings: Settings) -> tuple[dict, list[Row]]:
 
 
 def bench_hylorada(settings: Settings) -> tuple[dict, list[Row]]:
+    from lmlab.kernels import use_kernel_attention
+
     sizes, device = settings.sizes, settings.device
     base = base_model("gpt2", sizes, settings.seed)
     batch = token_batch(sizes, sizes.vocab, settings.seed, device)
@@ -365,6 +392,8 @@ def bench_hylorada(settings: Settings) -> tuple[dict, list[Row]]:
     models = {"lmlab-rslora": apply_lmlab(copy.deepcopy(base), "gpt2", sizes.rank, use_rslora=True),
               "hylorada": apply_lmlab(copy.deepcopy(base), "gpt2", sizes.rank, use_rslora=True, position_bias=True,
                                       landmarks="position_adaptive")}
+    for model in models.values():  # as lmlab's engine trains them
+        use_kernel_attention(model)
     steps = {name: train_step(m, batch, device) for name, m in models.items()}
     times = interleaved(steps, *settings.rounds(31), device)
     result = {"variants": {name: {"median_s": statistics.median(t), "times_s": t, "trainable_params": trainable(m)}
@@ -615,13 +644,14 @@ def markdown(results: dict) -> str:
                      f"| {met} |")
     trains = {k: v for k, v in results["benchmarks"].items() if k.startswith("train_") or k == "mu"}
     if trains:
-        lines += ["", "| model | variant | trainable params | step (s) | peak memory (MB) | added by training (MB) |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| model | variant | attention | trainable params | step (s) | peak memory (MB) "
+                      "| added by training (MB) |", "|---|---|---|---:|---:|---:|---:|"]
         for name, bench in trains.items():
             for variant, v in bench["variants"].items():
                 params = v.get("trainable_params", v.get("parameters", {}).get("total"))
                 memory = [f"{v[k]:.0f}" if k in v else "-" for k in ("peak_mb", "train_mb")]
-                lines.append(f"| {name} | {variant} | {params:,} | {v['median_s']:.3f} | {' | '.join(memory)} |")
+                lines.append(f"| {name} | {variant} | {v.get('attention', '')} | {params:,} | {v['median_s']:.3f} "
+                             f"| {' | '.join(memory)} |")
     smoke = results["benchmarks"].get("smoke")
     if smoke:
         lines += ["", f"`{smoke['command']}`: {smoke['wall_s']:.1f} s wall time."]

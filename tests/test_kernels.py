@@ -116,7 +116,7 @@ def test_kernel_is_deterministic_and_independent_of_thread_count():
 def test_other_dtypes_dropout_and_torch_compile_take_sdpa(case, monkeypatch):
     """Inputs the kernel does not handle go to SDPA (the kernel is never called) and still give the right answer."""
     calls = []
-    monkeypatch.setattr(attention._CausalAttentionCPU, "apply", lambda *a: calls.append(a))
+    monkeypatch.setattr(attention._PackedAttentionCPU, "apply", lambda *a: calls.append(a))
     torch.manual_seed(0)
     qkv = torch.randn(2, 9, 3, 12)
     if case == "dropout":

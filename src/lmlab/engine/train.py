@@ -5,11 +5,16 @@ over a micro-batch and the number of units (tokens) in it; the loop backpropagat
 divides the accumulated gradients by the number of units over all micro-batches and processes. So
 gradient accumulation and DDP give the same update as one big batch, whatever the padding, and a
 partial last batch is used, not dropped.
+
+While `train()` runs, the Hugging Face models being trained use lmlab's attention (`lmlab.kernels`: the compiled
+CPU kernel for float32 causal self-attention without padding, SDPA otherwise - the same results, faster on CPU);
+each is back on its own attention implementation when `train()` returns. `LMLAB_CPU_KERNELS=0` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -30,6 +35,7 @@ from lmlab.config import Section
 from lmlab.engine import distributed as D
 from lmlab.engine.nll import IGNORE_INDEX, token_nll
 from lmlab.engine.optim import GroupRule, lr_factor, param_groups
+from lmlab.kernels import kernel_attention
 
 
 class TrainConfig(Section):
@@ -257,6 +263,18 @@ def _step_plan(n: int, cfg: TrainConfig, seed: int, world: int, steps: int):
         yield epoch, micro
 
 
+def _with_kernel_attention(fn: Callable) -> Callable:
+    """Run `fn(model, ...)` with the transformers models in `model` on lmlab's attention (module doc)."""
+
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        with kernel_attention(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper
+
+
+@_with_kernel_attention
 def train(
     model: nn.Module,
     train_data: Sequence,

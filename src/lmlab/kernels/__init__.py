@@ -1,5 +1,15 @@
 """Compiled CPU kernels with a torch fallback: the same results either way, see each module."""
 
-from lmlab.kernels.attention import causal_attention, kernel_available
+from lmlab.kernels.attention import (
+    causal_attention,
+    hf_attention_forward,
+    kernel_attention,
+    kernel_available,
+    restore_attention,
+    use_kernel_attention,
+)
 
-__all__ = ["causal_attention", "kernel_available"]
+__all__ = [
+    "causal_attention", "hf_attention_forward", "kernel_attention", "kernel_available", "restore_attention",
+    "use_kernel_attention",
+]
