@@ -1,5 +1,5 @@
 """Causal self-attention with a compiled CPU kernel: MU's block and cross-block attention, the dense baseline's,
-and (through transformers' attention interface) the self-attention of Hugging Face models HyLoRADA adapts.
+and (through transformers' attention interface) the self-attention of Hugging Face models while lmlab trains them.
 
 Two entry points, one kernel:
 
@@ -7,7 +7,8 @@ Two entry points, one kernel:
   v side by side, as MU's per-block projection writes them) or `[B, T, 3, H, D]` (nanoGPT's `Linear(C, 3 C)`) -
   and returns softmax(q k^T / sqrt(D) + causal mask) v as `[B, T, H, D]`.
 - `hf_attention_forward`, registered with transformers as the attention implementation "lmlab" by
-  `use_kernel_attention(model)`: query `[B, H, T, D]`, key / value `[B, Hkv, T, D]` (grouped-query attention
+  `use_kernel_attention(model)` (or for a block by `kernel_attention(model)`, which `lmlab.engine.train` runs
+  in): query `[B, H, T, D]`, key / value `[B, Hkv, T, D]` (grouped-query attention
   included), the model's own scaling. It takes the kernel only for plain causal self-attention - no attention
   mask (no padding), no cache (as many keys as queries), no dropout, softcap, sliding window, sinks or any other
   argument it does not know - and hands everything else to transformers' own SDPA attention unchanged.
@@ -247,9 +248,9 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, subprocess.SubprocessError) as exc:
         warnings.warn(f"lmlab: the CPU attention kernel could not be built or loaded ({exc}); using torch's "
                       f"scaled_dot_product_attention instead (same results, slower on CPU for MU, its dense baseline "
-                      f"and adapted Hugging Face models). To build it, install a C compiler with OpenMP (e.g. gcc) "
-                      f"or point CC at one; to skip it without this warning, set {DISABLE_ENV}=0.", RuntimeWarning,
-                      stacklevel=3)
+                      f"and Hugging Face models lmlab trains). To build it, install a C compiler with OpenMP "
+                      f"(e.g. gcc) or point CC at one; to skip it without this warning, set {DISABLE_ENV}=0.",
+                      RuntimeWarning, stacklevel=3)
         return None
     pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     geometry = [i32] * 5 + [pointer, f32, i32]  # B, T, H, Hkv, D, strides, scale, threads
