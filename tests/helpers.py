@@ -1,4 +1,5 @@
-"""What several test modules share: running the `lmlab` command in a subprocess and reading JSON lines."""
+"""What several test modules share: running the `lmlab` command in a subprocess, reading JSON lines, and the
+float64 attention reference the kernel tests compare against."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 LMLAB = [sys.executable, "-m", "lmlab.cli"]
 # One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on tiny models.
@@ -54,3 +57,24 @@ def assert_run_layout(run: Path, plots: list[str]) -> None:
         assert (run / name).is_file(), name
     for plot in plots:
         assert (run / "plots" / plot).stat().st_size > 1000, plot
+
+
+def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention in float64, one query head at a time: q [B, H, T, D], k, v [B, Hkv, T, D] ->
+    [B, T, H, D]; query head h reads key/value head h // (H / Hkv)."""
+    B, H, T, _ = q.shape
+    group = H // k.shape[1]
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    heads = []
+    for h in range(H):
+        scores = (q[:, h].double() @ k[:, h // group].double().transpose(1, 2)) * scale
+        heads.append(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v[:, h // group].double())
+    return torch.stack(heads, dim=2)
+
+
+def value_and_grads(fn, tensors, grad_out: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fn(*tensors) in float64 and the gradients of sum(fn(...) * grad_out) with respect to each of `tensors`."""
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    (out * grad_out.to(out.dtype)).sum().backward()
+    return out.detach().double(), [t.grad.double() for t in leaves]

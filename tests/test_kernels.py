@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
@@ -10,34 +9,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import causal_attention_reference, value_and_grads
 from lmlab.kernels import attention, causal_attention, kernel_available
 
 
 def reference(qkv: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D) with future positions masked) v, written out in float64, one head at a time."""
-    B, T = qkv.shape[:2]
-    x = qkv.double()
-    out = torch.empty(B, T, n_heads, head_dim, dtype=torch.float64)
-    future = torch.ones(T, T, dtype=torch.bool).triu(1)
-    for h in range(n_heads):
-        q, k, v = x[:, :, h, :head_dim], x[:, :, h, head_dim:2 * head_dim], x[:, :, h, 2 * head_dim:]
-        scores = (q @ k.transpose(1, 2)) / math.sqrt(head_dim)
-        weights = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
-        out[:, :, h] = weights @ v
-    return out
+    """The float64 reference (helpers.causal_attention_reference) on the [B, T, H, 3D] layout."""
+    q, k, v = qkv.transpose(1, 2).split(head_dim, dim=-1)  # [B, H, T, D] each
+    return causal_attention_reference(q, k, v, head_dim**-0.5)
 
 
 def qkv_major(qkv: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
     """The same numbers as [B, T, 3, H, D] (nanoGPT's layout) from [B, T, H, 3D]."""
     B, T = qkv.shape[:2]
     return qkv.view(B, T, n_heads, 3, head_dim).transpose(2, 3).contiguous()
-
-
-def value_and_grad(fn, qkv: torch.Tensor, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = qkv.detach().clone().requires_grad_()
-    out = fn(x)
-    (out * grad_out.to(out.dtype)).sum().backward()
-    return out.detach().double(), x.grad.double()
 
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler with OpenMP here: causal_attention "
@@ -51,14 +36,14 @@ def test_kernel_matches_float64_reference_in_value_and_gradient(B, T, H, D, layo
     torch.manual_seed(T * 31 + D)
     qkv = 2.0 * torch.randn(B, T, H, 3 * D)
     grad_out = torch.randn(B, T, H, D)
-    ref_out, ref_grad = value_and_grad(lambda x: reference(x, H, D), qkv.double(), grad_out)
+    ref_out, (ref_grad,) = value_and_grads(lambda x: reference(x, H, D), (qkv.double(),), grad_out)
     if layout == "qkv_major":  # the same numbers as [B, T, 3, H, D]; the gradient is compared in that layout
         qkv, ref_grad = qkv_major(qkv, H, D), qkv_major(ref_grad, H, D)
-    out, grad = value_and_grad(lambda x: causal_attention(x, H, D), qkv, grad_out)
+    out, (grad,) = value_and_grads(lambda x: causal_attention(x, H, D), (qkv,), grad_out)
     torch.testing.assert_close(out, ref_out, rtol=0, atol=2e-6 * ref_out.abs().max().item() + 1e-6)
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=2e-6 * ref_grad.abs().max().item() + 1e-6)
     # And no further from the float64 truth than torch's own float32 SDPA is.
-    sdpa_out, sdpa_grad = value_and_grad(lambda x: _sdpa(x, H, D), qkv, grad_out)
+    sdpa_out, (sdpa_grad,) = value_and_grads(lambda x: _sdpa(x, H, D), (qkv,), grad_out)
     assert (out - ref_out).abs().max() <= 4 * (sdpa_out - ref_out).abs().max() + 1e-7
     assert (grad - ref_grad).abs().max() <= 4 * (sdpa_grad - ref_grad).abs().max() + 1e-7
 
@@ -77,8 +62,8 @@ def test_kernel_is_stable_for_large_scores_and_reads_strided_input():
     qkv = wide[..., :3 * D]  # strided: rows of 3D + 5
     assert not qkv.is_contiguous()
     grad_out = torch.randn(B, T, H, D)
-    out, grad = value_and_grad(lambda x: causal_attention(x, H, D), qkv, grad_out)
-    ref_out, ref_grad = value_and_grad(lambda x: reference(x, H, D), qkv.double(), grad_out)
+    out, (grad,) = value_and_grads(lambda x: causal_attention(x, H, D), (qkv,), grad_out)
+    ref_out, (ref_grad,) = value_and_grads(lambda x: reference(x, H, D), (qkv.double(),), grad_out)
     assert torch.isfinite(out).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-4 * ref_out.abs().max().item())
     torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max().item())
@@ -105,7 +90,8 @@ def test_kernel_is_deterministic_and_independent_of_thread_count():
     try:
         for n in (1, 2, 1):
             torch.set_num_threads(n)
-            results.append(value_and_grad(lambda x: causal_attention(x, 6, 4), qkv, grad_out))
+            out, (grad,) = value_and_grads(lambda x: causal_attention(x, 6, 4), (qkv,), grad_out)
+            results.append((out, grad))
     finally:
         torch.set_num_threads(threads)
     for out, grad in results[1:]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from helpers import causal_attention_reference, value_and_grads
 from lmlab.engine.train import TrainConfig, causal_lm_loss, train
 from lmlab.kernels import (
     attention,
@@ -27,26 +28,6 @@ needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler 
 
 class Causal(nn.Module):
     is_causal = True
-
-
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention in float64, one query head at a time: q [B, H, T, D], k, v [B, Hkv, T, D] ->
-    [B, T, H, D]; query head h reads key/value head h // (H / Hkv)."""
-    B, H, T, _ = q.shape
-    group = H // k.shape[1]
-    future = torch.ones(T, T, dtype=torch.bool).triu(1)
-    heads = []
-    for h in range(H):
-        scores = (q[:, h].double() @ k[:, h // group].double().transpose(1, 2)) * scale
-        heads.append(torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1) @ v[:, h // group].double())
-    return torch.stack(heads, dim=2)
-
-
-def value_and_grads(fn, tensors, grad_out):
-    leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    out = fn(*leaves)
-    (out * grad_out.to(out.dtype)).sum().backward()
-    return out.detach().double(), [t.grad.double() for t in leaves]
 
 
 def count_kernel_calls(monkeypatch) -> list:
@@ -73,7 +54,8 @@ def test_kernel_on_separate_heads_matches_float64_reference(B, H, Hkv, T, D, mon
     q, k = torch.randn(B, H, T, D), 2.0 * torch.randn(B, Hkv, T, D)
     v = torch.randn(B, T, Hkv, D).transpose(1, 2)  # [B, Hkv, T, D] view of a [B, T, Hkv, D] projection
     grad_out = torch.randn(B, T, H, D)
-    ref_out, ref_grads = value_and_grads(lambda *x: reference(*x, scale), (q, k, v), grad_out)
+    ref_out, ref_grads = value_and_grads(lambda *x: causal_attention_reference(*x, scale), (q, k, v),
+                                           grad_out)
     out, grads = value_and_grads(lambda *x: hf_attention_forward(Causal(), *x, None, scaling=scale)[0], (q, k, v),
                                  grad_out)
     assert len(calls) == 1

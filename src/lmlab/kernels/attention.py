@@ -73,13 +73,13 @@ def hf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
                          attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature (query [B, H, T, D], key / value [B, Hkv, S, D]) ->
     (attn_output [B, T, H, D], None). The kernel for plain causal self-attention (module doc), else SDPA."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if _plain_causal(module, query, key, value, attention_mask, kwargs):
         scale = kwargs.get("scaling")
         scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
         out = _AttentionCPU.apply(*(t.transpose(1, 2) for t in (query, key, value)), scale)
         return out, None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -138,7 +138,7 @@ def _plain_causal(module, query, key, value, attention_mask, kwargs) -> bool:
         return False
     if kwargs.get("is_causal") is False or not getattr(module, "is_causal", True):
         return False
-    if any(value is not None for name, value in kwargs.items() if name not in _HF_HARMLESS):
+    if any(arg is not None for name, arg in kwargs.items() if name not in _HF_HARMLESS):
         return False
     B, H, T, D = query.shape
     if key.dim() != 4 or key.shape != value.shape or key.shape[0] != B or key.shape[2] != T or key.shape[3] != D:
