@@ -17,10 +17,11 @@ Both equal `F.scaled_dot_product_attention(..., is_causal=True)` in value and gr
 
 Where the kernel runs: for float32 tensors on the CPU, `causal_attention.c` (next to this file) - built on first
 use with the machine's C compiler into the lmlab cache (`LMLAB_CACHE`, by default ~/.cache/lmlab) and loaded with
-ctypes. Register-blocked over 8 queries x 16 keys, it is ~2.9x faster forward and backward than torch's CPU flash
-kernel on heads of width 64 at 512 tokens ([4, 4, 512, 64], 2 threads: 10 ms vs 29 ms) and ~3-5x on MU's heads of
-width 4 and 16-22. Everywhere else (GPU, bf16 / float16 / float64, dropout > 0, no compiler,
-`LMLAB_CPU_KERNELS=0`) and inside torch.compile it is scaled_dot_product_attention, with the same results.
+ctypes. Register-blocked over 8 queries x 16 keys, it is ~2.8x faster forward and backward than torch's CPU flash
+kernel on heads of width 64 at 512 tokens ([4, 4, 512, 64], 2 threads: 9.9 ms vs 27.6 ms), 5x on MU's block heads
+of width 4 and 2.2x on heads of width 22 (benchmarks/attention_kernel.py). Everywhere else (GPU, bf16 / float16
+/ float64, dropout > 0, no compiler, `LMLAB_CPU_KERNELS=0`) and inside torch.compile it is
+scaled_dot_product_attention, with the same results.
 """
 
 from __future__ import annotations
