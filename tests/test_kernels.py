@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from helpers import causal_attention_reference, value_and_grads
 from lmlab.kernels import attention, causal_attention, kernel_available
+from lmlab.kernels.build import DISABLE_ENV
 
 
 def reference(qkv: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -151,7 +152,7 @@ def test_mu_and_dense_losses_and_gradients_match_with_the_kernel_switched_off(ki
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, grads = loss_and_grads()
-    monkeypatch.setenv(attention.DISABLE_ENV, "0")
+    monkeypatch.setenv(DISABLE_ENV, "0")
     assert not kernel_available()
     sdpa_loss, sdpa_grads = loss_and_grads()
     assert loss == pytest.approx(sdpa_loss, rel=1e-6)
@@ -163,7 +164,7 @@ def test_without_a_compiler_it_warns_once_and_falls_back(tmp_path):
     """CC pointing nowhere, in a fresh cache: one RuntimeWarning naming the fix, then SDPA's results."""
     script = """
 import warnings, torch
-from lmlab.kernels import causal_attention, kernel_available
+from lmlab.kernels import attention, causal_attention, kernel_available
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     qkv = torch.randn(2, 9, 3, 12)

@@ -21,6 +21,7 @@ from lmlab.kernels import (
     restore_attention,
     use_kernel_attention,
 )
+from lmlab.kernels.build import DISABLE_ENV
 
 needs_kernel = pytest.mark.skipif(not kernel_available(), reason="no C compiler with OpenMP here: lmlab's attention "
                                   "is SDPA (same results)")
@@ -176,9 +177,9 @@ def test_only_sdpa_models_are_switched(monkeypatch):
     assert use_kernel_attention(eager) is None and eager.config._attn_implementation == "eager"
     assert use_kernel_attention(nn.Linear(2, 2)) is None  # not a transformers model
     model = tiny("gpt2")
-    monkeypatch.setenv(attention.DISABLE_ENV, "0")
+    monkeypatch.setenv(DISABLE_ENV, "0")
     assert use_kernel_attention(model) is None and model.config._attn_implementation == "sdpa"
-    monkeypatch.delenv(attention.DISABLE_ENV)
+    monkeypatch.delenv(DISABLE_ENV)
     previous = use_kernel_attention(model)
     assert previous == "sdpa" and model.config._attn_implementation == "lmlab"
     restore_attention(model, previous)

@@ -7,7 +7,8 @@ Numerics match peft's LoRA/rsLoRA/DoRA for the same weights. The forward is kept
 inside every attention projection: for a training batch without dropout or position factor the update is
 merged into the weight (one GEMM with W0 + s B A forward and backward), otherwise the low-rank add is fused
 into one GEMM (`addmm_`); the position factor scales the rank-r intermediate [N, r] rather than [N, out], and
-the DoRA row norm is computed without forming B A and cached until A, B or W0 change.
+the DoRA row norm is computed without forming B A and cached until A, B or W0 change. On the CPU in float32 the
+rank-r products and merges run in lmlab.kernels.lowrank (the backward's three in one threaded pass).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.position import PositionContext
+from lmlab.kernels import lowrank
 
 
 class HyLoRADALinear(nn.Module):
@@ -168,15 +170,15 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class _LowRankUpdate(torch.autograd.Function):
     """The adapter's whole forward as one autograd node, with a hand-written backward.
 
-    Why: one node instead of ~8 keeps per-layer overhead low, the update can be merged into the weight for
-    the step (when N (in + out) > in out: an [out, in] GEMM instead of passes over [N, out] and [N, in]),
-    and the backward can pick fast layouts for the thin rank-r GEMMs (on CPU, [N, out] @ [out, r] is several
-    times faster with the [out, r] operand column-major) and fuse the LoRA input gradient into the base one
-    (addmm_ / addcmul_ over [N, in], or the merged weight). Dropout keeps an unscaled masked copy of x and
-    applies 1/(1-p) to the rank-r intermediate instead of to [N, in]. DoRA's row scale g = m / ||W|| is folded
-    into the weight and the rank-r factor rather than applied to [N, out] activations and gradients, and its
-    magnitude gradient is read off the output. The base weight and bias are frozen here (the module falls
-    back to plain autograd otherwise).
+    Why: one node instead of ~8 keeps per-layer overhead low, the update can be merged into the weight for the step
+    (when N (in + out) > in out: an [out, in] GEMM instead of passes over [N, out] and [N, in]), and the backward
+    can run the thin rank-r products its own way (float32 CPU: lmlab.kernels.lowrank, grad_B, grad_h and grad_A in
+    one threaded pass over grad_y and x; elsewhere torch's matmuls in the layouts they are fastest in) and fuse the
+    LoRA input gradient into the base one (a rank-r update of grad_x, or the merged weight). Dropout keeps an
+    unscaled masked copy of x and applies 1/(1-p) to the rank-r intermediate instead of to [N, in]. DoRA's row scale
+    g = m / ||W|| is folded into the weight and the rank-r factor rather than applied to [N, out] activations and
+    gradients, and its magnitude gradient is read off the output. The base weight and bias are frozen here (the
+    module falls back to plain autograd otherwise).
     """
 
     @staticmethod
@@ -195,27 +197,36 @@ class _LowRankUpdate(torch.autograd.Function):
         # fp32 / fp64 only, so that s B A is not rounded away against W0 in a 16-bit weight.
         merged = (p == 0 and factor is None and weight.dtype in (torch.float32, torch.float64)
                   and x.shape[0] * (in_features + out_features) > in_features * out_features)
-        # the rank-r intermediates are computed transposed, [r, N] = A x^T, and used as [N, r] views: on CPU
-        # the thin GEMM is up to 2x faster in this orientation (x is read once along its rows)
+        kernel = lowrank.applies(x, weight, lora_a, lora_b, rank=lora_a.shape[0])
         mask, lora_in = None, x
-        if merged:
-            h0 = (lora_a @ x.t()).t() if ctx.needs_input_grad[4] else None  # only lora_b's gradient needs it
-        elif p > 0:
+        if not merged and p > 0:
             mask = keep_mask(x, p)
             lora_in = torch.mul(x, mask)
-            h0 = (lora_a @ lora_in.t()).mul_(keep_scale).t()  # [N, r]
+        need_h0 = not merged or ctx.needs_input_grad[4]  # merged: only lora_b's gradient needs h0
+        if kernel:  # h0 = keep_scale x A^T and the merged weight in one parallel region (lmlab.kernels.lowrank)
+            update = lowrank.merge(weight, lora_a, lora_b, scaling, fan_in_fan_out) if merged else None
+            h0 = lowrank.rows(lora_in, lora_a, keep_scale, update, need=need_h0)
+            w = update.out if merged else weight
         else:
-            h0 = (lora_a @ lora_in.t()).t()
+            # the rank-r intermediates are computed transposed, [r, N] = A x^T, and used as [N, r] views: on CPU
+            # the thin GEMM is up to 2x faster in this orientation (x is read once along its rows)
+            h0 = None
+            if need_h0:
+                h0 = lora_a @ lora_in.t()  # [r, N]
+                h0 = (h0.mul_(keep_scale) if mask is not None else h0).t()
+            w = _merge(weight, lora_a, lora_b, scaling, fan_in_fan_out) if merged else weight
         h = h0 * factor if factor is not None else h0
         # y = g (.) (W0 x + s B h) + bias, with g folded into the [out, in] and [out, r] factors, not into [N, out]
-        y = _linear(x, _merge(weight, lora_a, lora_b, scaling, fan_in_fan_out) if merged else weight, bias,
-                    fan_in_fan_out, g)  # [N, out]
-        if not merged:
+        y = _linear(x, w, bias, fan_in_fan_out, g)  # [N, out]
+        if not merged and kernel:
+            lowrank.update(lowrank.Update(y, h, b_t, scaling, out=y))
+        elif not merged:
             y.addmm_(h, b_t, alpha=scaling)
         # DoRA's magnitude gradient needs W0 x + s B h = (y - bias) / g: keep y rather than a second [N, out]
         saved_y = y if magnitude is not None and magnitude.requires_grad else None
         ctx.save_for_backward(lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, saved_y, g, magnitude, bias)
         ctx.scaling, ctx.fan_in_fan_out, ctx.keep_scale, ctx.merged = scaling, fan_in_fan_out, keep_scale, merged
+        ctx.kernel = kernel
         return y
 
     @staticmethod
@@ -230,6 +241,9 @@ class _LowRankUpdate(torch.autograd.Function):
             if bias is not None:
                 projected -= bias * grad_y.sum(0)
             grad_magnitude = projected / magnitude
+        if ctx.kernel:
+            grad_x, grad_a, grad_b, grad_factor = _backward_kernel(ctx, grad_y, need_x, need_a, need_b, need_factor)
+            return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None
         grad_b = None
         if need_b:
             grad_b = h.t() @ grad_y  # [r, out]
@@ -255,6 +269,26 @@ class _LowRankUpdate(torch.autograd.Function):
             elif not ctx.merged:
                 grad_x.addcmul_(grad_h0 @ lora_a, mask)
         return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None
+
+
+def _backward_kernel(ctx, grad_y, need_x: bool, need_a: bool, need_b: bool, need_factor: bool) -> tuple:
+    """`_LowRankUpdate.backward`'s products with lmlab.kernels.lowrank: grad_B, grad_h, grad_A (and the merged
+    weight for grad_x) in one parallel region; returns (grad_x, grad_A, grad_B, grad_factor)."""
+    lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, _, g, _, _ = ctx.saved_tensors
+    s, fan_in_fan_out = ctx.scaling, ctx.fan_in_fan_out
+    update = lowrank.merge(weight, lora_a, lora_b, s, fan_in_fan_out) if need_x and ctx.merged else None
+    need_h0 = need_x and not ctx.merged
+    grad_b, grad_a, grad_h0, grad_factor = lowrank.backward(
+        grad_y, lora_in, h, b_t, s, need_b=need_b, need_a=need_a, need_h0=need_h0, g=g, factor=factor, h0=h0,
+        need_factor=need_factor, keep=ctx.keep_scale if mask is not None else 1.0, update=update)
+    grad_x = None
+    if need_x:
+        grad_x = _input_grad(grad_y, update.out if ctx.merged else weight, fan_in_fan_out, g)  # [N, in]
+        if need_h0 and mask is None:
+            lowrank.update(lowrank.Update(grad_x, grad_h0, lora_a, 1.0, out=grad_x))
+        elif need_h0:
+            grad_x.addcmul_(grad_h0 @ lora_a, mask)
+    return grad_x, grad_a, grad_b, grad_factor
 
 
 def _merge(weight, lora_a, lora_b, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:

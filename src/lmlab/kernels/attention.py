@@ -29,21 +29,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("causal_attention.c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC")
-DISABLE_ENV = "LMLAB_CPU_KERNELS"
+from lmlab.kernels.build import disabled, load
+
 HF_NAME = "lmlab"  # the attention implementation name registered with transformers
 # Keyword arguments transformers' attention layers pass that do not change what plain causal self-attention
 # computes (checked below: dropout 0, is_causal not False, output_attentions off). Any other one that is not None
@@ -91,7 +83,7 @@ def use_kernel_attention(model: torch.nn.Module) -> str | None:
     not route its attention through transformers' attention interface, or `LMLAB_CPU_KERNELS=0`.
 
     Nothing is compiled here: the kernel is built at the first float32 CPU call (never on a GPU)."""
-    if _disabled():
+    if disabled():
         return None
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
@@ -154,11 +146,7 @@ def _kernel_applies(t: torch.Tensor) -> bool:
 
 def kernel_available() -> bool:
     """Whether `causal_attention` runs the compiled CPU kernel for float32 CPU tensors (see the module doc)."""
-    return not _disabled() and _library() is not None
-
-
-def _disabled() -> bool:
-    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+    return not disabled() and _library() is not None
 
 
 class _PackedAttentionCPU(torch.autograd.Function):
@@ -241,51 +229,13 @@ def _call(fn, direction: str, *args) -> None:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel (built once per source, compiler and CPU), or None with one warning if it cannot be
-    built here."""
-    try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        warnings.warn(f"lmlab: the CPU attention kernel could not be built or loaded ({exc}); using torch's "
-                      f"scaled_dot_product_attention instead (same results, slower on CPU for MU, its dense baseline "
-                      f"and Hugging Face models lmlab trains). To build it, install a C compiler with OpenMP "
-                      f"(e.g. gcc) or point CC at one; to skip it without this warning, set {DISABLE_ENV}=0.",
-                      RuntimeWarning, stacklevel=3)
-        return None
-    pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    geometry = [i32] * 5 + [pointer, f32, i32]  # B, T, H, Hkv, D, strides, scale, threads
-    lib.lmlab_attention_forward.argtypes = [pointer] * 5 + geometry
-    lib.lmlab_attention_backward.argtypes = [pointer] * 9 + geometry
-    lib.lmlab_attention_forward.restype = lib.lmlab_attention_backward.restype = i32
+    """The compiled kernel, or None (with one warning) if it cannot be built here."""
+    lib = load("causal_attention", "using torch's scaled_dot_product_attention instead (same results, slower on CPU "
+                                   "for MU, its dense baseline and Hugging Face models lmlab trains)")
+    if lib is not None:
+        pointer, i32, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        geometry = [i32] * 5 + [pointer, f32, i32]  # B, T, H, Hkv, D, strides, scale, threads
+        lib.lmlab_attention_forward.argtypes = [pointer] * 5 + geometry
+        lib.lmlab_attention_backward.argtypes = [pointer] * 9 + geometry
+        lib.lmlab_attention_forward.restype = lib.lmlab_attention_backward.restype = i32
     return lib
-
-
-def _build() -> Path:
-    from lmlab.fileio import atomic_path, cache_root
-
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        raise OSError("no C compiler found (cc, gcc or $CC)")
-    # -march=native: the library is only valid on this kind of CPU, so the CPU is part of its name.
-    key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, *FLAGS, platform.machine(), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"causal_attention-{key}.so"
-    if not target.exists():
-        with atomic_path(target) as tmp:  # concurrent builders (test workers) each rename a whole file into place
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True,
-                                    text=True, timeout=120)
-            if result.returncode != 0:
-                last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                raise OSError(f"{compiler} exited with {result.returncode}: {last}")
-    return target
-
-
-def _cpu_flags() -> str:
-    """The first CPU's model name and instruction-set flags, as /proc/cpuinfo lists them (Linux)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return platform.processor()
-    return "\n".join(line for line in text.splitlines() if line.startswith(("model name", "flags", "Features")))
