@@ -3,6 +3,7 @@ optimisations rely on: the fused AdamW, DoRA's folded row scale, autocast, SDPA 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import time
@@ -146,6 +147,23 @@ def test_run_writes_results_json_and_markdown(tmp_path):
     again = suite.run(tiny_settings(), ["hylorada"], tmp_path, log=lambda line: None)
     assert again != path and path.exists() and again.name.startswith(results["date"] + "T")
     assert again.with_suffix(".md").exists()
+    # the README's table (benchmarks/readme_table.py): one column per run, each run's own ratios
+    spec = importlib.util.spec_from_file_location("readme_table", suite.REPO / "benchmarks" / "readme_table.py")
+    readme_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(readme_table)
+    lines = readme_table.table([path, again]).splitlines()
+    first, second = results["rows"], json.loads(again.read_text())["rows"]
+
+    def cells(prefix: str) -> list[str]:
+        [line] = [line for line in lines if line.startswith(f"| {prefix}")]
+        return [c.strip() for c in line.split("|")[1:-1]]
+
+    hylorada = cells("full HyLoRADA")
+    assert [c.split()[0] for c in hylorada[1:3]] == [f"{first[0]['ratio']:.3f}", f"{second[0]['ratio']:.3f}"]
+    met = int(first[0]["met"]) + int(second[0]["met"])
+    assert hylorada[3] == f"{first[0]['target']}: " + ("met" if met == 2 else f"{met} of 2")
+    mu = cells("MU")  # only in the first run
+    assert mu[1].split()[0] == f"{first[1]['ratio']:.3f}" and mu[2] == "-"
 
 
 def test_unknown_benchmark_names_are_refused():

@@ -5,13 +5,16 @@ kernel's blocks)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from lmlab.hylorada import layers
 from lmlab.kernels import lowrank
 
-pytestmark = pytest.mark.skipif(not lowrank.applies(torch.zeros(1), rank=1), reason="no C compiler for the kernel")
+needs_kernel = pytest.mark.skipif(not lowrank.applies(torch.zeros(1), rank=1), reason="no C compiler for the kernel")
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
@@ -31,6 +34,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, msg: str = "") -> None:
 SHAPES = [(1, 5, 3, 1), (7, 16, 17, 3), (9, 33, 50, 8), (130, 67, 48, 12), (64, 40, 96, 17), (33, 256, 20, 4)]
 
 
+@needs_kernel
 @pytest.mark.parametrize("n,k_in,k_out,r", SHAPES)
 def test_products_match_float64(threads, n, k_in, k_out, r):
     g = torch.Generator().manual_seed(n * 1000 + r)
@@ -60,6 +64,7 @@ def test_products_match_float64(threads, n, k_in, k_out, r):
     assert lowrank.backward(gy, x, h, bt, s, need_b=False, need_a=False) == (None, None, None, None)
 
 
+@needs_kernel
 @pytest.mark.parametrize("n,k_in,k_out,r", SHAPES)
 def test_rank_updates_match_float64(threads, n, k_in, k_out, r):
     g = torch.Generator().manual_seed(r)
@@ -81,6 +86,7 @@ def test_rank_updates_match_float64(threads, n, k_in, k_out, r):
     close(update.out, w.double() + 0.3 * b.double() @ a.double(), "merge in the same call")
 
 
+@needs_kernel
 def test_nan_and_inf_propagate():
     x, a = torch.ones(9, 20), torch.ones(2, 20)
     x[3, 7] = float("nan")
@@ -131,6 +137,7 @@ CASES = {  # name: (n, in, out, r, dora, factor, dropout); n (in + out) > in out
 }
 
 
+@needs_kernel
 @pytest.mark.parametrize("fan_in_fan_out", [False, True], ids=["Linear", "Conv1D"])
 @pytest.mark.parametrize("case", CASES)
 def test_layer_step_matches_its_float64_torch_path(monkeypatch, threads, case, fan_in_fan_out):
@@ -157,3 +164,39 @@ def test_kernel_is_skipped_when_it_does_not_apply(monkeypatch):
     assert not lowrank.applies(torch.zeros(1, dtype=torch.float64), rank=8)
     monkeypatch.setenv("LMLAB_CPU_KERNELS", "0")
     assert not lowrank.applies(torch.zeros(1), rank=8)
+
+
+def test_without_a_compiler_adapters_warn_once_and_use_torch(tmp_path):
+    """CC pointing nowhere, in a fresh cache: one RuntimeWarning naming lowrank.c and the fix, then torch's
+    products, equal to the closed form."""
+    script = """
+import warnings, torch
+from torch import nn
+from lmlab.hylorada import HyLoRADAConfig
+from lmlab.hylorada.layers import HyLoRADALinear
+torch.manual_seed(0)
+layer = HyLoRADALinear(nn.Linear(12, 10).requires_grad_(False),
+                       HyLoRADAConfig(r=4, alpha=8, dropout=0.0, position_bias=False, landmarks="none",
+                                      target_modules=["x"]))
+nn.init.normal_(layer.lora_B)
+x = torch.randn(40, 12)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    y = layer(x)
+    y.sum().backward()
+    layer(x)
+d = lambda t: t.detach().double()
+base = d(x) @ d(layer.base_layer.weight).t() + d(layer.base_layer.bias)
+expected = base + layer.scaling * d(x) @ d(layer.lora_A).t() @ d(layer.lora_B).t()
+assert torch.allclose(d(y), expected, atol=1e-5), (y - expected).abs().max()
+grad_a = layer.scaling * d(layer.lora_B).sum(0)[:, None] * d(x).sum(0)[None, :]  # d sum(y) / dA = s B^T 1 1^T x
+assert torch.allclose(d(layer.lora_A.grad), grad_a, atol=1e-4)
+print(len(caught), caught[0].category.__name__, caught[0].message)
+"""
+    env = {"LMLAB_CACHE": str(tmp_path), "CC": str(tmp_path / "no-such-cc"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    count, category, message = result.stdout.strip().split(" ", 2)
+    assert (count, category) == ("1", "RuntimeWarning")
+    assert "lowrank.c could not be built" in message and "C compiler" in message and "torch's matmuls" in message

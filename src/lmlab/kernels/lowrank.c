@@ -216,7 +216,10 @@ int lmlab_lowrank_rows(const float *x, long ldx, long N, int K, const float *a, 
   return 0;
 }
 
-int lmlab_lowrank_update(const update_t *u, int threads) { return lmlab_lowrank_rows(NULL, 0, 0, 0, NULL, 0, 0, NULL, u, threads); }
+/* The rank-r update u alone. */
+int lmlab_lowrank_update(const update_t *u, int threads) {
+  return lmlab_lowrank_rows(NULL, 0, 0, 0, NULL, 0, 0.0f, NULL, u, threads);
+}
 
 typedef struct {
   const float *gy, *x, *h, *h0, *bt, *g, *factor;
