@@ -78,3 +78,14 @@ def value_and_grads(fn, tensors, grad_out: torch.Tensor) -> tuple[torch.Tensor, 
     out = fn(*leaves)
     (out * grad_out.to(out.dtype)).sum().backward()
     return out.detach().double(), [t.grad.double() for t in leaves]
+
+
+def warnings_without_compiler(script: str, cache: Path) -> list[tuple[str, str]]:
+    """Run `script` in a fresh process with no C compiler (CC pointing nowhere) and an empty lmlab cache `cache`;
+    the script records warnings into `caught` and this returns them as (category, message) pairs, which it prints
+    as JSON on its last line."""
+    env = {"LMLAB_CACHE": str(cache), "CC": str(cache / "no-such-cc"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    script += "\nimport json\nprint(json.dumps([(w.category.__name__, str(w.message)) for w in caught]))\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [tuple(pair) for pair in json.loads(result.stdout.strip().splitlines()[-1])]
