@@ -193,3 +193,21 @@ assert torch.allclose(d(layer.lora_A.grad), grad_a, atol=1e-4)
     [(category, message)] = warnings_without_compiler(script, tmp_path)
     assert category == "RuntimeWarning"
     assert "lowrank.c could not be built" in message and "C compiler" in message and "torch's matmuls" in message
+
+
+@needs_kernel
+def test_shapes_that_do_not_fit_are_refused_before_the_kernel_reads_them():
+    x, gy, a, bt = torch.zeros(6, 5), torch.zeros(6, 7), torch.zeros(3, 5), torch.zeros(3, 7)
+    with pytest.raises(ValueError, match="do not fit"):
+        lowrank.rows(x, torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="do not fit"):
+        lowrank.Update(torch.zeros(7, 5), torch.zeros(7, 3), torch.zeros(3, 4), 1.0)
+    with pytest.raises(ValueError, match="bt has shape"):
+        lowrank.backward(gy, x, torch.zeros(6, 3), torch.zeros(3, 8), 1.0, need_b=True, need_a=True)
+    with pytest.raises(ValueError, match="h has shape"):
+        lowrank.backward(gy, x, torch.zeros(5, 3), bt, 1.0, need_b=True, need_a=True)
+    with pytest.raises(ValueError, match="grad_B needs h"):
+        lowrank.backward(gy, x, None, bt, 1.0, need_b=True, need_a=False)
+    with pytest.raises(ValueError, match="factor"):
+        lowrank.backward(gy, x, None, bt, 1.0, need_b=False, need_a=True, need_factor=True)
+    assert lowrank.rows(x, a).shape == (6, 3)

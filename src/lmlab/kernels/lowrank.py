@@ -80,6 +80,9 @@ class Update:
         if self.out.stride(-1) != 1:
             raise ValueError("the output of a rank-r update needs contiguous rows")
         rows, cols = self.w.shape
+        if p.shape != (rows, self.q.shape[0]) or self.q.shape[1] != cols or self.out.shape != self.w.shape:
+            raise ValueError(f"rank-r update of shapes that do not fit: w {tuple(w.shape)}, P {tuple(p.shape)}, "
+                             f"Q {tuple(q.shape)}, out {tuple(self.out.shape)}")
         self.struct = _Update(self.w.data_ptr(), p.data_ptr(), self.q.data_ptr(), self.out.data_ptr(),
                               self.w.stride(0), self.out.stride(0), p.stride(0), p.stride(1), rows, cols, p.shape[1],
                               s)
@@ -98,6 +101,8 @@ def rows(x: torch.Tensor, matrix: torch.Tensor, scale: float = 1.0, update: Upda
     """scale * x M^T as [N, r] (x [N, K], M [r, K]), None if not `need`; runs `update` in the same call."""
     x, matrix = _rows(x), matrix.contiguous()
     n, k = x.shape
+    if matrix.shape[1] != k:
+        raise ValueError(f"x {tuple(x.shape)} and M {tuple(matrix.shape)} do not fit")
     h = x.new_empty(n, matrix.shape[0]) if need else None
     _library().lmlab_lowrank_rows(x.data_ptr(), x.stride(0), n if need else 0, k, matrix.data_ptr(), matrix.shape[0],
                                   scale, _ptr(h), _struct(update), torch.get_num_threads())
@@ -128,14 +133,18 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, bt: torch.T
     h = None if h is None else h.contiguous()
     n, out = grad_y.shape
     r = bt.shape[0]
+    shapes = {"x": (x, (n, x.shape[1])), "bt": (bt, (r, out)), "h": (h, (n, r)), "g": (g, (out,)),
+              "factor": (factor, (n, 1)), "h0": (h0, (n, r))}
+    for name, (t, shape) in shapes.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, not {shape} (grad_y {tuple(grad_y.shape)}, rank {r})")
+    if need_factor and (factor is None or h0 is None) or need_b and h is None:
+        raise ValueError("grad_B needs h, and the factor's gradient the factor and h0")
     grad_b = grad_y.new_empty(out, r) if need_b else None
     grad_a = x.new_empty(r, x.shape[1]) if need_a else None
     grad_h0 = x.new_empty(n, r) if need_h0 else None
     grad_factor = x.new_empty(n, 1) if need_factor else None
-    if factor is not None:
-        factor, h0 = factor.contiguous(), h0.contiguous()
-    if g is not None:
-        g = g.contiguous()
+    factor, h0, g = (None if t is None else t.contiguous() for t in (factor, h0, g))
     args = _Backward(grad_y.data_ptr(), x.data_ptr(), _ptr(h), _ptr(h0), bt.data_ptr(), _ptr(g), _ptr(factor),
                      _ptr(grad_b), _ptr(grad_a), _ptr(grad_h0), _ptr(grad_factor), grad_y.stride(0), x.stride(0), n,
                      x.shape[1], out, r, scaling, keep)
