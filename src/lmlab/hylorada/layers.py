@@ -231,7 +231,8 @@ class _LowRankUpdate(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, y, g, magnitude, bias = ctx.saved_tensors
+        saved = ctx.saved_tensors  # unpacked once: each access re-checks every saved tensor's version
+        lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, y, g, magnitude, bias = saved
         need_x, _, _, need_a, need_b, need_factor, need_magnitude = ctx.needs_input_grad[:7]
         s = ctx.scaling
         grad_magnitude = None
@@ -242,7 +243,8 @@ class _LowRankUpdate(torch.autograd.Function):
                 projected -= bias * grad_y.sum(0)
             grad_magnitude = projected / magnitude
         if ctx.kernel:
-            grad_x, grad_a, grad_b, grad_factor = _backward_kernel(ctx, grad_y, need_x, need_a, need_b, need_factor)
+            grad_x, grad_a, grad_b, grad_factor = _backward_kernel(ctx, saved, grad_y, need_x, need_a, need_b,
+                                                                   need_factor)
             return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None
         grad_b = None
         if need_b:
@@ -271,10 +273,11 @@ class _LowRankUpdate(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, grad_factor, grad_magnitude, None, None, None, None
 
 
-def _backward_kernel(ctx, grad_y, need_x: bool, need_a: bool, need_b: bool, need_factor: bool) -> tuple:
+def _backward_kernel(ctx, saved: tuple, grad_y, need_x: bool, need_a: bool, need_b: bool, need_factor: bool) -> tuple:
     """`_LowRankUpdate.backward`'s products with lmlab.kernels.lowrank: grad_B, grad_h, grad_A (and the merged
-    weight for grad_x) in one parallel region; returns (grad_x, grad_A, grad_B, grad_factor)."""
-    lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, _, g, _, _ = ctx.saved_tensors
+    weight for grad_x) in one parallel region, from the node's saved tensors `saved`; returns (grad_x, grad_A,
+    grad_B, grad_factor)."""
+    lora_in, mask, h0, h, factor, weight, lora_a, lora_b, b_t, _, g, _, _ = saved
     s, fan_in_fan_out = ctx.scaling, ctx.fan_in_fan_out
     update = lowrank.merge(weight, lora_a, lora_b, s, fan_in_fan_out) if need_x and ctx.merged else None
     need_h0 = need_x and not ctx.merged
