@@ -11,7 +11,7 @@ import time
 import pytest
 
 from lmlab.data import generators
-from lmlab.data.batching import chunk_examples, packed_examples, tokenize_documents
+from lmlab.data.batching import chunk_examples, packed_examples, recall_examples, tokenize_documents
 from lmlab.data.sources import index_split, load_documents, load_qa_items, wikitext_articles
 from lmlab.errors import DataError
 
@@ -337,3 +337,32 @@ def test_packed_examples_are_full_blocks_of_the_separated_stream():
         assert len(blocks) == len(stream) // seq_len
         assert all(len(b["input_ids"]) == seq_len for b in blocks)
         assert sum((b["input_ids"] for b in blocks), []) == stream[:len(blocks) * seq_len]
+
+
+def test_recall_examples_put_only_the_recalled_values_in_the_loss(bpe_tokenizer):
+    rng = random.Random(3)
+    docs = [generators.long_document(rng, 60, num_facts=2, value_digits=3) for _ in range(6)]
+    examples = recall_examples(docs, bpe_tokenizer, 256, prefix_id=1)
+    assert len(examples) == len(docs)
+    for doc, ex in zip(docs, examples, strict=True):
+        ids, labels = ex["input_ids"], ex["labels"]
+        assert ids[0] == 1 and labels[0] == -100 and len(ids) == len(labels)
+        assert ids[1:] == bpe_tokenizer.encode(doc.text, add_special_tokens=False)
+        scored = [(i, t) for i, t in enumerate(labels) if t != -100]
+        assert all(ids[i] == t for i, t in scored)  # a label is the token at its own position
+        # Independent: the digits decoded from the labelled tokens, in order, are the queried values.
+        recalled = "".join(bpe_tokenizer.decode([t for _, t in scored]).split())
+        assert recalled == "".join(f.value for f in sorted(doc.facts, key=lambda f: f.answer_offset))
+    cut = recall_examples(docs, bpe_tokenizer, 8, prefix_id=1)  # queries cut off: no example without a value
+    assert cut == []
+
+
+def test_weighted_recall_examples_keep_every_token_and_weigh_the_values(bpe_tokenizer):
+    rng = random.Random(4)
+    docs = [generators.long_document(rng, 60, num_facts=1, value_digits=1) for _ in range(4)]
+    plain = recall_examples(docs, bpe_tokenizer, 256, prefix_id=1)
+    weighted = recall_examples(docs, bpe_tokenizer, 256, prefix_id=1, end_id=2, value_weight=30.0)
+    for only, ex in zip(plain, weighted, strict=True):
+        assert ex["input_ids"] == [*only["input_ids"], 2] and "labels" not in ex
+        assert [w == 30.0 for w in ex["loss_weights"]] == [t != -100 for t in only["labels"]] + [False]
+        assert set(ex["loss_weights"]) == {1.0, 30.0}

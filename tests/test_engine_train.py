@@ -368,6 +368,23 @@ def test_causal_lm_loss_is_the_summed_nll_without_padding():
     assert float(out.total) == pytest.approx(expected, rel=1e-5)
 
 
+def test_causal_lm_loss_with_token_weights_is_the_weighted_sum_and_total_weight():
+    model = tiny_llama().eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    examples = [{**e, "loss_weights": (torch.rand(len(e["input_ids"]), generator=gen) * 4).tolist()}
+                for e in lm_examples(3)]
+    out = causal_lm_loss(model, collate_lm(examples, pad_token_id=0))
+    expected, weight = 0.0, 0.0
+    for e in examples:  # independent: one example at a time, the weight of the predicted token
+        ids = torch.tensor([e["input_ids"]])
+        nll = F.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+        w = torch.tensor(e["loss_weights"][1:])
+        expected += float((nll * w).sum())
+        weight += float(w.sum())
+    assert float(out.weight) == pytest.approx(weight, rel=1e-6)
+    assert float(out.total) == pytest.approx(expected, rel=1e-5)
+
+
 def test_gradient_checkpointing_on_a_frozen_base_gives_the_same_loss_and_gradients():
     base = tiny_llama()
     for p in base.parameters():

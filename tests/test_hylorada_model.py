@@ -32,7 +32,7 @@ from lmlab.hylorada.position import LearnableBuckets, PositionContext, bucket_ed
 
 VOCAB = 128
 CONTEXT = 64
-DESIGNS = ["none", "original", "position_adaptive", "per_layer", "learnable_bucket"]
+DESIGNS = ["none", "original", "position_adaptive", "per_layer", "learnable_bucket", "constant"]
 
 
 def tiny_gpt2(seed: int = 0, **overrides) -> GPT2LMHeadModel:
@@ -104,14 +104,17 @@ def expected_trainable(design: str) -> set[str]:
                   "hylorada.landmarks.content.weight", "hylorada.landmarks.scale"}
     if design == "learnable_bucket":
         names.add("hylorada.landmarks.buckets.boundaries")
-    if design == "original":
+    if design in ("original", "original_leaky"):
         names |= {"hylorada.landmarks.vectors", "hylorada.landmarks.gate.weight", "hylorada.landmarks.scale"}
+    if design == "constant":
+        names |= {"hylorada.landmarks.vectors", "hylorada.landmarks.logits", "hylorada.landmarks.scale"}
     if design == "per_layer":
         names |= {f"hylorada.layer_landmarks.{i}.{p}" for i in (0, 1) for p in ("vectors", "gate.weight", "scale")}
     return names
 
 
-@pytest.mark.parametrize("design", ["position_adaptive", "learnable_bucket", "original", "per_layer"])
+@pytest.mark.parametrize("design", ["position_adaptive", "learnable_bucket", "original", "per_layer", "constant",
+                                    "original_leaky"])
 def test_three_adamw_steps_change_every_trainable_tensor(design):
     config = hy_config(use_dora=True, position_bias=True, landmarks=design, dropout=0.05,
                        train_embeddings=True, train_norms=True)

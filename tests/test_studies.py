@@ -18,6 +18,9 @@ from lmlab.studies.rundir import RunDir
 pytestmark = pytest.mark.xdist_group("studies")
 
 VOLATILE = ("time", "mem", "per_s")  # wall-clock metrics differ between runs; everything else must not
+HYLORADA_CONFIGS = ["base", "lora", "rslora", "rslora+dora", "rslora+bias", "rslora+landmarks", "rslora+bias+landmarks",
+                    "rslora+bias+learnable_bucket", "rslora+constant", "rslora+bias+constant", "rslora-matched",
+                    "landmarks-only", "lora+embed+norm"]
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +32,7 @@ def test_smoke_run_writes_the_contracted_layout(smoke_run: Path):
     assert_run_layout(smoke_run, ["training_curves.png", "perplexity_by_decile.png", "retrieval_by_depth.png",
                                   "bucket_boundaries.png"])
     rows = [json.loads(line) for line in (smoke_run / "results.jsonl").read_text().splitlines()]
-    configs = ["base", "lora", "rslora", "rslora+dora", "rslora+bias", "rslora+landmarks", "rslora+bias+landmarks",
-               "rslora+bias+learnable_bucket", "lora+embed+norm"]
-    assert sorted((r["config"], r["seed"]) for r in rows) == sorted((c, s) for c in configs for s in (42, 123))
+    assert sorted((r["config"], r["seed"]) for r in rows) == sorted((c, s) for c in HYLORADA_CONFIGS for s in (42, 123))
     for r in rows:
         assert set(r) >= {"config", "seed", "status", "metrics", "error"}
         assert r["status"] == "ok" and r["error"] is None
@@ -47,8 +48,12 @@ def test_summary_follows_the_contract(smoke_run: Path):
     summary = json.loads((smoke_run / "summary.json").read_text())
     assert summary["study"] == "hylorada" and summary["preset"] == "smoke"
     assert summary["reference"] == "lora" and summary["seeds"] == [42, 123]
-    assert summary["decision"]["scenario"] in {"A", "B", "C", "D", "not-significant"}
+    assert summary["decision"]["scenario"] in {"A", "B", "C", "D", "not-significant", "worse",
+                                               "explained-by-control", "uncontrolled"}
     assert summary["decision"]["text"]
+    # The headline is HyLoRADA's new components over rsLoRA, not over LoRA (whose gap is rsLoRA's scaling).
+    assert summary["decision"]["candidate"] == "rslora+bias+landmarks"
+    assert summary["decision"]["reference"] == "rslora"
     assert summary["failed_cells"] == []
     rows = [json.loads(line) for line in (smoke_run / "results.jsonl").read_text().splitlines()]
     for name, entry in summary["configs"].items():
@@ -119,7 +124,7 @@ def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_r
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
     finished_before = [json.loads(line) for line in results.read_text().splitlines()]
-    assert 2 <= len(finished_before) < 18
+    assert 2 <= len(finished_before) < 2 * len(HYLORADA_CONFIGS)
     # Only finished cells have directories; the partial cell was discarded.
     cell_dirs = {(p.parent.name, int(p.name.split("-")[1])) for p in (out / "cells").glob("*/seed-*")}
     assert cell_dirs == {(r["config"], r["seed"]) for r in finished_before}
@@ -130,7 +135,7 @@ def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_r
     assert resumed.returncode == 0, resumed.stderr
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     keys = [(r["config"], r["seed"]) for r in rows]
-    assert len(keys) == len(set(keys)) == 18
+    assert len(keys) == len(set(keys)) == 2 * len(HYLORADA_CONFIGS)
     assert rows[: len(finished_before)] == finished_before  # not recomputed
     for key, stamp in stamps.items():
         assert os.stat(out / "cells" / key[0] / f"seed-{key[1]}" / "config.json").st_mtime_ns == stamp
@@ -151,3 +156,80 @@ def test_summary_is_a_function_of_the_results(smoke_run: Path):
     run = RunDir(smoke_run)
     rebuilt = build_summary(run.read_study(), run.read_results())
     assert rebuilt == json.loads((smoke_run / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------
+# What makes the HyLoRADA study's conclusions attributable (the smoke run above)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def test_each_component_is_judged_against_its_parent_and_its_controls(smoke_run: Path):
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    by_component = {c["component"]: c for c in summary["comparisons"]}
+    landmarks = by_component["landmarks"]
+    assert (landmarks["candidate"], landmarks["parent"]) == ("rslora+landmarks", "rslora")
+    assert [k["config"] for k in landmarks["controls"]] == ["rslora+constant", "rslora-matched"]
+    assert (by_component["DoRA"]["parent"], by_component["position bias"]["parent"]) == ("rslora", "rslora")
+    assert by_component["learnable buckets"]["parent"] == "rslora+bias+landmarks"
+    for comp in summary["comparisons"]:
+        assert (comp["params_per_pct"] is not None) == comp["credited"]
+    configs = summary["configs"]
+    assert configs["lora+embed+norm"]["param_matched"] is False
+    assert configs["rslora+bias+landmarks"]["param_matched"] is True
+    # The parameter-matched LoRA trains at least as many parameters as the headline candidate, one rank fewer would not.
+    rows = _rows(smoke_run)
+    matched = next(r for r in rows if r["config"] == "rslora-matched")
+    info = matched["details"]["matched"]
+    assert configs["rslora-matched"]["trainable_params"] == info["params"] >= configs["rslora+bias+landmarks"][
+        "trainable_params"] == info["candidate_params"] > info["params"] * (info["rank"] - 1) / info["rank"]
+    only = next(r for r in rows if r["config"] == "landmarks-only")  # the positive control trains landmarks alone
+    assert only["params"]["trainable_params"] == only["details"]["components"]["landmarks"]
+
+
+def test_position_resolved_perplexity_covers_the_same_tokens_in_every_cell(smoke_run: Path):
+    rows = _rows(smoke_run)
+    counts = {(tuple(r["details"]["decile_tokens"]), r["details"]["lim_tokens"]) for r in rows}
+    assert len(counts) == 1
+    (deciles, lim), = counts
+    assert sum(deciles) == 24 * 128 and lim == 24 * 64  # 24 full windows of 128 tokens, the middle half for LIM
+    assert f"LIM-PPL covers {lim:,} tokens" in (smoke_run / "report.md").read_text()
+
+
+def test_the_report_has_positive_controls_an_ablation_and_ends_with_the_claims(smoke_run: Path):
+    rows = _rows(smoke_run)
+    base = [r for r in rows if r["config"] == "base"]
+    assert all({"retrieval_acc_short_native", "retrieval_acc_native", "val_ppl_native"} <= set(r["metrics"])
+               for r in base)
+    for r in rows:
+        has_parts = r["config"] not in ("base", "lora", "rslora", "rslora+dora", "rslora-matched", "lora+embed+norm")
+        assert ("val_ppl_without_position" in r["metrics"]) == has_parts, r["config"]
+    report = (smoke_run / "report.md").read_text()
+    for heading in ("## Attribution", "## Positive controls", "## What the trained position components contribute",
+                    "## Learning rate", "effective buckets", "step size alone"):
+        assert heading in report
+    last = report.split("\n## ")[-1]
+    assert last.startswith("Claims of the research notes vs this run")
+    assert "| H3: rsLoRA: +17.07% over a 69.00-PPL baseline |" in last
+    assert "| H6: ... credited to the landmarks |" in last
+
+
+def test_training_examples_are_full_packed_windows():
+    from lmlab.config import load_config, preset_path
+    from lmlab.models.hf import context_length, load_tokenizer
+    from lmlab.models.hf import load_config as load_hf_config
+    from lmlab.models.tiny import pretrained_tiny
+    from lmlab.studies.hylorada_study import HYLORADA, HyloradaStudyConfig, _Context
+
+    cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), [])
+    path = str(pretrained_tiny(cfg.base, progress=False))
+    ctx = _Context(cfg, path, load_tokenizer(path), context_length(load_hf_config(path)), [])
+    data = HYLORADA._data(ctx, 42)
+    assert len(data.train) == cfg.num_train
+    assert all(len(e["input_ids"]) == cfg.max_length for e in data.train)
+    tok = ctx.tokenizer
+    stream = [t for e in data.train for t in e["input_ids"]]
+    assert stream[0] == tok.bos_token_id and tok.eos_token_id in stream  # documents packed: BOS doc EOS BOS ...
+    assert all(len(d.text) > 0 for d in data.retrieval_short)

@@ -212,9 +212,9 @@ def long_document(
 
 
 def long_documents(seed: int, n: int, target_length: int, num_facts: int = 4,
-                   length_fn: Callable[[str], int] = word_count) -> list[LongDocument]:
+                   length_fn: Callable[[str], int] = word_count, value_digits: int = 4) -> list[LongDocument]:
     rng = random.Random(f"longdoc-{seed}")
-    return [long_document(rng, target_length, num_facts, length_fn) for _ in range(n)]
+    return [long_document(rng, target_length, num_facts, length_fn, value_digits) for _ in range(n)]
 
 
 def corpus_documents(seed: int, n: int, sentences_per_doc: int = 40) -> list[str]:

@@ -170,6 +170,24 @@ def evaluate_perplexity(
     return result
 
 
+def positional_perplexity(model: nn.Module, windows: Sequence[Sequence[int]], prefix_id: int, max_length: int, *,
+                          batch_size: int = 8, pad_id: int = 0) -> dict:
+    """Per-decile perplexity and LIM-PPL over given token windows of exactly `max_length` tokens each (each scored
+    from the prefix token: the first full window of a document). Scoring every model on the same windows makes the
+    figures comparable; `decile_tokens` / `lim_tokens` say how many predictions each covers."""
+    bad = [len(w) for w in windows if len(w) != max_length]
+    if bad:
+        raise ValueError(f"every window must hold max_length={max_length} tokens, got {bad[0]}")
+    full = [full_windows(w, prefix_id, max_length)[0] for w in windows]
+    was_training = model.training
+    model.eval()
+    try:
+        _, _, _, pos_nll, pos_count = window_nll(model, full[D.rank()::D.world_size()], batch_size, pad_id)
+    finally:
+        model.train(was_training)
+    return _positional(pos_nll, pos_count, max_length)
+
+
 def _positional(pos_nll: torch.Tensor, pos_count: torch.Tensor, max_length: int) -> dict:
     nll = torch.zeros(max_length, dtype=torch.float64, device=pos_nll.device)
     cnt = torch.zeros(max_length, dtype=torch.float64, device=pos_nll.device)
@@ -178,18 +196,22 @@ def _positional(pos_nll: torch.Tensor, pos_count: torch.Tensor, max_length: int)
     both = D.all_reduce_sum(torch.stack([nll, cnt]))
     nll, cnt = both[0].cpu(), both[1].cpu()
     if float(cnt.sum()) == 0:
-        return {"decile_ppl": None, "lim_ppl": None, "positional_tokens": 0}
+        return {"decile_ppl": None, "lim_ppl": None, "positional_tokens": 0, "decile_tokens": [0] * 10,
+                "lim_tokens": 0}
     rel = torch.arange(max_length, dtype=torch.float64) / max_length
     decile = torch.clamp((rel * 10).floor().long(), max=9)
-    deciles = []
+    deciles, decile_tokens = [], []
     for d in range(10):
         sel = decile == d
         c = float(cnt[sel].sum())
         deciles.append(math.exp(float(nll[sel].sum()) / c) if c else None)
+        decile_tokens.append(int(c))
     mid = (rel >= 0.25) & (rel < 0.75)
     mid_count = float(cnt[mid].sum())
     return {
         "decile_ppl": deciles,
         "lim_ppl": math.exp(float(nll[mid].sum()) / mid_count) if mid_count else None,
         "positional_tokens": int(cnt.sum()),
+        "decile_tokens": decile_tokens,
+        "lim_tokens": int(mid_count),
     }

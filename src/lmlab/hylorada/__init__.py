@@ -16,8 +16,10 @@ from lmlab.hylorada.model import (
     boundary_parameters,
     component_param_counts,
     drop_frozen_boundary_grads,
+    landmark_modules,
     learned_boundaries,
     optimizer_rules,
+    position_components_removed,
 )
 
 __all__ = [
@@ -32,10 +34,12 @@ __all__ = [
     "drop_frozen_boundary_grads",
     "export_peft",
     "interpolate_position_embeddings",
+    "landmark_modules",
     "learned_boundaries",
     "load_adapter",
     "merge_adapter",
     "optimizer_rules",
+    "position_components_removed",
     "rope_scaling",
     "save_adapter",
 ]

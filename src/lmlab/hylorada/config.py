@@ -8,7 +8,10 @@ from pydantic import Field, field_validator, model_validator
 
 from lmlab.config import Section
 
-LandmarkDesign = Literal["none", "original", "position_adaptive", "per_layer", "learnable_bucket"]
+# `constant` is a control (a learned constant vector: the landmark mix carries no position and no content) and
+# `original_leaky` a diagnostic (the notes' pooling over the whole sequence, which sees future tokens: invalid).
+LandmarkDesign = Literal["none", "original", "position_adaptive", "per_layer", "learnable_bucket", "constant",
+                         "original_leaky"]
 
 
 class HyLoRADAConfig(Section):
@@ -35,6 +38,9 @@ class HyLoRADAConfig(Section):
 
     # Learnable bucketing (section 5)
     boundary_temperature: float = Field(0.1, gt=0)
+    boundary_assignment: Literal["relative", "absolute", "straight_through"] = Field(
+        "relative", description="temperature relative to each boundary's bucket width (as sharp as the fixed buckets "
+        "at init), absolute on p / max_positions (the notes), or a straight-through hard assignment")
     boundary_lr: float | None = Field(None, gt=0)
     boundary_diversity: float = Field(0.0, ge=0)
     boundary_freeze_steps: int = Field(0, ge=0)

@@ -6,6 +6,11 @@
     original (after the final norm) and per_layer (after every block, K/2 vectors each):
         g_t = softmax(W_g prefix_mean(h)_t)             causal: token t pools tokens 0..t only
         h'_t = h_t + scale * dropout(g_t L)
+    constant (a control, after the final norm):
+        g = softmax(c)                                  c [K]: the same for every token and sequence
+        h'_t = h_t + scale * dropout(g L)               a learned constant vector: no position, no content
+    original_leaky (a diagnostic, labelled invalid by the studies): `original` pooling over the WHOLE sequence,
+        future tokens included, as the notes' code did - every token's gate sees what comes after it.
 
 The modules are attached to the model by forward hooks (see `model.py`) and read token positions from
 the model's shared `PositionContext`.
@@ -17,6 +22,21 @@ import torch
 from torch import nn
 
 from lmlab.hylorada.position import LearnableBuckets, PositionContext
+
+
+def sequence_mean(
+    hidden: torch.Tensor, token_mask: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """NON-causal mean over all real tokens of the sequence, the same for every position (the leak of the notes'
+    landmark code: token t sees tokens after t). Same arguments and returns as `prefix_mean`."""
+    mask = token_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    sums = (hidden * mask).sum(1)  # [B, d]
+    counts = mask.sum(1)  # [B, 1]
+    if past is not None:
+        sums = sums + past[0]
+        counts = counts + past[1]
+    means = (sums / counts.clamp_min(1)).unsqueeze(1).expand_as(hidden)
+    return means, (sums.detach(), counts.detach())
 
 
 def prefix_mean(
@@ -91,8 +111,33 @@ class PositionAdaptiveLandmarks(_Landmarks):
         return self.mix(hidden, torch.softmax(position_logits + self.content(hidden), dim=-1))
 
 
+class ConstantLandmarks(_Landmarks):
+    """The control for landmark designs: the same K vectors and scale, mixed by a learned softmax that is the same
+    for every token (no position, no content information), i.e. a learned constant vector added to h."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_landmarks: int,
+        dropout: float,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        factory = {"dtype": dtype, "device": device}
+        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.logits = nn.Parameter(torch.randn(num_landmarks, **factory) * 0.02)  # c [K]
+        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate = torch.softmax(self.logits, dim=-1).expand(*hidden.shape[:-1], -1)  # [B, T, K]
+        return self.mix(hidden, gate)
+
+
 class PooledLandmarks(_Landmarks):
-    """Landmarks gated by a causal prefix mean of the hidden states (designs `original` and `per_layer`)."""
+    """Landmarks gated by a causal prefix mean of the hidden states (designs `original` and `per_layer`); with
+    `leaky=True` by the mean over the whole sequence (`original_leaky`, a diagnostic of the notes' leak)."""
 
     def __init__(
         self,
@@ -101,6 +146,7 @@ class PooledLandmarks(_Landmarks):
         dropout: float,
         context: PositionContext,
         key: str,
+        leaky: bool = False,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
     ) -> None:
@@ -112,11 +158,12 @@ class PooledLandmarks(_Landmarks):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.context = context
         self.key = key  # names this module's running sums in the KV cache
+        self.pool = sequence_mean if leaky else prefix_mean
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         ctx.require_positions(hidden.shape[:2])
-        pooled, running = prefix_mean(hidden, ctx.token_mask, ctx.pool_past.get(self.key))
+        pooled, running = self.pool(hidden, ctx.token_mask, ctx.pool_past.get(self.key))
         ctx.pool_now[self.key] = running
         return self.mix(hidden, torch.softmax(self.gate(pooled), dim=-1))
 

@@ -8,6 +8,7 @@ computes the token positions once per forward for all HyLoRADA modules (HYLORADA
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 
@@ -18,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from lmlab.engine.optim import GroupRule
 from lmlab.errors import ConfigError
 from lmlab.hylorada.config import HyLoRADAConfig
-from lmlab.hylorada.landmarks import PooledLandmarks, PositionAdaptiveLandmarks
+from lmlab.hylorada.landmarks import ConstantLandmarks, PooledLandmarks, PositionAdaptiveLandmarks
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.position import (
     LearnableBuckets,
@@ -52,8 +53,6 @@ class HyLoRADAState(nn.Module):
         self,
         config: HyLoRADAConfig,
         max_positions: int,
-        hidden_size: int,
-        num_blocks: int,
         arg_names: list[str],
         dtype: torch.dtype,
         device: torch.device,
@@ -68,31 +67,41 @@ class HyLoRADAState(nn.Module):
         self.position_bias = PositionBias(config.num_buckets).to(device, dtype) if config.position_bias else None
         self.landmarks: nn.Module | None = None
         self.layer_landmarks: nn.ModuleList | None = None
-        factory = {"dtype": dtype, "device": device}
-        design, k = config.landmarks, config.num_landmarks
-        if design in ("position_adaptive", "learnable_bucket"):
-            buckets = None
-            if design == "learnable_bucket":
-                buckets = LearnableBuckets(self.edges, max_positions, config.boundary_temperature).to(device)
-            self.landmarks = PositionAdaptiveLandmarks(
-                hidden_size, k, config.num_buckets, config.dropout, self.context, buckets, **factory
-            )
-        elif design == "original":
-            self.landmarks = PooledLandmarks(hidden_size, k, config.dropout, self.context, "final", **factory)
-        elif design == "per_layer":
-            self.layer_landmarks = nn.ModuleList(
-                PooledLandmarks(hidden_size, k // 2, config.dropout, self.context, f"block{i}", **factory)
-                for i in range(num_blocks)
-            )
         # filled by apply_hylorada
         self.base_model: dict[str, str] = {}
         self.adapted: list[str] = []
         self.trained_base: dict[str, list[str]] = {"embeddings": [], "norms": []}
         self.base_requires_grad: dict[str, bool] = {}
 
+    def add_landmarks(self, hidden_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
+        """The landmark modules of `config.landmarks`. Called after the adapters are built, so that their random
+        initialisation draws the same numbers whether or not a configuration has landmarks: configurations that
+        differ by landmarks alone then start from the same LoRA weights for a seed (a sharper paired comparison)."""
+        config, max_positions = self.config, self.max_positions
+        factory = {"dtype": dtype, "device": device}
+        design, k = config.landmarks, config.num_landmarks
+        if design in ("position_adaptive", "learnable_bucket"):
+            buckets = None
+            if design == "learnable_bucket":
+                buckets = LearnableBuckets(self.edges, max_positions, config.boundary_temperature,
+                                           config.boundary_assignment).to(device)
+            self.landmarks = PositionAdaptiveLandmarks(
+                hidden_size, k, config.num_buckets, config.dropout, self.context, buckets, **factory
+            )
+        elif design in ("original", "original_leaky"):
+            self.landmarks = PooledLandmarks(hidden_size, k, config.dropout, self.context, "final",
+                                             leaky=design == "original_leaky", **factory)
+        elif design == "constant":
+            self.landmarks = ConstantLandmarks(hidden_size, k, config.dropout, **factory)
+        elif design == "per_layer":
+            self.layer_landmarks = nn.ModuleList(
+                PooledLandmarks(hidden_size, k // 2, config.dropout, self.context, f"block{i}", **factory)
+                for i in range(num_blocks)
+            )
+
     @property
     def pools(self) -> bool:
-        return self.config.landmarks in ("original", "per_layer")
+        return self.config.landmarks in ("original", "original_leaky", "per_layer")
 
     def before_forward(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         """Forward pre-hook of the model: token positions, buckets and the bias term for this forward."""
@@ -163,13 +172,13 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
     if config.landmarks == "per_layer" and blocks is None:
         raise ConfigError(f"landmarks='per_layer' needs the transformer blocks, not found in {type(model).__name__}")
     final_norm = None
-    if config.landmarks in ("position_adaptive", "learnable_bucket", "original"):
+    if config.landmarks not in ("none", "per_layer"):
         final_norm = find_final_norm(model, blocks_name)
     hidden_size = getattr(hf_config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
 
     reference = next(model.parameters())
     arg_names = list(inspect.signature(model.forward).parameters)
-    state = HyLoRADAState(config, context, hidden_size, len(blocks or []), arg_names, reference.dtype, reference.device)
+    state = HyLoRADAState(config, context, arg_names, reference.dtype, reference.device)
     state.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     state.base_model = {
         "name_or_path": str(getattr(hf_config, "_name_or_path", "") or ""),
@@ -184,6 +193,7 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
         parent = model.get_submodule(parent_name)
         setattr(parent, child, HyLoRADALinear(getattr(parent, child), config, shared))
     state.adapted = targets
+    state.add_landmarks(hidden_size, len(blocks or []), reference.dtype, reference.device)
     _unfreeze_base_parts(model, config, state)
 
     if config.uses_positions:
@@ -343,7 +353,38 @@ def learned_boundaries(model: nn.Module) -> dict[str, list]:
     buckets = getattr(state.landmarks, "buckets", None)
     if buckets is None:
         raise ConfigError(f"the model has no learnable buckets (landmarks='{state.config.landmarks}')")
-    return {"initial": list(state.edges), "learned": buckets.learned_edges(), "max_positions": state.max_positions}
+    return {"initial": list(state.edges), "learned": buckets.learned_edges(), "max_positions": state.max_positions,
+            "effective_buckets": buckets.effective_buckets(), "num_buckets": state.config.num_buckets,
+            "assignment": buckets.assignment, "temperature": buckets.temperature}
+
+
+def landmark_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's landmark modules (one after the final norm, or one per block for `per_layer`)."""
+    state = hylorada_state(model)
+    if state.layer_landmarks is not None:
+        return list(state.layer_landmarks)
+    return [state.landmarks] if state.landmarks is not None else []
+
+
+@contextlib.contextmanager
+def position_components_removed(model: nn.Module):
+    """Within the block the model runs without its position bias and landmarks, exactly: every landmark scale and
+    the bias table are zero (h + 0 * mix = h; 1 + sigmoid(w) tanh(0) = 1), restored afterwards. What a trained
+    model's metric loses under this ablation is what those components contribute to it."""
+    state = hylorada_state(model)
+    held = [m.scale for m in landmark_modules(model)]
+    if state.position_bias is not None:
+        held.append(state.position_bias.table)
+    saved = [p.detach().clone() for p in held]
+    try:
+        with torch.no_grad():
+            for p in held:
+                p.zero_()
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, value in zip(held, saved, strict=True):
+                p.copy_(value)
 
 
 def boundary_parameters(model: nn.Module) -> list[nn.Parameter]:

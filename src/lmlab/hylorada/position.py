@@ -6,6 +6,8 @@ shift it, and during cached decoding a new token's position continues from the c
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,27 +114,65 @@ class PositionBias(nn.Module):
         return torch.tanh(self.table)[buckets.reshape(-1)].unsqueeze(-1)
 
 
-class LearnableBuckets(nn.Module):
-    """Soft bucket assignment with learnable boundaries on u = p / max_positions (section 5).
+BoundaryAssignment = Literal["relative", "absolute", "straight_through"]
 
-    q_i = sigmoid((u - b_i) / tau); w_0 = 1 - q_0, w_i = q_{i-1} - q_i, w_last = q_last (b sorted).
+
+class LearnableBuckets(nn.Module):
+    """Bucket assignment with learnable boundaries on u = p / max_positions (HYLORADA.md section 5).
+
+        q_i = sigmoid((x(u) - x(b_i)) / tau)     w_0 = 1 - q_0,  w_i = q_{i-1} - q_i,  w_last = q_last   (b sorted)
+
+    Boundary i starts half a position below the fixed scheme's edge e_i (between positions e_i - 1 and e_i, where
+    the fixed scheme changes bucket), so every position starts in its fixed bucket. `assignment` chooses x:
+    - "relative" (default): x is the fixed scheme's bucket index, continuous (piecewise linear in u through the
+      edges: bucket k spans [k, k + 1)), so tau is a fraction of a bucket's width wherever the bucket is - narrow
+      early buckets are resolved as well as wide late ones. At 0.1 all num_buckets buckets are distinguishable at
+      initialisation and a position puts 88% of its weight on its fixed bucket on average (32 log buckets over 512
+      positions; only positions within ~a tenth of a bucket of a boundary are shared);
+    - "absolute": x = u, the notes' rule. At 0.1 over 512 positions a sigmoid spans ~50 positions, wider than the
+      first 24 log buckets together, so only 8 of 32 buckets are distinguishable (28% of a position's weight on its
+      fixed bucket on average): comparing it with fixed buckets confounds learnability with lost resolution;
+    - "straight_through": the forward pass is the hard assignment to the current boundaries (exactly the fixed
+      buckets at initialisation); the gradient is that of "relative".
+    The same tau for every boundary keeps q decreasing in i, so every weight is >= 0.
     """
 
-    def __init__(self, edges: list[int], max_positions: int, temperature: float) -> None:
+    def __init__(self, edges: list[int], max_positions: int, temperature: float,
+                 assignment: BoundaryAssignment = "relative") -> None:
         super().__init__()
-        initial = torch.tensor(edges, dtype=torch.float32) / max_positions  # [nb-1]
+        if assignment not in ("relative", "absolute", "straight_through"):
+            raise ValueError(f"unknown boundary assignment {assignment!r}")
+        initial = (torch.tensor(edges, dtype=torch.float32) - 0.5) / max_positions  # [nb-1]
         self.boundaries = nn.Parameter(initial.clone())
-        # gaps of the fixed scheme: the diversity penalty measures how far boundaries have closed up
+        # gaps at initialisation: the diversity penalty measures how far boundaries have closed up
         self.register_buffer("initial_gaps", torch.diff(initial), persistent=False)
+        # the fixed scheme's bucket index as a piecewise-linear function of u: knots at 0, the edges and 1
+        knots = torch.tensor([0, *edges, max_positions], dtype=torch.float32) / max_positions  # [nb+1]
+        self.register_buffer("knots", knots, persistent=False)
         self.max_positions = max_positions
         self.temperature = temperature
+        self.assignment = assignment
+
+    def bucket_coordinate(self, u: torch.Tensor) -> torch.Tensor:
+        """The fixed scheme's continuous bucket index of u (extended linearly past the last knot)."""
+        knots = self.knots.to(u.dtype)
+        segment = torch.searchsorted(knots, u.detach().contiguous(), right=True).clamp(1, knots.numel() - 1)
+        low, high = knots[segment - 1], knots[segment]
+        return (segment - 1).to(u.dtype) + (u - low) / (high - low)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         """Bucket weights for each position: [B, T] -> [B, T, nb], rows sum to 1."""
         b = torch.sort(self.boundaries).values
         u = positions.to(b.dtype).unsqueeze(-1) / self.max_positions  # [B, T, 1]
-        q = torch.sigmoid((u - b) / self.temperature)  # [B, T, nb-1]
-        return torch.cat([1 - q[..., :1], q[..., :-1] - q[..., 1:], q[..., -1:]], dim=-1)
+        if self.assignment == "absolute":
+            q = torch.sigmoid((u - b) / self.temperature)  # [B, T, nb-1]
+        else:
+            q = torch.sigmoid((self.bucket_coordinate(u) - self.bucket_coordinate(b)) / self.temperature)
+        soft = torch.cat([1 - q[..., :1], q[..., :-1] - q[..., 1:], q[..., -1:]], dim=-1)
+        if self.assignment != "straight_through":
+            return soft
+        hard = F.one_hot(torch.bucketize(u.squeeze(-1), b.detach(), right=True), b.numel() + 1).to(soft.dtype)
+        return hard + (soft - soft.detach())  # exactly `hard` forward, the soft gradient backward
 
     def diversity_penalty(self) -> torch.Tensor:
         """Mean of relu(1 - gap / initial_gap)^2 over adjacent sorted boundaries.
@@ -146,8 +186,19 @@ class LearnableBuckets(nn.Module):
         return F.relu(1 - gaps / self.initial_gaps).pow(2).mean()
 
     def learned_edges(self) -> list[float]:
-        """Current boundaries in token positions, sorted."""
-        return (torch.sort(self.boundaries.detach().float()).values * self.max_positions).tolist()
+        """Current boundaries as the first position of each bucket after the first, sorted (the fixed scheme's
+        `bucket_edges` at initialisation)."""
+        b = torch.sort(self.boundaries.detach().float()).values
+        return (b * self.max_positions + 0.5).tolist()
+
+    @torch.no_grad()
+    def effective_buckets(self) -> int:
+        """How many buckets hold the largest weight at some position in [0, max_positions): num_buckets for a
+        hard assignment, fewer where a soft one smears narrow buckets together."""
+        positions = torch.arange(self.max_positions, device=self.boundaries.device).unsqueeze(0)
+        return effective_buckets(self(positions)[0])
 
 
-
+def effective_buckets(weights: torch.Tensor) -> int:
+    """Distinct buckets that hold the largest weight of at least one row of `weights` [positions, buckets]."""
+    return int(torch.unique(weights.argmax(-1)).numel())

@@ -24,7 +24,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lmlab.config import Section
 from lmlab.data import generators
-from lmlab.data.batching import chunk_examples, tokenize_documents
+from lmlab.data.batching import chunk_examples, recall_examples, tokenize_documents
 from lmlab.data.tokenizer import train_bpe_tokenizer
 from lmlab.engine import distributed as D
 from lmlab.engine.train import TrainConfig, collate_lm, train
@@ -95,6 +95,11 @@ class PretrainConfig(Section):
     data: Literal["longdoc", "arithmetic", "corpus"] = "longdoc"
     num_docs: int = Field(2000, ge=10, description="training documents (arithmetic: problems)")
     num_facts: int = Field(2, ge=0, description="longdoc: facts per document")
+    value_digits: int = Field(4, ge=1, description="longdoc: digits of a fact's value")
+    recall_steps: int = Field(0, ge=0, description="longdoc: optimizer steps of a first phase whose loss covers only "
+                              "the recalled values (teaches copying a planted value from far back)")
+    recall_weight: float = Field(1.0, ge=1.0, description="longdoc: loss weight of the recalled values in the main "
+                                 "phase (keeps the copying the first phase taught)")
     vocab_size: int = Field(1024, ge=259, description="BPE vocabulary (>= 256 bytes + 3 special tokens)")
     tokenizer_seed: int = 0
     data_seed: int = 0
@@ -107,16 +112,34 @@ class PretrainConfig(Section):
         return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def _training_texts(cfg: PretrainConfig, tokenizer=None) -> list[str]:
+def _training_documents(cfg: PretrainConfig, tokenizer=None) -> list:
+    """The pretraining documents: texts, or `generators.LongDocument`s for longdoc data."""
     if cfg.data == "arithmetic":
         return [f"Question: {it['question']}\nAnswer: {it['answer']}"
                 for it in generators.arithmetic_problems("train", cfg.num_docs, seed=cfg.data_seed)]
     if cfg.data == "corpus":
         return generators.corpus_documents(cfg.data_seed, cfg.num_docs)
-    length_fn = (lambda s: len(tokenizer.encode(s, add_special_tokens=False))) if tokenizer else generators.word_count
-    docs = generators.long_documents(cfg.data_seed, cfg.num_docs, target_length=cfg.model.context - 8,
-                                     num_facts=cfg.num_facts, length_fn=length_fn)
-    return [d.text for d in docs]
+    length_fn = partial(_token_count, tokenizer) if tokenizer else generators.word_count
+    return generators.long_documents(cfg.data_seed, cfg.num_docs, target_length=cfg.model.context - 8,
+                                     num_facts=cfg.num_facts, length_fn=length_fn, value_digits=cfg.value_digits)
+
+
+def _recall_phase(cfg: PretrainConfig, model, tokenizer, progress: bool):
+    """The first pretraining phase: `recall_steps` steps on fresh long documents, loss on the recalled values only
+    (`batching.recall_examples`)."""
+    count = cfg.recall_steps * cfg.train.batch_size * cfg.train.grad_accum
+    # a few more documents than steps need: a document whose query falls past the context has nothing to recall
+    docs = generators.long_documents(cfg.data_seed + 1, count + count // 10 + 8, target_length=cfg.model.context - 8,
+                                     num_facts=cfg.num_facts, length_fn=partial(_token_count, tokenizer),
+                                     value_digits=cfg.value_digits)
+    examples = recall_examples(docs, tokenizer, cfg.model.context, tokenizer.bos_token_id)[:count]
+    return train(model, examples, cfg.train.model_copy(update={"epochs": 1, "max_steps": cfg.recall_steps}),
+                 seed=cfg.init_seed, progress=progress, desc=f"pretrain {cfg.name}: recall",
+                 collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id))
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def tokenizer_texts(data: str, n: int = 1500, seed: int = 0) -> list[str]:
@@ -155,13 +178,18 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
         log(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
             f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data; cached at {target}")
     tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
-    texts = _training_texts(cfg, tokenizer)
-    val_count = max(1, len(texts) // 20)
-    train_texts, val_texts = texts[val_count:], texts[:val_count]
+    docs = _training_documents(cfg, tokenizer)
+    val_count = max(1, len(docs) // 20)
+    train_docs, val_texts = docs[val_count:], [getattr(d, "text", d) for d in docs[:val_count]]
     model = build_tiny(cfg.model, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                        pad_id=tokenizer.pad_token_id, seed=cfg.init_seed)
-    examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context, tokenizer.bos_token_id,
-                              end_id=tokenizer.eos_token_id)  # documents end with EOS: generations learn to stop
+    recall = _recall_phase(cfg, model, tokenizer, progress) if cfg.recall_steps and cfg.data == "longdoc" else None
+    if cfg.data == "longdoc" and cfg.recall_weight > 1:
+        examples = recall_examples(train_docs, tokenizer, cfg.model.context, tokenizer.bos_token_id,
+                                   end_id=tokenizer.eos_token_id, value_weight=cfg.recall_weight)
+    else:  # documents end with EOS: generations learn to stop
+        examples = chunk_examples(tokenize_documents([getattr(d, "text", d) for d in train_docs], tokenizer),
+                                  cfg.model.context, tokenizer.bos_token_id, end_id=tokenizer.eos_token_id)
     result = train(model, examples, cfg.train, seed=cfg.init_seed, progress=progress,
                    collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id), desc=f"pretrain {cfg.name}")
     val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
@@ -172,6 +200,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
         tokenizer.save_pretrained(staging)
         info = {"config": cfg.model_dump(), "key": cfg.key(), "final_train_loss": result.final_loss,
                 "val_ppl": val["ppl"], "steps": result.steps, "train_time_s": result.train_time_s,
+                "recall_phase": None if recall is None else {"steps": recall.steps, "final_loss": recall.final_loss,
+                                                             "train_time_s": recall.train_time_s},
                 "wall_time_s": time.perf_counter() - started}
         (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
         shutil.rmtree(target, ignore_errors=True)

@@ -2,28 +2,44 @@
 
 One recipe: load the base (a cached tiny model pretrained at a short context, or any HF causal LM),
 extend its context (RoPE scaling set before the model is built), apply one HyLoRADA configuration,
-fine-tune with the one training loop at the run's `max_length`, and evaluate validation perplexity,
-bits per byte, per-decile perplexity, LIM-PPL and retrieval accuracy by depth. The `base` row is the
-model before fine-tuning. Configurations are compared paired by seed; a seed fixes the data sample,
-its order and the initialisation.
+fine-tune with the one training loop at the run's `max_length` on packed windows, and evaluate. The `base`
+row is the model before fine-tuning. Configurations are compared paired by seed; a seed fixes the data
+sample, its order and the initialisation.
+
+What makes a conclusion here attributable (see `lmlab.studies.attribution`):
+- each component is judged against the configuration it is added to (bias and landmarks against `rslora`,
+  learnable against fixed buckets, DoRA against `rslora`), never against `lora`, whose gap to `rslora` is
+  rsLoRA's scaling;
+- controls: landmarks mixed by a learned constant (`constant`: a constant vector added to the hidden states,
+  no position and no content information) and a LoRA whose rank is raised until its trainable parameters
+  reach the headline candidate's (`rslora-matched`); a component is credited only where it beats them;
+- positive controls: the base retrieves planted facts within its pretraining context (and loses them beyond
+  it), and an ablation removes the trained position components to measure what they contribute;
+- one set of full windows, the same for every configuration and seed, for position-resolved perplexity;
+- optionally (`lr_grid`, on in `paper` presets) each configuration's learning rate chosen on a separate tuning
+  seed's validation split, since at one learning rate rsLoRA's update is sqrt(r) times LoRA's.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field, model_validator
 
 from lmlab.data import generators
-from lmlab.data.batching import chunk_examples, tokenize_documents
+from lmlab.data.batching import packed_examples, tokenize_documents
 from lmlab.data.sources import load_documents
 from lmlab.engine import distributed as D
-from lmlab.engine.train import TrainConfig, collate_lm, train
-from lmlab.eval.perplexity import evaluate_perplexity
+from lmlab.engine.optim import lr_factor
+from lmlab.engine.train import TrainConfig, collate_lm, total_steps, train
+from lmlab.eval.perplexity import evaluate_perplexity, positional_perplexity
 from lmlab.eval.retrieval import retrieval_accuracy
 from lmlab.hylorada import (
     HyLoRADAConfig,
@@ -33,40 +49,154 @@ from lmlab.hylorada import (
     drop_frozen_boundary_grads,
     learned_boundaries,
     optimizer_rules,
+    position_components_removed,
     rope_scaling,
     save_adapter,
 )
+from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.models.tiny import PretrainConfig, pretrained_tiny
-from lmlab.studies.report import label_axes, line_plot, save_figure
-from lmlab.studies.rundir import RunDir
+from lmlab.studies.report import fmt, label_axes, line_plot, save_figure
+from lmlab.studies.rundir import RunDir, atomic_write_text
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
-# Each configuration: the HyLoRADA fields it sets on top of the study's shared adapter settings.
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration: the HyLoRADA fields it sets over the study's adapter settings (None: the base, not
+    fine-tuned), its role in the study, and what a reader needs to know about it."""
+
+    adapter: dict | None
+    role: str = "ablation"
+    note: str = ""
+    invalid: bool = False
+    freeze_lora: bool = False  # the adapters' B stays 0: only the position components train (a positive control)
+    matched_rank: bool = False  # rank raised until its trainable parameters reach the headline candidate's
+
+
 LORA = {"use_rslora": False, "use_dora": False, "position_bias": False, "landmarks": "none"}
 RSLORA = {**LORA, "use_rslora": True}
-HYLORADA_CONFIGS: dict[str, dict | None] = {
-    "base": None,
-    "lora": LORA,
-    "rslora": RSLORA,
-    "rslora+dora": {**RSLORA, "use_dora": True},
-    "rslora+bias": {**RSLORA, "position_bias": True},
-    "rslora+landmarks": {**RSLORA, "landmarks": "position_adaptive"},
-    "rslora+bias+landmarks": {**RSLORA, "position_bias": True, "landmarks": "position_adaptive"},
-    "rslora+bias+learnable_bucket": {**RSLORA, "position_bias": True, "landmarks": "learnable_bucket"},
-    "lora+embed+norm": {**LORA, "train_embeddings": True, "train_norms": True},
+CONSTANT_NOTE = "the same landmark vectors mixed by a learned constant: a constant vector, no position or content"
+MATCHED_NOTE = "rsLoRA with its rank raised until its trainable parameters reach the headline candidate's"
+LEAK_NOTE = "pools over future tokens, as the notes' code did"
+
+HYLORADA_ARMS: dict[str, Arm] = {
+    "base": Arm(None, "base", "the extended base before fine-tuning"),
+    "lora": Arm(LORA, "reference"),
+    "rslora": Arm(RSLORA, "parent", "LoRA with rsLoRA's scaling alpha/sqrt(r): the parent of every component"),
+    "rslora+dora": Arm({**RSLORA, "use_dora": True}),
+    "rslora+bias": Arm({**RSLORA, "position_bias": True}),
+    "rslora+landmarks": Arm({**RSLORA, "landmarks": "position_adaptive"}),
+    "rslora+bias+landmarks": Arm({**RSLORA, "position_bias": True, "landmarks": "position_adaptive"}, "candidate",
+                                 "HyLoRADA as recommended"),
+    "rslora+bias+learnable_bucket": Arm({**RSLORA, "position_bias": True, "landmarks": "learnable_bucket"}),
+    "rslora+constant": Arm({**RSLORA, "landmarks": "constant"}, "control", CONSTANT_NOTE),
+    "rslora+bias+constant": Arm({**RSLORA, "position_bias": True, "landmarks": "constant"}, "control",
+                                CONSTANT_NOTE),
+    "rslora-matched": Arm(RSLORA, "control", MATCHED_NOTE, matched_rank=True),
+    "landmarks-only": Arm({**RSLORA, "landmarks": "position_adaptive"}, "positive control",
+                          "landmarks trained alone on the frozen base (LoRA held at 0): can they move the metric?",
+                          freeze_lora=True),
+    "lora+embed+norm": Arm({**LORA, "train_embeddings": True, "train_norms": True}, "peer",
+                           "LongLoRA-style: also trains the (tied) embeddings and the norms"),
 }
-LANDMARK_CONFIGS: dict[str, dict | None] = {
-    "rslora": RSLORA,
-    "original": {**RSLORA, "landmarks": "original"},
-    "position_adaptive": {**RSLORA, "landmarks": "position_adaptive"},
-    "per_layer": {**RSLORA, "landmarks": "per_layer"},
+HYLORADA_COMPARISONS = [
+    {"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora"},
+    {"component": "DoRA", "candidate": "rslora+dora", "parent": "rslora"},
+    {"component": "position bias", "candidate": "rslora+bias", "parent": "rslora"},
+    {"component": "landmarks", "candidate": "rslora+landmarks", "parent": "rslora",
+     "controls": ["rslora+constant", "rslora-matched"]},
+    {"component": "bias + landmarks (HyLoRADA's new components)", "candidate": "rslora+bias+landmarks",
+     "parent": "rslora", "controls": ["rslora+bias+constant", "rslora-matched"], "headline": True},
+    {"component": "landmarks over the bias", "candidate": "rslora+bias+landmarks", "parent": "rslora+bias",
+     "controls": ["rslora+bias+constant"]},
+    {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks"},
+    {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
+    {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora"},
+]
+HYLORADA_CLAIMS = [
+    {"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
+     "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "rslora+landmarks",
+     "parent": "rslora", "claimed_pct": 9.19},
+    {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
+     "candidate": "rslora+landmarks", "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32},
+    {"id": "H3", "claim": "rsLoRA: +17.07% over a 69.00-PPL baseline", "setting": "comprehensive ablation",
+     "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07},
+    {"id": "H4", "claim": "DoRA: -5.62% (57.22 -> 60.44 PPL), degrades performance", "setting": "same",
+     "candidate": "rslora+dora", "parent": "rslora", "claimed_pct": -5.62},
+    {"id": "H5", "claim": "position bias: +2.11% with 64 parameters", "setting": "same",
+     "candidate": "rslora+bias", "parent": "rslora", "claimed_pct": 2.11},
+    {"id": "H6", "claim": "rsLoRA + position bias + position-adaptive landmarks: +18.37% over baseline",
+     "setting": "same", "candidate": "rslora+bias+landmarks", "parent": "lora", "claimed_pct": 18.37},
+    {"id": "H6", "claim": "... credited to the landmarks", "setting": "same", "kind": "credit",
+     "candidate": "rslora+bias+landmarks", "parent": "rslora", "total_parent": "lora"},
+    {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)", "setting": "same",
+     "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks", "claimed_pct": -2.26},
+]
+
+LANDMARK_ARMS: dict[str, Arm] = {
+    "base": Arm(None, "base", "the extended base before fine-tuning"),
+    "rslora": Arm(RSLORA, "reference", "no landmarks"),
+    "original": Arm({**RSLORA, "landmarks": "original"}),
+    "position_adaptive": Arm({**RSLORA, "landmarks": "position_adaptive"}, "candidate"),
+    "per_layer": Arm({**RSLORA, "landmarks": "per_layer"}),
+    "constant": Arm({**RSLORA, "landmarks": "constant"}, "control", CONSTANT_NOTE),
+    "rslora-matched": Arm(RSLORA, "control", MATCHED_NOTE, matched_rank=True),
+    "landmarks-only": Arm({**RSLORA, "landmarks": "position_adaptive"}, "positive control",
+                          "position-adaptive landmarks trained alone on the frozen base", freeze_lora=True),
+    "original_leaky": Arm({**RSLORA, "landmarks": "original_leaky"}, "diagnostic", LEAK_NOTE, invalid=True),
 }
-BUCKETING_CONFIGS: dict[str, dict | None] = {
-    "rslora": RSLORA,
-    "fixed": {**RSLORA, "landmarks": "position_adaptive"},
-    "learnable": {**RSLORA, "landmarks": "learnable_bucket"},
+LANDMARK_CONTROLS = ["constant", "rslora-matched"]
+LANDMARK_COMPARISONS = [
+    {"component": "position-adaptive landmarks", "candidate": "position_adaptive", "parent": "rslora",
+     "controls": LANDMARK_CONTROLS, "headline": True},
+    {"component": "original landmarks (causal pooling)", "candidate": "original", "parent": "rslora",
+     "controls": LANDMARK_CONTROLS},
+    {"component": "per-layer landmarks (causal pooling)", "candidate": "per_layer", "parent": "rslora",
+     "controls": LANDMARK_CONTROLS},
+    {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
+]
+LEAK = {"candidate": "original_leaky", "parent": "original", "what": "the leak (pooling over future tokens)"}
+LANDMARK_CLAIMS = [
+    {"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
+     "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "position_adaptive",
+     "parent": "rslora", "claimed_pct": 9.19},
+    {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
+     "candidate": "position_adaptive", "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32},
+    {"id": "H2", "claim": "original landmark design: +4.72% PPL", "setting": "same", "candidate": "original",
+     "parent": "rslora", "claimed_pct": 4.72, "explanation": LEAK},
+    {"id": "H2", "claim": "original landmark design: +4.03% LIM-PPL", "setting": "same", "candidate": "original",
+     "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 4.03, "explanation": LEAK},
+    {"id": "H2", "claim": "per-layer design: -1.19% PPL", "setting": "same", "candidate": "per_layer",
+     "parent": "rslora", "claimed_pct": -1.19},
+    {"id": "H2", "claim": "per-layer design: -3.17% LIM-PPL", "setting": "same", "candidate": "per_layer",
+     "parent": "rslora", "metric": "lim_ppl", "claimed_pct": -3.17},
+]
+
+BUCKETING_ARMS: dict[str, Arm] = {
+    "rslora": Arm(RSLORA, "parent", "no landmarks"),
+    "fixed": Arm({**RSLORA, "landmarks": "position_adaptive"}, "reference", "landmarks with fixed log buckets"),
+    "learnable": Arm({**RSLORA, "landmarks": "learnable_bucket"}, "candidate",
+                     "learnable boundaries, as sharp as the fixed buckets at initialisation"),
+    "learnable_notes": Arm({**RSLORA, "landmarks": "learnable_bucket", "boundary_assignment": "absolute"},
+                           "ablation", "the notes' soft assignment: temperature 0.1 on p / max_positions"),
+    "constant": Arm({**RSLORA, "landmarks": "constant"}, "control", CONSTANT_NOTE),
 }
+BUCKETING_COMPARISONS = [
+    {"component": "learnable buckets", "candidate": "learnable", "parent": "fixed", "headline": True},
+    {"component": "learnable buckets at the notes' temperature", "candidate": "learnable_notes", "parent": "fixed"},
+    {"component": "landmarks with fixed buckets", "candidate": "fixed", "parent": "rslora", "controls": ["constant"]},
+]
+BUCKETING_CLAIMS = [
+    {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)",
+     "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "learnable",
+     "parent": "fixed", "claimed_pct": -2.26},
+    {"id": "H7", "claim": "learnable bucketing expected +1-3% over fixed", "setting": "`000`/`001` expectations",
+     "candidate": "learnable", "parent": "fixed", "claimed_pct": 2.0},
+    {"id": "H8", "claim": "at 1 epoch / 200 samples all designs are within 0.1% (within noise)",
+     "setting": "GPT-2, 4 landmarks", "kind": "null",
+     "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
+]
 
 
 class HyloradaStudyConfig(StudyConfig):
@@ -78,6 +208,7 @@ class HyloradaStudyConfig(StudyConfig):
         "alpha": "adapter.alpha", "num_buckets": "adapter.num_buckets", "boundary_lr": "adapter.boundary_lr",
         "boundary_temperature": "adapter.boundary_temperature", "boundary_diversity": "adapter.boundary_diversity",
         "boundary_freeze_steps": "adapter.boundary_freeze_steps",
+        "boundary_assignment": "adapter.boundary_assignment",
     }
 
     model: str = Field("builtin", description="'builtin' (a cached tiny base) or an HF model dir / hub id")
@@ -86,13 +217,21 @@ class HyloradaStudyConfig(StudyConfig):
     txt_documents: Literal["file", "blank_line"] = "file"
     max_length: int = Field(512, ge=16, description="fine-tuning and evaluation context")
     rope_scaling: Literal["none", "linear", "dynamic", "yarn"] = "linear"
-    num_train: int = Field(400, ge=1, description="training examples (windows of max_length)")
+    num_train: int = Field(400, ge=1, description="training examples: full windows of max_length, documents packed")
     num_val: int = Field(40, ge=1, description="validation documents")
     num_facts: int = Field(6, ge=1, description="built-in documents: facts per document")
+    value_digits: int = Field(4, ge=1, description="built-in documents: digits of a fact's value")
     retrieval_docs: int = Field(40, ge=0, description="built-in documents for retrieval by depth (0: skip)")
+    positional_windows: int = Field(24, ge=0, description="full windows of max_length, the same for every "
+                                    "configuration and seed, for per-decile perplexity and LIM-PPL (0: skip)")
     eval_batch_size: int = Field(8, ge=1)
     train: TrainConfig = TrainConfig(epochs=1, batch_size=8, lr=1e-3, warmup_ratio=0.05)
     adapter: HyLoRADAConfig = HyLoRADAConfig(dropout=0.0)
+    lr_grid: list[float] | None = Field(None, min_length=2, description="choose each configuration's learning "
+                                        "rate from these on a tuning seed's validation split before the seeds run")
+    tuning_seed: int = Field(7, description="data and initialisation seed of the learning-rate search")
+    ablate_position: bool = Field(True, description="also evaluate each trained cell without its position bias and "
+                                  "landmarks (what they contribute)")
     save_adapters: bool = True
     trust_remote_code: bool = False
 
@@ -101,7 +240,21 @@ class HyloradaStudyConfig(StudyConfig):
         if self.model == "builtin" and self.max_length < self.base.model.context:
             raise ValueError(f"max_length={self.max_length} is shorter than the tiny base's pretraining context "
                              f"({self.base.model.context}); the study extends the context, it does not shrink it")
+        if self.lr_grid is not None:
+            if any(lr <= 0 for lr in self.lr_grid):
+                raise ValueError(f"lr_grid={self.lr_grid} holds a learning rate <= 0")
+            if self.tuning_seed in self.seeds:
+                raise ValueError(f"tuning_seed={self.tuning_seed} is one of the study's seeds; choose another so "
+                                 "the learning rate is not chosen on the data it is evaluated on")
         return self
+
+
+@dataclass
+class SeedData:
+    train: list[dict]        # packed full windows of max_length
+    val_docs: list[str]
+    retrieval: list          # LongDocuments of ~max_length tokens
+    retrieval_short: list    # LongDocuments within the pretraining context (positive control)
 
 
 @dataclass
@@ -110,7 +263,11 @@ class _Context:
     model_path: str
     tokenizer: object
     pretrained_context: int | None
-    data: dict = field(default_factory=dict)  # seed -> (train examples, val docs, retrieval docs)
+    positional: list[list[int]]            # the full windows every cell is scored on
+    matched_rank: int | None = None
+    matched_params: dict = field(default_factory=dict)
+    lrs: dict[str, float] = field(default_factory=dict)
+    data: dict = field(default_factory=dict)  # seed -> SeedData
 
 
 class HyloradaStudy(Study):
@@ -118,14 +275,17 @@ class HyloradaStudy(Study):
     primary_metric = "val_ppl"
     lower_is_better = True
 
-    def __init__(self, name: str, configs: dict[str, dict | None], reference: str, candidate: str):
+    def __init__(self, name: str, arms: dict[str, Arm], reference: str, candidate: str, comparisons: list[dict],
+                 claims: list[dict]):
         self.name = name
-        self.configs = configs
+        self.arms = arms
         self._reference = reference
         self._candidate = candidate
+        self._comparisons = comparisons
+        self._claims = claims
 
     def configurations(self, cfg) -> list[str]:
-        return list(self.configs)
+        return list(self.arms)
 
     def reference(self, cfg) -> str:
         return self._reference
@@ -133,8 +293,20 @@ class HyloradaStudy(Study):
     def candidate(self, cfg) -> str:
         return self._candidate
 
+    def comparisons(self, cfg) -> list[dict]:
+        return self._comparisons
+
+    def claims(self, cfg) -> list[dict]:
+        return self._claims
+
+    def roles(self, cfg) -> dict[str, dict]:
+        return {name: {"role": arm.role, "note": arm.note, "invalid": arm.invalid} for name, arm in self.arms.items()}
+
+    def param_match_ratio(self, cfg) -> float:
+        return 1.5
+
     def table_metrics(self, cfg) -> list[str]:
-        return ["val_ppl", "val_bpb", "lim_ppl", "retrieval_acc", "train_time_s", "peak_mem_mb"]
+        return ["val_ppl", "val_bpb", "lim_ppl", "retrieval_acc", "retrieval_acc_short", "train_time_s", "peak_mem_mb"]
 
     def change_metrics(self, cfg) -> list[str]:
         return ["val_ppl", "lim_ppl", "retrieval_acc"]
@@ -148,84 +320,205 @@ class HyloradaStudy(Study):
             path = cfg.model
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         pretrained_context = context_length(load_config(path, cfg.trust_remote_code))
-        return _Context(cfg, path, tokenizer, pretrained_context)
+        ctx = _Context(cfg, path, tokenizer, pretrained_context, positional_windows(cfg, tokenizer))
+        configs = run.read_study()["configurations"]
+        if any(self.arms[c].matched_rank for c in configs):
+            ctx.matched_rank, ctx.matched_params = self._matched_rank(ctx)
+        if cfg.lr_grid is not None:
+            ctx.lrs = self._tune_learning_rates(ctx, run, [c for c in configs if self.arms[c].adapter is not None],
+                                                progress)
+        return ctx
 
-    def _data(self, ctx: _Context, seed: int):
+    def _adapter_config(self, ctx: _Context, arm: Arm) -> HyLoRADAConfig:
+        update = dict(arm.adapter)
+        if arm.matched_rank:
+            update["r"] = ctx.matched_rank
+        return HyLoRADAConfig.model_validate(ctx.cfg.adapter.model_copy(update=update).model_dump())
+
+    def _matched_rank(self, ctx: _Context) -> tuple[int, dict]:
+        """The smallest LoRA rank whose trainable parameters reach the headline candidate's (counted on an empty
+        'meta' copy of the model, so no weights are loaded)."""
+        from transformers import AutoModelForCausalLM
+
+        config = load_config(ctx.model_path, ctx.cfg.trust_remote_code)
+
+        def trainable(adapter: HyLoRADAConfig) -> int:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=ctx.cfg.trust_remote_code)
+            model = apply_hylorada(model, adapter, max_positions=ctx.cfg.max_length)
+            return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+        target = trainable(self._adapter_config(ctx, Arm(self.arms[self._candidate].adapter)))
+        lora = self._adapter_config(ctx, Arm(RSLORA))
+        per_rank = trainable(lora.model_copy(update={"r": 1}))
+        rank = max(1, math.ceil(target / per_rank))
+        return rank, {"rank": rank, "params": rank * per_rank, "candidate": self._candidate,
+                      "candidate_params": target}
+
+    def _data(self, ctx: _Context, seed: int) -> SeedData:
         if seed in ctx.data:
             return ctx.data[seed]
         ctx.data.clear()  # cells run seed by seed: keep one seed's data
         cfg, tok = ctx.cfg, ctx.tokenizer
         length_fn = partial(_token_count, tok)
         prefix = prefix_token_id(tok)
+        end = tok.eos_token_id if tok.eos_token_id not in (None, prefix) else None
         budget = cfg.max_length - 8
         if cfg.dataset == "builtin":
-            train_docs = [d.text for d in generators.long_documents(seed, cfg.num_train, budget, cfg.num_facts,
-                                                                    length_fn)]
+            # Documents until their packed stream fills num_train windows (generation is sequential per seed, so
+            # a longer list starts with the same documents).
+            count = cfg.num_train + 2
+            while True:
+                docs = generators.long_documents(seed, count, budget, cfg.num_facts, length_fn, cfg.value_digits)
+                examples = packed_examples(tokenize_documents([d.text for d in docs], tok), cfg.max_length, prefix,
+                                           end_id=end)
+                if len(examples) >= cfg.num_train:
+                    break
+                count = math.ceil(count * 1.25) + 2
+            examples = examples[: cfg.num_train]
             val_docs = [d.text for d in generators.long_documents(seed + 500_000, cfg.num_val, budget, cfg.num_facts,
-                                                                  length_fn)]
-            examples = chunk_examples(tokenize_documents(train_docs, tok), cfg.max_length, prefix)
+                                                                  length_fn, cfg.value_digits)]
         else:
             rng = random.Random(seed)
-            all_train = chunk_examples(tokenize_documents(load_documents(cfg.dataset, "train",
-                                                                         txt_documents=cfg.txt_documents), tok),
-                                       cfg.max_length, prefix)
-            examples = rng.sample(all_train, min(cfg.num_train, len(all_train)))
-            val_all = load_documents(cfg.dataset, "validation", txt_documents=cfg.txt_documents)
-            val_docs = rng.sample(val_all, min(cfg.num_val, len(val_all)))
-        retrieval = generators.long_documents(seed + 900_000, cfg.retrieval_docs, budget, cfg.num_facts, length_fn)
-        ctx.data[seed] = (examples[: cfg.num_train], val_docs, retrieval)
+            packed = packed_examples(tokenize_documents(load_documents(cfg.dataset, "train",
+                                                                       txt_documents=cfg.txt_documents), tok),
+                                     cfg.max_length, prefix, end_id=end)
+            examples = rng.sample(packed, min(cfg.num_train, len(packed)))
+            val_docs = validation_sample(cfg, seed)
+        retrieval = generators.long_documents(seed + 900_000, cfg.retrieval_docs, budget, cfg.num_facts, length_fn,
+                                              cfg.value_digits)
+        short = []
+        if ctx.pretrained_context is not None and ctx.pretrained_context < cfg.max_length:
+            short = generators.long_documents(seed + 950_000, cfg.retrieval_docs, ctx.pretrained_context - 8,
+                                              cfg.num_facts, length_fn, cfg.value_digits)
+        ctx.data[seed] = SeedData(examples, val_docs, retrieval, short)
         return ctx.data[seed]
 
-    def _load_base(self, ctx: _Context):
+    def _load_base(self, ctx: _Context, extend: bool = True):
         cfg = ctx.cfg
-        extend = (cfg.rope_scaling != "none" and ctx.pretrained_context is not None
+        extend = (extend and cfg.rope_scaling != "none" and ctx.pretrained_context is not None
                   and cfg.max_length > ctx.pretrained_context)
         config_fn = partial(rope_scaling, max_length=cfg.max_length, kind=cfg.rope_scaling) if extend else None
         return load_causal_lm(ctx.model_path, config_fn=config_fn, trust_remote_code=cfg.trust_remote_code)
 
+    def _fine_tune(self, ctx: _Context, arm: Arm, data: SeedData, seed: int, lr: float,
+                   metrics_path: Path | None, progress: bool, desc: str):
+        """The extended base with this arm's adapter, trained on `data`; returns (model, adapter config, result)."""
+        cfg = ctx.cfg
+        adapter_cfg = self._adapter_config(ctx, arm)
+        model = self._load_base(ctx)
+        D.seed_everything(seed)  # the adapter's initialisation depends on the seed
+        model = apply_hylorada(model, adapter_cfg, max_positions=cfg.max_length)
+        if arm.freeze_lora:
+            for module in model.modules():
+                if isinstance(module, HyLoRADALinear):
+                    module.lora_A.requires_grad_(False)
+                    module.lora_B.requires_grad_(False)
+        result = train(
+            model, data.train, cfg.train.model_copy(update={"lr": lr}), seed=seed,
+            collate=partial(collate_lm, pad_token_id=ctx.tokenizer.pad_token_id),
+            rules=optimizer_rules(adapter_cfg), aux_loss=auxiliary_loss,
+            before_step=lambda step, m: drop_frozen_boundary_grads(m, step),
+            metrics_path=metrics_path, progress=progress, desc=desc,
+        )
+        return model, adapter_cfg, result
+
+    def _val_ppl(self, ctx: _Context, model, docs: list[str]) -> dict:
+        return evaluate_perplexity(model, docs, ctx.tokenizer, ctx.cfg.max_length, batch_size=ctx.cfg.eval_batch_size,
+                                   positional=False)
+
+    def _tune_learning_rates(self, ctx: _Context, run: RunDir, configs: list[str], progress: bool) -> dict:
+        """Each configuration's learning rate: the grid value with the lowest validation perplexity on the tuning
+        seed (its own training sample, initialisation and validation documents). Saved to `lr_tuning.json` as it
+        goes, so an interrupted search resumes where it stopped."""
+        cfg = ctx.cfg
+        path = run.root / "lr_tuning.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        if record.get("grid") != cfg.lr_grid or record.get("seed") != cfg.tuning_seed:
+            record = {"grid": cfg.lr_grid, "seed": cfg.tuning_seed, "configs": {}}
+        data = self._data(ctx, cfg.tuning_seed)
+        for config in configs:
+            if config in record["configs"]:
+                continue
+            scores = {}
+            for lr in cfg.lr_grid:
+                model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None, progress,
+                                              f"lr search {config} lr {lr:g}")
+                model.to(D.device())
+                scores[f"{lr:g}"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
+            best = min(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
+            record["configs"][config] = {"lr": best, "val_ppl": scores}
+            log_line(f"lr search: {config} -> lr {best:g} ({', '.join(f'{k}: {v:.4g}' for k, v in scores.items())})")
+            if D.is_main():
+                atomic_write_text(path, json.dumps(record, indent=2))
+        ctx.data.clear()
+        return {c: v["lr"] for c, v in record["configs"].items()}
+
     def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
         cfg = ctx.cfg
-        examples, val_docs, retrieval_docs = self._data(ctx, seed)
-        model = self._load_base(ctx)
-        settings = self.configs[config]
+        data = self._data(ctx, seed)
+        arm = self.arms[config]
         details: dict = {}
-        params = {"trainable_params": 0, "component_params": 0}
+        params = {"trainable_params": 0, "component_params": 0, "base_params_trained": 0}
         metrics: dict = {}
-        if settings is not None:
-            adapter_cfg = cfg.adapter.model_copy(update=settings)
-            adapter_cfg = HyLoRADAConfig.model_validate(adapter_cfg.model_dump())
-            D.seed_everything(seed)  # the adapter's initialisation depends on the seed
-            model = apply_hylorada(model, adapter_cfg, max_positions=cfg.max_length)
-            result = train(
-                model, examples, cfg.train, seed=seed,
-                collate=partial(collate_lm, pad_token_id=ctx.tokenizer.pad_token_id),
-                rules=optimizer_rules(adapter_cfg), aux_loss=auxiliary_loss,
-                before_step=lambda step, m: drop_frozen_boundary_grads(m, step),
-                metrics_path=cell_dir / "metrics.jsonl", progress=progress, desc=f"{config} seed {seed}",
-            )
+        model = None
+        if arm.adapter is not None:
+            lr = ctx.lrs.get(config, cfg.train.lr)
+            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir / "metrics.jsonl",
+                                                         progress, f"{config} seed {seed}")
             components = component_param_counts(model)
-            params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                      "component_params": sum(v for k, v in components.items() if k != "lora")}
-            details["components"] = components
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            params = {"trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in trainable),
+                      "component_params": sum(v for k, v in components.items() if k != "lora"),
+                      "base_params_trained": components["embeddings"] + components["norms"]}
+            if arm.freeze_lora:
+                params["component_params"] = params["trainable_params"]
+            details.update(components=components, lr=lr, rank=adapter_cfg.r)
             metrics.update(train_time_s=result.train_time_s, peak_mem_mb=result.peak_mem_mb,
                            train_loss=result.final_loss,
                            train_tokens_per_s=result.tokens / max(result.train_time_s, 1e-9))
             if adapter_cfg.landmarks == "learnable_bucket":
-                details["boundaries"] = learned_boundaries(model)
+                details["boundaries"] = {**learned_boundaries(model), **step_size_scale(cfg, adapter_cfg, result.steps,
+                                                                                          len(data.train), lr)}
             if cfg.save_adapters and D.is_main():
                 details["adapter_bytes"] = save_adapter(model, cell_dir / "adapter").get("bytes")
+        else:
+            model = self._load_base(ctx)
         device = D.device()
         model.to(device)
-        ppl = evaluate_perplexity(model, val_docs, ctx.tokenizer, cfg.max_length, batch_size=cfg.eval_batch_size)
-        metrics.update(val_ppl=ppl["ppl"], val_bpb=ppl["bpb"], lim_ppl=ppl["lim_ppl"], val_tokens=ppl["tokens"])
-        details["decile_ppl"] = ppl["decile_ppl"]
-        if retrieval_docs:
-            ret = retrieval_accuracy(model, ctx.tokenizer, retrieval_docs, cfg.max_length,
-                                     batch_size=2 * cfg.eval_batch_size)
-            metrics["retrieval_acc"] = ret["retrieval_acc"]
-            details["retrieval_by_depth"] = ret["by_depth"]
-            details["retrieval_counts"] = ret["counts"]
+        ppl = self._val_ppl(ctx, model, data.val_docs)
+        metrics.update(val_ppl=ppl["ppl"], val_bpb=ppl["bpb"], val_tokens=ppl["tokens"])
+        if ctx.positional:
+            pos = positional_perplexity(model, ctx.positional, prefix_token_id(ctx.tokenizer), cfg.max_length,
+                                        batch_size=cfg.eval_batch_size, pad_id=ctx.tokenizer.pad_token_id or 0)
+            metrics["lim_ppl"] = pos["lim_ppl"]
+            details.update(decile_ppl=pos["decile_ppl"], decile_tokens=pos["decile_tokens"],
+                           lim_tokens=pos["lim_tokens"])
+        if arm.adapter is not None and cfg.ablate_position and _has_position_parts(arm.adapter):
+            with position_components_removed(model):
+                metrics["val_ppl_without_position"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
+        self._retrieval(ctx, model, data, metrics, details, "")
+        if arm.adapter is None and ctx.pretrained_context is not None and ctx.pretrained_context < cfg.max_length:
+            native = self._load_base(ctx, extend=False).to(device)  # the base as pretrained, no context extension
+            metrics["val_ppl_native"] = self._val_ppl(ctx, native, data.val_docs)["ppl"]
+            self._retrieval(ctx, native, data, metrics, details, "_native")
+            details["pretrained_context"] = ctx.pretrained_context
+        if arm.matched_rank:
+            details["matched"] = ctx.matched_params
         return CellOutput(metrics=metrics, details=details, params=params)
+
+    def _retrieval(self, ctx: _Context, model, data: SeedData, metrics: dict, details: dict, suffix: str) -> None:
+        """Retrieval by depth at max_length, and within the pretraining context (`_short`)."""
+        batch = 2 * ctx.cfg.eval_batch_size
+        if data.retrieval:
+            ret = retrieval_accuracy(model, ctx.tokenizer, data.retrieval, ctx.cfg.max_length, batch_size=batch)
+            metrics[f"retrieval_acc{suffix}"] = ret["retrieval_acc"]
+            details[f"retrieval_by_depth{suffix}"] = ret["by_depth"]
+            details[f"retrieval_counts{suffix}"] = ret["counts"]
+        if data.retrieval_short:
+            short = retrieval_accuracy(model, ctx.tokenizer, data.retrieval_short, ctx.pretrained_context,
+                                       batch_size=batch)
+            metrics[f"retrieval_acc_short{suffix}"] = short["retrieval_acc"]
 
     # -----------------------------------------------------------------------------------------------
 
@@ -233,22 +526,24 @@ class HyloradaStudy(Study):
         lines: list[str] = []
         ok = [r for r in rows if r["status"] == "ok"]
         configs = record["configurations"]
+        cfg = record["config"]
+        lines += _learning_rate_section(cfg, run, ok, configs)
+        lines += _positive_control_section(summary, ok, cfg)
+        lines += _ablation_section(summary, ok)
         if _decile_plot(ok, configs, run):
+            counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
+            lim = next((r["details"].get("lim_tokens") for r in ok if r["details"].get("lim_tokens")), None)
             lines += ["## Perplexity by position", "",
-                      "Per-decile perplexity over full windows (relative position in the window); LIM-PPL is the "
-                      "middle half [0.25, 0.75). See `plots/perplexity_by_decile.png`.", ""]
+                      f"Per-decile perplexity over the same {cfg.get('positional_windows')} full windows of "
+                      f"{cfg.get('max_length')} tokens for every configuration and seed (relative position in the "
+                      "window); LIM-PPL is the middle half [0.25, 0.75)."
+                      + (f" Tokens per decile: {', '.join(f'{c:,}' for c in counts)}; LIM-PPL covers {lim:,} tokens."
+                         if counts and lim else "") + " See `plots/perplexity_by_decile.png`.", ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
             _retrieval_plot(ok, configs, run)
             lines += ["## Retrieval accuracy by depth of the planted fact (mean over seeds)", "", *depth_lines, ""]
-            if all(r["metrics"].get("retrieval_acc") == 0 for r in ok if "retrieval_acc" in r["metrics"]):
-                lines += ["No configuration retrieved any planted fact: this model does not copy a value from "
-                          "earlier in its context at this scale and training budget, before or after fine-tuning, "
-                          "so retrieval cannot separate the configurations here; it is meant for pretrained LLMs "
-                          "(`--preset paper`).", ""]
-        boundary_lines = _boundary_section(ok, run)
-        if boundary_lines:
-            lines += boundary_lines
+        lines += _boundary_section(ok, run)
         comp = [(r["config"], r["details"].get("components")) for r in ok if r["details"].get("components")]
         if comp:
             seen = {}
@@ -258,12 +553,174 @@ class HyloradaStudy(Study):
             lines += ["## Trainable parameters by component", "",
                       "| configuration | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
             lines += [f"| {n} | " + " | ".join(f"{p.get(k, 0):,}" for k in keys) + " |" for n, p in seen.items()]
+            matched = next((r["details"]["matched"] for r in ok if r["details"].get("matched")), None)
+            if matched:
+                lines += ["", f"`rslora-matched` trains rank {matched['rank']} ({matched['params']:,} parameters) "
+                          f"against `{matched['candidate']}`'s {matched['candidate_params']:,}: the smallest rank "
+                          "with at least as many."]
             lines.append("")
         return lines
 
 
+# ---------------------------------------------------------------------------------------------------
+# Data
+
+
 def _token_count(tokenizer, text: str) -> int:
     return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def validation_sample(cfg: HyloradaStudyConfig, seed: int) -> list[str]:
+    """A seed's validation documents from a data set. The tuning seed draws only documents that no study seed
+    evaluates on, where the split has enough of them."""
+    docs = load_documents(cfg.dataset, "validation", txt_documents=cfg.txt_documents)
+    if cfg.lr_grid is not None and seed == cfg.tuning_seed:
+        used = {i for s in cfg.seeds for i in random.Random(s).sample(range(len(docs)), min(cfg.num_val, len(docs)))}
+        unused = [i for i in range(len(docs)) if i not in used]
+        if unused:
+            return [docs[i] for i in random.Random(seed).sample(unused, min(cfg.num_val, len(unused)))]
+    return [docs[i] for i in random.Random(seed).sample(range(len(docs)), min(cfg.num_val, len(docs)))]
+
+
+def positional_windows(cfg: HyloradaStudyConfig, tokenizer) -> list[list[int]]:
+    """The full windows of max_length tokens every cell is scored on for position-resolved perplexity: built-in
+    documents from a fixed seed, or the first validation documents that fill a window (one window each)."""
+    if cfg.positional_windows == 0:
+        return []
+    length = cfg.max_length
+    if cfg.dataset == "builtin":
+        docs = [d.text for d in generators.long_documents(777_777, cfg.positional_windows, length + 64, cfg.num_facts,
+                                                          partial(_token_count, tokenizer), cfg.value_digits)]
+    else:
+        docs = load_documents(cfg.dataset, "validation", txt_documents=cfg.txt_documents)
+    windows: list[list[int]] = []
+    for start in range(0, len(docs), 64):
+        for tokens in tokenize_documents(docs[start:start + 64], tokenizer):
+            if len(tokens) >= length:
+                windows.append(tokens[:length])
+            if len(windows) == cfg.positional_windows:
+                return windows
+    return windows
+
+
+def step_size_scale(cfg: HyloradaStudyConfig, adapter: HyLoRADAConfig, steps: int, num_examples: int,
+                    lr: float) -> dict:
+    """How far the boundaries could move from the optimizer's step size alone, in token positions: AdamW moves a
+    parameter by about its learning rate per step, so sum(lr_t) is the drift of a gradient that always points the
+    same way and sqrt(sum(lr_t^2)) that of a gradient of random sign (noise)."""
+    planned = total_steps(num_examples, cfg.train)
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
+        int(round(cfg.train.warmup_ratio * planned))
+    base_lr = adapter.boundary_lr or lr
+    rates = [base_lr * lr_factor(s, warmup, planned, cfg.train.schedule, cfg.train.min_lr_ratio)
+             for s in range(adapter.boundary_freeze_steps, steps)]
+    scale = adapter.max_positions or cfg.max_length
+    return {"drift_consistent": sum(rates) * scale, "drift_random": math.sqrt(sum(r * r for r in rates)) * scale}
+
+
+def _has_position_parts(adapter: dict) -> bool:
+    return bool(adapter.get("position_bias")) or adapter.get("landmarks", "none") != "none"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report sections
+
+
+def _mean(values: list) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _metric_mean(rows: list[dict], config: str, metric: str) -> float | None:
+    return _mean([r["metrics"].get(metric) for r in rows if r["config"] == config])
+
+
+def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], configs: list[str]) -> list[str]:
+    lines = ["## Learning rate", ""]
+    train_lr = cfg.get("train", {}).get("lr")
+    rank = cfg.get("adapter", {}).get("r", 8)
+    path = run.root / "lr_tuning.json"
+    if cfg.get("lr_grid") and path.exists():
+        tuning = json.loads(path.read_text())
+        grid = tuning["grid"]
+        lines += [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by the "
+                  f"validation perplexity of one run on the tuning seed {tuning['seed']} (its own training sample, "
+                  "initialisation and validation documents, none of them a study seed's), before the seeds ran.", "",
+                  "| configuration | chosen lr | " + " | ".join(f"val_ppl at {v:g}" for v in grid) + " |",
+                  "|" + "---|" * (len(grid) + 2)]
+        for name, entry in tuning["configs"].items():
+            lines.append(f"| {name} | {entry['lr']:g} | " + " | ".join(fmt(entry["val_ppl"].get(f"{v:g}"))
+                                                                     for v in grid) + " |")
+    else:
+        lines.append(f"Every configuration trains at lr = {train_lr:g}. At one learning rate rsLoRA's update "
+                     f"(scaling alpha/sqrt(r)) is sqrt(r) = {math.sqrt(rank):.2f}x LoRA's (alpha/r) at r = {rank}, "
+                     "so `rslora` vs `lora` compares step sizes as well as scalings. `lr_grid=[...]` (on in the "
+                     "`paper` presets) chooses each configuration's learning rate on a tuning seed first.")
+    lines.append("")
+    return lines
+
+
+def _positive_control_section(summary: dict, rows: list[dict], cfg: dict) -> list[str]:
+    """Can long-context behaviour show at all here? The base within and beyond its pretraining context."""
+    base = [r for r in rows if r["config"] == "base"]
+    short = _metric_mean(base, "base", "retrieval_acc_short_native")
+    if short is None:
+        return []
+    context = next((r["details"].get("pretrained_context") for r in base), None)
+    far = _metric_mean(base, "base", "retrieval_acc_native")
+    start = _metric_mean(base, "base", "retrieval_acc")
+    extension = cfg.get("rope_scaling", "none")
+    said = (f"The base as pretrained recalls {short:.0%} of the planted facts in documents within its pretraining "
+            f"context ({context} tokens) and {far:.0%} in documents of {cfg['max_length']} tokens without a context "
+            "extension")
+    said += "." if extension == "none" else (f", {start:.0%} with {extension} RoPE scaling, the extension every "
+                                             "fine-tuned configuration starts from.")
+    lines = ["## Positive controls: can long-context retrieval show here?", "", said + " (Mean over seeds.)"]
+    if short < 0.5:
+        lines.append("The positive control FAILS: the base does not recall planted facts even within its pretraining "
+                     "context, so retrieval cannot separate the configurations in this run.")
+    elif start < short - 0.1:
+        lines.append("The positive control holds: recall is measurable within the pretraining context and lost "
+                     "beyond it, so fine-tuning at the longer context has something to recover (by depth below).")
+    else:
+        lines.append("The base keeps most of its recall beyond its pretraining context in the extension the "
+                     "configurations start from, so retrieval differences here say little about context extension.")
+    fine_tuned = [c for c in summary["configs"] if c != "base" and _metric_mean(rows, c, "retrieval_acc") is not None]
+    if fine_tuned:
+        lines += ["", f"| configuration | retrieval at {cfg['max_length']} tokens | retrieval within the pretraining "
+                  "context |", "|---|---|---|"]
+        for c in ["base", *fine_tuned]:
+            lines.append(f"| {c} | {fmt(_metric_mean(rows, c, 'retrieval_acc'))} | "
+                         f"{fmt(_metric_mean(rows, c, 'retrieval_acc_short'))} |")
+    lines.append("")
+    return lines
+
+
+def _ablation_section(summary: dict, rows: list[dict]) -> list[str]:
+    """What the trained position components contribute: each cell evaluated with them removed."""
+    from lmlab.studies import stats
+
+    with_parts = [c for c in summary["configs"] if _metric_mean(rows, c, "val_ppl_without_position") is not None]
+    if not with_parts:
+        return []
+    lines = ["## What the trained position components contribute (ablation)", "",
+             "Each trained cell evaluated again with its position bias and landmarks removed (landmark scale and bias "
+             "table set to 0, everything else as trained). The change is val_ppl with them vs without them, paired "
+             "within each cell (negative = the components lower perplexity).", "",
+             "| configuration | val_ppl | val_ppl without position components | change [95% CI] (p) |",
+             "|---|---|---|---|"]
+    for c in with_parts:
+        cells = [r for r in rows if r["config"] == c]
+        with_ = {r["seed"]: r["metrics"]["val_ppl"] for r in cells}
+        without = {r["seed"]: r["metrics"]["val_ppl_without_position"] for r in cells}
+        change = stats.paired_relative_change(with_, without)
+        ci = change["ci95"] if change else None
+        text = "-" if change is None else f"{change['delta_pct']:+.3f}%" + (
+            f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + (
+            f" (p={change['p_value']:.2g})" if change.get("p_value") is not None else "")
+        lines.append(f"| {c} | {fmt(_mean(list(with_.values())))} | {fmt(_mean(list(without.values())))} | {text} |")
+    lines.append("")
+    return lines
 
 
 def _mean_lists(lists: list[list]) -> list:
@@ -300,7 +757,8 @@ def _retrieval_table(rows, configs) -> list[str]:
         return []
     lines = ["| configuration | " + " | ".join(f"{d * 10}-{d * 10 + 10}%" for d in range(10)) + " |",
              "|" + "---|" * 11]
-    for c, values in curves.items():
+    native = _by_config(rows, ["base"], "retrieval_by_depth_native")
+    for c, values in [*(("base (as pretrained, no extension)", v) for v in native.values()), *curves.items()]:
         lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     return lines
 
@@ -323,27 +781,38 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
     import matplotlib.pyplot as plt
 
     lines = ["## Learned bucket boundaries (token positions)", "",
-             "Each learnable-bucket cell's boundaries after training next to their initial (fixed-scheme) "
-             "positions. `moved` is the largest absolute change in tokens.", "",
-             "| configuration | seed | initial | learned | moved (max) |", "|---|---|---|---|---|"]
+             "Each learnable-bucket cell's boundaries after training next to their initial (fixed-scheme) positions. "
+             "`moved` is the largest and mean absolute change in tokens; `step size alone` is how far AdamW's step "
+             "size could move a boundary over the run - in a consistent direction (sum of the learning rates) and "
+             "under gradients of random sign (their root sum of squares), in tokens. `effective buckets` counts the "
+             "buckets that hold the largest weight at some position (the fixed scheme: all of them).", "",
+             "| configuration | seed | assignment | effective buckets | moved (max / mean) | step size alone "
+             "(consistent / random) | learned |", "|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted_initial = False
     for r in with_b:
         b = r["details"]["boundaries"]
         initial, learned = b["initial"], b["learned"]
-        moved = max(abs(a - c) for a, c in zip(initial, learned, strict=True)) if initial else 0.0
-        lines.append(f"| {r['config']} | {r['seed']} | {', '.join(f'{v:g}' for v in initial)} | "
-                     f"{', '.join(f'{v:.1f}' for v in learned)} | {moved:.2f} |")
+        moves = [abs(a - c) for a, c in zip(initial, learned, strict=True)] or [0.0]
+        effective = f"{b['effective_buckets']} of {b['num_buckets']}" if "effective_buckets" in b else "-"
+        drift = (f"{b['drift_consistent']:.1f} / {b['drift_random']:.1f}" if "drift_consistent" in b else "-")
+        lines.append(f"| {r['config']} | {r['seed']} | {b.get('assignment', '-')} | {effective} | "
+                     f"{max(moves):.2f} / {sum(moves) / len(moves):.2f} | {drift} | "
+                     f"{', '.join(f'{v:.1f}' for v in learned)} |")
         if not plotted_initial:
             ax.plot(range(len(initial)), initial, "k--", marker="x", label="initial (fixed scheme)")
             plotted_initial = True
         ax.plot(range(len(learned)), learned, marker="o", label=f"learned, {r['config']} seed {r['seed']}")
+    initial = with_b[0]["details"]["boundaries"]["initial"]
+    lines += ["", f"Initial boundaries (the fixed scheme): {', '.join(str(v) for v in initial)}."]
     label_axes(ax, xlabel="boundary index", ylabel="token position", title="Bucket boundaries: initial vs learned")
     save_figure(fig, run, "bucket_boundaries.png")
     lines.append("")
     return lines
 
 
-HYLORADA = HyloradaStudy("hylorada", HYLORADA_CONFIGS, reference="lora", candidate="rslora+bias+landmarks")
-LANDMARKS = HyloradaStudy("landmarks", LANDMARK_CONFIGS, reference="rslora", candidate="position_adaptive")
-BUCKETING = HyloradaStudy("bucketing", BUCKETING_CONFIGS, reference="fixed", candidate="learnable")
+HYLORADA = HyloradaStudy("hylorada", HYLORADA_ARMS, "lora", "rslora+bias+landmarks", HYLORADA_COMPARISONS,
+                         HYLORADA_CLAIMS)
+LANDMARKS = HyloradaStudy("landmarks", LANDMARK_ARMS, "rslora", "position_adaptive", LANDMARK_COMPARISONS,
+                          LANDMARK_CLAIMS)
+BUCKETING = HyloradaStudy("bucketing", BUCKETING_ARMS, "fixed", "learnable", BUCKETING_COMPARISONS, BUCKETING_CLAIMS)

@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from lmlab.studies import stats
+from lmlab.studies import attribution, stats
 from lmlab.studies.rundir import RunDir, atomic_write_text, json_safe
 
 LOWER_IS_BETTER_HINTS = ("ppl", "bpb", "loss", "time", "mem", "latency", "invalid", "kv_bytes", "prompt_tokens")
@@ -57,12 +57,24 @@ def _scalar_metrics(rows: list[dict]) -> list[str]:
     return names
 
 
+def comparison_specs(record: dict) -> list[dict]:
+    """The study's declared comparisons among the configurations that ran; a record without them (older runs,
+    studies that declare none) compares every configuration with the reference, the candidate as the headline."""
+    configs = record["configurations"]
+    declared = record.get("comparisons")
+    if declared is None:
+        declared = [{"component": name, "candidate": name, "parent": record["reference"],
+                     "headline": name == record["candidate"]} for name in configs if name != record["reference"]]
+    return [c for c in declared if c["candidate"] in configs and c["parent"] in configs]
+
+
 def build_summary(record: dict, rows: list[dict]) -> dict:
     configs = record["configurations"]
     reference = record["reference"]
     candidate = record["candidate"]
     primary = record["primary_metric"]
     primary_lower = record.get("lower_is_better", True)
+    roles = record.get("roles", {})
     by_config: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_config[r["config"]].append(r)
@@ -82,6 +94,9 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
             "metrics": {},
             "vs_reference": {},
         }
+        role = roles.get(name, {})
+        if role:
+            entry.update(role=role.get("role"), invalid=bool(role.get("invalid")), note=role.get("note", ""))
         for m in metric_names:
             values = [r["metrics"].get(m) for r in ok if m in r["metrics"]]
             if values:
@@ -90,27 +105,46 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
                 change = stats.paired_relative_change({r["seed"]: r["metrics"].get(m) for r in ok}, ref_values[m])
                 if change is not None:
                     entry["vs_reference"][m] = change
-        decision = _decision(entry, primary, primary_lower)
-        if decision is not None:
-            entry["decision"] = decision
-            comp = entry["component_params"]
-            if decision["scenario"] != "not-significant" and decision["improvement_pct"] > 0 and comp:
-                entry["efficiency_params_per_pct"] = comp / decision["improvement_pct"]
         summary_configs[name] = entry
+    ratio = record.get("param_match_ratio")
+    if ratio is not None:
+        ref_params = summary_configs.get(reference, {}).get("trainable_params")
+        for name, entry in summary_configs.items():
+            base_trained = _first([r for r in by_config.get(name, []) if r["status"] == "ok"], "params",
+                                  "base_params_trained")
+            entry["param_matched"], entry["param_note"] = attribution.parameter_match(
+                entry["trainable_params"], base_trained, ref_params, ratio)
+    values = attribution.per_seed_values(rows)
+    params = {name: e["trainable_params"] for name, e in summary_configs.items()}
+    comparisons = [attribution.judge_comparison(spec, values, params, roles, primary, primary_lower)
+                   for spec in comparison_specs(record)]
+    for comp in comparisons:  # a configuration's decision is that of the comparison it is the candidate of
+        entry = summary_configs[comp["candidate"]]
+        if "decision" not in entry:
+            entry["decision"] = attribution.decision_record(comp, comp["candidate"], comp["parent"], primary)
+            if comp["params_per_pct"] is not None:
+                entry["efficiency_params_per_pct"] = comp["params_per_pct"]
+    headline = next((c for c in comparisons if c["headline"]), None)
+    claims = [attribution.judge_claim(spec, values, comparisons, primary_lower) for spec in record.get("claims", [])]
     failed = [{"config": r["config"], "seed": r["seed"], "error": r.get("error")}
               for r in rows if r["status"] != "ok"]
-    cand = summary_configs.get(candidate, {}).get("decision")
-    return json_safe({
+    summary = {
         "study": record["study"],
         "preset": record["preset"],
         "reference": reference,
-        "candidate": candidate,
+        "candidate": headline["candidate"] if headline else candidate,
         "primary_metric": primary,
         "seeds": record["seeds"],
         "configs": summary_configs,
-        "decision": _decision_record(cand, candidate, reference, primary),
+        "comparisons": comparisons,
+        "decision": attribution.decision_record(headline if headline and headline["n"] else None,
+                                                headline["candidate"] if headline else candidate,
+                                                headline["parent"] if headline else reference, primary),
         "failed_cells": failed,
-    })
+    }
+    if claims:
+        summary["claims"] = claims
+    return json_safe(summary)
 
 
 def _first(rows: list[dict], key: str, sub: str):
@@ -119,52 +153,6 @@ def _first(rows: list[dict], key: str, sub: str):
         if value is not None:
             return value
     return None
-
-
-def _decision(entry: dict, metric: str, lower: bool) -> dict | None:
-    change = entry["vs_reference"].get(metric)
-    if change is None:
-        return None
-    sign = -1.0 if lower else 1.0
-    improvement = sign * change["delta_pct"]
-    ci = change["ci95"]
-    interval = sorted([sign * ci[0], sign * ci[1]]) if ci else None
-    return {
-        "scenario": stats.scenario(improvement, interval),
-        "improvement_pct": improvement,
-        "ci95": interval,
-        "p_value": change["p_value"],
-        "n": change["n"],
-    }
-
-
-def _decision_record(decision: dict | None, candidate: str, reference: str, metric: str) -> dict:
-    if decision is None:
-        return {"scenario": "not-significant", "text": f"No decision: '{candidate}' and '{reference}' have no "
-                f"paired '{metric}' values (missing or failed cells).", "candidate": candidate,
-                "reference": reference, "metric": metric}
-    return {**decision, "text": decision_text(decision, candidate, reference, metric), "candidate": candidate,
-            "reference": reference, "metric": metric}
-
-
-def decision_text(d: dict, candidate: str, reference: str, metric: str) -> str:
-    imp = d["improvement_pct"]
-    ci = d["ci95"]
-    ci_text = f"95% CI [{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else "no interval (one seed)"
-    p_text = f"p = {d['p_value']:.3g}" if d.get("p_value") is not None else "no p-value"
-    direction = "better" if imp > 0 else "worse"
-    head = (f"'{candidate}' is {abs(imp):.2f}% {direction} than '{reference}' on {metric} "
-            f"({ci_text}, {p_text}, {d['n']} paired seeds)")
-    meaning = {
-        "A": "scenario A: a strong improvement (>= 2%)",
-        "B": "scenario B: a moderate improvement (1-2%)",
-        "C": "scenario C: a minimal improvement (0.5-1%)",
-        "D": "scenario D: no meaningful improvement (< 0.5%)",
-        "not-significant": "not significant: the interval contains 0, so the data cannot tell the two apart",
-    }[d["scenario"]]
-    if d["scenario"] in "ABCD" and imp < 0:
-        meaning = f"scenario D: the candidate is significantly worse ({imp:+.2f}%)"
-    return f"{head}: {meaning}."
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,30 +176,66 @@ def _change(change: dict | None) -> str:
     return f"{change['delta_pct']:+.2f}%{ci_text}" + (f" (p={p:.2g})" if p is not None else "")
 
 
+def config_label(name: str, entry: dict, summary: dict) -> str:
+    """A configuration's name as tables show it: the reference in bold, a diagnostic marked invalid."""
+    if entry.get("invalid"):
+        return f"{name} (INVALID: {entry.get('note') or 'diagnostic'})"
+    return f"**{name}**" if name == summary["reference"] else name
+
+
 def main_table(summary: dict, metrics: list[str]) -> list[str]:
-    header = ["configuration", *metrics, "trainable params", "component params", "ok/failed"]
+    matched = any("param_matched" in e for e in summary["configs"].values())
+    roles = any(e.get("role") for e in summary["configs"].values())
+    header = ["configuration", *(["role"] if roles else []), *metrics, "trainable params", "component params",
+              *(["parameter-matched"] if matched else []), "ok/failed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary["configs"].items():
-        cells = [f"**{name}**" if name == summary["reference"] else name]
+        cells = [config_label(name, entry, summary)]
+        if roles:
+            cells.append(entry.get("role") or "-")
         cells += [_mean_std(entry["metrics"].get(m)) for m in metrics]
-        cells += [fmt(entry["trainable_params"]), fmt(entry["component_params"]),
-                  f"{entry['n_ok']}/{entry['n_failed']}"]
+        cells += [fmt(entry["trainable_params"]), fmt(entry["component_params"])]
+        if matched:
+            flag = entry.get("param_matched")
+            cells.append("-" if flag is None else "yes" if flag else f"no: {entry.get('param_note', '')}")
+        cells.append(f"{entry['n_ok']}/{entry['n_failed']}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def change_table(summary: dict, metrics: list[str]) -> list[str]:
     ref = summary["reference"]
-    header = ["configuration", *[f"{m} change vs {ref} [95% CI] (p)" for m in metrics], "decision",
-              "params per 1%"]
+    header = ["configuration", *[f"{m} change vs {ref} [95% CI] (p)" for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in summary["configs"].items():
         if name == ref:
             continue
-        cells = [name] + [_change(entry["vs_reference"].get(m)) for m in metrics]
-        cells.append(entry.get("decision", {}).get("scenario", "-"))
-        cells.append(fmt(entry.get("efficiency_params_per_pct")))
+        cells = [config_label(name, entry, summary)] + [_change(entry["vs_reference"].get(m)) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def attribution_table(summary: dict) -> list[str]:
+    """One row per comparison: the component's effect vs its parent and vs its controls, label, params per 1%."""
+    header = ["component", "candidate", "added to", "params added", "improvement vs parent [95% CI] (p)",
+              "improvement vs controls [95% CI]", "decision", "params per 1%"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in summary["comparisons"]:
+        effect = c if c["n"] else None
+        controls = "; ".join(f"{k['config']}: " + (attribution.effect_text(k) if k["improvement_pct"] is not None
+                                                   else "not run") for k in c["controls"]) or "-"
+        cells = [("**" + c["component"] + "**") if c["headline"] else c["component"], c["candidate"], c["parent"],
+                 "-" if c["params_added"] is None else f"{c['params_added']:+,}", attribution.effect_text(effect),
+                 controls, c["scenario"], fmt(c["params_per_pct"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def claims_table(summary: dict) -> list[str]:
+    lines = ["| claim | setting in the notes | what this run measured (95% CI) | verdict |", "|---|---|---|---|"]
+    for c in summary.get("claims", []):
+        verdict = c["verdict"] + (f". Known explanation - {c['explanation']}" if c.get("explanation") else "")
+        lines.append(f"| {c['id']}: {c['claim']} | {c['setting']} | {c['measured']} | {verdict} |".replace("\n", " "))
     return lines
 
 
@@ -348,11 +372,14 @@ def write_reports(run: RunDir) -> dict:
                if any(m in e["metrics"] for e in summary["configs"].values())]
     write_tex(run, summary, metrics)
     study = get_study(record["study"])
-    lines = [
-        f"# {record['study']} study ({record['preset']} preset)",
-        "",
-        f"Seeds: {', '.join(str(s) for s in record['seeds'])}. Reference: `{summary['reference']}`. "
-        f"Candidate: `{summary['candidate']}`. Cells finished: {len(rows)} of "
+    lines = [f"# {record['study']} study ({record['preset']} preset)", ""]
+    if record["preset"] == "smoke":
+        lines += ["**This `smoke` run checks that the pipeline works end to end; its numbers are not evidence for or "
+                  "against anything** (seconds of training on a very small model).", ""]
+    lines += [
+        f"Seeds: {', '.join(str(s) for s in record['seeds'])}. Reference of the change table: "
+        f"`{summary['reference']}`. Headline: `{summary['decision']['candidate']}` vs "
+        f"`{summary['decision']['reference']}`. Cells finished: {len(rows)} of "
         f"{len(record['configurations']) * len(record['seeds'])}. Generated from `results.jsonl` "
         f"(regenerate with `lmlab report {run.root}`).",
         "",
@@ -360,10 +387,18 @@ def write_reports(run: RunDir) -> dict:
         "",
         summary["decision"]["text"],
         "",
-        "## Results (mean ± std over seeds)",
-        "",
-        *main_table(summary, metrics),
-        "",
+    ]
+    if summary["comparisons"]:
+        lines += ["## Attribution: each component against the configuration it is added to, and its controls", "",
+                  *attribution_table(summary), "", *[f"- {c['text']}" for c in summary["comparisons"]], "",
+                  "Labels and columns:", "", *attribution.LEGEND, ""]
+    invalid = [n for n, e in summary["configs"].items() if e.get("invalid")]
+    lines += ["## Results (mean ± std over seeds)", "", *main_table(summary, metrics), ""]
+    if invalid:
+        lines += [f"Configurations marked INVALID ({', '.join(f'`{n}`' for n in invalid)}) are diagnostics: they "
+                  "reproduce a flaw of the original code to measure what it did; they are never a candidate, a "
+                  "reference or a control, and no decision uses them.", ""]
+    lines += [
         f"## Change vs `{summary['reference']}` (per-seed relative change, mean [95% t-interval], paired t-test)",
         "",
         *change_table(summary, [m for m in record.get("change_metrics", [record["primary_metric"]])
@@ -387,6 +422,12 @@ def write_reports(run: RunDir) -> dict:
     lines += ["## Files", "", "`summary.json` (machine-readable summary), `results.jsonl` (one line per cell), "
               "`results.csv`, `report.tex` (LaTeX table), `study.yaml` (resolved configuration and library versions), "
               "`cells/<config>/seed-<s>/` (per-cell training curves, samples and artifacts).", ""]
+    if summary.get("claims"):
+        lines += ["## Claims of the research notes vs this run", "",
+                  "Each claim as the notes made it, what this run measured (improvement in %, positive = better, "
+                  "95% interval over seeds) and a verdict: supported (the interval excludes 0 on the claimed side), "
+                  "not supported (it excludes 0 on the other side, or excludes the claimed size), or not testable at "
+                  "this scale (it holds both 0 and the claimed size).", "", *claims_table(summary), ""]
     atomic_write_text(run.root / "report.md", "\n".join(lines))
     return summary
 

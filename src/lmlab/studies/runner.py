@@ -97,6 +97,25 @@ class Study:
         """Metrics whose paired change vs the reference the report tabulates."""
         return [self.primary_metric]
 
+    def comparisons(self, cfg) -> list[dict] | None:
+        """Attribution (`lmlab.studies.attribution`): [{component, candidate, parent, controls, headline}], each a
+        component judged against the configuration it is added to and its controls. None: every configuration
+        against the reference, the candidate as the headline."""
+        return None
+
+    def roles(self, cfg) -> dict[str, dict]:
+        """{configuration: {role, note, invalid}} - e.g. a control's note says what it rules out."""
+        return {}
+
+    def claims(self, cfg) -> list[dict]:
+        """The research notes' claims the report confronts (`attribution.judge_claim` specs)."""
+        return []
+
+    def param_match_ratio(self, cfg) -> float | None:
+        """Configurations training more than this many times the reference's parameters (or base weights) are
+        marked as not parameter-matched; None: no parameter matching in this study."""
+        return None
+
     def prepare(self, cfg, run: RunDir, progress: bool):
         """Shared resources of all cells (cached base models, data); returns a context object."""
         return None
@@ -204,10 +223,15 @@ def run_study(name: str, *, preset: str = "default", overrides: list[str] = (), 
             "reference": study.reference(cfg), "candidate": study.candidate(cfg),
             "primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
             "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
+            "roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
+            "param_match_ratio": study.param_match_ratio(cfg),
             "config": cfg.model_dump(mode="json"),
             "versions": library_versions(), "started": datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["lmlab", *sys.argv[1:]]) if sys.argv else "",
         }
+        comparisons = study.comparisons(cfg)
+        if comparisons is not None:
+            record["comparisons"] = comparisons
         run.write_study(record)
         D.barrier()
     _execute(study, cfg, run, record, progress)

@@ -1,0 +1,274 @@
+"""Attribution and claims: what a study concludes, computed from its cells (PROTOCOL.md section 5).
+
+A study declares *comparisons*: a candidate, the configuration it adds one component to (its parent), and
+*controls* that would explain a gain trivially (e.g. a learned constant vector in place of landmarks, or a LoRA
+with as many trainable parameters). Each comparison is judged on the primary metric, paired by seed:
+
+- `worse`: the candidate is significantly worse than its parent;
+- `not-significant`: the 95% interval of its change vs the parent contains 0;
+- `explained-by-control`: it beats its parent, but not every control (an interval vs a control contains 0 or
+  favours the control): the control explains the gain, and the component is not credited;
+- `uncontrolled`: it beats its parent, but a control it needs was not run: not credited;
+- `A` / `B` / `C` / `D`: it beats its parent and every control - credited, with the notes' size rule on the
+  improvement over the parent (A >= 2%, B 1-2%, C 0.5-1%, D < 0.5%).
+
+"Parameters per 1%" is the parameters the component adds over its parent divided by its own improvement, only for
+a credited component. The research notes' claims are judged the same way (`judge_claim`). Everything here is a
+pure function of plain dicts, so `lmlab report` rebuilds it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from lmlab.studies import stats
+
+SCENARIO_MEANING = {
+    "A": "a strong improvement (>= 2%)",
+    "B": "a moderate improvement (1-2%)",
+    "C": "a minimal improvement (0.5-1%)",
+    "D": "no meaningful improvement (< 0.5%)",
+}
+
+LEGEND = [
+    "- `A` / `B` / `C` / `D`: the candidate beats the configuration it adds the component to (its parent) and every "
+    "control, each with a 95% interval that excludes 0, so the component is credited; the letter is the research "
+    "notes' size rule on the improvement over the parent: A >= 2%, B 1-2%, C 0.5-1%, D < 0.5% (no meaningful "
+    "improvement).",
+    "- `not-significant`: the 95% interval of the change vs the parent contains 0: the data cannot tell them apart.",
+    "- `worse`: the candidate is significantly worse than its parent.",
+    "- `explained-by-control`: the candidate beats its parent but not a control (the interval vs that control contains "
+    "0 or favours the control), so the control's trivial explanation accounts for the gain; not credited.",
+    "- `uncontrolled`: the candidate beats its parent but a control it needs was not run; not credited.",
+    "- Changes are per-seed relative changes (improvement: positive = better, i.e. lower perplexity), mean over "
+    "seeds with a 95% t-interval and a paired t-test p-value. `params added` is the candidate's trainable parameters "
+    "minus its parent's; `params per 1%` divides them by the improvement over the parent, for credited components "
+    "only.",
+]
+
+
+def per_seed_values(rows: list[dict]) -> dict[str, dict[str, dict[int, float]]]:
+    """{config: {metric: {seed: value}}} over the finished (ok) cells."""
+    out: dict[str, dict[str, dict[int, float]]] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            continue
+        for metric, value in r.get("metrics", {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out.setdefault(r["config"], {}).setdefault(metric, {})[r["seed"]] = float(value)
+    return out
+
+
+def improvement(values: dict, candidate: str, parent: str, metric: str, lower_is_better: bool) -> dict | None:
+    """The candidate's improvement over `parent` on `metric` in % (positive = better), paired by seed."""
+    cand = values.get(candidate, {}).get(metric)
+    ref = values.get(parent, {}).get(metric)
+    if not cand or not ref:
+        return None
+    change = stats.paired_relative_change(cand, ref)
+    if change is None:
+        return None
+    sign = -1.0 if lower_is_better else 1.0
+    ci = change["ci95"]
+    return {
+        "improvement_pct": sign * change["delta_pct"],
+        "ci95": sorted([sign * ci[0], sign * ci[1]]) if ci else None,
+        "p_value": change["p_value"],
+        "n": change["n"],
+        "delta_pct": change["delta_pct"],
+    }
+
+
+def significant_gain(effect: dict | None) -> bool:
+    return bool(effect and effect["ci95"] and effect["ci95"][0] > 0)
+
+
+def significant_loss(effect: dict | None) -> bool:
+    return bool(effect and effect["ci95"] and effect["ci95"][1] < 0)
+
+
+def effect_text(effect: dict | None, digits: int = 2) -> str:
+    """'+1.23% [+0.50, +1.96] (p = 0.012, 3 seeds)' (improvement orientation), or 'no paired values'."""
+    if effect is None:
+        return "no paired values"
+    ci = effect["ci95"]
+    ci_text = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else " (no interval: one seed)"
+    p = effect.get("p_value")
+    p_text = f"p = {p:.2g}" if p is not None else "no p-value"
+    return f"{effect['improvement_pct']:+.{digits}f}%{ci_text} ({p_text}, {effect['n']} seeds)"
+
+
+def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric: str,
+                     lower_is_better: bool) -> dict:
+    """One comparison's effect vs its parent and its controls, its label and its sentence (module docstring)."""
+    candidate, parent = spec["candidate"], spec["parent"]
+    effect = improvement(values, candidate, parent, metric, lower_is_better)
+    controls = []
+    for control in spec.get("controls", []):
+        vs = improvement(values, candidate, control, metric, lower_is_better)
+        controls.append({"config": control, "ran": control in values, "beaten": significant_gain(vs),
+                         "what": roles.get(control, {}).get("note", ""), **(vs or {"improvement_pct": None})})
+    if effect is None:
+        scenario = "not-significant"
+    elif significant_loss(effect):
+        scenario = "worse"
+    elif not significant_gain(effect):
+        scenario = "not-significant"
+    elif any(c["ran"] and not c["beaten"] for c in controls):
+        scenario = "explained-by-control"
+    elif any(not c["ran"] for c in controls):
+        scenario = "uncontrolled"
+    else:
+        scenario = stats.scenario(effect["improvement_pct"], effect["ci95"])
+    credited = scenario in SCENARIO_MEANING
+    added = None
+    if params.get(candidate) is not None and params.get(parent) is not None:
+        added = params[candidate] - params[parent]
+    per_pct = added / effect["improvement_pct"] if credited and added is not None else None
+    out = {
+        "component": spec.get("component", candidate), "candidate": candidate, "parent": parent,
+        "headline": bool(spec.get("headline")), "metric": metric, "params_added": added,
+        "scenario": scenario, "credited": credited, "params_per_pct": per_pct, "controls": controls,
+        "improvement_pct": effect["improvement_pct"] if effect else None,
+        "ci95": effect["ci95"] if effect else None, "p_value": effect["p_value"] if effect else None,
+        "n": effect["n"] if effect else 0,
+    }
+    out["text"] = comparison_text(out, effect)
+    return out
+
+
+def comparison_text(c: dict, effect: dict | None) -> str:
+    """The sentence a report prints for one comparison."""
+    added = c["params_added"]
+    added_text = f", {added:+,} parameters" if added is not None else ""
+    head = f"{c['component']} (`{c['candidate']}` vs `{c['parent']}`{added_text})"
+    if effect is None:
+        return f"{head}: no paired {c['metric']} values (missing or failed cells), so no conclusion."
+    imp = effect["improvement_pct"]
+    direction = "better" if imp > 0 else "worse" if imp < 0 else "different"
+    ci = effect["ci95"]
+    ci_text = f"95% CI [{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else "no interval (one seed)"
+    p_text = f"p = {effect['p_value']:.3g}" if effect.get("p_value") is not None else "no p-value"
+    said = (f"{head}: {abs(imp):.2f}% {direction} on {c['metric']} ({ci_text}, {p_text}, "
+            f"{effect['n']} paired seeds)")
+    scenario = c["scenario"]
+    if scenario == "not-significant":
+        return f"{said}: not significant - the interval contains 0, so the data cannot tell the two apart."
+    if scenario == "worse":
+        return f"{said}: significantly worse than `{c['parent']}`."
+    if scenario == "explained-by-control":
+        failed = [k for k in c["controls"] if k["ran"] and not k["beaten"]]
+        parts = [f"`{k['config']}`" + (f" ({k['what']})" if k["what"] else "") + ": "
+                 + (effect_text(k) if k["improvement_pct"] is not None else "no paired values") for k in failed]
+        return (f"{said}, but not better than its control " + "; ".join(parts) +
+                " - the control explains the gain, so the component is not credited.")
+    if scenario == "uncontrolled":
+        missing = ", ".join(f"`{k['config']}`" for k in c["controls"] if not k["ran"])
+        return f"{said}, but its control {missing} was not run, so the component is not credited."
+    beaten = "; ".join(f"`{k['config']}` {effect_text(k)}" for k in c["controls"])
+    vs_controls = f" and better than every control ({beaten})" if beaten else " (no control applies)"
+    return f"{said}{vs_controls}: credited - scenario {scenario}, {SCENARIO_MEANING[scenario]}."
+
+
+def decision_record(comparison: dict | None, candidate: str, reference: str, metric: str) -> dict:
+    """summary["decision"]: the headline comparison (or a 'no decision' record naming what is missing)."""
+    if comparison is None:
+        return {"scenario": "not-significant", "candidate": candidate, "reference": reference, "metric": metric,
+                "credited": False, "text": f"No decision: '{candidate}' and '{reference}' have no paired '{metric}' "
+                f"values (missing or failed cells)."}
+    return {"scenario": comparison["scenario"], "improvement_pct": comparison["improvement_pct"],
+            "ci95": comparison["ci95"], "p_value": comparison["p_value"], "n": comparison["n"],
+            "candidate": comparison["candidate"], "reference": comparison["parent"], "metric": metric,
+            "component": comparison["component"], "credited": comparison["credited"], "text": comparison["text"]}
+
+
+def parameter_match(trainable: int | None, base_trained: int | None, reference: int | None,
+                    ratio: float) -> tuple[bool | None, str]:
+    """Whether a configuration is a parameter-matched peer of the reference: it trains only adapter parameters (no
+    base weights) and at most `ratio` times the reference's trainable parameters."""
+    if not trainable:
+        return None, "trains nothing"
+    if base_trained:
+        return False, f"also trains {base_trained:,} base-model parameters (embeddings / norms)"
+    if reference and trainable > ratio * reference:
+        return False, f"trains {trainable / reference:.1f}x the reference's parameters"
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Claims of the research notes
+
+
+def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_better: bool) -> dict:
+    """A claim (from CLAIMS.md) against this run: what was measured and a verdict.
+
+    kind "effect" (default): the claimed improvement of `candidate` over `parent` on `metric` (`claimed_pct`,
+    positive = better). Supported when the 95% interval excludes 0 on the claimed side; not supported when it
+    excludes 0 on the other side, or contains 0 but excludes the claimed size; not testable at this scale when it
+    holds both 0 and the claimed size (the run cannot resolve an effect that large).
+    kind "credit": the claim credits the gain to a component: supported only when that comparison is credited.
+    kind "null": "within noise": supported when no listed pair differs significantly.
+    An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
+    """
+    row = {"id": spec["id"], "claim": spec["claim"], "setting": spec.get("setting", "")}
+    kind = spec.get("kind", "effect")
+    metric = spec.get("metric", "val_ppl")
+    if kind == "credit":
+        comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]),
+                    None)
+        if comp is None:
+            return {**row, "measured": "not run", "verdict": "not testable here: the comparison was not run"}
+        total = improvement(values, spec["candidate"], spec["total_parent"], metric, lower_is_better) \
+            if spec.get("total_parent") else None
+        measured = f"`{comp['candidate']}` vs `{comp['parent']}`: " + effect_text(comp if comp["n"] else None)
+        if total is not None:
+            measured = f"vs `{spec['total_parent']}` {effect_text(total)}; " + measured
+        if comp["credited"]:
+            verdict = "supported: the component is credited (beats its parent and its controls)"
+        else:
+            verdict = f"not supported: the component is not credited ({comp['scenario']})"
+            share = improvement(values, spec["parent"], spec["total_parent"], metric, lower_is_better) \
+                if spec.get("total_parent") else None
+            if share is not None:
+                verdict += f"; `{spec['parent']}` alone gives {effect_text(share)} of it"
+        return {**row, "measured": measured, "verdict": verdict}
+    if kind == "null":
+        effects = [(a, b, improvement(values, a, b, metric, lower_is_better)) for a, b in spec["pairs"]]
+        ran = [(a, b, e) for a, b, e in effects if e is not None]
+        if not ran:
+            return {**row, "measured": "not run", "verdict": "not testable here: the configurations were not run"}
+        measured = "; ".join(f"`{a}` vs `{b}` {effect_text(e)}" for a, b, e in ran)
+        differ = [(a, b) for a, b, e in ran if significant_gain(e) or significant_loss(e)]
+        verdict = ("supported: no pair differs significantly" if not differ else
+                   "not supported: " + ", ".join(f"`{a}` vs `{b}`" for a, b in differ) + " differ significantly")
+        return {**row, "measured": measured, "verdict": verdict}
+    effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
+    if effect is None:
+        return {**row, "measured": "not run", "verdict": "not testable here: the configurations were not run"}
+    claimed = spec["claimed_pct"]
+    measured = f"`{spec['candidate']}` vs `{spec['parent']}` on {metric}: {effect_text(effect)}"
+    lo, hi = effect["ci95"] if effect["ci95"] else (-math.inf, math.inf)
+    if lo > 0 or hi < 0:
+        same_side = (lo > 0) == (claimed > 0)
+        if same_side:
+            size = "the claimed size lies inside the interval" if lo <= claimed <= hi else \
+                f"the claimed {claimed:+.2f}% lies outside the interval"
+            verdict = f"supported in direction ({size})"
+        else:
+            verdict = f"not supported: significantly {'better' if lo > 0 else 'worse'}, against the claim"
+    elif lo <= claimed <= hi:
+        verdict = "not testable at this scale: the interval holds both 0 and the claimed size"
+    else:
+        verdict = f"not supported: no significant effect, and the interval excludes the claimed {claimed:+.2f}%"
+    out = {**row, "measured": measured, "verdict": verdict}
+    explanation = spec.get("explanation")
+    if explanation:
+        leak = improvement(values, explanation["candidate"], explanation["parent"], metric, lower_is_better)
+        if leak is None:
+            out["explanation"] = f"{explanation['what']}: not measured (`{explanation['candidate']}` not run)"
+        else:
+            accounts = ("can account for a gain of this kind" if significant_gain(leak) else
+                        "gives no significant gain here, so it does not explain the claim at this scale")
+            out["explanation"] = (f"{explanation['what']}: `{explanation['candidate']}` vs `{explanation['parent']}` "
+                                  f"{effect_text(leak)} - it {accounts}")
+    return out

@@ -1,0 +1,205 @@
+"""Attribution and claims (lmlab.studies.attribution through build_summary): planted effects, checked conclusions.
+
+Every test plants per-seed perplexities with a known effect and checks the sentence-level conclusion the summary
+draws: which comparison is the headline, whether a component is credited, what a control explains, and the verdict
+on a research-note claim.
+"""
+
+from __future__ import annotations
+
+import pytest
+from scipy import stats as scipy_stats
+
+from lmlab.studies.report import build_summary
+
+SEEDS = [42, 123, 456]
+NOISE = [0.0, 0.01, -0.01]  # per-seed relative noise shared by all configurations (seeds are paired)
+
+
+def record(configs: list[str], comparisons: list[dict], **extra) -> dict:
+    return {"study": "hylorada", "preset": "default", "seeds": SEEDS, "configurations": configs,
+            "reference": extra.pop("reference", configs[0]), "candidate": extra.pop("candidate", configs[-1]),
+            "primary_metric": "val_ppl", "lower_is_better": True, "comparisons": comparisons,
+            "roles": extra.pop("roles", {}), "claims": extra.pop("claims", []), "param_match_ratio": 1.5, **extra}
+
+
+def rows(ppl: dict[str, list[float]], params: dict[str, int] | None = None,
+         base_trained: dict[str, int] | None = None) -> list[dict]:
+    """One ok row per configuration and seed with the planted val_ppl values."""
+    out = []
+    for config, values in ppl.items():
+        for seed, value in zip(SEEDS, values, strict=True):
+            out.append({"config": config, "seed": seed, "status": "ok", "metrics": {"val_ppl": value},
+                        "params": {"trainable_params": (params or {}).get(config, 1000),
+                                   "base_params_trained": (base_trained or {}).get(config, 0)},
+                        "details": {}, "error": None})
+    return out
+
+
+def scaled(base: float, factor: float, jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> list[float]:
+    """Per-seed perplexities `base * (1 + noise) * factor * (1 + jitter)`."""
+    return [base * (1 + n) * factor * (1 + j) for n, j in zip(NOISE, jitter, strict=True)]
+
+
+HEADLINE = [
+    {"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora"},
+    {"component": "bias + landmarks", "candidate": "rslora+bias+landmarks", "parent": "rslora",
+     "controls": ["rslora+bias+constant", "rslora-matched"], "headline": True},
+]
+
+
+def test_headline_judges_the_new_components_against_rslora_not_lora():
+    # The demo's trap: rsLoRA's scaling makes everything 17% better than LoRA; bias + landmarks add nothing.
+    configs = ["lora", "rslora", "rslora+bias+landmarks", "rslora+bias+constant", "rslora-matched"]
+    ppl = {"lora": scaled(10, 1.0), "rslora": scaled(10, 0.83, (0.001, -0.002, 0.0015)),
+           "rslora+bias+landmarks": scaled(10, 0.83, (-0.001, 0.0015, -0.001)),
+           "rslora+bias+constant": scaled(10, 0.83), "rslora-matched": scaled(10, 0.83)}
+    summary = build_summary(record(configs, HEADLINE), rows(ppl))
+    decision = summary["decision"]
+    assert decision["candidate"] == "rslora+bias+landmarks" and decision["reference"] == "rslora"
+    assert decision["scenario"] == "not-significant" and not decision["credited"]
+    assert "cannot tell the two apart" in decision["text"]
+    scaling = next(c for c in summary["comparisons"] if c["component"] == "rsLoRA scaling")
+    assert scaling["scenario"] == "A" and scaling["credited"]
+    jitter = (0.001, -0.002, 0.0015)
+    assert scaling["improvement_pct"] == pytest.approx(sum(100 * (1 - 0.83 * (1 + j)) for j in jitter) / 3)
+    # The change table vs lora still holds the candidate's 17% - but no decision is drawn from it.
+    assert summary["configs"]["rslora+bias+landmarks"]["vs_reference"]["val_ppl"]["delta_pct"] == \
+        pytest.approx(-17.0, abs=0.2)
+    assert summary["configs"]["rslora+bias+landmarks"]["decision"]["reference"] == "rslora"
+
+
+def test_a_gain_the_constant_control_matches_is_explained_by_it_and_not_credited():
+    configs = ["rslora", "landmarks", "constant", "matched"]
+    comparisons = [{"component": "landmarks", "candidate": "landmarks", "parent": "rslora",
+                    "controls": ["constant", "matched"], "headline": True}]
+    roles = {"constant": {"role": "control", "note": "a learned constant vector"}}
+    ppl = {"rslora": scaled(8, 1.0), "landmarks": scaled(8, 0.985, (0.0005, -0.0005, 0.0)),
+           "constant": scaled(8, 0.985, (-0.0005, 0.0005, 0.0)), "matched": scaled(8, 1.0)}
+    summary = build_summary(record(configs, comparisons, roles=roles), rows(ppl))
+    comp = summary["comparisons"][0]
+    assert comp["improvement_pct"] == pytest.approx(1.5, abs=0.01) and comp["ci95"][0] > 0  # beats its parent...
+    assert comp["scenario"] == "explained-by-control" and not comp["credited"]  # ...but not the constant control
+    assert comp["params_per_pct"] is None
+    assert "`constant` (a learned constant vector)" in comp["text"] and "not credited" in comp["text"]
+    assert [k["beaten"] for k in comp["controls"]] == [False, True]
+
+    ppl["constant"] = scaled(8, 1.0, (0.001, 0.0, -0.001))  # the control does nothing: the component is credited
+    summary = build_summary(record(configs, comparisons, roles=roles), rows(ppl, {"rslora": 1000, "landmarks": 1300}))
+    comp = summary["comparisons"][0]
+    assert comp["scenario"] == "B" and comp["credited"]
+    assert comp["params_added"] == 300
+    assert comp["params_per_pct"] == pytest.approx(300 / comp["improvement_pct"])
+    assert summary["configs"]["landmarks"]["efficiency_params_per_pct"] == pytest.approx(comp["params_per_pct"])
+    assert "credited - scenario B" in summary["decision"]["text"]
+
+
+def test_a_control_that_did_not_run_leaves_the_gain_uncontrolled():
+    configs = ["rslora", "landmarks"]
+    comparisons = [{"component": "landmarks", "candidate": "landmarks", "parent": "rslora",
+                    "controls": ["constant"], "headline": True}]
+    summary = build_summary(record(configs, comparisons), rows({"rslora": scaled(8, 1.0),
+                                                                "landmarks": scaled(8, 0.97)}))
+    comp = summary["comparisons"][0]
+    assert comp["scenario"] == "uncontrolled" and not comp["credited"]
+    assert "`constant` was not run" in comp["text"]
+
+
+def test_significantly_worse_is_worse_never_a_scenario_letter():
+    configs = ["rslora", "rslora+dora"]
+    comparisons = [{"component": "DoRA", "candidate": "rslora+dora", "parent": "rslora", "headline": True}]
+    summary = build_summary(record(configs, comparisons), rows({"rslora": scaled(8, 1.0),
+                                                                "rslora+dora": scaled(8, 1.05)}))
+    assert summary["decision"]["scenario"] == "worse" and "significantly worse" in summary["decision"]["text"]
+
+
+def test_configurations_training_base_weights_or_many_more_parameters_are_not_parameter_matched():
+    configs = ["lora", "rslora", "lora+embed+norm", "big"]
+    params = {"lora": 16384, "rslora": 16384, "lora+embed+norm": 134656, "big": 30000}
+    summary = build_summary(record(configs, [{"component": "x", "candidate": "rslora", "parent": "lora"}]),
+                            rows({c: scaled(8, 1.0) for c in configs}, params, {"lora+embed+norm": 118272}))
+    entries = summary["configs"]
+    assert entries["lora"]["param_matched"] is True and entries["rslora"]["param_matched"] is True
+    assert entries["lora+embed+norm"]["param_matched"] is False
+    assert "118,272 base-model parameters" in entries["lora+embed+norm"]["param_note"]
+    assert entries["big"]["param_matched"] is False and "1.8x" in entries["big"]["param_note"]
+
+
+def test_an_invalid_diagnostic_is_labelled_and_never_judged():
+    configs = ["rslora", "original", "original_leaky"]
+    comparisons = [{"component": "original", "candidate": "original", "parent": "rslora", "headline": True}]
+    roles = {"original_leaky": {"role": "diagnostic", "note": "sees future tokens", "invalid": True}}
+    summary = build_summary(record(configs, comparisons, roles=roles, reference="rslora", candidate="original"),
+                            rows({"rslora": scaled(8, 1.0), "original": scaled(8, 1.0),
+                                  "original_leaky": scaled(8, 0.9)}))
+    assert summary["configs"]["original_leaky"]["invalid"] is True
+    assert all("original_leaky" not in (c["candidate"], c["parent"]) for c in summary["comparisons"])
+    assert "decision" not in summary["configs"]["original_leaky"]
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """Independent 95% t-interval of a mean."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5
+    half = scipy_stats.t.ppf(0.975, n - 1) * sd / n ** 0.5
+    return mean - half, mean + half
+
+
+@pytest.mark.parametrize(("factor", "claimed", "verdict"), [
+    (0.83, 17.07, "supported in direction (the claimed size lies inside the interval)"),
+    (0.95, 17.07, "supported in direction (the claimed +17.07% lies outside the interval)"),
+    (1.0, 9.19, "not supported: no significant effect, and the interval excludes the claimed +9.19%"),
+    (1.05, 2.11, "not supported: significantly worse, against the claim"),
+])
+def test_a_claim_is_judged_by_its_interval(factor, claimed, verdict):
+    configs = ["lora", "rslora"]
+    jitter = (0.002, -0.003, 0.001)
+    ppl = {"lora": scaled(10, 1.0), "rslora": scaled(10, factor, jitter)}
+    claims = [{"id": "H3", "claim": "rsLoRA", "setting": "s", "candidate": "rslora", "parent": "lora",
+               "claimed_pct": claimed}]
+    summary = build_summary(record(configs, [], claims=claims), rows(ppl))
+    claim = summary["claims"][0]
+    assert claim["verdict"] == verdict
+    improvements = [100 * (1 - factor * (1 + j)) for j in jitter]  # paired: the shared noise cancels
+    lo, hi = t_interval(improvements)
+    assert f"[{lo:+.2f}, {hi:+.2f}]" in claim["measured"]
+
+
+def test_a_claim_whose_interval_holds_zero_and_its_size_is_not_testable_at_this_scale():
+    ppl = {"lora": scaled(10, 1.0), "rslora": scaled(10, 1.0, (0.05, -0.04, 0.0))}
+    claims = [{"id": "H5", "claim": "bias", "setting": "s", "candidate": "rslora", "parent": "lora",
+               "claimed_pct": 2.11}]
+    summary = build_summary(record(["lora", "rslora"], [], claims=claims), rows(ppl))
+    assert summary["claims"][0]["verdict"].startswith("not testable at this scale")
+
+
+def test_crediting_a_gain_to_landmarks_is_refuted_when_rslora_alone_explains_it():
+    configs = ["lora", "rslora", "rslora+bias+landmarks"]
+    ppl = {"lora": scaled(10, 1.0), "rslora": scaled(10, 0.83, (0.001, -0.001, 0.0)),
+           "rslora+bias+landmarks": scaled(10, 0.83, (-0.001, 0.0, 0.001))}
+    claims = [{"id": "H6", "claim": "credited to the landmarks", "setting": "s", "kind": "credit",
+               "candidate": "rslora+bias+landmarks", "parent": "rslora", "total_parent": "lora"}]
+    summary = build_summary(record(configs, HEADLINE[1:], claims=claims), rows(ppl))
+    verdict = summary["claims"][0]["verdict"]
+    assert verdict.startswith("not supported: the component is not credited (not-significant)")
+    assert "`rslora` alone gives +17.0" in verdict
+
+
+def test_a_within_noise_claim_and_a_known_explanation():
+    configs = ["rslora", "fixed", "learnable", "original", "original_leaky"]
+    ppl = {"rslora": scaled(8, 1.0), "fixed": scaled(8, 1.0, (0.001, -0.001, 0.0)),
+           "learnable": scaled(8, 1.0, (-0.001, 0.001, 0.0)), "original": scaled(8, 1.0),
+           "original_leaky": scaled(8, 0.9, (0.001, 0.0, -0.001))}
+    claims = [
+        {"id": "H8", "claim": "within noise", "setting": "s", "kind": "null",
+         "pairs": [["learnable", "fixed"], ["fixed", "rslora"]]},
+        {"id": "H2", "claim": "original +4.72%", "setting": "s", "candidate": "original", "parent": "rslora",
+         "claimed_pct": 4.72, "explanation": {"candidate": "original_leaky", "parent": "original", "what": "the leak"}},
+    ]
+    summary = build_summary(record(configs, [], claims=claims), rows(ppl))
+    null, leak = summary["claims"]
+    assert null["verdict"] == "supported: no pair differs significantly"
+    assert leak["verdict"].startswith("not supported")
+    assert "the leak: `original_leaky` vs `original` +10.00%" in leak["explanation"]
+    assert "can account for a gain of this kind" in leak["explanation"]

@@ -1,0 +1,84 @@
+"""The `landmarks` and `bucketing` studies end to end (smoke preset), and the learning-rate search of the HyLoRADA
+studies: what their reports conclude, what they label invalid, and what they choose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import read_jsonl, run_cli, run_smoke_study
+from lmlab.config import load_config, preset_path
+from lmlab.errors import ConfigError
+from lmlab.studies.hylorada_study import HyloradaStudyConfig
+
+pytestmark = pytest.mark.xdist_group("hylorada-studies")
+
+
+@pytest.fixture(scope="module")
+def landmarks_run(tmp_path_factory) -> Path:
+    return run_smoke_study(tmp_path_factory.mktemp("landmarks"), "landmarks")
+
+
+@pytest.fixture(scope="module")
+def bucketing_run(tmp_path_factory) -> Path:
+    return run_smoke_study(tmp_path_factory.mktemp("bucketing"), "bucketing")
+
+
+def test_the_leaky_diagnostic_is_labelled_invalid_and_never_judged(landmarks_run: Path):
+    summary = json.loads((landmarks_run / "summary.json").read_text())
+    assert summary["configs"]["original_leaky"]["invalid"] is True
+    assert summary["decision"]["candidate"] == "position_adaptive" and summary["decision"]["reference"] == "rslora"
+    for comp in summary["comparisons"]:
+        assert "original_leaky" not in (comp["candidate"], comp["parent"], *[k["config"] for k in comp["controls"]])
+    report = (landmarks_run / "report.md").read_text()
+    tables = [line for line in report.splitlines() if line.startswith("| original_leaky")]
+    assert len(tables) >= 2 and all("INVALID" in line for line in tables)  # every table that lists it says so
+    h2 = [c for c in summary["claims"] if c["id"] == "H2" and "original" in c["claim"]]
+    assert h2 and all(c["explanation"].startswith("the leak (pooling over future tokens): `original_leaky` vs "
+                                                  "`original`") for c in h2)
+    assert report.split("\n## ")[-1].startswith("Claims of the research notes vs this run")
+
+
+def test_every_landmark_design_is_judged_against_rslora_and_both_controls(landmarks_run: Path):
+    summary = json.loads((landmarks_run / "summary.json").read_text())
+    designs = {c["candidate"]: c for c in summary["comparisons"] if c["parent"] == "rslora"}
+    assert set(designs) == {"position_adaptive", "original", "per_layer"}
+    assert all([k["config"] for k in c["controls"]] == ["constant", "rslora-matched"] for c in designs.values())
+
+
+def test_learnable_buckets_report_their_resolution_and_movement(bucketing_run: Path):
+    rows = [r for r in read_jsonl(bucketing_run / "results.jsonl") if r["details"].get("boundaries")]
+    by_config = {r["config"]: r["details"]["boundaries"] for r in rows}
+    assert by_config["learnable"]["effective_buckets"] == by_config["learnable"]["num_buckets"] == 8
+    assert by_config["learnable"]["assignment"] == "relative"
+    assert by_config["learnable_notes"]["assignment"] == "absolute"
+    assert by_config["learnable_notes"]["effective_buckets"] < 8  # the notes' temperature smears narrow buckets
+    for b in by_config.values():
+        assert b["drift_consistent"] > b["drift_random"] > 0
+    summary = json.loads((bucketing_run / "summary.json").read_text())
+    assert (summary["decision"]["candidate"], summary["decision"]["reference"]) == ("learnable", "fixed")
+    assert {c["id"] for c in summary["claims"]} == {"H7", "H8"}
+    report = (bucketing_run / "report.md").read_text()
+    assert "effective buckets" in report and "step size alone" in report
+
+
+def test_the_learning_rate_search_picks_each_configurations_rate_on_the_tuning_seed(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
+                   "only=[lora,rslora]", "lr_grid=[0.0005,0.005]", "retrieval_docs=0", "positional_windows=0")
+    assert proc.returncode == 0, proc.stderr
+    tuning = json.loads((out / "lr_tuning.json").read_text())
+    assert tuning["grid"] == [0.0005, 0.005] and tuning["seed"] == 7 and set(tuning["configs"]) == {"lora", "rslora"}
+    rows = {r["config"]: r for r in read_jsonl(out / "results.jsonl")}
+    for config, entry in tuning["configs"].items():
+        assert entry["lr"] == min((0.0005, 0.005), key=lambda lr: entry["val_ppl"][f"{lr:g}"])
+        assert rows[config]["details"]["lr"] == entry["lr"]
+    report = (out / "report.md").read_text()
+    assert "chosen from 0.0005, 0.005 by the validation perplexity of one run on the tuning seed 7" in report
+
+
+def test_the_tuning_seed_must_not_be_a_study_seed():
+    with pytest.raises(ConfigError, match="tuning_seed=42 is one of the study's seeds"):
+        load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), ["lr_grid=[0.001,0.002]", "tuning_seed=42"])
