@@ -524,12 +524,15 @@ class HyloradaStudy(Study):
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         lines: list[str] = []
-        ok = [r for r in rows if r["status"] == "ok"]
-        configs = record["configurations"]
         cfg = record["config"]
-        lines += _learning_rate_section(cfg, run, ok, configs)
-        lines += _positive_control_section(summary, ok, cfg)
-        lines += _ablation_section(summary, ok)
+        configs = record["configurations"]
+        # every table and legend marks a diagnostic as invalid
+        names = {c: f"{c} (INVALID)" if summary["configs"].get(c, {}).get("invalid") else c for c in configs}
+        ok = [{**r, "config": names.get(r["config"], r["config"])} for r in rows if r["status"] == "ok"]
+        configs = [names[c] for c in configs]
+        lines += _learning_rate_section(cfg, run)
+        lines += _positive_control_section(ok, configs, cfg)
+        lines += _ablation_section(ok, configs)
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
             lim = next((r["details"].get("lim_tokens") for r in ok if r["details"].get("lim_tokens")), None)
@@ -635,7 +638,7 @@ def _metric_mean(rows: list[dict], config: str, metric: str) -> float | None:
     return _mean([r["metrics"].get(metric) for r in rows if r["config"] == config])
 
 
-def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], configs: list[str]) -> list[str]:
+def _learning_rate_section(cfg: dict, run: RunDir) -> list[str]:
     lines = ["## Learning rate", ""]
     train_lr = cfg.get("train", {}).get("lr")
     rank = cfg.get("adapter", {}).get("r", 8)
@@ -660,7 +663,7 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], configs: li
     return lines
 
 
-def _positive_control_section(summary: dict, rows: list[dict], cfg: dict) -> list[str]:
+def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     """Can long-context behaviour show at all here? The base within and beyond its pretraining context."""
     base = [r for r in rows if r["config"] == "base"]
     short = _metric_mean(base, "base", "retrieval_acc_short_native")
@@ -685,7 +688,7 @@ def _positive_control_section(summary: dict, rows: list[dict], cfg: dict) -> lis
     else:
         lines.append("The base keeps most of its recall beyond its pretraining context in the extension the "
                      "configurations start from, so retrieval differences here say little about context extension.")
-    fine_tuned = [c for c in summary["configs"] if c != "base" and _metric_mean(rows, c, "retrieval_acc") is not None]
+    fine_tuned = [c for c in configs if c != "base" and _metric_mean(rows, c, "retrieval_acc") is not None]
     if fine_tuned:
         lines += ["", f"| configuration | retrieval at {cfg['max_length']} tokens | retrieval within the pretraining "
                   "context |", "|---|---|---|"]
@@ -696,11 +699,11 @@ def _positive_control_section(summary: dict, rows: list[dict], cfg: dict) -> lis
     return lines
 
 
-def _ablation_section(summary: dict, rows: list[dict]) -> list[str]:
+def _ablation_section(rows: list[dict], configs: list[str]) -> list[str]:
     """What the trained position components contribute: each cell evaluated with them removed."""
     from lmlab.studies import stats
 
-    with_parts = [c for c in summary["configs"] if _metric_mean(rows, c, "val_ppl_without_position") is not None]
+    with_parts = [c for c in configs if _metric_mean(rows, c, "val_ppl_without_position") is not None]
     if not with_parts:
         return []
     lines = ["## What the trained position components contribute (ablation)", "",
