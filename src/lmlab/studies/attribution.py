@@ -87,10 +87,21 @@ def significant_loss(effect: dict | None) -> bool:
     return bool(effect and effect["ci95"] and effect["ci95"][1] < 0)
 
 
-def effect_text(effect: dict | None, digits: int = 2) -> str:
+def decimals(effect: dict) -> int:
+    """Decimals that show an interval's width (2 for intervals wider than 0.1 points, up to 4): an interval that
+    excludes 0 never prints as [-0.00, +0.00]."""
+    ci = effect.get("ci95")
+    width = abs(ci[1] - ci[0]) if ci else abs(effect["improvement_pct"])
+    if width <= 0 or not math.isfinite(width):
+        return 2
+    return int(min(4, max(2, 1 - math.floor(math.log10(width)))))
+
+
+def effect_text(effect: dict | None) -> str:
     """'+1.23% [+0.50, +1.96] (p = 0.012, 3 seeds)' (improvement orientation), or 'no paired values'."""
     if effect is None:
         return "no paired values"
+    digits = decimals(effect)
     ci = effect["ci95"]
     ci_text = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else " (no interval: one seed)"
     p = effect.get("p_value")
@@ -147,15 +158,17 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     imp = effect["improvement_pct"]
     direction = "better" if imp > 0 else "worse" if imp < 0 else "different"
     ci = effect["ci95"]
-    ci_text = f"95% CI [{ci[0]:+.2f}%, {ci[1]:+.2f}%]" if ci else "no interval (one seed)"
+    digits = decimals(effect)
+    ci_text = f"95% CI [{ci[0]:+.{digits}f}%, {ci[1]:+.{digits}f}%]" if ci else "no interval (one seed)"
     p_text = f"p = {effect['p_value']:.3g}" if effect.get("p_value") is not None else "no p-value"
-    said = (f"{head}: {abs(imp):.2f}% {direction} on {c['metric']} ({ci_text}, {p_text}, "
+    said = (f"{head}: {abs(imp):.{digits}f}% {direction} on {c['metric']} ({ci_text}, {p_text}, "
             f"{effect['n']} paired seeds)")
     scenario = c["scenario"]
     if scenario == "not-significant":
         return f"{said}: not significant - the interval contains 0, so the data cannot tell the two apart."
     if scenario == "worse":
-        return f"{said}: significantly worse than `{c['parent']}`."
+        size = " - by less than 0.5%, a negligible amount" if imp > -0.5 else ""
+        return f"{said}: significantly worse than `{c['parent']}`{size}."
     if scenario == "explained-by-control":
         failed = [k for k in c["controls"] if k["ran"] and not k["beaten"]]
         parts = [f"`{k['config']}`" + (f" ({k['what']})" if k["what"] else "") + ": "

@@ -317,8 +317,10 @@ def line_plot(run: RunDir, name: str, series: dict[str, tuple[list, list]], *, x
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, (x, y) in series.items():
-        ax.plot(x, [float("nan") if v is None else v for v in y], marker=marker, label=label)
+    colours = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors  # a distinct colour per series
+    for i, (label, (x, y)) in enumerate(series.items()):
+        ax.plot(x, [float("nan") if v is None else v for v in y], marker=marker, label=label,
+                color=colours[i % len(colours)])
     if shade is not None:
         ax.axvspan(shade[0], shade[1], color="grey", alpha=0.1, label=shade[2])
     if logy:
@@ -360,10 +362,28 @@ def save_figure(fig, run: RunDir, name: str) -> str:
     return f"plots/{name}"
 
 
+def with_declarations(study, record: dict) -> dict:
+    """A run's record with the study's comparisons, roles, claims and parameter matching where the record predates
+    them, so `lmlab report` on an older run draws today's conclusions from its cells."""
+    from lmlab.config import build
+
+    if "comparisons" in record or "roles" in record:
+        return record
+    cfg = build(study.config_cls, record["config"], where="study.yaml")
+    configs = record["configurations"]
+    declared = {"roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
+                "param_match_ratio": study.param_match_ratio(cfg)}
+    comparisons = study.comparisons(cfg)
+    if comparisons is not None:
+        declared["comparisons"] = comparisons
+    return {**record, **declared}
+
+
 def write_reports(run: RunDir) -> dict:
     from lmlab.studies.runner import get_study
 
-    record = run.read_study()
+    study = get_study(run.read_study()["study"])
+    record = with_declarations(study, run.read_study())
     rows = run.read_results()
     summary = build_summary(record, rows)
     run.write_json("summary.json", summary)
@@ -371,7 +391,6 @@ def write_reports(run: RunDir) -> dict:
     metrics = [m for m in record.get("table_metrics", [record["primary_metric"]])
                if any(m in e["metrics"] for e in summary["configs"].values())]
     write_tex(run, summary, metrics)
-    study = get_study(record["study"])
     lines = [f"# {record['study']} study ({record['preset']} preset)", ""]
     if record["preset"] == "smoke":
         lines += ["**This `smoke` run checks that the pipeline works end to end; its numbers are not evidence for or "
