@@ -203,3 +203,25 @@ def test_a_within_noise_claim_and_a_known_explanation():
     assert leak["verdict"].startswith("not supported")
     assert "the leak: `original_leaky` vs `original` +10.00%" in leak["explanation"]
     assert "can account for a gain of this kind" in leak["explanation"]
+
+
+@pytest.mark.parametrize("interval", [(-0.015004, -0.000051), (0.0016, 0.0021), (1.82, 4.36), (-0.4, 0.3)])
+def test_an_interval_is_printed_with_the_digits_that_show_it(interval):
+    from lmlab.studies.attribution import effect_text
+
+    lo, hi = interval
+    text = effect_text({"improvement_pct": (lo + hi) / 2, "ci95": [lo, hi], "p_value": 0.04, "n": 3})
+    shown = [float(v) for v in text.split("[")[1].split("]")[0].split(",")]
+    assert shown[0] < shown[1]  # the width is visible
+    if lo > 0 or hi < 0:  # an interval that excludes 0 never reads as touching it
+        assert 0 not in shown and (shown[0] > 0) == (lo > 0)
+
+
+def test_a_headline_whose_parent_was_not_selected_says_so():
+    configs = ["lora", "rslora+bias+landmarks"]  # only=[lora, rslora+bias+landmarks]: the parent rslora did not run
+    summary = build_summary(record(configs, HEADLINE, reference="lora"),
+                            rows({"lora": scaled(10, 1.0), "rslora+bias+landmarks": scaled(10, 0.83)}))
+    decision = summary["decision"]
+    assert (decision["candidate"], decision["reference"]) == ("rslora+bias+landmarks", "rslora")
+    assert decision["text"] == ("No decision: 'rslora+bias+landmarks' and 'rslora' have no paired 'val_ppl' values: "
+                                "`rslora` was not run; add it to only=[...].")

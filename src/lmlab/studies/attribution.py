@@ -88,13 +88,16 @@ def significant_loss(effect: dict | None) -> bool:
 
 
 def decimals(effect: dict) -> int:
-    """Decimals that show an interval's width (2 for intervals wider than 0.1 points, up to 4): an interval that
+    """Decimals that show an interval's width (2 for intervals wider than 0.1 points, up to 6): an interval that
     excludes 0 never prints as [-0.00, +0.00]."""
     ci = effect.get("ci95")
-    width = abs(ci[1] - ci[0]) if ci else abs(effect["improvement_pct"])
-    if width <= 0 or not math.isfinite(width):
+    scales = [abs(ci[1] - ci[0])] if ci else [abs(effect["improvement_pct"])]
+    if ci and (ci[0] > 0 or ci[1] < 0):
+        scales.append(min(abs(ci[0]), abs(ci[1])))  # the end nearest 0 shows a digit, so it never reads -0.00
+    scales = [v for v in scales if v > 0 and math.isfinite(v)]
+    if not scales:
         return 2
-    return int(min(4, max(2, 1 - math.floor(math.log10(width)))))
+    return int(min(6, max(2, 1 - math.floor(math.log10(min(scales))))))
 
 
 def effect_text(effect: dict | None) -> str:
@@ -183,12 +186,15 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     return f"{said}{vs_controls}: credited - scenario {scenario}, {SCENARIO_MEANING[scenario]}."
 
 
-def decision_record(comparison: dict | None, candidate: str, reference: str, metric: str) -> dict:
+def decision_record(comparison: dict | None, candidate: str, reference: str, metric: str,
+                    not_run: list[str] = ()) -> dict:
     """summary["decision"]: the headline comparison (or a 'no decision' record naming what is missing)."""
     if comparison is None:
+        why = (f"{' and '.join(f'`{c}`' for c in not_run)} {'was' if len(not_run) == 1 else 'were'} not run; "
+               "add it to only=[...]" if not_run else "missing or failed cells")
         return {"scenario": "not-significant", "candidate": candidate, "reference": reference, "metric": metric,
                 "credited": False, "text": f"No decision: '{candidate}' and '{reference}' have no paired '{metric}' "
-                f"values (missing or failed cells)."}
+                f"values: {why}."}
     return {"scenario": comparison["scenario"], "improvement_pct": comparison["improvement_pct"],
             "ci95": comparison["ci95"], "p_value": comparison["p_value"], "n": comparison["n"],
             "candidate": comparison["candidate"], "reference": comparison["parent"], "metric": metric,

@@ -125,6 +125,10 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
             if comp["params_per_pct"] is not None:
                 entry["efficiency_params_per_pct"] = comp["params_per_pct"]
     headline = next((c for c in comparisons if c["headline"]), None)
+    declared = next((c for c in record.get("comparisons", []) if c.get("headline")), None)
+    if headline is None and declared is not None:  # the headline's configurations were not all selected (only=)
+        candidate, reference = declared["candidate"], declared["parent"]
+    missing = [c for c in (candidate, reference) if c not in configs]
     claims = [attribution.judge_claim(spec, values, comparisons, primary_lower) for spec in record.get("claims", [])]
     failed = [{"config": r["config"], "seed": r["seed"], "error": r.get("error")}
               for r in rows if r["status"] != "ok"]
@@ -139,7 +143,7 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
         "comparisons": comparisons,
         "decision": attribution.decision_record(headline if headline and headline["n"] else None,
                                                 headline["candidate"] if headline else candidate,
-                                                headline["parent"] if headline else reference, primary),
+                                                headline["parent"] if headline else reference, primary, missing),
         "failed_cells": failed,
     }
     if claims:
