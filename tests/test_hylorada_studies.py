@@ -82,3 +82,24 @@ def test_the_learning_rate_search_picks_each_configurations_rate_on_the_tuning_s
 def test_the_tuning_seed_must_not_be_a_study_seed():
     with pytest.raises(ConfigError, match="tuning_seed=42 is one of the study's seeds"):
         load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), ["lr_grid=[0.001,0.002]", "tuning_seed=42"])
+
+
+@pytest.mark.xdist_group("default-base")
+def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond():
+    """The embedded default's positive control: the base pretrained at 128 tokens recalls the planted facts within
+    that context and not at the 512 tokens the study fine-tunes at (no context extension)."""
+    from lmlab.eval.retrieval import retrieval_accuracy
+    from lmlab.models.hf import context_length, load_causal_lm, load_tokenizer
+    from lmlab.models.hf import load_config as load_hf_config
+    from lmlab.models.tiny import pretrained_tiny
+    from lmlab.studies.hylorada_study import HYLORADA, _Context
+
+    cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "default"), ["retrieval_docs=60", "num_train=8"])
+    path = str(pretrained_tiny(cfg.base, progress=False))
+    ctx = _Context(cfg, path, load_tokenizer(path), context_length(load_hf_config(path)), [])
+    data = HYLORADA._data(ctx, 42)
+    model = load_causal_lm(path)
+    within = retrieval_accuracy(model, ctx.tokenizer, data.retrieval_short, ctx.pretrained_context)["retrieval_acc"]
+    beyond = retrieval_accuracy(model, ctx.tokenizer, data.retrieval, cfg.max_length)["retrieval_acc"]
+    assert ctx.pretrained_context == 128 and cfg.max_length == 512 and cfg.rope_scaling == "none"
+    assert within >= 0.9 and beyond <= 0.35, (within, beyond)
