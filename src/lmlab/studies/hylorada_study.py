@@ -463,14 +463,12 @@ class HyloradaStudy(Study):
         details: dict = {}
         params = {"trainable_params": 0, "component_params": 0, "base_params_trained": 0}
         metrics: dict = {}
-        model = None
         if arm.adapter is not None:
             lr = ctx.lrs.get(config, cfg.train.lr)
             model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir / "metrics.jsonl",
                                                          progress, f"{config} seed {seed}")
             components = component_param_counts(model)
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            params = {"trainable_params": sum(p.numel() for n, p in model.named_parameters() if n in trainable),
+            params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                       "component_params": sum(v for k, v in components.items() if k != "lora"),
                       "base_params_trained": components["embeddings"] + components["norms"]}
             if arm.freeze_lora:
@@ -501,10 +499,16 @@ class HyloradaStudy(Study):
                 metrics["val_ppl_without_position"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
         self._retrieval(ctx, model, data, metrics, details, "")
         if arm.adapter is None and ctx.pretrained_context is not None and ctx.pretrained_context < cfg.max_length:
-            native = self._load_base(ctx, extend=False).to(device)  # the base as pretrained, no context extension
-            metrics["val_ppl_native"] = self._val_ppl(ctx, native, data.val_docs)["ppl"]
-            self._retrieval(ctx, native, data, metrics, details, "_native")
             details["pretrained_context"] = ctx.pretrained_context
+            if cfg.rope_scaling == "none":  # the study's base is the base as pretrained: the same numbers
+                metrics.update({f"{k}_native": metrics[k] for k in ("val_ppl", "retrieval_acc", "retrieval_acc_short")
+                                if k in metrics})
+                details.update({f"{k}_native": details[k] for k in ("retrieval_by_depth", "retrieval_counts")
+                                if k in details})
+            else:
+                native = self._load_base(ctx, extend=False).to(device)  # the base as pretrained, no extension
+                metrics["val_ppl_native"] = self._val_ppl(ctx, native, data.val_docs)["ppl"]
+                self._retrieval(ctx, native, data, metrics, details, "_native")
         if arm.matched_rank:
             details["matched"] = ctx.matched_params
         return CellOutput(metrics=metrics, details=details, params=params)
