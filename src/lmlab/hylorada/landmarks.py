@@ -59,11 +59,17 @@ def prefix_mean(
 
 class _Landmarks(nn.Module):
     """What every design shares: its K vectors L (`vectors`), mixed into h by a per-token gate g (its own),
-    h' = h + scale * dropout(g L). Subclasses register `vectors`, `scale`, `dropout` and `context`."""
+    h' = h + scale * dropout(g L). Subclasses call `init_mix` first (the order of random draws is the spec's)."""
 
     vectors: nn.Parameter
     scale: nn.Parameter
     dropout: nn.Dropout | None
+
+    def init_mix(self, hidden_size: int, num_landmarks: int, dropout: float, factory: dict) -> None:
+        """What every design shares: L [K, d] ~ N(0, 0.02^2), scale 0.1, dropout on the mix."""
+        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def mix(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """h + scale * dropout(g L) for the gate g [B, T, K]."""
@@ -93,11 +99,9 @@ class PositionAdaptiveLandmarks(_Landmarks):
     ) -> None:
         super().__init__()
         factory = {"dtype": dtype, "device": device}
-        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.init_mix(hidden_size, num_landmarks, dropout, factory)
         self.position_logits = nn.Parameter(torch.randn(num_buckets, num_landmarks, **factory) * 0.02)  # P [nb, K]
         self.content = nn.Linear(hidden_size, num_landmarks, bias=False, **factory)  # W_c
-        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.buckets = buckets
         self.context = context
 
@@ -125,10 +129,8 @@ class ConstantLandmarks(_Landmarks):
     ) -> None:
         super().__init__()
         factory = {"dtype": dtype, "device": device}
-        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.init_mix(hidden_size, num_landmarks, dropout, factory)
         self.logits = nn.Parameter(torch.randn(num_landmarks, **factory) * 0.02)  # c [K]
-        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         gate = torch.softmax(self.logits, dim=-1).expand(*hidden.shape[:-1], -1)  # [B, T, K]
@@ -152,10 +154,8 @@ class PooledLandmarks(_Landmarks):
     ) -> None:
         super().__init__()
         factory = {"dtype": dtype, "device": device}
-        self.vectors = nn.Parameter(torch.randn(num_landmarks, hidden_size, **factory) * 0.02)  # L [K, d]
+        self.init_mix(hidden_size, num_landmarks, dropout, factory)
         self.gate = nn.Linear(hidden_size, num_landmarks, bias=False, **factory)  # W_g
-        self.scale = nn.Parameter(torch.tensor(0.1, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.context = context
         self.key = key  # names this module's running sums in the KV cache
         self.pool = sequence_mean if leaky else prefix_mean

@@ -80,6 +80,17 @@ CONSTANT_NOTE = "the same landmark vectors mixed by a learned constant: a consta
 MATCHED_NOTE = "rsLoRA with its rank raised until its trainable parameters reach the headline candidate's"
 LEAK_NOTE = "pools over future tokens, as the notes' code did"
 
+
+
+def h1_claims(candidate: str) -> list[dict]:
+    """Claim H1 (position-adaptive landmarks over no landmarks, PPL and LIM-PPL) for the study's landmark config."""
+    setting = "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks"
+    return [{"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
+             "setting": setting, "candidate": candidate, "parent": "rslora", "claimed_pct": 9.19},
+            {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
+             "candidate": candidate, "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32}]
+
+
 HYLORADA_ARMS: dict[str, Arm] = {
     "base": Arm(None, "base", "the extended base before fine-tuning"),
     "lora": Arm(LORA, "reference"),
@@ -115,11 +126,7 @@ HYLORADA_COMPARISONS = [
     {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora"},
 ]
 HYLORADA_CLAIMS = [
-    {"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
-     "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "rslora+landmarks",
-     "parent": "rslora", "claimed_pct": 9.19},
-    {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
-     "candidate": "rslora+landmarks", "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32},
+    *h1_claims("rslora+landmarks"),
     {"id": "H3", "claim": "rsLoRA: +17.07% over a 69.00-PPL baseline", "setting": "comprehensive ablation",
      "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07},
     {"id": "H4", "claim": "DoRA: -5.62% (57.22 -> 60.44 PPL), degrades performance", "setting": "same",
@@ -158,11 +165,7 @@ LANDMARK_COMPARISONS = [
 ]
 LEAK = {"candidate": "original_leaky", "parent": "original", "what": "the leak (pooling over future tokens)"}
 LANDMARK_CLAIMS = [
-    {"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
-     "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "position_adaptive",
-     "parent": "rslora", "claimed_pct": 9.19},
-    {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
-     "candidate": "position_adaptive", "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32},
+    *h1_claims("position_adaptive"),
     {"id": "H2", "claim": "original landmark design: +4.72% PPL", "setting": "same", "candidate": "original",
      "parent": "rslora", "claimed_pct": 4.72, "explanation": LEAK},
     {"id": "H2", "claim": "original landmark design: +4.03% LIM-PPL", "setting": "same", "candidate": "original",
