@@ -179,8 +179,9 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
             f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data; cached at {target}")
     tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
     docs = _training_documents(cfg, tokenizer)
+    texts = [getattr(d, "text", d) for d in docs]  # a LongDocument's text, or the text itself
     val_count = max(1, len(docs) // 20)
-    train_docs, val_texts = docs[val_count:], [getattr(d, "text", d) for d in docs[:val_count]]
+    train_docs, train_texts, val_texts = docs[val_count:], texts[val_count:], texts[:val_count]
     model = build_tiny(cfg.model, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                        pad_id=tokenizer.pad_token_id, seed=cfg.init_seed)
     recall = _recall_phase(cfg, model, tokenizer, progress) if cfg.recall_steps and cfg.data == "longdoc" else None
@@ -188,8 +189,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
         examples = recall_examples(train_docs, tokenizer, cfg.model.context, tokenizer.bos_token_id,
                                    end_id=tokenizer.eos_token_id, value_weight=cfg.recall_weight)
     else:  # documents end with EOS: generations learn to stop
-        examples = chunk_examples(tokenize_documents([getattr(d, "text", d) for d in train_docs], tokenizer),
-                                  cfg.model.context, tokenizer.bos_token_id, end_id=tokenizer.eos_token_id)
+        examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context,
+                                  tokenizer.bos_token_id, end_id=tokenizer.eos_token_id)
     result = train(model, examples, cfg.train, seed=cfg.init_seed, progress=progress,
                    collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id), desc=f"pretrain {cfg.name}")
     val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)

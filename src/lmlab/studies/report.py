@@ -370,24 +370,20 @@ def with_declarations(study, record: dict) -> dict:
     """A run's record with the study's comparisons, roles, claims and parameter matching where the record predates
     them, so `lmlab report` on an older run draws today's conclusions from its cells."""
     from lmlab.config import build
+    from lmlab.studies.runner import declarations
 
     if "comparisons" in record or "roles" in record:
         return record
     cfg = build(study.config_cls, record["config"], where="study.yaml")
-    configs = record["configurations"]
-    declared = {"roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
-                "param_match_ratio": study.param_match_ratio(cfg)}
-    comparisons = study.comparisons(cfg)
-    if comparisons is not None:
-        declared["comparisons"] = comparisons
-    return {**record, **declared}
+    return {**record, **declarations(study, cfg, record["configurations"])}
 
 
 def write_reports(run: RunDir) -> dict:
     from lmlab.studies.runner import get_study
 
-    study = get_study(run.read_study()["study"])
-    record = with_declarations(study, run.read_study())
+    record = run.read_study()
+    study = get_study(record["study"])
+    record = with_declarations(study, record)
     rows = run.read_results()
     summary = build_summary(record, rows)
     run.write_json("summary.json", summary)

@@ -128,6 +128,17 @@ class Study:
         return []
 
 
+def declarations(study: Study, cfg, configs: list[str]) -> dict:
+    """What a run's record declares for its report: roles, claims, parameter matching and (where the study declares
+    them) its comparisons, restricted to the configurations that run."""
+    declared = {"roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
+                "param_match_ratio": study.param_match_ratio(cfg)}
+    comparisons = study.comparisons(cfg)
+    if comparisons is not None:
+        declared["comparisons"] = comparisons
+    return declared
+
+
 def get_study(name: str) -> Study:
     if name not in REGISTRY:
         raise ConfigError(f"unknown study '{name}'; choose one of {', '.join(REGISTRY)}")
@@ -223,15 +234,11 @@ def run_study(name: str, *, preset: str = "default", overrides: list[str] = (), 
             "reference": study.reference(cfg), "candidate": study.candidate(cfg),
             "primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
             "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
-            "roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
-            "param_match_ratio": study.param_match_ratio(cfg),
+            **declarations(study, cfg, configs),
             "config": cfg.model_dump(mode="json"),
             "versions": library_versions(), "started": datetime.now().isoformat(timespec="seconds"),
             "command": " ".join(["lmlab", *sys.argv[1:]]) if sys.argv else "",
         }
-        comparisons = study.comparisons(cfg)
-        if comparisons is not None:
-            record["comparisons"] = comparisons
         run.write_study(record)
         D.barrier()
     _execute(study, cfg, run, record, progress)
