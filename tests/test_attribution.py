@@ -7,6 +7,8 @@ on a research-note claim.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from scipy import stats as scipy_stats
 
@@ -62,7 +64,9 @@ def test_headline_judges_the_new_components_against_rslora_not_lora():
     scaling = next(c for c in summary["comparisons"] if c["component"] == "rsLoRA scaling")
     assert scaling["scenario"] == "A" and scaling["credited"]
     jitter = (0.001, -0.002, 0.0015)
-    assert scaling["improvement_pct"] == pytest.approx(sum(100 * (1 - 0.83 * (1 + j)) for j in jitter) / 3)
+    # a ratio: the geometric mean of the per-seed ratios (noise shared by the seeds cancels in each pair)
+    mean_log = sum(math.log(0.83 * (1 + j)) for j in jitter) / 3
+    assert scaling["improvement_pct"] == pytest.approx(-100 * math.expm1(mean_log))
     # The change table vs lora still holds the candidate's 17% - but no decision is drawn from it.
     assert summary["configs"]["rslora+bias+landmarks"]["vs_reference"]["val_ppl"]["delta_pct"] == \
         pytest.approx(-17.0, abs=0.2)
@@ -99,7 +103,7 @@ def test_a_control_that_did_not_run_leaves_the_gain_uncontrolled():
     comparisons = [{"component": "landmarks", "candidate": "landmarks", "parent": "rslora",
                     "controls": ["constant"], "headline": True}]
     summary = build_summary(record(configs, comparisons), rows({"rslora": scaled(8, 1.0),
-                                                                "landmarks": scaled(8, 0.97)}))
+                                                                "landmarks": scaled(8, 0.97, (0.001, -0.001, 0.0))}))
     comp = summary["comparisons"][0]
     assert comp["scenario"] == "uncontrolled" and not comp["credited"]
     assert "`constant` was not run" in comp["text"]
@@ -109,8 +113,11 @@ def test_significantly_worse_is_worse_never_a_scenario_letter():
     configs = ["rslora", "rslora+dora"]
     comparisons = [{"component": "DoRA", "candidate": "rslora+dora", "parent": "rslora", "headline": True}]
     summary = build_summary(record(configs, comparisons), rows({"rslora": scaled(8, 1.0),
-                                                                "rslora+dora": scaled(8, 1.05)}))
+                                                                "rslora+dora": scaled(8, 1.05, (0.001, -0.001, 0.0))}))
     assert summary["decision"]["scenario"] == "worse" and "significantly worse" in summary["decision"]["text"]
+    # the sentence and the change table share one sign convention: perplexity +5% is "+5.0..%", "worse"
+    assert "val_ppl +5.0" in summary["decision"]["text"] and ", worse (95% CI [+" in summary["decision"]["text"]
+    assert summary["configs"]["rslora+dora"]["vs_reference"]["val_ppl"]["delta_pct"] == pytest.approx(5.0, abs=0.01)
 
 
 def test_configurations_training_base_weights_or_many_more_parameters_are_not_parameter_matched():
@@ -148,8 +155,8 @@ def t_interval(values: list[float]) -> tuple[float, float]:
 
 @pytest.mark.parametrize(("factor", "claimed", "verdict"), [
     (0.83, 17.07, "supported in direction (the claimed size lies inside the interval)"),
-    (0.95, 17.07, "supported in direction (the claimed +17.07% lies outside the interval)"),
-    (1.0, 9.19, "not supported: no significant effect, and the interval excludes the claimed +9.19%"),
+    (0.95, 17.07, "supported in direction (the claimed -17.07% val_ppl lies outside the interval)"),
+    (1.0, 9.19, "not supported: no significant effect, and the interval excludes the claimed -9.19% val_ppl"),
     (1.05, 2.11, "not supported: significantly worse, against the claim"),
 ])
 def test_a_claim_is_judged_by_its_interval(factor, claimed, verdict):
@@ -161,9 +168,9 @@ def test_a_claim_is_judged_by_its_interval(factor, claimed, verdict):
     summary = build_summary(record(configs, [], claims=claims), rows(ppl))
     claim = summary["claims"][0]
     assert claim["verdict"] == verdict
-    improvements = [100 * (1 - factor * (1 + j)) for j in jitter]  # paired: the shared noise cancels
-    lo, hi = t_interval(improvements)
-    assert f"[{lo:+.2f}, {hi:+.2f}]" in claim["measured"]
+    logs = [math.log(factor * (1 + j)) for j in jitter]  # paired: the shared noise cancels; a ratio: log scale
+    lo, hi = t_interval(logs)
+    assert f"[{100 * math.expm1(lo):+.2f}, {100 * math.expm1(hi):+.2f}]" in claim["measured"]
 
 
 def test_a_claim_whose_interval_holds_zero_and_its_size_is_not_testable_at_this_scale():
@@ -183,13 +190,13 @@ def test_crediting_a_gain_to_landmarks_is_refuted_when_rslora_alone_explains_it(
     summary = build_summary(record(configs, HEADLINE[1:], claims=claims), rows(ppl))
     verdict = summary["claims"][0]["verdict"]
     assert verdict.startswith("not supported: the component is not credited (not-significant)")
-    assert "`rslora` alone gives +17.0" in verdict
+    assert "`rslora` alone gives -17.0" in verdict and "better" in verdict
 
 
 def test_a_within_noise_claim_and_a_known_explanation():
     configs = ["rslora", "fixed", "learnable", "original", "original_leaky"]
     ppl = {"rslora": scaled(8, 1.0), "fixed": scaled(8, 1.0, (0.001, -0.001, 0.0)),
-           "learnable": scaled(8, 1.0, (-0.001, 0.001, 0.0)), "original": scaled(8, 1.0),
+           "learnable": scaled(8, 1.0, (-0.001, 0.001, 0.0)), "original": scaled(8, 1.0, (0.001, -0.001, 0.0)),
            "original_leaky": scaled(8, 0.9, (0.001, 0.0, -0.001))}
     claims = [
         {"id": "H8", "claim": "within noise", "setting": "s", "kind": "null",
@@ -201,7 +208,7 @@ def test_a_within_noise_claim_and_a_known_explanation():
     null, leak = summary["claims"]
     assert null["verdict"] == "supported: no pair differs significantly"
     assert leak["verdict"].startswith("not supported")
-    assert "the leak: `original_leaky` vs `original` +10.00%" in leak["explanation"]
+    assert "the leak: `original_leaky` vs `original` -10.00%" in leak["explanation"]
     assert "can account for a gain of this kind" in leak["explanation"]
 
 
@@ -210,7 +217,8 @@ def test_an_interval_is_printed_with_the_digits_that_show_it(interval):
     from lmlab.studies.attribution import effect_text
 
     lo, hi = interval
-    text = effect_text({"improvement_pct": (lo + hi) / 2, "ci95": [lo, hi], "p_value": 0.04, "n": 3})
+    text = effect_text({"improvement_pct": (lo + hi) / 2, "ci95": [lo, hi], "delta_pct": (lo + hi) / 2,
+                        "delta_ci95": [lo, hi], "p_value": 0.04, "n": 3})
     shown = [float(v) for v in text.split("[")[1].split("]")[0].split(",")]
     assert shown[0] < shown[1]  # the width is visible
     if lo > 0 or hi < 0:  # an interval that excludes 0 never reads as touching it
@@ -225,3 +233,17 @@ def test_a_headline_whose_parent_was_not_selected_says_so():
     assert (decision["candidate"], decision["reference"]) == ("rslora+bias+landmarks", "rslora")
     assert decision["text"] == ("No decision: 'rslora+bias+landmarks' and 'rslora' have no paired 'val_ppl' values: "
                                 "`rslora` was not run; add it to only=[...].")
+
+
+def test_a_reference_of_zero_makes_the_change_undefined_not_missing():
+    # The LatentWire smoke run: every accuracy is 0, so no relative change exists - and the report says why.
+    acc = "bridged/acc_flexible"
+    configs = ["baseline_k16", "stable_k16"]
+    out = [{"config": c, "seed": s, "status": "ok", "metrics": {acc: 0.0}, "params": {"trainable_params": 10},
+            "details": {}, "error": None} for c in configs for s in SEEDS]
+    summary = build_summary({**record(configs, [{"component": "fixes", "candidate": "stable_k16",
+                                                 "parent": "baseline_k16", "headline": True}]),
+                             "primary_metric": acc, "lower_is_better": False}, out)
+    text = summary["decision"]["text"]
+    assert "undefined because `baseline_k16`'s bridged/acc_flexible is 0 on every seed" in text
+    assert "missing or failed" not in text and summary["decision"]["scenario"] == "not-significant"

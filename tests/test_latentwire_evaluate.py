@@ -34,12 +34,23 @@ def test_summarize_eval_counts_valid_and_invalid_answers(tmp_path):
     path.write_text("\n".join(HAND_WRITTEN) + "\n\n", encoding="utf-8")
     summary = summarize_eval([path])
     assert summary == {
-        "bridged": {"total": 3, "valid": 2, "invalid": 1, "accuracy": pytest.approx(1 / 3)},
-        "target_text": {"total": 3, "valid": 2, "invalid": 1, "accuracy": pytest.approx(1 / 3)},
+        "bridged": {"total": 3, "valid": 2, "invalid": 1, "accuracy": pytest.approx(1 / 3), "evaluations": 1},
+        "target_text": {"total": 3, "valid": 2, "invalid": 1, "accuracy": pytest.approx(1 / 3), "evaluations": 1},
     }
     table = format_eval_summary(summary).splitlines()
-    assert table[0].split() == ["system", "total", "valid", "invalid", "accuracy"]
-    assert table[1].split() == ["bridged", "3", "2", "1", "0.333"]
+    assert table[0].split() == ["system", "total", "valid", "invalid", "accuracy", "evaluations"]
+    assert table[1].split() == ["bridged", "3", "2", "1", "0.333", "1"]
+
+
+def test_summarize_eval_counts_a_shared_text_evaluation_once(tmp_path):
+    # Three cells of one run: target_text is one generation copied into each cell's file; bridged is new per cell.
+    for seed in (1, 2, 3):
+        (tmp_path / f"seed-{seed}").mkdir()
+        (tmp_path / f"seed-{seed}" / "eval_samples.jsonl").write_text("\n".join(HAND_WRITTEN), encoding="utf-8")
+    summary = summarize_eval([tmp_path])
+    assert summary["target_text"] == {"total": 3, "valid": 2, "invalid": 1, "accuracy": pytest.approx(1 / 3),
+                                      "evaluations": 1}
+    assert summary["bridged"]["total"] == 9 and summary["bridged"]["evaluations"] == 3
 
 
 def test_summarize_eval_searches_directories_recursively(tmp_path):
@@ -49,11 +60,13 @@ def test_summarize_eval_searches_directories_recursively(tmp_path):
     (tmp_path / "b" / "eval_samples_step100.jsonl").write_text(HAND_WRITTEN[0], encoding="utf-8")
     (tmp_path / "b" / "other.jsonl").write_text("not read", encoding="utf-8")
     # A run directory: the test evaluations (eval_samples.jsonl) only, not the validation steps'
-    assert summarize_eval([tmp_path])["bridged"] == {"total": 3, "valid": 2, "invalid": 1, "accuracy": 1 / 3}
+    assert summarize_eval([tmp_path])["bridged"] == {"total": 3, "valid": 2, "invalid": 1, "accuracy": 1 / 3,
+                                                     "evaluations": 1}
     # A directory of validation evaluations only, or a file named explicitly: those
-    assert summarize_eval([tmp_path / "b"])["bridged"] == {"total": 1, "valid": 1, "invalid": 0, "accuracy": 1.0}
+    assert summarize_eval([tmp_path / "b"])["bridged"] == {"total": 1, "valid": 1, "invalid": 0, "accuracy": 1.0,
+                                                           "evaluations": 1}
     both = summarize_eval([tmp_path / "a", tmp_path / "b" / "eval_samples_step100.jsonl"])
-    assert both["bridged"] == {"total": 4, "valid": 3, "invalid": 1, "accuracy": 0.5}
+    assert both["bridged"] == {"total": 4, "valid": 3, "invalid": 1, "accuracy": 0.5, "evaluations": 2}
 
 
 def test_summarize_eval_names_the_bad_file_and_line(tmp_path):

@@ -54,7 +54,25 @@ def test_count_parameters_excludes_exactly_the_embedding_tables(tie):
 
 def test_unmatchable_model_is_a_config_error():
     tiny = MUConfig(vocab_size=4, max_seq_len=4, grid=2, block_shape=(1, 1), n_layers=1, cross_heads=1)
-    with pytest.raises(ConfigError, match="no dense width matches MU's non_embedding parameter count"):
+    with pytest.raises(ConfigError, match=r"no dense width with 1-2 heads \(MU has 1\) matches MU's non_embedding "
+                                          r"parameter count 508 within 2% \(closest: .*off by 2.8%\); set "
+                                          r"match.tolerance=0.033"):
         match_dense(tiny, count="non_embedding")
+    assert match_dense(tiny, count="non_embedding", tolerance=0.033).width == 6  # accepted when asked
     with pytest.raises(ConfigError, match="count must be"):
         match_dense(tiny, count="embedding")
+
+
+def test_the_dense_head_count_stays_comparable_to_mus():
+    # Before: no multiple of 2-6 heads landed within 2%, so the solver fell back to a single head (width 7) against
+    # MU's 4 cross-attention heads. Now it stays within half to twice MU's heads (here 7 or 8 match), or says it
+    # cannot match (test_unmatchable_model_is_a_config_error).
+    small = MUConfig(vocab_size=32, max_seq_len=8, grid=2, block_shape=(2, 2), n_layers=1, cross_heads=4)
+    dense = match_dense(small, count="non_embedding")
+    assert 2 <= dense.n_heads <= 8
+    mu_count = numel_counts(MUModel(small))["non_embedding"]
+    assert abs(numel_counts(DenseModel(dense))["non_embedding"] - mu_count) / mu_count <= 0.02
+    for n_layers in (1, 2, 3):
+        for vocab_size in (64, 97, 512):
+            mu_config = MUConfig(vocab_size=vocab_size, max_seq_len=32, n_layers=n_layers, cross_heads=4)
+            assert 2 <= match_dense(mu_config, count="total").n_heads <= 8

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lmlab.studies.stats import describe, paired_relative_change, scenario, t_interval, wilson_interval
+from lmlab.studies.stats import (
+    describe,
+    paired_relative_change,
+    reference_is_zero,
+    scenario,
+    t_interval,
+    wilson_interval,
+)
 
 
 @pytest.mark.parametrize("values", [[1.0, 2.0], [3.1, 2.9, 3.4], [10.0, 12.5, 9.75, 11.0, 10.5], [-1.0, 0.0, 5.0, 2.0]])
@@ -33,28 +40,46 @@ def test_describe_reports_mean_sample_std_and_interval():
     assert describe([2.0])["std"] is None and describe([])["mean"] is None
 
 
-def test_paired_relative_change_equals_hand_computation_and_one_sample_t_test():
+def test_paired_relative_change_is_a_log_ratio_interval_reported_as_percent():
     reference = {42: 20.0, 123: 21.0, 456: 19.5, 789: 20.4}
     candidate = {42: 19.0, 123: 20.5, 456: 19.4, 789: 19.8, 1011: 5.0}  # 1011 has no reference: unpaired
     result = paired_relative_change(candidate, reference)
-    changes = [100.0 * (candidate[s] - reference[s]) / reference[s] for s in (42, 123, 456, 789)]
-    assert result["n"] == 4
-    assert list(result["per_seed"].values()) == pytest.approx(changes)
+    seeds = (42, 123, 456, 789)
+    logs = np.log([candidate[s] / reference[s] for s in seeds])
+    assert result["n"] == 4 and result["scale"] == "log" and not result["constant"]
+    assert list(result["per_seed"].values()) == pytest.approx([100 * (candidate[s] / reference[s] - 1) for s in seeds])
     assert set(result["per_seed"]) == {"42", "123", "456", "789"}
-    assert result["delta_pct"] == pytest.approx(np.mean(changes))
-    assert result["p_value"] == pytest.approx(stats.ttest_1samp(changes, 0.0).pvalue, rel=1e-10)
-    expected = stats.t.interval(0.95, 3, loc=np.mean(changes), scale=stats.sem(changes))
-    assert result["ci95"] == pytest.approx(list(expected))
+    assert result["delta_pct"] == pytest.approx(100 * (np.exp(logs.mean()) - 1))  # geometric mean ratio
+    assert result["p_value"] == pytest.approx(stats.ttest_1samp(logs, 0.0).pvalue, rel=1e-10)
+    lo, hi = stats.t.interval(0.95, 3, loc=logs.mean(), scale=stats.sem(logs))
+    assert result["ci95"] == pytest.approx([100 * (np.exp(lo) - 1), 100 * (np.exp(hi) - 1)])
+
+
+def test_a_ratio_interval_never_falls_below_minus_100_percent():
+    # The MU default's failure: seeds disagree wildly; a linear interval read "[-127.93%, +189.79%]".
+    result = paired_relative_change({1: 400.0, 2: 90.0, 3: 250.0}, {1: 100.0, 2: 180.0, 3: 150.0})
+    assert result["ci95"][0] > -100.0 and result["ci95"][0] < result["delta_pct"] < result["ci95"][1]
+
+
+def test_paired_relative_change_with_zeros_or_negatives_is_linear():
+    result = paired_relative_change({1: 0.0, 2: 0.5, 3: 1.0}, {1: 0.5, 2: 0.5, 3: 0.5})
+    changes = [-100.0, 0.0, 100.0]
+    assert result["scale"] == "linear" and result["delta_pct"] == pytest.approx(np.mean(changes))
+    assert result["ci95"] == pytest.approx(list(stats.t.interval(0.95, 2, loc=0.0, scale=stats.sem(changes))))
 
 
 def test_paired_relative_change_edge_cases():
     assert paired_relative_change({1: 2.0}, {2: 2.0}) is None  # nothing paired
     one = paired_relative_change({42: 9.0}, {42: 10.0})
     assert one["delta_pct"] == pytest.approx(-10.0) and one["ci95"] is None and one["p_value"] is None
-    same = paired_relative_change({1: 9.0, 2: 18.0}, {1: 10.0, 2: 20.0})  # -10% on both seeds, no variance
-    assert same["delta_pct"] == pytest.approx(-10.0) and same["p_value"] == 0.0
+    # -10% on both seeds: one shared measurement (or a deterministic count), no interval and no p-value - never p = 0
+    same = paired_relative_change({1: 9.0, 2: 18.0}, {1: 10.0, 2: 20.0})
+    assert same["delta_pct"] == pytest.approx(-10.0) and same["constant"]
+    assert same["p_value"] is None and same["ci95"] is None
     skipped = paired_relative_change({1: 9.0, 2: float("nan"), 3: 1.0}, {1: 10.0, 2: 5.0, 3: 0.0})
     assert skipped["n"] == 1 and list(skipped["per_seed"]) == ["1"]
+    assert paired_relative_change({1: 0.0, 2: 0.0}, {1: 0.0, 2: 0.0}) is None
+    assert reference_is_zero({1: 0.0, 2: 0.1}, {1: 0.0, 2: 0.0}) and not reference_is_zero({1: 1.0}, {1: 2.0})
 
 
 def wilson_by_quadratic(k: int, n: int, z: float) -> list[float]:

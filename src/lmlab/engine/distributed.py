@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lmlab.errors import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -92,13 +94,14 @@ def gather_objects(obj) -> list:
 
 def resolve_nproc(value: str | int) -> int:
     """`--nproc auto`: $NUM_GPUS, else the number of visible GPUs, else 1."""
-    if isinstance(value, int) or str(value).isdigit():
-        n = int(value)
+    text = str(value).strip()
+    if isinstance(value, int) or text.lstrip("+-").isdigit():
+        n = int(text)
         if n < 1:
-            raise ValueError("--nproc must be >= 1 or 'auto'")
+            raise ConfigError(f"--nproc must be a positive integer or 'auto', got {value!r}")
         return n
-    if str(value) != "auto":
-        raise ValueError(f"--nproc must be a positive integer or 'auto', got {value!r}")
+    if text != "auto":
+        raise ConfigError(f"--nproc must be a positive integer or 'auto', got {value!r}")
     env = os.environ.get("NUM_GPUS")
     if env and env.isdigit() and int(env) > 0:
         return int(env)

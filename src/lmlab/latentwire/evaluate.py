@@ -37,6 +37,7 @@ from lmlab.latentwire.gsm8k import STOP_STRINGS, cut_at_stop, extract_flexible, 
 from lmlab.studies.stats import wilson_interval
 
 SYSTEMS = ("target_text", "source_text", "bridged", "token_budget", "zero_prefix", "shuffled_source")
+SHARED_SYSTEMS = ("target_text", "source_text", "token_budget")  # translator-free: one evaluation shared by the cells
 METRICS = ("acc_strict", "acc_flexible", "invalid_rate", "acc_flexible_wilson95", "prompt_tokens", "compression",
            "kv_bytes", "kv_bytes_saved", "latency_s", "tokens_per_s")
 SAMPLES_FILE = "eval_samples.jsonl"
@@ -219,33 +220,52 @@ def _sample_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 def summarize_eval(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
     """Per system over all given files (or directories, searched recursively for eval_samples.jsonl, else
-    for eval_samples*.jsonl): total items, valid answers (a number was extracted), invalid ones, and
-    flexible accuracy."""
+    for eval_samples*.jsonl): total items, valid answers (a number was extracted), invalid ones, flexible
+    accuracy, and the number of distinct evaluations counted.
+
+    Each distinct evaluation is counted once: the text-only systems (`SHARED_SYSTEMS`) are generated once per run
+    (token_budget once per K) and copied into every cell's file, so a column identical to one already counted (the
+    same `evaluation` name, items and outputs) is a copy and is skipped. The bridged systems are a new evaluation in
+    every cell and are always counted."""
     counts: dict[str, dict] = {}
+    seen: set[tuple] = set()
     for file in _sample_files(paths):
+        columns: dict[str, list[tuple]] = {}
         with file.open(encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    systems = json.loads(line)["systems"]
-                    rows = [(name, r["flexible"], bool(r["correct_flexible"])) for name, r in systems.items()]
+                    sample = json.loads(line)
+                    for name, r in sample["systems"].items():
+                        columns.setdefault(name, []).append(
+                            (r.get("evaluation"), sample.get("index"), sample.get("question"), r.get("output"),
+                             r["flexible"], bool(r["correct_flexible"])))
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                     raise DataError(f"{file}:{lineno}: not an eval_samples line "
                                     "(expected JSON with systems.<name>.flexible and correct_flexible)") from None
-                for name, flexible, correct in rows:
-                    c = counts.setdefault(name, {"total": 0, "valid": 0, "invalid": 0, "correct": 0})
-                    c["total"] += 1
-                    c["valid" if flexible is not None else "invalid"] += 1
-                    c["correct"] += correct
+        for name, column in columns.items():
+            c = counts.setdefault(name, {"total": 0, "valid": 0, "invalid": 0, "correct": 0, "evaluations": 0})
+            signature = (name, tuple(column))
+            if name in SHARED_SYSTEMS and signature in seen:
+                continue  # a copy of a shared evaluation already counted
+            seen.add(signature)
+            c["evaluations"] += 1
+            for *_, flexible, correct in column:
+                c["total"] += 1
+                c["valid" if flexible is not None else "invalid"] += 1
+                c["correct"] += correct
     return {name: {"total": c["total"], "valid": c["valid"], "invalid": c["invalid"],
-                   "accuracy": c["correct"] / c["total"]} for name, c in counts.items()}
+                   "accuracy": c["correct"] / c["total"], "evaluations": c["evaluations"]}
+            for name, c in counts.items()}
 
 
 def format_eval_summary(summary: dict[str, dict]) -> str:
     """A plain-text table of `summarize_eval`'s result, one row per system."""
     width = max([len("system")] + [len(name) for name in summary])
-    lines = [f"{'system':<{width}}  {'total':>7}  {'valid':>7}  {'invalid':>7}  {'accuracy':>8}"]
+    lines = [f"{'system':<{width}}  {'total':>7}  {'valid':>7}  {'invalid':>7}  {'accuracy':>8}  {'evaluations':>11}"]
     for name, s in summary.items():
-        lines.append(f"{name:<{width}}  {s['total']:>7}  {s['valid']:>7}  {s['invalid']:>7}  {s['accuracy']:>8.3f}")
+        lines.append(f"{name:<{width}}  {s['total']:>7}  {s['valid']:>7}  {s['invalid']:>7}  {s['accuracy']:>8.3f}  "
+                     f"{s['evaluations']:>11}")
+    lines.append("(each distinct evaluation counted once: the text-only systems are shared by a run's cells)")
     return "\n".join(lines)

@@ -45,14 +45,16 @@ def match_dense(
     count: Count = "total",
     tie_embeddings: bool | None = None,
     n_heads: int | None = None,
+    tolerance: float = TOLERANCE,
 ) -> DenseConfig:
     """The dense baseline whose parameter count (`count`: "total" or "non_embedding", see `count_parameters`)
-    matches MU's within 2%: same vocabulary, context, depth and dropout; `tie_embeddings=None` = as MU.
+    matches MU's within `tolerance` (2%): same vocabulary, context, depth and dropout; `tie_embeddings=None` = as MU.
 
     The width is a multiple of the head count. `n_heads` (default: MU's cross-attention heads) is tried
-    first; when no multiple of it lands within 2% (small widths move the count in coarse steps), the
-    nearest head counts are tried in turn (n-1, n+1, n-2, ...; at least 1). Raises ConfigError if no width
-    matches.
+    first; when no multiple of it lands within the tolerance (small widths move the count in coarse steps), the
+    nearest head counts are tried in turn (n-1, n+1, n-2, ...), staying comparable to MU's: from half to twice
+    `n_heads`, never a single head standing in for several. Raises ConfigError naming the closest match when no
+    width and head count in that range is within the tolerance.
     """
     if count not in ("total", "non_embedding"):
         raise ConfigError(f"count must be 'total' or 'non_embedding', got {count!r}")
@@ -80,25 +82,28 @@ def match_dense(
         low, high = (mid, high) if params_at(mid) < target else (low, mid)
 
     best = None
-    for heads in _head_counts_near(preferred_heads):
+    heads_tried = _head_counts_near(preferred_heads)
+    for heads in heads_tried:
         above = -(-high // heads) * heads
         candidates = [w for w in (above - heads, above) if w >= heads]
         width = min(candidates, key=lambda w: abs(params_at(w) - target))
         error = abs(params_at(width) - target) / target
         if best is None or error < best[0]:
             best = (error, width, heads)
-        if error <= TOLERANCE:
+        if error <= tolerance:
             return dense_config(width, heads)
     raise ConfigError(
-        f"no dense width matches MU's {count} parameter count {target} within {TOLERANCE:.0%} (closest: width "
-        f"{best[1]} with {params_at(best[1])}, off by {best[0]:.1%}); the MU model is too small to match - "
-        f"increase grid or n_layers"
+        f"no dense width with {min(heads_tried)}-{max(heads_tried)} heads (MU has {preferred_heads}) matches MU's "
+        f"{count} parameter count {target:,} within {tolerance:.0%} (closest: width {best[1]} with {best[2]} heads, "
+        f"{params_at(best[1]):,} parameters, off by {best[0]:.1%}); set match.tolerance={best[0] + 0.005:.3f} to "
+        f"accept it, or change grid or n_layers"
     )
 
 
 def _head_counts_near(n_heads: int) -> list[int]:
-    """n, n-1, n+1, n-2, n+2, ... down to 1 and up to 2n."""
+    """n, n-1, n+1, n-2, n+2, ... within [ceil(n/2), 2n]: head counts comparable to n."""
+    low = max(1, -(-n_heads // 2))
     order = [n_heads]
     for step in range(1, n_heads + 1):
-        order += [h for h in (n_heads - step, n_heads + step) if h >= 1]
+        order += [h for h in (n_heads - step, n_heads + step) if low <= h <= 2 * n_heads]
     return order

@@ -40,10 +40,12 @@ LEGEND = [
     "- `explained-by-control`: the candidate beats its parent but not a control (the interval vs that control contains "
     "0 or favours the control), so the control's trivial explanation accounts for the gain; not credited.",
     "- `uncontrolled`: the candidate beats its parent but a control it needs was not run; not credited.",
-    "- Changes are per-seed relative changes (improvement: positive = better, i.e. lower perplexity), mean over "
-    "seeds with a 95% t-interval and a paired t-test p-value. `params added` is the candidate's trainable parameters "
-    "minus its parent's; `params per 1%` divides them by the improvement over the parent, for credited components "
-    "only.",
+    "- Changes are relative changes of the metric itself (candidate / other - 1, in %), paired by seed: for a "
+    "perplexity negative is better, for an accuracy positive is better; the words better / worse say which. They are "
+    "ratios, so the mean, its 95% t-interval and the paired t-test p-value are computed on the log scale and reported "
+    "back in % (an interval never reaches -100%). A change that is the same on every seed is one shared measurement "
+    "and has no interval. `params added` is the candidate's trainable parameters minus its parent's; `params per 1%` "
+    "divides them by the improvement over the parent, for credited components only.",
 ]
 
 
@@ -76,7 +78,20 @@ def improvement(values: dict, candidate: str, parent: str, metric: str, lower_is
         "p_value": change["p_value"],
         "n": change["n"],
         "delta_pct": change["delta_pct"],
+        "delta_ci95": ci,
+        "constant": change.get("constant", False),
     }
+
+
+def no_effect_reason(values: dict, candidate: str, parent: str, metric: str) -> str:
+    """Why `improvement` found nothing to compare: a reference of 0 (the relative change is undefined) or cells
+    that are missing or failed."""
+    cand = values.get(candidate, {}).get(metric)
+    ref = values.get(parent, {}).get(metric)
+    if cand and ref and stats.reference_is_zero(cand, ref):
+        return (f"the relative change is undefined because `{parent}`'s {metric} is 0 on every seed "
+                f"(`{candidate}`: {', '.join(f'{v:g}' for v in cand.values())})")
+    return f"no paired {metric} values (missing or failed cells)"
 
 
 def significant_gain(effect: dict | None) -> bool:
@@ -100,16 +115,27 @@ def decimals(effect: dict) -> int:
     return int(min(6, max(2, 1 - math.floor(math.log10(min(scales))))))
 
 
+def direction(effect: dict) -> str:
+    """'better', 'worse' or 'no change', from the improvement's sign."""
+    imp = effect["improvement_pct"]
+    return "better" if imp > 0 else "worse" if imp < 0 else "no change"
+
+
 def effect_text(effect: dict | None) -> str:
-    """'+1.23% [+0.50, +1.96] (p = 0.012, 3 seeds)' (improvement orientation), or 'no paired values'."""
+    """'-1.23% [-1.96, -0.50], better (p = 0.012, 3 seeds)': the metric's relative change and its interval (the
+    same sign convention as the change table), or 'no paired values'."""
     if effect is None:
         return "no paired values"
     digits = decimals(effect)
-    ci = effect["ci95"]
-    ci_text = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else " (no interval: one seed)"
+    ci = effect["delta_ci95"]
+    delta = f"{effect['delta_pct']:+.{digits}f}%"
+    if effect.get("constant"):
+        return f"{delta}, {direction(effect)} (one shared measurement on {effect['n']} seeds, no interval)"
+    if not ci:
+        return f"{delta}, {direction(effect)} (no interval: one seed)"
     p = effect.get("p_value")
     p_text = f"p = {p:.2g}" if p is not None else "no p-value"
-    return f"{effect['improvement_pct']:+.{digits}f}%{ci_text} ({p_text}, {effect['n']} seeds)"
+    return f"{delta} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}], {direction(effect)} ({p_text}, {effect['n']} seeds)"
 
 
 def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric: str,
@@ -146,7 +172,11 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         "improvement_pct": effect["improvement_pct"] if effect else None,
         "ci95": effect["ci95"] if effect else None, "p_value": effect["p_value"] if effect else None,
         "n": effect["n"] if effect else 0,
+        "delta_pct": effect["delta_pct"] if effect else None, "delta_ci95": effect["delta_ci95"] if effect else None,
+        "constant": effect["constant"] if effect else False,
     }
+    if effect is None:
+        out["missing"] = no_effect_reason(values, candidate, parent, metric)
     out["text"] = comparison_text(out, effect)
     return out
 
@@ -157,15 +187,17 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     added_text = f", {added:+,} parameters" if added is not None else ""
     head = f"{c['component']} (`{c['candidate']}` vs `{c['parent']}`{added_text})"
     if effect is None:
-        return f"{head}: no paired {c['metric']} values (missing or failed cells), so no conclusion."
+        return f"{head}: {c['missing']}, so no conclusion."
     imp = effect["improvement_pct"]
-    direction = "better" if imp > 0 else "worse" if imp < 0 else "different"
-    ci = effect["ci95"]
+    ci = effect["delta_ci95"]
     digits = decimals(effect)
-    ci_text = f"95% CI [{ci[0]:+.{digits}f}%, {ci[1]:+.{digits}f}%]" if ci else "no interval (one seed)"
+    if effect.get("constant"):
+        ci_text = f"one shared measurement on {effect['n']} seeds, no interval"
+    else:
+        ci_text = f"95% CI [{ci[0]:+.{digits}f}%, {ci[1]:+.{digits}f}%]" if ci else "no interval (one seed)"
     p_text = f"p = {effect['p_value']:.3g}" if effect.get("p_value") is not None else "no p-value"
-    said = (f"{head}: {abs(imp):.{digits}f}% {direction} on {c['metric']} ({ci_text}, {p_text}, "
-            f"{effect['n']} paired seeds)")
+    said = (f"{head}: {c['metric']} {effect['delta_pct']:+.{digits}f}% vs `{c['parent']}`, {direction(effect)} "
+            f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
     if scenario == "not-significant":
         return f"{said}: not significant - the interval contains 0, so the data cannot tell the two apart."
@@ -189,6 +221,10 @@ def comparison_text(c: dict, effect: dict | None) -> str:
 def decision_record(comparison: dict | None, candidate: str, reference: str, metric: str,
                     not_run: list[str] = ()) -> dict:
     """summary["decision"]: the headline comparison (or a 'no decision' record naming what is missing)."""
+    if comparison is not None and not comparison["n"]:  # it ran, but there is nothing to compare: say why
+        return {"scenario": "not-significant", "candidate": comparison["candidate"],
+                "reference": comparison["parent"], "metric": metric, "credited": False,
+                "text": f"No decision: {comparison['text']}"}
     if comparison is None:
         why = (f"{' and '.join(f'`{c}`' for c in not_run)} {'was' if len(not_run) == 1 else 'were'} not run; "
                "add it to only=[...]" if not_run else "missing or failed cells")
@@ -216,6 +252,28 @@ def parameter_match(trainable: int | None, base_trained: int | None, reference: 
 
 # ---------------------------------------------------------------------------------------------------
 # Claims of the research notes
+
+
+def interval_verdict(interval: list[float] | None, claimed: float | None, claimed_text: str = "") -> str:
+    """A claim's verdict from the 95% interval of its effect (oriented so that positive = the claimed direction
+    when `claimed` > 0): supported when it excludes 0 on the claimed side; not supported when it excludes 0 on the
+    other side, or holds 0 but excludes the claimed size; not testable at this scale when it holds both. A claim
+    of direction only (`claimed` None) holding 0 is not supported: no significant effect."""
+    lo, hi = interval if interval else (-math.inf, math.inf)
+    if lo > 0 or hi < 0:
+        if claimed is None or (lo > 0) == (claimed > 0):
+            if claimed is None:
+                return f"{'supported' if lo > 0 else 'not supported'}: significantly {'better' if lo > 0 else 'worse'}"
+            size = "the claimed size lies inside the interval" if lo <= claimed <= hi else \
+                f"{claimed_text} lies outside the interval"
+            return f"supported in direction ({size})"
+        return f"not supported: significantly {'better' if lo > 0 else 'worse'}, against the claim"
+    if claimed is None:
+        return "not supported: no significant difference (the interval holds 0)"
+    if lo <= claimed <= hi:
+        return "not testable at this scale: the interval holds both 0 and the claimed size"
+    return f"not supported: no significant effect, and the interval excludes {claimed_text}"
+
 
 
 def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_better: bool) -> dict:
@@ -263,22 +321,19 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         return {**row, "measured": measured, "verdict": verdict}
     effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     if effect is None:
+        if spec["candidate"] in values and spec["parent"] in values:  # both ran: say why nothing compares
+            reason = no_effect_reason(values, spec["candidate"], spec["parent"], metric)
+            return {**row, "measured": f"`{spec['candidate']}` vs `{spec['parent']}`: {reason}",
+                    "verdict": "not testable here: no relative change"}
         return {**row, "measured": "not run", "verdict": "not testable here: the configurations were not run"}
-    claimed = spec["claimed_pct"]
+    claimed = spec.get("claimed_pct")  # improvement orientation: positive = better; None: direction only
+    claimed_text = "" if claimed is None else \
+        f"the claimed {-claimed if lower_is_better else claimed:+.2f}% {metric}"  # as the change reads
     measured = f"`{spec['candidate']}` vs `{spec['parent']}` on {metric}: {effect_text(effect)}"
-    lo, hi = effect["ci95"] if effect["ci95"] else (-math.inf, math.inf)
-    if lo > 0 or hi < 0:
-        same_side = (lo > 0) == (claimed > 0)
-        if same_side:
-            size = "the claimed size lies inside the interval" if lo <= claimed <= hi else \
-                f"the claimed {claimed:+.2f}% lies outside the interval"
-            verdict = f"supported in direction ({size})"
-        else:
-            verdict = f"not supported: significantly {'better' if lo > 0 else 'worse'}, against the claim"
-    elif lo <= claimed <= hi:
-        verdict = "not testable at this scale: the interval holds both 0 and the claimed size"
+    if effect.get("constant"):
+        verdict = "not testable here: one shared measurement, no interval"
     else:
-        verdict = f"not supported: no significant effect, and the interval excludes the claimed {claimed:+.2f}%"
+        verdict = interval_verdict(effect["ci95"], claimed, claimed_text)
     out = {**row, "measured": measured, "verdict": verdict}
     explanation = spec.get("explanation")
     if explanation:

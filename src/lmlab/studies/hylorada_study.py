@@ -56,7 +56,16 @@ from lmlab.hylorada import (
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.models.tiny import PretrainConfig, pretrained_tiny
-from lmlab.studies.report import fmt, label_axes, line_plot, save_figure
+from lmlab.studies.report import (
+    LINE_STYLES,
+    MARKERS,
+    config_styles,
+    detail_curves,
+    fmt,
+    label_axes,
+    line_plot,
+    save_figure,
+)
 from lmlab.studies.rundir import RunDir, atomic_write_text
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
@@ -777,13 +786,15 @@ def _by_config(rows: list[dict], configs: list[str], key: str) -> dict[str, list
 
 
 def _decile_plot(rows, configs, run: RunDir) -> bool:
-    curves = _by_config(rows, configs, "decile_ppl")
+    """Perplexity per position decile, log scale: the mean over seeds, shaded between the lowest and highest seed, one
+    style per configuration of `configs` (the run's full list, as the report names them)."""
+    x = [(d + 0.5) / 10 for d in range(10)]
+    curves = detail_curves(rows, configs, "decile_ppl", x)
     if not curves:
         return False
-    x = [(d + 0.5) / 10 for d in range(10)]
-    line_plot(run, "perplexity_by_decile.png", {c: (x, v) for c, v in curves.items()}, marker="o",
+    line_plot(run, "perplexity_by_decile.png", curves, styles=config_styles(configs),
               xlabel="relative position in the window", ylabel="perplexity (mean over seeds)",
-              title="Perplexity by position decile", shade=(0.25, 0.75, "LIM region"), logy=True)
+              title="Perplexity by position decile (log scale)", shade=(0.25, 0.75, "LIM region"), logy=True)
     return True
 
 
@@ -800,11 +811,13 @@ def _retrieval_table(rows, configs) -> list[str]:
 
 
 def _retrieval_plot(rows, configs, run: RunDir) -> None:
+    """Retrieval accuracy per depth decile of the planted fact on a [0, 1] axis: the mean over seeds, shaded between
+    the lowest and highest seed, one style per configuration of `configs` (the run's full list)."""
     x = [(d + 0.5) / 10 for d in range(10)]
-    curves = _by_config(rows, configs, "retrieval_by_depth")
-    line_plot(run, "retrieval_by_depth.png", {c: (x, v) for c, v in curves.items()}, marker="o",
+    curves = detail_curves(rows, configs, "retrieval_by_depth", x)
+    line_plot(run, "retrieval_by_depth.png", curves, styles=config_styles(configs),
               xlabel="depth of the planted fact in the document", ylabel="retrieval accuracy (mean over seeds)",
-              title="Retrieval accuracy by depth", ylim=(-0.02, 1.02))
+              title="Retrieval accuracy by depth", unit_y=True)
 
 
 def _boundary_section(rows, run: RunDir) -> list[str]:
@@ -824,6 +837,13 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
              "buckets that hold the largest weight at some position (the fixed scheme: all of them).", "",
              "| configuration | seed | assignment | effective buckets | moved (max / mean) | step size alone "
              "(consistent / random) | learned |", "|---|---|---|---|---|---|---|"]
+    from matplotlib.ticker import MaxNLocator
+
+    # Colour: the configuration's in every plot of the run (report_sections marks a diagnostic's name " (INVALID)");
+    # marker and line style: the seed.
+    record = run.read_study()
+    styles = config_styles(record["configurations"])
+    seeds = {seed: i for i, seed in enumerate(record["seeds"])}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plotted_initial = False
     for r in with_b:
@@ -836,9 +856,13 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
                      f"{max(moves):.2f} / {sum(moves) / len(moves):.2f} | {drift} | "
                      f"{', '.join(f'{v:.1f}' for v in learned)} |")
         if not plotted_initial:
-            ax.plot(range(len(initial)), initial, "k--", marker="x", label="initial (fixed scheme)")
+            ax.plot(range(len(initial)), initial, color="black", linestyle="--", marker="x", linewidth=1,
+                    label="initial (fixed scheme)")
             plotted_initial = True
-        ax.plot(range(len(learned)), learned, marker="o", label=f"learned, {r['config']} seed {r['seed']}")
+        seed = seeds.get(r["seed"], len(seeds))
+        ax.plot(range(len(learned)), learned, color=styles[r["config"].removesuffix(" (INVALID)")]["color"],
+                marker=MARKERS[seed % len(MARKERS)], linestyle=LINE_STYLES[seed % len(LINE_STYLES)], fillstyle="none",
+                label=f"learned, {r['config']} seed {r['seed']}")
     initial = with_b[0]["details"]["boundaries"]["initial"]
     lines += ["", f"Initial boundaries (the fixed scheme): {', '.join(str(v) for v in initial)}."]
     for config in dict.fromkeys(r["config"] for r in with_b):
@@ -853,6 +877,7 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
                         "direction" if moved > noise else f"no more than gradients of random sign would ({noise:.1f})")
                      + f"; {effective[0]}-{effective[-1]} of {cells[0]['num_buckets']} buckets distinguishable after "
                      "training.")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     label_axes(ax, xlabel="boundary index", ylabel="token position", title="Bucket boundaries: initial vs learned")
     save_figure(fig, run, "bucket_boundaries.png")
     lines.append("")

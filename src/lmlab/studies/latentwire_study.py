@@ -27,6 +27,7 @@ from pathlib import Path
 from statistics import fmean
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
@@ -38,6 +39,7 @@ from lmlab.errors import ConfigError, DataError
 from lmlab.latentwire.bridge import LatentWireBridge, Mode, PromptEncoder, build_translator
 from lmlab.latentwire.evaluate import (
     SAMPLES_FILE,
+    SHARED_SYSTEMS,
     SYSTEMS,
     LatentWireEval,
     evaluate_latentwire,
@@ -49,12 +51,24 @@ from lmlab.latentwire.translator import PAPER_PRESETS, TranslatorShape, optimize
 from lmlab.models.hf import learned_positions, load_causal_lm, load_tokenizer
 from lmlab.models.tiny import PretrainConfig, TinyModelConfig, pretrained_tiny
 from lmlab.studies import stats
-from lmlab.studies.report import cell_curves, fmt, label_axes, line_plot, mean_over_seeds, save_figure
+from lmlab.studies.attribution import interval_verdict, judge_claim, per_seed_values
+from lmlab.studies.report import (
+    LINE_STYLES,
+    cell_curves,
+    config_styles,
+    fmt,
+    label_axes,
+    line_plot,
+    mean_over_seeds,
+    plain_number,
+    same_values_notes,
+    save_figure,
+)
 from lmlab.studies.rundir import RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
 BRIDGE_SYSTEMS = ("bridged", "zero_prefix", "shuffled_source")  # the systems that go through the translator
-TEXT_SYSTEMS = tuple(s for s in SYSTEMS if s not in BRIDGE_SYSTEMS)
+TEXT_SYSTEMS = SHARED_SYSTEMS  # translator-free: generated once per direction (and K), shared by the cells
 PRIMARY = "bridged/acc_flexible"
 
 
@@ -378,7 +392,11 @@ class LatentWireStudy(Study):
         for system in TEXT_SYSTEMS:  # deterministic and translator-free: computed once per direction (and K)
             key = (arm.swapped, system, arm.num_queries if system == "token_budget" else None)
             if key not in ctx.text_evals:
-                ctx.text_evals[key] = run(systems=(system,))
+                ctx.text_evals[key] = shared = run(systems=(system,))
+                tag = "/".join([system, "swapped" if arm.swapped else "forward", *(
+                    [f"k{arm.num_queries}"] if system == "token_budget" else [])])
+                for sample in shared.samples:  # names the shared evaluation in every cell's file (summarize-eval)
+                    sample["systems"][system]["evaluation"] = tag
             parts.append(ctx.text_evals[key])
         parts.append(run(systems=BRIDGE_SYSTEMS))
         return merge_evaluations(parts)
@@ -416,13 +434,21 @@ class LatentWireStudy(Study):
 
     # -----------------------------------------------------------------------------------------------
 
+    def extra_summary(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> dict:
+        ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
+        items = item_statistics(run, ok, record["configurations"])
+        cfg = record["config"]
+        return {"paired_items": items, "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary)}
+
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
         if not ok:
             return []
         configs = [c for c in record["configurations"] if any(r["config"] == c for r in ok)]
-        lines = _bridge_section(ok, configs)
-        lines += _systems_section(ok, configs)
+        items = summary.get("paired_items", {})
+        lines = _bridge_section(items, configs)
+        lines += _baselines_section(items, configs)
+        lines += _systems_section(ok, configs, items)
         if _compression_plot(ok, run):
             lines += ["## Accuracy and KV cache vs compression", "",
                       "Bridged and token-budget accuracy (pooled over seeds, 95% Wilson interval) against compression "
@@ -443,59 +469,276 @@ class LatentWireStudy(Study):
 
 
 def _pooled(rows: list[dict], system: str, metric: str = "acc_flexible") -> tuple[int, int]:
-    """(correct, items) of a system over every cell in `rows` (accuracy x items per cell, summed)."""
-    correct = sum(round(r["metrics"][f"{system}/{metric}"] * r["details"]["eval_items"]) for r in rows)
-    return correct, sum(r["details"]["eval_items"] for r in rows)
+    """(correct, items) of a system over the cells in `rows` (accuracy x items per cell, summed); a text-only system
+    is one evaluation shared by the cells and is counted once."""
+    cells = rows[:1] if system in TEXT_SYSTEMS else rows
+    correct = sum(round(r["metrics"][f"{system}/{metric}"] * r["details"]["eval_items"]) for r in cells)
+    return correct, sum(r["details"]["eval_items"] for r in cells)
 
 
-def _interval(correct: int, total: int) -> str:
-    low, high = stats.wilson_interval(correct, total)
-    return f"{correct / total:.3f} [{low:.3f}, {high:.3f}]"
+def _wilson_pooled(rows: list[dict], system: str) -> tuple[float, list[float]]:
+    """(accuracy, Wilson interval) from the cells' metrics, where their eval_samples files are missing."""
+    correct, total = _pooled(rows, system)
+    items = rows[0]["details"]["eval_items"]
+    accuracy = correct / total
+    return accuracy, stats.wilson_interval(accuracy * items, items)
 
 
-def _bridge_section(rows: list[dict], configs: list[str]) -> list[str]:
-    lines = ["## Does information cross the bridge?", "",
-             "Flexible accuracy pooled over seeds (all items of all cells), with 95% Wilson intervals. Bridged "
-             "accuracy only means information crossed the bridge when its interval lies above both controls' "
-             "(zero soft tokens; the source reading another item).", "",
-             "| configuration | items | bridged | zero_prefix | shuffled_source | bridged above both controls | "
-             "cells with bridged above both |", "|---|---|---|---|---|---|---|"]
+COMPARED = ("zero_prefix", "shuffled_source", "target_text", "source_text", "token_budget")  # bridged vs each
+
+
+def cell_outcomes(run: RunDir, rows: list[dict], config: str, key: str = "correct_flexible") -> dict | None:
+    """{system: seeds x items 0/1 array} of a configuration's finished cells (seed order), read from their
+    eval_samples.jsonl; a text-only system, one evaluation copied into every cell, is a single row. None when a
+    cell's file is missing."""
+    cells = sorted((r for r in rows if r["config"] == config and r["status"] == "ok"), key=lambda r: r["seed"])
+    columns: dict[str, list[list[int]]] = {}
+    for r in cells:
+        path = run.cell_dir(config, r["seed"]) / SAMPLES_FILE
+        if not path.is_file():
+            return None
+        samples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for system in SYSTEMS:
+            if samples and all(system in sample["systems"] for sample in samples):
+                row = [int(bool(sample["systems"][system][key])) for sample in samples]
+                if system in TEXT_SYSTEMS and row in columns.get(system, []):
+                    continue  # the shared evaluation again: counted once
+                columns.setdefault(system, []).append(row)
+    return {system: np.array(m) for system, m in columns.items()} if cells else None
+
+
+def paired_tests(outcomes: dict, seeds: list[int]) -> dict:
+    """Bridged vs each control and text baseline on the same items: pooled over seeds (per-item outcomes averaged
+    over seeds, paired bootstrap interval, sign-flip p; `stats.paired_item_difference`) and per cell (exact McNemar
+    on the cell's discordant items)."""
+    bridged = outcomes["bridged"]
+    tests = {}
+    for other in COMPARED:
+        if other not in outcomes:
+            continue
+        rows = outcomes[other]
+        cells = []
+        for i, seed in enumerate(seeds):
+            first, second = bridged[i], rows[min(i, len(rows) - 1)]
+            better, worse = int(np.sum((first == 1) & (second == 0))), int(np.sum((first == 0) & (second == 1)))
+            cells.append({"seed": seed, "better": better, "worse": worse, "difference": (better - worse) / first.size,
+                          "p_value": stats.mcnemar_exact(better, worse)})
+        tests[other] = {**stats.paired_item_difference(bridged, rows), "shared": other in TEXT_SYSTEMS,
+                        "cells": cells}
+    return tests
+
+
+def item_statistics(run: RunDir, rows: list[dict], configs: list[str]) -> dict:
+    """summary["paired_items"]: per configuration, each system's accuracy (flexible and strict) with an interval
+    over items, and bridged's paired tests against the controls and the text baselines."""
+    out = {}
     for config in configs:
-        cells = [r for r in rows if r["config"] == config]
-        pooled = {s: _pooled(cells, s) for s in BRIDGE_SYSTEMS}
-        above = _above_controls({s: stats.wilson_interval(*pooled[s]) for s in BRIDGE_SYSTEMS})
-        per_cell = sum(_above_controls({s: r["metrics"][f"{s}/acc_flexible_wilson95"] for s in BRIDGE_SYSTEMS})
-                       for r in cells)
-        accuracies = " | ".join(_interval(*pooled[s]) for s in BRIDGE_SYSTEMS)
-        lines.append(f"| {config} | {pooled['bridged'][1]} | {accuracies} | {'yes' if above else 'no'} | "
-                     f"{per_cell}/{len(cells)} |")
+        flexible = cell_outcomes(run, rows, config)
+        if not flexible or "bridged" not in flexible:
+            continue
+        strict = cell_outcomes(run, rows, config, key="correct_strict") or {}
+        seeds = sorted(r["seed"] for r in rows if r["config"] == config and r["status"] == "ok")
+        out[config] = {
+            "seeds": seeds, "items": int(flexible["bridged"].shape[1]),
+            "accuracy": {s: stats.item_accuracy_interval(m) for s, m in flexible.items()},
+            "accuracy_strict": {s: stats.item_accuracy_interval(m) for s, m in strict.items()},
+            "bridged_vs": paired_tests(flexible, seeds),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The notes' claims (CLAIMS.md L1-L6)
+
+NOTES_BRIDGED, NOTES_TEXT, NOTES_COLLAPSED, NOTES_FIXED = 0.815, 0.73, 0.36, 0.70  # L1, L2 (GSM8K, 64 tokens)
+NOTES_K32, NOTES_K64 = 0.55, 0.75  # L3: accuracy with 32 and 64 soft tokens
+NOTES_SWAPPED, NOTES_FORWARD_FINAL = 0.005, 0.645  # L6 (soft only) and L5's final forward accuracy
+
+
+def _points(test: dict, what: str) -> str:
+    return f"{what} {_diff(test)} in accuracy points ({test['items']} items x {test['seeds'][0]} seeds)"
+
+
+def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict) -> list[dict]:
+    """L1-L6 against this run: each with what was measured and a verdict (`attribution.interval_verdict`).
+
+    System comparisons within a configuration (L1, L5) are paired over items; effects between configurations (L2,
+    L3, L6: trained separately) are paired over seeds, the unit of replication of a training run."""
+    k = cfg["num_queries"]
+    mode = cfg["mode"]
+    main = Arm(k, True, mode).name
+    claims = []
+    setting = "Mistral-7B -> Llama-3.1-8B, GSM8K, 64 soft tokens"
+
+    def item_claim(cid: str, claim: str, config: str, other: str, claimed: float) -> dict:
+        test = items.get(config, {}).get("bridged_vs", {}).get(other)
+        row = {"id": cid, "claim": claim, "setting": setting}
+        if test is None:
+            return {**row, "measured": "not run", "verdict": f"not testable here: `{config}` did not run"}
+        return {**row, "measured": _points(test, f"`{config}` bridged - {other}"),
+                "verdict": interval_verdict(test["ci95"], claimed, f"the claimed {claimed:+.3f}")}
+
+    claims.append(item_claim("L1", "bridged accuracy 81.5% above the 73% text baseline", main, "target_text",
+                             NOTES_BRIDGED - NOTES_TEXT))
+    lw = {"metric": PRIMARY, "setting": setting}
+    claims.append(judge_claim({**lw, "id": "L2", "candidate": main, "parent": Arm(k, False, mode).name,
+                               "claim": "with the stability fixes bridged accuracy stays > 70%; without them it "
+                                        "collapses to 36%", "claimed_pct": 100 * (NOTES_FIXED / NOTES_COLLAPSED - 1)},
+                              values, [], lower_is_better=False))
+    ks = sorted(set(cfg["compression_k"]))
+    if "compression" in cfg["ablation"] and len(ks) >= 2:
+        claims.append(judge_claim({**lw, "id": "L3", "candidate": Arm(ks[0], True, mode).name,
+                                   "parent": Arm(ks[-1], True, mode).name,
+                                   "claim": "fewer soft tokens trade accuracy for compression (32 tokens ~55%, 64 "
+                                            "tokens ~75%)", "claimed_pct": 100 * (NOTES_K32 / NOTES_K64 - 1)},
+                                  values, [], lower_is_better=False))
+    else:
+        claims.append({"id": "L3", "claim": "fewer soft tokens trade accuracy for compression", "setting": setting,
+                       "measured": "not run", "verdict": "not testable here: the compression ablation did not run "
+                                                         "with two K (ablation=compression, compression_k=[...])"})
+    claims.append(_kv_claim(main, summary, setting))
+    claims.append(_between_claim(main, items, setting))
+    swapped = Arm(k, True, mode, swapped=True).name
+    if "swap" in cfg["ablation"]:
+        claims.append(judge_claim({**lw, "id": "L6", "candidate": swapped, "parent": main,
+                                   "claim": "the swapped direction collapses (soft only <= 0.005)",
+                                   "claimed_pct": 100 * (NOTES_SWAPPED / NOTES_FORWARD_FINAL - 1)},
+                                  values, [], lower_is_better=False))
+    else:
+        claims.append({"id": "L6", "claim": "the swapped direction collapses (soft only <= 0.005)", "setting":
+                       "phase 2, Llama -> Mistral", "measured": "not run",
+                       "verdict": "not testable here: the swap ablation did not run (add ablation=[..., swap])"})
+    return claims
+
+
+def _kv_claim(config: str, summary: dict, setting: str) -> dict:
+    row = {"id": "L4", "claim": "43-59 MB of KV cache saved per inference with soft tokens", "setting": setting}
+    metrics = summary["configs"].get(config, {}).get("metrics", {})
+    saved, full = metrics.get("bridged/kv_bytes_saved"), metrics.get("target_text/kv_bytes")
+    if not saved or not full:
+        return {**row, "measured": "not run", "verdict": f"not testable here: `{config}` did not run"}
+    saved, full = saved["mean"], full["mean"]
+    measured = (f"`{config}`: {fmt(saved)} bytes saved per item vs target_text's {fmt(full)} "
+                f"({100 * saved / full:.1f}%; computed from the prompts and the model configs, not sampled)")
+    verdict = ("supported in direction (soft tokens save KV cache); the notes' megabytes are for 7-8B models and "
+               "64 tokens, not testable at this scale" if saved > 0 else
+               "not supported: the soft tokens save no KV cache here")
+    return {**row, "measured": measured, "verdict": verdict}
+
+
+def _between_claim(config: str, items: dict, setting: str) -> dict:
+    row = {"id": "L5", "claim": "bridged 0.645 final (0.680 peak) lies between source 0.540 and target 0.770",
+           "setting": setting}
+    vs = items.get(config, {}).get("bridged_vs", {})
+    if "source_text" not in vs or "target_text" not in vs:
+        return {**row, "measured": "not run", "verdict": f"not testable here: `{config}` did not run"}
+    src, tgt = vs["source_text"], vs["target_text"]
+    measured = f"{_points(src, 'bridged - source_text')}; {_points(tgt, 'bridged - target_text')}"
+    if src["ci95"][0] > 0 and tgt["ci95"][1] < 0:
+        verdict = "supported: bridged is significantly above the source and below the target"
+    elif src["ci95"][1] < 0 or tgt["ci95"][0] > 0:
+        verdict = "not supported: bridged is significantly outside the source-target range"
+    else:
+        verdict = "not testable at this scale: an interval holds 0"
+    verdict += ("; the peak-to-final drop cannot show here: early stopping restores the best validation weights")
+    return {**row, "measured": measured, "verdict": verdict}
+
+
+def _acc(entry: dict | None) -> str:
+    """'0.260 [0.204, 0.325]', marked when it is one measurement shared by the seeds."""
+    if not entry:
+        return "-"
+    low, high = entry["ci95"]
+    return f"{entry['accuracy']:.3f} [{low:.3f}, {high:.3f}]" + (" (shared)" if entry["seeds"] == 1 else "")
+
+
+def _diff(test: dict) -> str:
+    """'+0.255 [+0.190, +0.320] (p = 0.0001)': bridged minus the other system, in accuracy points."""
+    low, high = test["ci95"]
+    return f"{test['difference']:+.3f} [{low:+.3f}, {high:+.3f}] (p = {test['p_value']:.2g})"
+
+
+def above(test: dict) -> bool:
+    return test["ci95"][0] > 0
+
+
+def _bridge_section(items: dict, configs: list[str]) -> list[str]:
+    lines = ["## Does information cross the bridge?", "",
+             "Bridged accuracy against its two controls (zero soft tokens; the source reading another item) on the "
+             "same items. Accuracy: mean over seeds, 95% Wilson interval over the items (an item counts once however "
+             "many seeds evaluated it). Difference: bridged minus control in accuracy points, paired per item (each "
+             "item's outcomes averaged over seeds), 95% paired-bootstrap "
+             "interval and sign-flip permutation p-value. Per cell: exact McNemar test on the cell's discordant items. "
+             "Information crossed the bridge only where the difference's interval lies above 0 for both controls.", "",
+             "| configuration | items x seeds | bridged | zero_prefix | bridged - zero_prefix | shuffled_source | "
+             "bridged - shuffled_source | above both controls | cells above both (McNemar p < 0.05) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    crossed, not_crossed = [], []
+    for config in configs:
+        entry = items.get(config)
+        if not entry or not all(c in entry["bridged_vs"] for c in ("zero_prefix", "shuffled_source")):
+            continue
+        vs = entry["bridged_vs"]
+        both = above(vs["zero_prefix"]) and above(vs["shuffled_source"])
+        (crossed if both else not_crossed).append(f"`{config}`")
+        per_cell = sum(all(vs[c]["cells"][i]["better"] > vs[c]["cells"][i]["worse"] and
+                           vs[c]["cells"][i]["p_value"] < 0.05 for c in ("zero_prefix", "shuffled_source"))
+                       for i in range(len(entry["seeds"])))
+        lines.append(f"| {config} | {entry['items']} x {len(entry['seeds'])} | {_acc(entry['accuracy']['bridged'])} | "
+                     f"{_acc(entry['accuracy']['zero_prefix'])} | {_diff(vs['zero_prefix'])} | "
+                     f"{_acc(entry['accuracy']['shuffled_source'])} | {_diff(vs['shuffled_source'])} | "
+                     f"{'yes' if both else 'no'} | {per_cell}/{len(entry['seeds'])} |")
+    lines.append("")
+    if crossed:
+        lines.append(f"Information crossed the bridge (bridged above both controls): {', '.join(crossed)}.")
+    if not_crossed:
+        lines.append(f"Not shown to cross (an interval vs a control reaches 0 or below): {', '.join(not_crossed)}; "
+                     "their bridged accuracy is not evidence of transferred information.")
     return [*lines, ""]
 
 
-def _above_controls(intervals: dict[str, list[float]]) -> bool:
-    """Bridged accuracy's 95% interval lies above both controls' (zero soft tokens; another item's source)."""
-    return all(intervals["bridged"][0] > intervals[s][1] for s in BRIDGE_SYSTEMS if s != "bridged")
+def _baselines_section(items: dict, configs: list[str]) -> list[str]:
+    lines = ["## Bridged vs the text baselines", "",
+             "The text-only systems do not involve the translator: each is one evaluation shared by every cell of a "
+             "direction (token_budget: one per K), counted once (its interval is Wilson over items). Difference: "
+             "bridged minus the baseline in accuracy points, paired per item as above; per cell: bridged-only correct "
+             "items / baseline-only correct items and the exact McNemar p-value.", "",
+             "| configuration | baseline | baseline accuracy | bridged | bridged - baseline [95% CI] (p) | per cell |",
+             "|---|---|---|---|---|---|"]
+    for config in configs:
+        entry = items.get(config)
+        for other in ("target_text", "source_text", "token_budget"):
+            test = (entry or {}).get("bridged_vs", {}).get(other)
+            if test is None:
+                continue
+            cells = "; ".join(f"seed {c['seed']}: +{c['better']}/-{c['worse']} (p = {c['p_value']:.2g})"
+                              for c in test["cells"])
+            lines.append(f"| {config} | {other} | {_acc(entry['accuracy'][other])} | "
+                         f"{_acc(entry['accuracy']['bridged'])} | {_diff(test)} | {cells} |")
+    return [*lines, ""]
 
 
-def _systems_section(rows: list[dict], configs: list[str]) -> list[str]:
+def _systems_section(rows: list[dict], configs: list[str], items: dict) -> list[str]:
     lines = ["## Every system", "",
-             "Per configuration and system: strict and flexible accuracy pooled over seeds with 95% Wilson "
-             "intervals; the rest are means over seeds. Prompt tokens count the generating model's prompt "
+             "Per configuration and system: strict and flexible accuracy, mean over seeds with a 95% Wilson interval "
+             "over the items (a text-only system is one shared evaluation, marked `(shared)`); the rest are means "
+             "over seeds. Prompt tokens count the generating model's prompt "
              "(`source_text` in the source tokenizer); compression = text context tokens / context positions; "
              "KV bytes are the generating model's prompt cache (saved: vs `target_text`); latency is wall "
-             "clock per item. Text-only systems are computed once per direction and shared by the cells.", "",
+             "clock per item.", "",
              "| configuration | system | acc strict | acc flexible | invalid | prompt tokens | compression | "
              "KV bytes | KV bytes saved | latency s | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for config in configs:
         cells = [r for r in rows if r["config"] == config]
+        entry = items.get(config, {})
         for system in SYSTEMS:
             if f"{system}/acc_flexible" not in cells[0]["metrics"]:
                 continue
             mean = {m: fmean([r["metrics"][f"{system}/{m}"] for r in cells])
                     for m in ("invalid_rate", "prompt_tokens", "compression", "kv_bytes", "kv_bytes_saved",
                               "latency_s", "tokens_per_s")}
-            lines.append(f"| {config} | {system} | {_interval(*_pooled(cells, system, 'acc_strict'))} | "
-                         f"{_interval(*_pooled(cells, system))} | {mean['invalid_rate']:.3f} | "
+            lines.append(f"| {config} | {system} | {_acc(entry.get('accuracy_strict', {}).get(system))} | "
+                         f"{_acc(entry.get('accuracy', {}).get(system))} | {mean['invalid_rate']:.3f} | "
                          f"{mean['prompt_tokens']:.1f} | {mean['compression']:.2f} | {fmt(mean['kv_bytes'])} | "
                          f"{fmt(mean['kv_bytes_saved'])} | {mean['latency_s']:.4f} | {mean['tokens_per_s']:.1f} |")
     return [*lines, ""]
@@ -522,7 +765,9 @@ def _timing_section(rows: list[dict], configs: list[str]) -> list[str]:
 
 
 def _compression_plot(rows: list[dict], run: RunDir) -> bool:
-    """Accuracy and KV bytes saved vs compression over the forward `stable` arms of one mode (K varies)."""
+    """Accuracy and KV bytes saved vs compression over the forward `stable` arms of one mode (K varies). The systems
+    are not configurations, so they have colours and markers of their own (the same in every run); a mode has its
+    line style."""
     groups: dict[str, dict[int, list[dict]]] = {}  # mode -> K -> cells
     for r in rows:
         arm = r["details"]["arm"]
@@ -535,42 +780,76 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
+    systems = {"bridged": ("#1b9e77", "o"), "token_budget": ("#d95f02", "s"), "zero_prefix": ("#7570b3", "^"),
+               "shuffled_source": ("#e7298a", "D")}  # Dark2: apart from the configurations' tab10
     fig, (acc_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for mode, by_k in groups.items():
+    accuracy: dict[str, tuple] = {}
+    for style, (mode, by_k) in zip(LINE_STYLES, groups.items(), strict=False):
         ks = sorted(by_k)
-        for system, marker in (("bridged", "o"), ("token_budget", "s"), ("zero_prefix", "x"),
-                               ("shuffled_source", "+")):
+        outcomes = {k: cell_outcomes(run, by_k[k], by_k[k][0]["config"]) for k in ks}
+        for system, (colour, marker) in systems.items():
             xs = [fmean([r["metrics"][f"{system}/compression"] for r in by_k[k]]) for k in ks]
-            pooled = [_pooled(by_k[k], system) for k in ks]
-            ys = [c / n for c, n in pooled]
-            bounds = [stats.wilson_interval(c, n) for c, n in pooled]
-            errors = [[y - low for y, (low, _) in zip(ys, bounds, strict=True)],
-                      [high - y for y, (_, high) in zip(ys, bounds, strict=True)]]
-            acc_ax.errorbar(xs, ys, yerr=errors, marker=marker, capsize=3, label=f"{system} ({mode})")
+            # mean over seeds, Wilson over the items (seeds share the items; a text system is one evaluation)
+            intervals = [stats.item_accuracy_interval(outcomes[k][system]) if outcomes[k] else
+                         dict(zip(("accuracy", "ci95"), _wilson_pooled(by_k[k], system), strict=True)) for k in ks]
+            ys = [iv["accuracy"] for iv in intervals]
+            bounds = [iv["ci95"] for iv in intervals]
+            accuracy[f"{system} ({mode})"] = (xs, ys, bounds, colour, marker, style)
             if system == "bridged":
                 for x, y, k in zip(xs, ys, ks, strict=True):
                     acc_ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
             if system in ("bridged", "token_budget"):  # in soft_only mode both prompts have 1 + K + cue positions
-                saved = [fmean([r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]]) for k in ks]
-                kv_ax.plot(xs, saved, marker=marker, linestyle="-" if system == "bridged" else "--",
-                           label=f"{system} ({mode})")
+                saved = [[r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]] for k in ks]
+                means = [fmean(v) for v in saved]
+                kv_ax.errorbar(xs, means, yerr=[[m - min(v) for m, v in zip(means, saved, strict=True)],
+                                                [max(v) - m for m, v in zip(means, saved, strict=True)]],
+                               color=colour, marker=marker, fillstyle="none", linestyle=style, capsize=3,
+                               # bridged drawn wide under token_budget, which often saves exactly as much
+                               linewidth=4 if system == "bridged" else 1.5, markersize=10 if system == "bridged" else 6,
+                               alpha=0.6 if system == "bridged" else 1.0)
         every = [r for k in ks for r in by_k[k]]
         text = _pooled(every, "target_text")
-        acc_ax.axhline(text[0] / text[1], color="grey", linestyle="--", label="target_text (compression 1)")
+        acc_ax.axhline(text[0] / text[1], color="grey", linestyle=style, linewidth=1,
+                       label=f"target_text ({mode}, compression 1)")
+    notes = same_values_notes({label: (xs, ys) for label, (xs, ys, *_) in accuracy.items()})
+    every_x = [x for xs, *_ in accuracy.values() for x in xs]
+    step = 0.01 * ((max(every_x) - min(every_x)) or max(every_x))  # 1% of the axis between neighbouring systems
+    for i, (label, (xs, ys, bounds, colour, marker, style)) in enumerate(accuracy.items()):
+        errors = [[y - low for y, (low, _) in zip(ys, bounds, strict=True)],
+                  [high - y for y, (_, high) in zip(ys, bounds, strict=True)]]
+        # each system slightly to the side of the next, so equal accuracies keep every interval in sight
+        dodged = [x + step * (i - (len(accuracy) - 1) / 2) for x in xs]
+        acc_ax.errorbar(dodged, ys, yerr=errors, color=colour, marker=marker, fillstyle="none", markersize=7,
+                        linestyle=style, capsize=3, clip_on=False, label=label + notes.get(label, ""))
+    acc_ax.set_ylim(0, 1)
+    for ax in (acc_ax, kv_ax):
+        ax.margins(x=0.1)
+    kv_ax.yaxis.set_major_formatter(FuncFormatter(plain_number))
     label_axes(acc_ax, xlabel="compression (text context tokens / context positions)",
-               ylabel="flexible accuracy (pooled over seeds)", title="Accuracy vs compression")
-    label_axes(kv_ax, xlabel="compression", ylabel="KV-cache bytes saved per item vs target_text",
-               title="KV cache saved vs compression")
+               ylabel="flexible accuracy, mean over seeds (bars: 95% Wilson interval over items; systems offset "
+                      "sideways)",
+               title="Accuracy vs compression", legend=False)
+    label_axes(kv_ax, xlabel="compression (text context tokens / context positions)",
+               ylabel="KV-cache bytes saved per item vs target_text (mean; bars: min-max over seeds)",
+               title="KV cache saved vs compression", legend=False)
+    handles, labels = acc_ax.get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(3, len(labels)),
+               fontsize=8, frameon=False)
     save_figure(fig, run, "accuracy_vs_compression.png")
     return True
 
 
 def _training_plot(configs: list[str], run: RunDir) -> bool:
+    """Bridged accuracy on held-out training items at every evaluation: the mean over seeds, shaded between the
+    lowest and highest seed, coloured as every plot of the run colours the configuration."""
     curves = cell_curves(run, configs, "eval", "val_acc")
     if not curves:
         return False
-    line_plot(run, "bridged_accuracy_over_training.png", mean_over_seeds(curves), marker="o",
+    line_plot(run, "bridged_accuracy_over_training.png", mean_over_seeds(curves),
+              styles=config_styles(run.read_study()["configurations"]), integer_x=True, unit_y=True,
               xlabel="optimizer step", ylabel="bridged accuracy, held-out training items (mean over seeds)",
               title="Bridged accuracy over training (stable_*: stability fixes, baseline_*: none)")
     return True

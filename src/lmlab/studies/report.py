@@ -10,8 +10,12 @@ import csv
 import io
 import json
 import math
+import re
+import textwrap
+import unicodedata
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 from lmlab.studies import attribution, stats
 from lmlab.studies.rundir import RunDir, atomic_write_text, json_safe
@@ -141,7 +145,7 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
         "seeds": record["seeds"],
         "configs": summary_configs,
         "comparisons": comparisons,
-        "decision": attribution.decision_record(headline if headline and headline["n"] else None,
+        "decision": attribution.decision_record(headline,
                                                 headline["candidate"] if headline else candidate,
                                                 headline["parent"] if headline else reference, primary, missing),
         "failed_cells": failed,
@@ -172,8 +176,11 @@ def _mean_std(desc: dict | None) -> str:
 
 
 def _change(change: dict | None) -> str:
+    """A change-table cell: '+1.23% [+0.50, +1.96] (p=0.012)', or the shared measurement without an interval."""
     if not change:
         return "-"
+    if change.get("constant"):
+        return f"{change['delta_pct']:+.2f}% (one shared measurement, no interval)"
     ci = change.get("ci95")
     ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
     p = change.get("p_value")
@@ -221,8 +228,8 @@ def change_table(summary: dict, metrics: list[str]) -> list[str]:
 
 def attribution_table(summary: dict) -> list[str]:
     """One row per comparison: the component's effect vs its parent and vs its controls, label, params per 1%."""
-    header = ["component", "candidate", "added to", "params added", "improvement vs parent [95% CI] (p)",
-              "improvement vs controls [95% CI]", "decision", "params per 1%"]
+    header = ["component", "candidate", "added to", "params added", "change vs parent [95% CI] (p)",
+              "change vs controls [95% CI]", "decision", "params per 1%"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in summary["comparisons"]:
         effect = c if c["n"] else None
@@ -254,20 +261,72 @@ def write_csv(run: RunDir, rows: list[dict]) -> None:
     atomic_write_text(run.root / "results.csv", buf.getvalue())
 
 
+# Characters LaTeX treats as commands (or prints wrongly in its default font encoding), and the non-ASCII text of
+# decisions and captions, as pdflatex input that needs no package beyond booktabs.
+TEX_REPLACEMENTS = {
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#", "%": r"\%", "_": r"\_",
+    "^": r"\textasciicircum{}", "~": r"\textasciitilde{}", "<": r"\textless{}", ">": r"\textgreater{}",
+    "|": r"\textbar{}", '"': "''", "Δ": r"$\Delta$", "±": r"$\pm$", "≤": r"$\leq$", "≥": r"$\geq$",
+    "×": r"$\times$", "≈": r"$\approx$", "≠": r"$\neq$", "→": r"$\rightarrow$", "←": r"$\leftarrow$",
+    "·": r"$\cdot$", "√": r"$\surd$", "∞": r"$\infty$", "μ": r"$\mu$", "µ": r"$\mu$", "°": r"$^\circ$",
+    "−": "-", "–": "--", "—": "---", "…": r"\ldots{}", "‘": "`", "’": "'", "“": "``", "”": "''", "\u00a0": "~",
+}
+
+
 def _tex_escape(text: str) -> str:
-    for a, b in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
-                 ("Δ", r"$\Delta$"), ("±", r"$\pm$")):
-        text = text.replace(a, b)
-    return text
+    """`text` as LaTeX source that prints it: specials escaped, markdown `code` as \\texttt, every non-ASCII character
+    spelled in ASCII (its LaTeX symbol, its unaccented letter, or [U+XXXX]), so report.tex never fails to compile
+    on a configuration name or a decision's wording."""
+    parts = re.split(r"`([^`]*)`", text)  # odd indices: the contents of markdown code spans
+    return "".join(rf"\texttt{{{_tex_chars(part)}}}" if i % 2 else _tex_chars(part) for i, part in enumerate(parts))
+
+
+def _tex_chars(text: str) -> str:
+    """The characters of `text` as LaTeX, one at a time, so no replacement is escaped twice."""
+    out = []
+    for char in text:
+        if char in TEX_REPLACEMENTS:
+            out.append(TEX_REPLACEMENTS[char])
+        elif char.isascii():
+            out.append(char)
+        else:
+            plain = unicodedata.normalize("NFKD", char).encode("ascii", "ignore").decode()
+            out.append(_tex_chars(plain) if plain else f"[U+{ord(char):04X}]")
+    return "".join(out)
+
+
+TEX_NEEDS = r"% requires \usepackage{booktabs}; report_standalone.tex is this table as a complete document"
+TEX_STACK = (r"\begin{tabular}[b]{@{}c@{}}", r"\end{tabular}")  # a table cell of several centred lines
+
+
+def _tex_header(text: str) -> str:
+    """A column heading stacked over lines at its '/' and ' vs ' (metric names are long, their values short), with a
+    plain nested tabular, so it needs no package."""
+    parts = [p for p in re.split(r"(?<=/)| (?=vs )", text) if p]
+    if len(parts) == 1:
+        return _tex_escape(text)
+    return TEX_STACK[0] + r" \\ ".join(_tex_escape(p) for p in parts) + TEX_STACK[1]
+
+
+def _tex_width_cm(rows: list[list[str]]) -> float:
+    """About how wide a table of these LaTeX cells prints in \\small (0.17 cm per visible character, 4pt of padding
+    either side of a column), for a page that fits it."""
+    def visible(cell: str) -> int:
+        lines = cell.replace(TEX_STACK[0], "").replace(TEX_STACK[1], "").split(r" \\ ")
+        return max(len(re.sub(r"\\[a-zA-Z]+|[{}$\\]", "", line)) for line in lines)
+
+    visible_lengths = [[visible(cell) for cell in row] for row in rows]
+    return sum(0.17 * max(column) + 0.28 for column in zip(*visible_lengths, strict=True))
 
 
 def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
+    """report.tex, the results table as a fragment to \\input into a paper (it needs booktabs, as its first line
+    says), and report_standalone.tex, the same table as a complete document that pdflatex compiles as it is, on a
+    landscape page widened where the table needs it."""
     ref = summary["reference"]
     primary = summary["primary_metric"]
-    cols = "l" + "r" * (len(metrics) + 2)
-    lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{cols}}}", r"\toprule",
-             " & ".join(["Configuration", *[_tex_escape(m) for m in metrics],
-                         _tex_escape(f"Δ{primary} vs {ref}"), "Params"]) + r" \\", r"\midrule"]
+    header = ["Configuration", *[_tex_header(m) for m in metrics], _tex_header(f"Δ{primary} vs {ref}"), "Params"]
+    rows = []
     for name, entry in summary["configs"].items():
         vals = []
         for m in metrics:
@@ -275,19 +334,26 @@ def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
             if not d or d.get("mean") is None:
                 vals.append("--")
             elif d.get("std") is None:
-                vals.append(f"{fmt(d['mean'])}")
+                vals.append(_tex_escape(fmt(d["mean"])))
             else:
-                vals.append(rf"{fmt(d['mean'])} $\pm$ {fmt(d['std'], 2)}")
+                vals.append(rf"{_tex_escape(fmt(d['mean']))} $\pm$ {_tex_escape(fmt(d['std'], 2))}")
         ch = entry["vs_reference"].get(primary)
         delta = "--" if not ch else (rf"{ch['delta_pct']:+.2f}\%" +
                                      (rf" [{ch['ci95'][0]:+.2f}, {ch['ci95'][1]:+.2f}]" if ch.get("ci95") else ""))
-        lines.append(" & ".join([_tex_escape(name), *vals, delta, fmt(entry["trainable_params"])]) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}",
-              rf"\caption{{{_tex_escape(summary['study'])} ({_tex_escape(summary['preset'])} preset), mean $\pm$ std "
-              rf"over seeds {', '.join(str(s) for s in summary['seeds'])}; change vs {_tex_escape(ref)} with 95\% "
-              rf"t-interval. {_tex_escape(summary['decision']['text'])}}}",
-              r"\end{table}", ""]
-    atomic_write_text(run.root / "report.tex", "\n".join(lines))
+        rows.append([_tex_escape(name), *vals, delta, _tex_escape(fmt(entry["trainable_params"]))])
+    table = [r"\begin{table}[t]", r"\centering", r"\small", r"\setlength{\tabcolsep}{4pt}",
+             rf"\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}", r"\toprule", " & ".join(header) + r" \\",
+             r"\midrule", *[" & ".join(row) + r" \\" for row in rows], r"\bottomrule", r"\end{tabular}",
+             rf"\caption{{{_tex_escape(summary['study'])} ({_tex_escape(summary['preset'])} preset), mean $\pm$ std "
+             rf"over seeds {', '.join(str(s) for s in summary['seeds'])}; change vs {_tex_escape(ref)} with 95\% "
+             rf"t-interval. {_tex_escape(summary['decision']['text'])}}}",
+             r"\end{table}"]
+    width = max(29.7, _tex_width_cm([header, *rows]) + 3.5)  # A4 landscape, or wider with 1.5 cm margins
+    preamble = [r"\documentclass{article}", r"\usepackage[T1]{fontenc}", r"\usepackage{booktabs}",
+                rf"\usepackage[paperwidth={width:.1f}cm,paperheight=21cm,margin=1.5cm]{{geometry}}",
+                r"\begin{document}"]
+    atomic_write_text(run.root / "report.tex", "\n".join([TEX_NEEDS, *table, ""]))
+    atomic_write_text(run.root / "report_standalone.tex", "\n".join([*preamble, *table, r"\end{document}", ""]))
 
 
 def cell_curves(run: RunDir, configs: list[str], kind: str, key: str) -> dict[str, dict[int, list[float]]]:
@@ -302,68 +368,201 @@ def cell_curves(run: RunDir, configs: list[str], kind: str, key: str) -> dict[st
     return curves
 
 
-def mean_over_seeds(curves: dict[str, dict[int, list[float]]]) -> dict[str, tuple[list, list]]:
-    """{config: (steps, mean value per step)} from `cell_curves`."""
+class Curve(NamedTuple):
+    """One plotted series: y against x and, where y is a mean over `seeds` seeds, the lowest and highest seed's value
+    at each x (`line_plot` shades the band between them), so a figure shows how far the seeds disagree."""
+
+    x: list
+    y: list
+    low: list | None = None
+    high: list | None = None
+    seeds: int = 1
+
+
+def curve_over_seeds(x: list, per_seed: list[list[float | None]]) -> Curve:
+    """The mean, min and max over seeds at each x of per-seed value lists aligned with x (None: no value there)."""
+    columns = [[v for v in values if v is not None] for values in zip(*per_seed, strict=True)]
+    return Curve(x, [sum(c) / len(c) if c else None for c in columns], [min(c) if c else None for c in columns],
+                 [max(c) if c else None for c in columns], len(per_seed))
+
+
+def detail_curves(rows: list[dict], configs: list[str], key: str, x: list) -> dict[str, Curve]:
+    """{config: Curve over x} of the per-seed value lists that result rows keep in details[key] (one value per x),
+    for the configurations of `configs` that have them."""
+    curves = {}
+    for config in configs:
+        per_seed = [r["details"][key] for r in rows if r["config"] == config and r["details"].get(key)]
+        if per_seed:
+            curves[config] = curve_over_seeds(x, per_seed)
+    return curves
+
+
+def mean_over_seeds(curves: dict[str, dict[int, list[float]]]) -> dict[str, Curve]:
+    """{config: Curve over its steps: mean, min and max over seeds} from `cell_curves` (a seed that stopped early
+    leaves the later steps to the others)."""
     out = {}
     for config, points in curves.items():
         steps = sorted(points)
-        out[config] = (steps, [sum(points[s]) / len(points[s]) for s in steps])
+        out[config] = Curve(steps, [sum(points[s]) / len(points[s]) for s in steps], [min(points[s]) for s in steps],
+                            [max(points[s]) for s in steps], max(len(v) for v in points.values()))
     return out
 
 
-def line_plot(run: RunDir, name: str, series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
-              title: str, marker: str | None = None, logy: bool = False, ylim: tuple | None = None,
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d")
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def config_styles(configs: list[str]) -> dict[str, dict]:
+    """Matplotlib style (color, marker, linestyle) of each configuration, from its position in `configs`: pass the
+    run's full configuration list (study.yaml's `configurations`), so a configuration looks the same in every plot
+    of a run whichever subset of configurations a plot shows. Colour, marker shape and line style all change from
+    one configuration to the next, so two configurations with the same values stay distinguishable (hollow markers
+    of different shapes, interleaved dashes) and the plots stay readable in greyscale. The colours are tab20's dark
+    then its light shades without the greys, which plots keep for references (initial values, text baselines)."""
+    from matplotlib import colormaps
+
+    tab20 = colormaps["tab20"].colors
+    colours = [c for c in tab20[0::2] + tab20[1::2] if len(set(c)) > 1]
+    return {name: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)],
+                   "linestyle": LINE_STYLES[i % len(LINE_STYLES)]} for i, name in enumerate(configs)}
+
+
+def same_values_notes(series: dict[str, tuple]) -> dict[str, str]:
+    """{name: ' [same values as NAME]'} for each series whose points equal an earlier series', so the legend says why
+    a series drawn exactly under another one cannot be seen apart from it."""
+    first: dict[tuple, str] = {}
+    notes = {}
+    for name, points in series.items():
+        key = tuple(tuple(p) for p in points)
+        if key in first:
+            notes[name] = f" [same values as {first[key]}]"
+        else:
+            first[key] = name
+    return notes
+
+
+def band_note(seeds: int) -> str:
+    """What a plot's shaded bands are, for its legend title."""
+    return f"shaded: min-max over {seeds} seeds"
+
+
+def line_plot(run: RunDir, name: str, series: dict[str, Curve], *, styles: dict[str, dict], xlabel: str,
+              ylabel: str, title: str, logy: bool = False, unit_y: bool = False, integer_x: bool = False,
               shade: tuple[float, float, str] | None = None) -> str:
-    """One line per series (None values become gaps), saved as plots/<name>; returns its relative path."""
+    """One line per series in its style from `styles` (`config_styles`; None values become gaps), its seed band
+    shaded, saved as plots/<name> (PNG and PDF); returns the PNG's relative path. `unit_y` fixes the y axis to
+    [0, 1] (accuracies), `integer_x` puts ticks on whole numbers only (optimizer steps), `logy` is a log axis with
+    plain tick labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors  # a distinct colour per series
-    for i, (label, (x, y)) in enumerate(series.items()):
-        ax.plot(x, [float("nan") if v is None else v for v in y], marker=marker, label=label,
-                color=colours[i % len(colours)])
+    notes = same_values_notes({label: (c.x, c.y) for label, c in series.items()})
+    seeds = max((c.seeds for c in series.values() if c.low is not None), default=1)
+    band_alpha = min(0.2, 1.2 / len(series))  # lighter bands where many overlap
+    for label, curve in series.items():
+        style = styles[label]
+        # markers on at most ~15 points per line; unclipped on a [0, 1] axis, where 0 and 1 lie on its edges
+        ax.plot(curve.x, _gaps(curve.y), label=label + notes.get(label, ""), fillstyle="none", markersize=6,
+                markevery=max(1, len(curve.x) // 15), clip_on=not unit_y, **style)
+        if curve.low is not None and curve.seeds > 1:
+            ax.fill_between(curve.x, _gaps(curve.low), _gaps(curve.high), color=style["color"], alpha=band_alpha,
+                            linewidth=0)
     if shade is not None:
         ax.axvspan(shade[0], shade[1], color="grey", alpha=0.1, label=shade[2])
+    if unit_y:
+        ax.set_ylim(0, 1)
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     if logy:
-        ax.set_yscale("log")
-    if ylim is not None:
-        ax.set_ylim(*ylim)
-    label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title)
+        plain_log_y(ax)
+    label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, legend_title=band_note(seeds) if seeds > 1 else None)
     return save_figure(fig, run, name)
 
 
-def label_axes(ax, *, xlabel: str, ylabel: str, title: str) -> None:
-    """The labels, title, legend and grid every report plot has."""
+def _gaps(values: list) -> list[float]:
+    """None (no value at that x) as NaN, which matplotlib leaves as a gap in a line or band."""
+    return [float("nan") if v is None else v for v in values]
+
+
+def plain_number(value: float, _position=None) -> str:
+    """A tick label as a plain number: 20, 1,500, 0.05 (never 2x10^1)."""
+    return f"{value:,.0f}" if abs(value) >= 1 and value == round(value) else f"{value:g}"
+
+
+def plain_log_y(ax) -> None:
+    """A log y axis labelled with plain numbers (20, 50, 100; not 2x10^1 or 10^2): over less than a decade, where a
+    log axis has few or no labelled ticks, at round linear steps; over up to three decades at 1, 2 and 5 per decade;
+    beyond, at powers of 10. Call it after plotting, as it reads the data's range."""
+    from matplotlib import ticker
+
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    decades = math.log10(high / low)
+    if decades < 1:
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10]))
+    else:
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(plain_number))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
+def label_axes(ax, *, xlabel: str, ylabel: str, title: str, legend: bool = True,
+               legend_title: str | None = None) -> None:
+    """The labels, title, legend and grid every report plot has. The title and y label wrap to the axes' size and the
+    legend goes outside, to the right of the axes (save_figure's tight bounding box keeps it), so neither is clipped
+    and the legend never covers data; `legend=False` leaves the legend to the caller (a figure-wide one)."""
+    fig = ax.get_figure()
+    box = ax.get_position()
+    width_in, height_in = box.width * fig.get_figwidth(), box.height * fig.get_figheight()
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.set_ylabel(textwrap.fill(ylabel, _chars_fitting(height_in, ax.yaxis.label.get_fontsize())))
+    ax.set_title(textwrap.fill(title, _chars_fitting(width_in, ax.title.get_fontsize())))
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, frameon=False,
+                  title=legend_title, title_fontsize=8, alignment="left")
     ax.grid(alpha=0.3)
 
 
+def _chars_fitting(inches: float, fontsize: float) -> int:
+    """About how many characters of text at `fontsize` points fit in `inches` (an average glyph: 0.55 em)."""
+    return max(20, int(inches * 72 / (0.55 * fontsize)))
+
+
 def training_curves_plot(run: RunDir, configs: list[str]) -> str | None:
-    """Training loss against optimizer step, one line per configuration (mean over seeds)."""
+    """Training loss against optimizer step, one line per configuration of `configs` (the run's full list, which fixes
+    the colours): the mean over seeds, shaded between the lowest and highest seed."""
     curves = cell_curves(run, configs, "train", "loss")
     if not curves:
         return None
-    return line_plot(run, "training_curves.png", mean_over_seeds(curves), xlabel="optimizer step",
-                     ylabel="training loss (mean over seeds)", title="Training curves")
+    return line_plot(run, "training_curves.png", mean_over_seeds(curves), styles=config_styles(configs),
+                     xlabel="optimizer step", ylabel="training loss (mean over seeds)", title="Training curves",
+                     integer_x=True)
 
 
 def save_figure(fig, run: RunDir, name: str) -> str:
+    """Save `fig` as plots/<name> (PNG, for report.md) and beside it as a vector PDF of the same name (for papers,
+    fonts embedded as TrueType and no creation date, so a regenerated report writes the same file), each atomically.
+    The saved area is the tight bounding box of everything drawn, so a legend outside the axes widens the image
+    rather than shrinking the axes (figures with several axes lay themselves out first). Returns the PNG's path."""
+    import matplotlib
     import matplotlib.pyplot as plt
 
+    stem = Path(name).stem
     run.plots.mkdir(parents=True, exist_ok=True)
-    path = run.plots / name
-    tmp = run.plots / f".{name}.tmp.png"
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return f"plots/{name}"
+    try:
+        with matplotlib.rc_context({"pdf.fonttype": 42}):
+            for ext, options in (("png", {"dpi": 150}), ("pdf", {"metadata": {"CreationDate": None}})):
+                tmp = run.plots / f".{stem}.tmp.{ext}"
+                fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.05, **options)
+                tmp.replace(run.plots / f"{stem}.{ext}")
+    finally:
+        plt.close(fig)
+    return f"plots/{stem}.png"
 
 
 def with_declarations(study, record: dict) -> dict:
@@ -386,13 +585,20 @@ def write_reports(run: RunDir) -> dict:
     record = with_declarations(study, record)
     rows = run.read_results()
     summary = build_summary(record, rows)
+    extra = json_safe(study.extra_summary(summary, rows, run, record))
+    claims = summary.get("claims", []) + extra.pop("claims", [])
+    summary.update(extra)
+    if claims:
+        summary["claims"] = claims
     run.write_json("summary.json", summary)
     write_csv(run, rows)
     metrics = [m for m in record.get("table_metrics", [record["primary_metric"]])
                if any(m in e["metrics"] for e in summary["configs"].values())]
     write_tex(run, summary, metrics)
-    lines = [f"# {record['study']} study ({record['preset']} preset)", ""]
-    if record["preset"] == "smoke":
+    smoke = record["preset"] == "smoke"
+    lines = [f"# {record['study']} study ({record['preset']} preset)"
+             + (": a pipeline check, not evidence" if smoke else ""), ""]
+    if smoke:
         lines += ["**This `smoke` run checks that the pipeline works end to end; its numbers are not evidence for or "
                   "against anything** (seconds of training on a very small model).", ""]
     lines += [
@@ -418,7 +624,12 @@ def write_reports(run: RunDir) -> dict:
                   "reproduce a flaw of the original code to measure what it did; they are never a candidate, a "
                   "reference or a control, and no decision uses them.", ""]
     lines += [
-        f"## Change vs `{summary['reference']}` (per-seed relative change, mean [95% t-interval], paired t-test)",
+        f"## Change vs `{summary['reference']}` (relative change in %, paired by seed)",
+        "",
+        "Each cell: candidate / reference - 1 in %, the geometric mean of the per-seed ratios with a 95% t-interval "
+        "and a paired t-test, both on the log scale (so no interval falls below -100%); the linear per-seed change "
+        "where a value is 0 or negative. A change that is the same on every seed is one shared measurement (no "
+        "interval).",
         "",
         *change_table(summary, [m for m in record.get("change_metrics", [record["primary_metric"]])
                                 if any(m in e["metrics"] for e in summary["configs"].values())]),
@@ -433,18 +644,22 @@ def write_reports(run: RunDir) -> dict:
         lines.append("")
     plots = sorted(p.name for p in run.plots.glob("*.png")) if run.plots.exists() else []
     if plots:
-        lines += ["## Plots", ""]
+        lines += ["## Plots", "", "Each plot is also saved as a vector PDF beside it (`plots/<name>.pdf`), for papers; "
+                  "each plot's legend or axis label says what its shaded bands and error bars show.", ""]
         lines += [f"![{p}](plots/{p})" for p in plots]
         lines.append("")
     if curve is None:
         lines += ["(No training curves: no cell has recorded training steps yet.)", ""]
     lines += ["## Files", "", "`summary.json` (machine-readable summary), `results.jsonl` (one line per cell), "
-              "`results.csv`, `report.tex` (LaTeX table), `study.yaml` (resolved configuration and library versions), "
+              "`results.csv`, `report.tex` (LaTeX table to `\\input`, needs booktabs), `report_standalone.tex` (the "
+              "table as a complete document: `pdflatex report_standalone.tex`), `study.yaml` (resolved configuration "
+              "and library versions), "
               "`cells/<config>/seed-<s>/` (per-cell training curves, samples and artifacts).", ""]
     if summary.get("claims"):
         lines += ["## Claims of the research notes vs this run", "",
-                  "Each claim as the notes made it, what this run measured (improvement in %, positive = better, "
-                  "95% interval over seeds) and a verdict: supported (the interval excludes 0 on the claimed side), "
+                  "Each claim as the notes made it, what this run measured with its 95% interval (a relative change "
+                  "of the metric in % over seeds, better / worse saying which way, or a paired difference over items "
+                  "where the row says so) and a verdict: supported (the interval excludes 0 on the claimed side), "
                   "not supported (it excludes 0 on the other side, or excludes the claimed size), or not testable at "
                   "this scale (it holds both 0 and the claimed size).", "", *claims_table(summary), ""]
     atomic_write_text(run.root / "report.md", "\n".join(lines))

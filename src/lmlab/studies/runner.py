@@ -127,6 +127,11 @@ class Study:
         """Extra markdown sections (and plots) for this study's report."""
         return []
 
+    def extra_summary(self, summary: dict, rows: list[dict], run: RunDir, study_record: dict) -> dict:
+        """Study-specific entries merged into summary.json before the report is written (e.g. paired tests over
+        evaluation items read from the cells' files); its `claims` are appended to the summary's."""
+        return {}
+
 
 def declarations(study: Study, cfg, configs: list[str]) -> dict:
     """What a run's record declares for its report: roles, claims, parameter matching and (where the study declares

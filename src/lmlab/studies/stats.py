@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 from scipy import stats as _scipy_stats
 
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
@@ -55,39 +56,56 @@ def describe(values: Sequence[float | None]) -> dict:
 def paired_relative_change(candidate: Mapping[int, float], reference: Mapping[int, float]) -> dict | None:
     """Relative change of candidate vs reference in %, paired by seed.
 
-    Per seed: 100 * (candidate - reference) / reference. Reports the mean, its 95% t-interval and the
-    p-value of a two-sided one-sample t-test of the per-seed changes against 0 (a paired test on the
-    relative scale, consistent with the interval).
+    A relative change is a ratio, so where every paired value is positive (perplexities, accuracies, times) it is
+    computed on the log scale: per seed l = ln(candidate / reference); the mean of l, its 95% t-interval and the
+    two-sided one-sample t-test of l against 0 are reported back as percentages, 100 * (exp(x) - 1). The change is
+    then the geometric mean ratio and its interval can never fall below -100% (a perplexity cannot fall by more
+    than all of it). With a zero or negative value in a pair the scale is linear: per seed
+    100 * (candidate - reference) / |reference|. `scale` says which.
+
+    Identical changes on every seed (a measurement shared by all seeds, such as a deterministic system's accuracy,
+    or a parameter count) have no spread to test: `constant` is True, and the interval and p-value are None -
+    "one shared measurement", never p = 0 with a zero-width interval. Pairs whose reference is 0 are skipped
+    (the relative change is undefined there); `undefined_reference_zero` tells whether that is why nothing paired.
     """
     seeds = sorted(s for s in candidate if s in reference)
-    per_seed = {}
+    pairs = {}
     for s in seeds:
         c, r = candidate[s], reference[s]
-        if c is None or r is None or not math.isfinite(c) or not math.isfinite(r) or r == 0:
-            continue
-        per_seed[s] = 100.0 * (c - r) / abs(r)
-    if not per_seed:
+        if c is not None and r is not None and math.isfinite(c) and math.isfinite(r) and r != 0:
+            pairs[s] = (float(c), float(r))
+    if not pairs:
         return None
-    vals = list(per_seed.values())
+    log_scale = all(c > 0 and r > 0 for c, r in pairs.values())
+    per_seed = {s: 100.0 * (c - r) / abs(r) for s, (c, r) in pairs.items()}
+    vals = [math.log(c / r) for c, r in pairs.values()] if log_scale else list(per_seed.values())
+    back = (lambda x: 100.0 * math.expm1(x)) if log_scale else (lambda x: x)
+    mean = sum(vals) / len(vals)
+    constant = len(vals) >= 2 and _std(vals) <= 1e-12 * max(abs(mean), 1e-300)
+    interval = None if constant else t_interval(vals)
     p_value = None
-    if len(vals) >= 2:
-        mean = sum(vals) / len(vals)
-        # A std at float round-off of the mean is no variance (e.g. a parameter count): no t-test on noise.
-        if _std(vals) > 1e-12 * max(abs(mean), 1e-300):
-            p_value = float(_scipy_stats.ttest_1samp(vals, 0.0).pvalue)
-        elif vals[0] != 0:
-            p_value = 0.0  # identical non-zero changes on every seed: no variance, the effect is certain
+    if interval is not None:
+        p_value = float(_scipy_stats.ttest_1samp(vals, 0.0).pvalue)
     return {
-        "delta_pct": sum(vals) / len(vals),
-        "ci95": t_interval(vals),
+        "delta_pct": back(mean),
+        "ci95": [back(interval[0]), back(interval[1])] if interval else None,
         "p_value": p_value,
         "per_seed": {str(s): v for s, v in per_seed.items()},
         "n": len(vals),
+        "scale": "log" if log_scale else "linear",
+        "constant": constant,
     }
 
 
-def wilson_interval(successes: int, total: int, z: float = Z95) -> list[float] | None:
-    """Wilson score interval for a binomial proportion; None when there are no trials."""
+def reference_is_zero(candidate: Mapping[int, float], reference: Mapping[int, float]) -> bool:
+    """True when the seeds both have are all ones where the reference is 0: the relative change is undefined."""
+    seeds = [s for s in candidate if s in reference and candidate[s] is not None and reference[s] is not None]
+    return bool(seeds) and all(reference[s] == 0 for s in seeds)
+
+
+def wilson_interval(successes: float, total: int, z: float = Z95) -> list[float] | None:
+    """Wilson score interval for a binomial proportion (successes may be a mean count, e.g. averaged over seeds);
+    None when there are no trials."""
     if total <= 0:
         return None
     p = successes / total
@@ -115,3 +133,64 @@ def scenario(improvement_pct: float | None, interval: Sequence[float] | None) ->
     if improvement_pct >= 0.5:
         return "C"
     return "D"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paired tests over evaluation items (every seed evaluates the same items)
+
+BOOTSTRAP_RESAMPLES = 10_000
+
+
+def mcnemar_exact(better: int, worse: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs (`better`: only the first system right, `worse`: only the
+    second) against a fair coin. 1.0 without discordant pairs."""
+    if better + worse == 0:
+        return 1.0
+    return float(_scipy_stats.binomtest(min(better, worse), better + worse, 0.5).pvalue)
+
+
+def _as_matrix(outcomes) -> np.ndarray:
+    """Seeds x items of 0/1 (a single row for a measurement shared by the seeds)."""
+    matrix = np.asarray(outcomes, dtype=float)
+    return matrix[None, :] if matrix.ndim == 1 else matrix
+
+
+def paired_item_difference(first, second, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Accuracy of `first` minus `second` over the same items, each a seeds x items 0/1 matrix (one row when the
+    system is one measurement shared by the seeds, e.g. a text-only baseline).
+
+    Per item, each system's outcome is averaged over its seeds, so an item counts once however many seeds evaluated
+    it. The 95% interval is a paired bootstrap over items (an item is resampled with all its seeds: the seeds are
+    clustered within the item they share); the p-value is a two-sided sign-flip permutation test of the per-item
+    differences (swapping the two systems' labels within an item). Where no item differs, the interval is +- the
+    Wilson upper bound of a discordant rate of 0 of n (a percentile bootstrap would read [0, 0]). `resamples` draws
+    from a fixed `seed`, so a report regenerates the same numbers."""
+    a, b = _as_matrix(first), _as_matrix(second)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"the systems were evaluated on different items ({a.shape[1]} vs {b.shape[1]})")
+    per_item = a.mean(axis=0) - b.mean(axis=0)
+    n = per_item.size
+    rng = np.random.default_rng(seed)
+    boot = per_item[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    observed = float(per_item.mean())
+    flips = rng.choice(np.array([-1.0, 1.0]), size=(resamples, n))
+    null = (flips * per_item).mean(axis=1)
+    extreme = int(np.sum(np.abs(null) >= abs(observed) - 1e-12))
+    p_value = 1.0 if not np.any(per_item) else (1 + extreme) / (resamples + 1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    if not np.any(per_item):  # no discordant item: the bootstrap collapses to [0, 0]; bound the discordant rate
+        low, high = -wilson_interval(0, n)[1], wilson_interval(0, n)[1]  # instead (at most z^2 / (n + z^2))
+    return {"difference": observed, "ci95": [float(low), float(high)], "p_value": float(p_value),
+            "items": int(n), "seeds": [int(a.shape[0]), int(b.shape[0])],
+            "first": float(a.mean()), "second": float(b.mean())}
+
+
+def item_accuracy_interval(outcomes) -> dict:
+    """Accuracy of a seeds x items 0/1 matrix (mean over seeds) with a 95% Wilson interval over the items: an item
+    counts once however many seeds evaluated it (seeds evaluate the same items, so pooling seeds x items as
+    independent trials would overstate the precision). Averaging an item over seeds can only lower its variance,
+    so the interval is conservative; unlike a percentile bootstrap it stays honest at 0 and 1."""
+    m = _as_matrix(outcomes)
+    n = m.shape[1]
+    accuracy = float(m.mean())
+    return {"accuracy": accuracy, "ci95": wilson_interval(accuracy * n, n), "items": n, "seeds": int(m.shape[0])}
