@@ -247,3 +247,16 @@ def test_a_reference_of_zero_makes_the_change_undefined_not_missing():
     text = summary["decision"]["text"]
     assert "undefined because `baseline_k16`'s bridged/acc_flexible is 0 on every seed" in text
     assert "missing or failed" not in text and summary["decision"]["scenario"] == "not-significant"
+
+
+def test_a_change_whose_interval_holds_zero_is_not_called_better_or_worse():
+    from lmlab.studies.attribution import effect_text
+
+    text = effect_text({"improvement_pct": 0.001, "ci95": [-0.01, 0.012], "delta_pct": -0.001,
+                        "delta_ci95": [-0.012, 0.01], "p_value": 0.8, "n": 3})
+    assert "no significant difference" in text and "better" not in text and "worse" not in text
+    summary = build_summary(record(["rslora", "rslora+dora"], [{"component": "DoRA", "candidate": "rslora+dora",
+                                                                "parent": "rslora", "headline": True}]),
+                            rows({"rslora": scaled(8, 1.0), "rslora+dora": scaled(8, 1.05, (0.03, -0.04, 0.0))}))
+    assert summary["decision"]["scenario"] == "not-significant"
+    assert "no significant difference" in summary["decision"]["text"] and "worse" not in summary["decision"]["text"]

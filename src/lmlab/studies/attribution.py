@@ -116,8 +116,12 @@ def decimals(effect: dict) -> int:
 
 
 def direction(effect: dict) -> str:
-    """'better', 'worse' or 'no change', from the improvement's sign."""
+    """'better' / 'worse' where the 95% interval excludes 0; otherwise what the data allow: 'no significant
+    difference', or with no interval (one seed, a shared measurement) the sign of the one value."""
     imp = effect["improvement_pct"]
+    if effect.get("ci95"):
+        return "better" if significant_gain(effect) else "worse" if significant_loss(effect) else \
+            "no significant difference"
     return "better" if imp > 0 else "worse" if imp < 0 else "no change"
 
 

@@ -655,7 +655,13 @@ def _acc(entry: dict | None) -> str:
 def _diff(test: dict) -> str:
     """'+0.255 [+0.190, +0.320] (p = 0.0001)': bridged minus the other system, in accuracy points."""
     low, high = test["ci95"]
-    return f"{test['difference']:+.3f} [{low:+.3f}, {high:+.3f}] (p = {test['p_value']:.2g})"
+    return f"{test['difference']:+.3f} [{low:+.3f}, {high:+.3f}] ({p_text(test['p_value'])})"
+
+
+def p_text(p: float) -> str:
+    """A permutation p-value: its floor (one in resamples + 1) reads as a bound, not as an exact value."""
+    floor = 1 / (stats.BOOTSTRAP_RESAMPLES + 1)
+    return f"p <= {floor:.1g}" if p <= floor * (1 + 1e-9) else f"p = {p:.2g}"
 
 
 def above(test: dict) -> bool:
@@ -711,7 +717,7 @@ def _baselines_section(items: dict, configs: list[str]) -> list[str]:
             test = (entry or {}).get("bridged_vs", {}).get(other)
             if test is None:
                 continue
-            cells = "; ".join(f"seed {c['seed']}: +{c['better']}/-{c['worse']} (p = {c['p_value']:.2g})"
+            cells = "; ".join(f"seed {c['seed']}: +{c['better']}/-{c['worse']} (McNemar p = {c['p_value']:.2g})"
                               for c in test["cells"])
             lines.append(f"| {config} | {other} | {_acc(entry['accuracy'][other])} | "
                          f"{_acc(entry['accuracy']['bridged'])} | {_diff(test)} | {cells} |")

@@ -345,8 +345,9 @@ def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
              rf"\begin{{tabular}}{{l{'r' * (len(header) - 1)}}}", r"\toprule", " & ".join(header) + r" \\",
              r"\midrule", *[" & ".join(row) + r" \\" for row in rows], r"\bottomrule", r"\end{tabular}",
              rf"\caption{{{_tex_escape(summary['study'])} ({_tex_escape(summary['preset'])} preset), mean $\pm$ std "
-             rf"over seeds {', '.join(str(s) for s in summary['seeds'])}; change vs {_tex_escape(ref)} with 95\% "
-             rf"t-interval. {_tex_escape(summary['decision']['text'])}}}",
+             rf"over seeds {', '.join(str(s) for s in summary['seeds'])}; relative change vs {_tex_escape(ref)} "
+             rf"(geometric mean over seeds) with its 95\% interval on the log scale. "
+             rf"{_tex_escape(summary['decision']['text'])}}}",
              r"\end{table}"]
     width = max(29.7, _tex_width_cm([header, *rows]) + 3.5)  # A4 landscape, or wider with 1.5 cm margins
     preamble = [r"\documentclass{article}", r"\usepackage[T1]{fontenc}", r"\usepackage{booktabs}",
@@ -566,15 +567,19 @@ def save_figure(fig, run: RunDir, name: str) -> str:
 
 
 def with_declarations(study, record: dict) -> dict:
-    """A run's record with the study's comparisons, roles, claims and parameter matching where the record predates
-    them, so `lmlab report` on an older run draws today's conclusions from its cells."""
+    """A run's record with the study's current primary metric and tables, and its comparisons, roles, claims and
+    parameter matching where the record predates them, so `lmlab report` on an older run draws today's conclusions
+    from its cells."""
     from lmlab.config import build
     from lmlab.studies.runner import declarations
 
-    if "comparisons" in record or "roles" in record:
-        return record
     cfg = build(study.config_cls, record["config"], where="study.yaml")
-    return {**record, **declarations(study, cfg, record["configurations"])}
+    # what the study decides on today (e.g. MU: test perplexity, where older runs recorded the optimistic val_ppl)
+    current = {"primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
+               "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg)}
+    if "comparisons" in record or "roles" in record:
+        return {**record, **current}
+    return {**record, **current, **declarations(study, cfg, record["configurations"])}
 
 
 def write_reports(run: RunDir) -> dict:
