@@ -1,6 +1,7 @@
 """Worker for test_engine_train.py: trains a tiny model with the one loop, on 1 or N processes.
 
-Run as `python tests/ddp_worker.py OUT.json BATCH ACCUM` or under `torchrun --nproc_per_node 2`.
+Run as `python tests/ddp_worker.py OUT.json BATCH ACCUM` or under `torchrun --nproc_per_node 2` (BATCH is
+train.batch_size: the global batch, split across the processes).
 Writes the per-step losses and a checksum of the final trainable weights (rank 0).
 """
 

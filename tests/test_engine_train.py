@@ -158,12 +158,12 @@ def run_worker_in_process(out: Path, batch: int, accum: int, monkeypatch) -> dic
     return json.loads(out.read_text())
 
 
-def assert_same_run(a: dict, b: dict) -> None:
+def assert_same_run(a: dict, b: dict, tolerance: float = 1e-4) -> None:
     assert a["steps"] == b["steps"] == 12  # 2 epochs x ceil(21 / 4)
     assert a["examples"] == b["examples"] == 42  # 2 epochs x 21 examples: no dropped remainder
     assert len(a["losses"]) == len(b["losses"]) == 12
     for x, y in zip(a["losses"], b["losses"], strict=True):
-        assert abs(x - y) <= 1e-4, (a["losses"], b["losses"])
+        assert abs(x - y) <= tolerance, (a["losses"], b["losses"])
     assert a["checksum"] == pytest.approx(b["checksum"], rel=1e-5)
 
 
@@ -175,18 +175,65 @@ def test_grad_accumulation_equals_the_large_batch(tmp_path, monkeypatch):
 
 
 @pytest.mark.xdist_group("ddp")
-def test_two_processes_give_the_losses_of_one(tmp_path, monkeypatch):
+def test_one_and_two_processes_give_the_same_losses_at_the_same_settings(tmp_path, monkeypatch):
+    # train.batch_size is the global batch: at batch_size=4 two processes take 2 examples each per step, the
+    # same 4 examples one process takes
     single = run_worker_in_process(tmp_path / "one.json", 4, 1, monkeypatch)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         str(tmp_path / "two.json"), "2", "1"],
+         str(tmp_path / "two.json"), "4", "1"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_run(single, json.loads((tmp_path / "two.json").read_text()))
+    assert_same_run(single, json.loads((tmp_path / "two.json").read_text()), tolerance=1e-5)
+
+
+@pytest.mark.parametrize(("batch_size", "grad_accum", "world"), [(4, 1, 2), (6, 2, 3), (2, 3, 2), (3, 1, 1)])
+def test_the_processes_share_each_global_batch_and_take_the_single_process_examples(batch_size, grad_accum, world,
+                                                                                     monkeypatch):
+    import lmlab.engine.train as engine
+
+    cfg = constant_lr(epochs=2, batch_size=batch_size, grad_accum=grad_accum)
+    n = 23
+    steps = engine.total_steps(n, cfg)
+    assert steps == 2 * math.ceil(n / (batch_size * grad_accum))  # the number of processes does not matter
+    plans = []
+    for rank in range(world):
+        monkeypatch.setattr(engine.D, "rank", lambda rank=rank: rank)
+        plans.append(list(engine._step_plan(n, cfg, seed=5, world=world, steps=steps)))
+    monkeypatch.setattr(engine.D, "rank", lambda: 0)
+    single = list(engine._step_plan(n, cfg, seed=5, world=1, steps=steps))
+    global_batch = batch_size * grad_accum
+    for step in range(steps):
+        expected = sorted(i for part in single[step][1] for i, ghost in part if not ghost)
+        assert len(expected) == min(global_batch, n - step % (steps // 2) * global_batch)  # epochs=2
+        taken = sorted(i for plan in plans for part in plan[step][1] for i, ghost in part if not ghost)
+        assert taken == expected  # the same examples, each once
+        assert len({len(plan[step][1]) for plan in plans}) == 1  # the same number of passes on every rank
+        assert all(len(part) <= batch_size // world for plan in plans for part in plan[step][1])
+
+
+def test_a_global_batch_that_does_not_split_across_the_processes_is_one_config_error():
+    from lmlab.engine import distributed as D
+    from lmlab.engine.train import check_batch_split
+    from lmlab.errors import ConfigError
+    from lmlab.studies.hylorada_study import HyloradaStudyConfig
+
+    assert D.split_batch(8, 2) == 4 and D.split_batch(5, 1) == 5
+    with pytest.raises(ConfigError, match=r"^train.batch_size = 5 is the global batch, split evenly across the 2 "
+                                          r"processes: use a multiple of 2 \(e.g. 4\)$"):
+        D.split_batch(5, 2)
+    config = HyloradaStudyConfig()
+    check_batch_split(config, 2)
+    with pytest.raises(ConfigError, match=r"^base.train.batch_size = 16 .* 3 processes"):  # the tiny base's
+        check_batch_split(config, 3)
+    given = config.model_copy(update={"model": "gpt2"})  # a given model: no base is pretrained, its batch is moot
+    with pytest.raises(ConfigError, match=r"^train.batch_size = 8 .* 3 processes: use a multiple of 3 \(e.g. 6\)$"):
+        check_batch_split(given, 3)
+    check_batch_split(given.model_copy(update={"train": TrainConfig(batch_size=9)}), 3)
 
 
 # ---------------------------------------------------------------------------------------------------

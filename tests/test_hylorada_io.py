@@ -4,13 +4,18 @@ context extension of the base (RoPE scaling, GPT-2 position-table interpolation)
 from __future__ import annotations
 
 import json
+import math
+import shutil
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from conftest import builtin_texts
 from lmlab.config import build
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.hylorada import (
@@ -239,3 +244,131 @@ def test_gpt2_position_table_interpolation_keeps_endpoints_and_midpoints():
     torch.testing.assert_close(new[1::2], (old[:-1] + old[1:]) / 2)
     logits = lm_logits(model, token_batch(1, 100))
     assert logits.shape == (1, 100, logits.shape[-1]) and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The context extension travels with the adapter: recorded by save_adapter, applied by load_adapter
+
+
+def scaled_llama(kind: str, length: int = 4 * CONTEXT) -> LlamaForCausalLM:
+    """The tiny Llama's weights in a model built with RoPE scaling to `length` tokens (what the studies train)."""
+    base = tiny_llama()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(rope_scaling(base.config, length, kind)).eval()
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn"])
+def test_rope_scaling_is_recorded_with_the_adapter_and_applied_on_load(kind, tmp_path):
+    model = apply_hylorada(scaled_llama(kind), hy_config(landmarks="position_adaptive"), max_positions=4 * CONTEXT)
+    perturb(model)
+    save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["position_extension"]["rope_parameters"] == {**model.config.rope_parameters}
+    assert meta["position_extension"]["rope_parameters"]["rope_type"] == kind
+    fresh = tiny_llama()
+    assert fresh.config.rope_parameters["rope_type"] == "default"
+    loaded = load_adapter(fresh, tmp_path)
+    assert loaded.config.rope_parameters == model.config.rope_parameters
+    ids = token_batch(1, 3 * CONTEXT)  # past the original context, where the scaling matters
+    assert torch.equal(lm_logits(loaded, ids), lm_logits(model, ids))
+    torch.testing.assert_close(loaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq, rtol=0, atol=0)
+
+
+def test_an_adapter_without_an_extension_records_none_and_a_refused_extension_leaves_the_model(tmp_path):
+    plain = apply_hylorada(tiny_llama(), hy_config())
+    save_adapter(plain, tmp_path / "plain")
+    assert "position_extension" not in json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    scaled = apply_hylorada(scaled_llama("linear"), hy_config(), max_positions=4 * CONTEXT)
+    save_adapter(scaled, tmp_path / "scaled")
+    other = tiny_llama(rope_theta=500.0)  # another base: its rotary frequencies differ
+    inv_freq = other.model.rotary_emb.inv_freq.clone()
+    with pytest.raises(CheckpointError, match="rope_theta 10000.0, but this model has 500.0"):
+        load_adapter(other, tmp_path / "scaled")
+    assert other.config.rope_parameters["rope_type"] == "default" and not hasattr(other, "hylorada")
+    assert torch.equal(other.model.rotary_emb.inv_freq, inv_freq)
+    # the adapter's tensors do not fit: the scaling applied first is taken back
+    narrow = tiny_llama(hidden_size=32, intermediate_size=64)
+    with pytest.raises(CheckpointError, match="has shape"):
+        load_adapter(narrow, tmp_path / "scaled")
+    assert narrow.config.rope_parameters["rope_type"] == "default" and narrow.config.max_position_embeddings == CONTEXT
+    assert narrow.model.rotary_emb.rope_type == "default"
+
+
+@pytest.mark.parametrize("train_embeddings", [False, True])
+def test_a_stretched_position_table_is_recorded_and_stretched_again_on_load(train_embeddings, tmp_path):
+    model = interpolate_position_embeddings(tiny_gpt2(), 2 * CONTEXT)
+    model = apply_hylorada(model, hy_config(train_embeddings=train_embeddings), max_positions=2 * CONTEXT)
+    perturb(model)
+    save_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert meta["position_extension"] == {"interpolated_positions": [CONTEXT, 2 * CONTEXT]}
+    loaded = load_adapter(tiny_gpt2(), tmp_path)
+    assert loaded.config.n_positions == 2 * CONTEXT
+    ids = token_batch(1, 2 * CONTEXT - 8)
+    assert torch.equal(lm_logits(loaded, ids), lm_logits(model, ids))
+    wrong = tiny_gpt2(n_positions=CONTEXT // 2)
+    with pytest.raises(CheckpointError, match=f"stretched from {CONTEXT} to {2 * CONTEXT} rows, but the model's "
+                                              f"table has {CONTEXT // 2}"):
+        load_adapter(wrong, tmp_path)
+    assert wrong.transformer.wpe.num_embeddings == CONTEXT // 2
+
+
+def independent_ppl(model, tokenizer, text: str, window: int) -> float:
+    """Perplexity of one document, written out here: BOS + its tokens; each next `window` tokens are predicted
+    from the `window` inputs that end just before the last of them (a short last chunk keeps a full window of
+    context), every token once, NLL summed in float64."""
+    ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+    n = len(ids) - 1
+    total = 0.0
+    with torch.no_grad():
+        for done in range(0, n, window):
+            end = min(done + window, n)
+            start = max(0, end - window)
+            logits = model(input_ids=torch.tensor([ids[start:end]]), use_cache=False).logits[0]
+            targets = torch.tensor(ids[start + 1:end + 1])
+            scored = end - done  # the last `scored` positions predict tokens not predicted before
+            total += F.cross_entropy(logits[-scored:].double(), targets[-scored:], reduction="sum").item()
+    return math.exp(total / n)
+
+
+def test_eval_ppl_with_the_adapter_reproduces_the_fine_tuned_rope_scaled_model(tiny_llama_dir, tmp_path, capsys):
+    from lmlab.cli import main
+    from lmlab.engine.train import TrainConfig, collate_lm, train
+    from lmlab.models.hf import load_causal_lm, load_tokenizer
+
+    length = 256  # the base's context is 128: fine-tuned at twice it with linear RoPE scaling, as the studies do
+    tokenizer = load_tokenizer(str(tiny_llama_dir))
+    text = " ".join(builtin_texts()[:12])
+    stream = tokenizer(text, add_special_tokens=False)["input_ids"]
+    model = load_causal_lm(str(tiny_llama_dir), config_fn=partial(rope_scaling, max_length=length, kind="linear"))
+    model = apply_hylorada(model, HyLoRADAConfig(r=4, alpha=8, dropout=0.0, num_landmarks=4, num_buckets=8),
+                           max_positions=length)
+    examples = [{"input_ids": stream[i:i + length]} for i in range(0, 4 * length, length)]
+    train(model, examples, TrainConfig(max_steps=3, batch_size=2, lr=5e-3, warmup_steps=0), seed=0, progress=False,
+          collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id))
+    save_adapter(model, tmp_path / "adapter")
+    document = " ".join(builtin_texts()[40:46])
+    (tmp_path / "doc.txt").write_text(document, encoding="utf-8")
+    expected = independent_ppl(model.eval(), tokenizer, document, length)
+
+    def eval_ppl(adapter) -> tuple[float, str]:
+        code = main(["eval", "ppl", "--model", str(tiny_llama_dir), "--adapter", str(adapter), "--data",
+                     str(tmp_path / "doc.txt"), "--max-length", str(length)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return json.loads(out)["ppl"], err
+
+    ppl, err = eval_ppl(tmp_path / "adapter")
+    assert ppl == pytest.approx(expected, rel=1e-5)
+    assert "lmlab:" not in err  # 256 tokens are within the scaled model's positions: no warning
+    # without the recorded scaling (an adapter saved before it was recorded) the model is another one, and eval warns
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    del meta["position_extension"]
+    shutil.copytree(tmp_path / "adapter", tmp_path / "unscaled")
+    (tmp_path / "unscaled" / "adapter_config.json").write_text(json.dumps(meta))
+    unscaled, err = eval_ppl(tmp_path / "unscaled")
+    assert abs(unscaled / expected - 1) > 1e-3
+    said = [line for line in err.splitlines() if line.startswith("lmlab:")]
+    assert len(said) == 1 and said[0].startswith("lmlab: warning: --max-length 256 exceeds the model's 128 positions")

@@ -95,6 +95,23 @@ def test_at_init_logits_equal_base_exactly(arch, variant):
     assert torch.equal(lm_logits(model, ids), reference)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("design", ["position_adaptive", "learnable_bucket", "original", "per_layer", "constant"])
+def test_at_init_landmarks_are_the_only_difference_from_the_base(arch, design):
+    """What the README says of init: LoRA / DoRA / position bias are exact, landmarks add scale * g L from the start
+    (scale 0.1), a small change; with every landmark scale at 0 the model is its base bit for bit."""
+    from lmlab.hylorada import landmark_modules, position_components_removed
+
+    ids = token_batch()
+    reference = lm_logits(BUILDERS[arch](), ids)
+    model = apply_hylorada(BUILDERS[arch](), hy_config(use_dora=True, position_bias=True, landmarks=design))
+    assert all(float(m.scale) == pytest.approx(0.1) for m in landmark_modules(model))
+    change = (lm_logits(model, ids) - reference).abs().max().item()
+    assert 0 < change < (0.1 if design == "per_layer" else 0.01)
+    with position_components_removed(model):
+        assert torch.equal(lm_logits(model, ids), reference)
+
+
 def expected_trainable(design: str) -> set[str]:
     """Every kind of trainable tensor the config below must have, by name suffix."""
     names = {"lora_A", "lora_B", "lora_magnitude", "position_gate", "hylorada.position_bias.table",
@@ -466,7 +483,7 @@ def test_component_param_counts_match_closed_forms():
     assert counts["lora"] == sum(r * (i + o) for i, o in shapes)
     assert counts["dora_magnitude"] == sum(o for _, o in shapes)
     assert counts["position_bias"] == nb + len(shapes)
-    assert counts["landmarks"] == k * d + nb * k + d * k + 1  # HYLORADA.md s. 4
+    assert counts["landmarks"] == k * d + nb * k + d * k + 1  # docs/hylorada.md s. 4
     assert counts["bucket_boundaries"] == nb - 1
     assert counts["embeddings"] == VOCAB * d + CONTEXT * d  # wte (tied with the head) + wpe
     assert counts["norms"] == 5 * 2 * d  # ln_1, ln_2 per block and ln_f, weight + bias

@@ -125,3 +125,18 @@ def test_merge_leaves_a_model_that_takes_a_fresh_adapter():
     again = apply_hylorada(merged, hy_config(position_bias=False, landmarks="none"))
     ids = token_batch()
     torch.testing.assert_close(lm_logits(again, ids), lm_logits(model, ids), rtol=0, atol=1e-5)
+
+
+def test_export_after_an_in_place_merge_says_so_and_a_context_extension_is_flagged(tmp_path):
+    model = apply_hylorada(BUILDERS["llama"](), hy_config(position_bias=False, landmarks="none"))
+    merge_adapter(model)
+    with pytest.raises(ConfigError, match="merge_adapter folds them into the model in place: save_adapter / "
+                                          "export_peft before it"):
+        export_peft(model, tmp_path / "after-merge")
+    from lmlab.hylorada import rope_scaling
+
+    base = BUILDERS["llama"]()
+    scaled = type(base)(rope_scaling(base.config, 4 * base.config.max_position_embeddings)).eval()
+    scaled = apply_hylorada(scaled, hy_config(position_bias=False, landmarks="none"))
+    with pytest.warns(RuntimeWarning, match="peft's format does not record"):
+        export_peft(scaled, tmp_path / "scaled")

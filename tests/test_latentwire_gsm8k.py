@@ -1,4 +1,4 @@
-"""GSM8K prompts and answer extraction (LatentWire evaluation, PROTOCOL.md section 4)."""
+"""GSM8K prompts and answer extraction (LatentWire evaluation, docs/protocol.md section 4)."""
 
 import time
 

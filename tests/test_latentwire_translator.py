@@ -1,4 +1,4 @@
-"""BottleneckedGatedTranslator (LATENTWIRE.md section 1)."""
+"""BottleneckedGatedTranslator (docs/latentwire.md section 1)."""
 
 import statistics
 

@@ -188,7 +188,8 @@ def test_report_shows_models_side_by_side_bands_curves_flags_and_samples(smoke_r
     cfg = study_config(smoke_run)
     rows = read_jsonl(smoke_run / "results.jsonl")
     for config in CONFIGS:
-        mean = summary["configs"][config]["metrics"]["val_ppl"]["mean"]
+        assert cfg.band_metric == "test_ppl"  # the selected checkpoint's test perplexity, not the optimistic val
+        mean = summary["configs"][config]["metrics"][cfg.band_metric]["mean"]
         assert f"| {config} | {mean:.4g} | {ppl_band(mean, cfg.success_ppl, cfg.partial_ppl)} |" in report
         row = next(r for r in rows if r["config"] == config)
         assert f"{row['metrics']['params_total']:,} | {row['metrics']['params_non_embedding']:,}" in report

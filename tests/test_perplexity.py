@@ -96,7 +96,7 @@ def harness_windows(tokens: list[int], prefix: int, max_length: int) -> list[tup
 
 
 def strided_windows(tokens: list[int], prefix: int, max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
-    """PROTOCOL.md section 4 with stride s: after the first window, predict s tokens given max_length inputs."""
+    """docs/protocol.md section 4 with stride s: after the first window, predict s tokens given max_length inputs."""
     seq = [prefix, *tokens]
     first = min(max_length, len(tokens))
     pairs = [(seq[:first], tokens[:first])] if tokens else []

@@ -1,4 +1,4 @@
-"""The `lmlab` command (OVERVIEW.md, interface contract).
+"""The `lmlab` command (docs/architecture.md section 5, interface contract).
 
 Exit codes: 0 success; 2 bad usage, config or input (one line on stderr, no traceback); 1 an
 unexpected failure; 130/143 interrupted (finished work is kept; `--resume` continues).
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run every configuration x seed of a study")
     run.add_argument("study", choices=STUDIES)
-    run.add_argument("--preset", default="default", help="smoke | default | paper, or a YAML file")
+    run.add_argument("--preset", help="smoke | default | paper, or a YAML file (default: default)")
     run.add_argument("--out", help="run directory (default runs/<study>-<YYYYmmdd-HHMMSS>)")
     run.add_argument("--seeds", type=int, help="number of seeds: the first N of 42, 123, 456, 789, 1011, ...")
     run.add_argument("--resume", metavar="DIR", help="finish an interrupted run; finished cells are kept")
@@ -82,15 +83,16 @@ def _eval_ppl(args) -> int:
         raise LmlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     docs = [read_text_file(Path(p)) for p in args.data]
     model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    if args.adapter:  # with the context extension it was trained with (RoPE scaling, a stretched position table)
+        from lmlab.hylorada import load_adapter
+
+        model = load_adapter(model, args.adapter)
     positions = learned_positions(model.config)
     if positions is not None and args.max_length > positions:
         raise LmlabError(f"--max-length {args.max_length} exceeds the model's {positions} learned positions "
                          f"(n_positions); use --max-length {positions} or less")
-    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
-    if args.adapter:
-        from lmlab.hylorada import load_adapter
-
-        model = load_adapter(model, args.adapter)
+    _warn_beyond_positions(model.config, args.max_length)
     from lmlab.engine.distributed import device
 
     model.to(device())
@@ -103,6 +105,37 @@ def _eval_ppl(args) -> int:
         result["adapter"] = args.adapter
     print(json.dumps(result))
     return 0
+
+
+def _warn_beyond_positions(config, max_length: int) -> None:
+    """One line on stderr when windows are longer than the positions the model was built for (RoPE models run
+    past them, but what they compute there is extrapolation); dynamic RoPE scaling extends itself."""
+    from lmlab.models.hf import context_length
+
+    positions = context_length(config)
+    rope = getattr(config, "rope_parameters", None)
+    if positions is None or max_length <= positions or (isinstance(rope, dict) and rope.get("rope_type") == "dynamic"):
+        return
+    print(f"lmlab: warning: --max-length {max_length} exceeds the model's {positions} positions "
+          "(max_position_embeddings): beyond them it extrapolates, unless it was fine-tuned at that length",
+          file=sys.stderr)
+
+
+def _check_batch_split(args, nproc: int) -> None:
+    """Before `nproc` processes start: the study's train.batch_size (the global batch) splits evenly across them.
+    One line here instead of one error per process and torchrun's report."""
+    from lmlab.config import build, load_config, preset_path
+    from lmlab.engine.train import check_batch_split
+    from lmlab.studies.rundir import RunDir
+    from lmlab.studies.runner import get_study
+
+    study = get_study(args.study)
+    if args.resume:
+        run = RunDir(Path(args.resume))
+        config = build(study.config_cls, run.read_study()["config"], where=str(run.study_path))
+    else:
+        config = load_config(study.config_cls, preset_path(args.study, args.preset or "default"), args.overrides)
+    check_batch_split(config, nproc)
 
 
 def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
@@ -130,16 +163,18 @@ def _run(args, argv: list[str]) -> int:
 
     nproc = D.resolve_nproc(args.nproc) if not os.environ.get("LOCAL_RANK") else 1
     if nproc > 1:
+        _check_batch_split(args, nproc)
         return _relaunch_distributed(nproc, argv)
     from lmlab.studies.runner import run_study
 
     D.init_from_env()
+    main_process = D.is_main()  # asked before shutdown: after it every rank would answer rank 0
     try:
         out = run_study(args.study, preset=args.preset, overrides=args.overrides, out=args.out,
                         seeds=args.seeds, resume=args.resume, progress=not args.quiet)
     finally:
         D.shutdown()
-    if D.is_main():
+    if main_process:
         print(f"report: {out / 'report.md'}")
     return 0
 
@@ -153,8 +188,19 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _threads_wait_passively() -> None:
+    """Idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`, unless the user set a policy),
+    set before torch loads its OpenMP runtime, which reads it once. Spinning threads keep a core busy after every
+    parallel region of torch's ops and lmlab's kernels; on a machine where another process uses the cores they
+    fight it for them, and a run became 6-10x slower than with --threads 1 (benchmarks/busy_cpu.py). Torchrun
+    workers and other child processes inherit the setting."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _threads_wait_passively()
     _quiet_libraries()
     try:
         args, extra = build_parser().parse_known_args(argv)
@@ -198,8 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmlab: error: {one_line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print("lmlab: interrupted; finished cells are kept - continue with `lmlab run STUDY --resume DIR`",
-              file=sys.stderr)
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir is not None:
+            print(f"lmlab: interrupted; finished cells are kept - continue with `lmlab run "
+                  f"{getattr(exc, 'study', 'STUDY')} --resume {shlex.quote(str(run_dir))}`", file=sys.stderr)
+        else:
+            print("lmlab: interrupted", file=sys.stderr)
         return 128 + getattr(exc, "signum", 2)
     return 1
 

@@ -146,6 +146,28 @@ def apply_overrides(data: dict, overrides: list[str], model_cls: type[Section]) 
     return data
 
 
+def resolve_aliases(data: dict, model_cls: type[Section], where: str) -> dict:
+    """A preset file's short keys (the study's ALIASES, as on the command line: `learning_rate: 0.1`) moved to
+    the keys they stand for (`train: {lr: 0.1}`); a file that sets both is an error naming them."""
+    aliases = getattr(model_cls, "ALIASES", {})
+    data = _deep_copy(data)
+    for key in [k for k in data if k in aliases and k not in model_cls.model_fields]:
+        value = data.pop(key)
+        node = data
+        parts = aliases[key].split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}: '{key}' stands for '{aliases[key]}', but '{part}' is set to "
+                                  f"{child!r}, not a mapping; set '{aliases[key]}' in the '{part}' section")
+            node = child
+        if parts[-1] in node:
+            raise ConfigError(f"{where}: '{key}' and '{aliases[key]}' are the same setting ('{key}' is short for "
+                              f"'{aliases[key]}'); keep one")
+        node[parts[-1]] = value
+    return data
+
+
 def _deep_copy(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _deep_copy(v) for k, v in value.items()}
@@ -181,6 +203,8 @@ def describe_validation_error(exc: ValidationError, model_cls: type[BaseModel], 
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+    if not err["loc"] and err["type"] == "value_error":  # a rule across fields: its message names the keys
+        return f"{msg}{suffix}{more}"
     return f"{key} = {shown}: {msg}{suffix}{more}"
 
 
@@ -225,13 +249,19 @@ def deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def load_preset(path: str | os.PathLike, _seen: tuple = ()) -> dict:
-    """A preset's mapping; `extends: <study>/<preset>` (or a YAML path) starts from another preset."""
+def load_preset(path: str | os.PathLike, _seen: tuple = (), model_cls: type[Section] | None = None) -> dict:
+    """A preset's mapping; `extends: <study>/<preset>` (or a YAML path) starts from another preset. With
+    `model_cls`, each file's short keys (its ALIASES) are resolved before the files merge."""
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f"{path}: 'extends' forms a cycle")
     data = load_yaml(path)
+    if not data:  # an empty file (or comments only) would silently run the built-in defaults
+        raise ConfigError(f"preset file {path} is empty; give the settings to change, e.g. `extends: <study>/smoke` "
+                          "and the keys that differ (or use a built-in preset: --preset smoke | default | paper)")
     parent = data.pop("extends", None)
+    if model_cls is not None:
+        data = resolve_aliases(data, model_cls, str(path))
     if parent is None:
         return data
     if not isinstance(parent, str):
@@ -239,11 +269,27 @@ def load_preset(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     parent_path = Path(parent) if parent.endswith((".yaml", ".yml")) else config_dir() / f"{parent}.yaml"
     if not parent_path.is_absolute() and not parent_path.exists():
         parent_path = path.parent / parent_path
-    return deep_merge(load_preset(parent_path, (*_seen, path)), data)
+    return deep_merge(load_preset(parent_path, (*_seen, path), model_cls), data)
 
 
 def load_config(model_cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
-    """Load a YAML preset (or start from the defaults), apply overrides, validate."""
-    data = load_preset(path) if path is not None else {}
+    """Load a YAML preset (or start from the defaults), apply overrides, validate. An invalid value names where it
+    came from: the command line when an override set it, else the preset file."""
+    data = load_preset(path, model_cls=model_cls) if path is not None else {}
     data = apply_overrides(data, list(overrides), model_cls)
-    return build(model_cls, data, where=str(path) if path is not None else "")
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as exc:
+        where = str(path) if path is not None else ""
+        loc = [str(p) for p in exc.errors()[0]["loc"]]
+        aliases = getattr(model_cls, "ALIASES", {})
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            parts = aliases.get(key, key).split(".")
+            if loc[:len(parts)] == parts:  # this override set the value (or the section holding it)
+                where = "on the command line"
+                break
+        else:
+            if not loc and overrides:  # a rule across fields, which the overrides may take part in
+                where = f"{where} with the command-line overrides" if where else "the command-line overrides"
+        raise ConfigError(describe_validation_error(exc, model_cls, where)) from None

@@ -1,4 +1,4 @@
-"""Built-in, deterministic data generators (PROTOCOL.md section 1): no download, same output for a seed.
+"""Built-in, deterministic data generators (docs/protocol.md section 1): no download, same output for a seed.
 
 - `grammar_text`: filler prose from a small generated grammar. Each document has a topic (a subset of
   nouns, verbs and places it prefers) and a cast of characters, so there is local structure a small model
@@ -16,6 +16,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from lmlab import progress as bars
 
 NAMES = [
     "alice", "bruno", "carla", "dmitri", "elena", "farid", "greta", "hugo", "iris", "jonas", "kira", "leo",
@@ -214,7 +216,8 @@ def long_document(
 def long_documents(seed: int, n: int, target_length: int, num_facts: int = 4,
                    length_fn: Callable[[str], int] = word_count, value_digits: int = 4) -> list[LongDocument]:
     rng = random.Random(f"longdoc-{seed}")
-    return [long_document(rng, target_length, num_facts, length_fn, value_digits) for _ in range(n)]
+    return [long_document(rng, target_length, num_facts, length_fn, value_digits)
+            for _ in bars.bar(range(n), desc=f"building documents of {target_length} tokens", unit="doc")]
 
 
 def corpus_documents(seed: int, n: int, sentences_per_doc: int = 40) -> list[str]:

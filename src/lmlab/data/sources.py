@@ -1,4 +1,4 @@
-"""Text and question-answer sources behind one interface (PROTOCOL.md section 1).
+"""Text and question-answer sources behind one interface (docs/protocol.md section 1).
 
 `load_documents(dataset, split)` yields documents (strings) and `load_qa_items(dataset, split)` yields
 GSM8K-format items (`{"question", "answer"}`) from:

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizers trained locally with `tokenizers` for the tiny models (PROTOCOL.md section 1).
+"""Byte-level BPE tokenizers trained locally with `tokenizers` for the tiny models (docs/protocol.md section 1).
 
 Digits are split into single tokens (as Llama does; a space before a number stays with its first
 digit, " 4828" -> " 4", "8", "2", "8"), so a number has exactly one tokenization and numbers are

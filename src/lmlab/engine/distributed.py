@@ -92,6 +92,16 @@ def gather_objects(obj) -> list:
     return out
 
 
+def split_batch(batch_size: int, world: int | None = None) -> int:
+    """Each process's share of a global batch of `batch_size` examples (`train.batch_size` is global, so 1 and N
+    processes train on the same examples per step); a batch that does not split evenly is a ConfigError."""
+    world = world_size() if world is None else world
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size = {batch_size} is the global batch, split evenly across the {world} "
+                          f"processes: use a multiple of {world} (e.g. {max(world, batch_size // world * world)})")
+    return batch_size // world
+
+
 def resolve_nproc(value: str | int) -> int:
     """`--nproc auto`: $NUM_GPUS, else the number of visible GPUs, else 1."""
     text = str(value).strip()

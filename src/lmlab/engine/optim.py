@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and learning-rate schedules (PROTOCOL.md section 3)."""
+"""Optimizer parameter groups and learning-rate schedules (docs/protocol.md section 3)."""
 
 from __future__ import annotations
 

@@ -1,10 +1,12 @@
-"""The one training loop (PROTOCOL.md section 3). Every study trains through `train()`.
+"""The one training loop (docs/protocol.md section 3). Every study trains through `train()`.
 
 Losses are exact per-unit means over the *global* batch: a loss function returns the SUM of its loss
 over a micro-batch and the number of units (tokens) in it; the loop backpropagates the sums, then
 divides the accumulated gradients by the number of units over all micro-batches and processes. So
 gradient accumulation and DDP give the same update as one big batch, whatever the padding, and a
-partial last batch is used, not dropped.
+partial last batch is used, not dropped. `batch_size` is global: each micro-batch of `batch_size`
+examples is split evenly across the processes, so 1 and N processes take the same examples per
+optimizer step (`batch_size * grad_accum`) and give the same losses.
 
 While `train()` runs, the Hugging Face models being trained use lmlab's attention (`lmlab.kernels`: the compiled
 CPU kernel for float32 causal self-attention without padding, SDPA otherwise - the same results, faster on CPU);
@@ -27,7 +29,7 @@ from typing import Literal
 import psutil
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BaseModel, Field
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +37,7 @@ from lmlab.config import Section
 from lmlab.engine import distributed as D
 from lmlab.engine.nll import IGNORE_INDEX, token_nll
 from lmlab.engine.optim import GroupRule, lr_factor, param_groups
+from lmlab.errors import ConfigError
 from lmlab.kernels import kernel_attention
 
 
@@ -43,7 +46,8 @@ class TrainConfig(Section):
 
     epochs: float = Field(1.0, gt=0, description="passes over the training data (fractions allowed)")
     max_steps: int | None = Field(None, ge=1, description="cap on optimizer steps")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch per process")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch over all processes (split evenly "
+                            "across them: a multiple of the number of processes)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -243,25 +247,44 @@ def build_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
 
 
-def steps_per_epoch(num_examples: int, cfg: TrainConfig, world: int | None = None) -> int:
-    global_batch = cfg.batch_size * cfg.grad_accum * (world or D.world_size())
-    return max(1, math.ceil(num_examples / global_batch))
+def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:
+    """Optimizer steps per epoch: a step takes batch_size * grad_accum examples, however many processes."""
+    return max(1, math.ceil(num_examples / (cfg.batch_size * cfg.grad_accum)))
 
 
-def total_steps(num_examples: int, cfg: TrainConfig, world: int | None = None) -> int:
-    steps = max(1, math.ceil(cfg.epochs * steps_per_epoch(num_examples, cfg, world)))
+def total_steps(num_examples: int, cfg: TrainConfig) -> int:
+    steps = max(1, math.ceil(cfg.epochs * steps_per_epoch(num_examples, cfg)))
     return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def check_batch_split(config, world: int, prefix: str = "") -> None:
+    """Every TrainConfig inside a (study) config splits its global batch evenly across `world` processes; else the
+    ConfigError of the first that does not, named by its dotted key (e.g. `base.train.batch_size`)."""
+    if isinstance(config, TrainConfig):
+        try:
+            D.split_batch(config.batch_size, world)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace("train.batch_size", f"{prefix}batch_size", 1)) from None
+        return
+    for name in type(config).model_fields if isinstance(config, BaseModel) else ():
+        value = getattr(config, name)
+        # a tiny base's pretraining (`base` beside `model`, `source` beside `source_model`) runs for 'builtin' only
+        model = getattr(config, f"{name}_model", getattr(config, "model", None) if name == "base" else None)
+        if isinstance(value, BaseModel) and model in (None, "builtin"):
+            check_batch_split(value, world, f"{prefix}{name}.")
 
 
 def _step_plan(n: int, cfg: TrainConfig, seed: int, world: int, steps: int):
     """Yield, per optimizer step, this rank's micro-batches as lists of (example index, is_ghost).
 
-    The data order is a seeded permutation per epoch, identical on every rank. Each global batch is
-    dealt round-robin to ranks; a rank short of examples gets ghost copies (loss weight 0) so every rank
-    runs the same number of forward/backward passes, which DDP requires.
+    The data order is a seeded permutation per epoch, identical on every rank. Each global batch
+    (batch_size * grad_accum examples) is dealt round-robin to ranks, batch_size / world per micro-batch;
+    a rank short of examples gets ghost copies (loss weight 0) so every rank runs the same number of
+    forward/backward passes, which DDP requires.
     """
-    per_epoch = steps_per_epoch(n, cfg, world)
-    global_batch = cfg.batch_size * cfg.grad_accum * world
+    per_epoch = steps_per_epoch(n, cfg)
+    global_batch = cfg.batch_size * cfg.grad_accum
+    local_batch = D.split_batch(cfg.batch_size, world)
     me = D.rank()
     perm: list[int] = []
     for step in range(steps):
@@ -271,10 +294,10 @@ def _step_plan(n: int, cfg: TrainConfig, seed: int, world: int, steps: int):
             perm = torch.randperm(n, generator=gen).tolist()
         chunk = perm[k * global_batch:(k + 1) * global_batch]
         mine = chunk[me::world]
-        micro_count = math.ceil(math.ceil(len(chunk) / world) / cfg.batch_size)
+        micro_count = math.ceil(math.ceil(len(chunk) / world) / local_batch)
         micro = []
         for m in range(micro_count):
-            part = [(i, False) for i in mine[m * cfg.batch_size:(m + 1) * cfg.batch_size]]
+            part = [(i, False) for i in mine[m * local_batch:(m + 1) * local_batch]]
             if not part:
                 part = [(chunk[0], True)]
             micro.append(part)
@@ -331,6 +354,7 @@ def train(
     D.seed_everything(seed)
     device = D.device()
     world = D.world_size()
+    D.split_batch(cfg.batch_size, world)  # a global batch the processes cannot share evenly is refused first
     model.to(device)
     checkpointing = cfg.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable")
     if checkpointing:
@@ -356,8 +380,8 @@ def train(
     n = len(train_data)
     if n == 0:
         raise ValueError("no training examples")
-    steps = total_steps(n, cfg, world)
-    per_epoch = steps_per_epoch(n, cfg, world)
+    steps = total_steps(n, cfg)
+    per_epoch = steps_per_epoch(n, cfg)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * steps))
     eval_every = cfg.eval_every or per_epoch
     restore = cfg.early_stopping_patience is not None if restore_best is None else restore_best

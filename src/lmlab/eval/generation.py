@@ -7,6 +7,8 @@ never shifts a real token's position.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -53,8 +55,13 @@ def greedy_generate(
     tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens to decode when looking for a stop
     try:
         for _ in range(max_new_tokens):
-            out = model(**step_inputs, attention_mask=mask, position_ids=position_ids, past_key_values=past,
-                        use_cache=True)
+            with warnings.catch_warnings():
+                # transformers 5 renames the forward's `past_key_values` to `cache` and warns on every first call
+                # site; generation keeps the old name, which every version accepts and HyLoRADA's pre-forward hook
+                # reads (it finds the positions of the new tokens from the cache's length)
+                warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
+                out = model(**step_inputs, attention_mask=mask, position_ids=position_ids, past_key_values=past,
+                            use_cache=True)
             past = out.past_key_values
             next_token = out.logits[:, -1, :].argmax(-1)  # [B]
             next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)

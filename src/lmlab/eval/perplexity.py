@@ -1,4 +1,4 @@
-"""Corpus-level perplexity, bits per byte and position-resolved perplexity (PROTOCOL.md section 4).
+"""Corpus-level perplexity, bits per byte and position-resolved perplexity (docs/protocol.md section 4).
 
 The one definition every study and `lmlab eval ppl` use:
 - each document is scored on its own: its tokens (no special tokens) preceded by the prefix token
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmlab import progress as bars
 from lmlab.engine import distributed as D
 from lmlab.engine.train import model_logits
 from lmlab.models.hf import prefix_token_id
@@ -85,7 +86,7 @@ def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad
     # position onwards batch together, so a batch of last windows skips their shared unscored prefix.
     order = sorted(range(len(windows)),
                    key=lambda i: (-len(windows[i].inputs), len(windows[i].inputs) - windows[i].scored))
-    for start in range(0, len(order), batch_size):
+    for start in bars.bar(range(0, len(order), batch_size), desc="evaluating", unit="batch"):
         group = [windows[i] for i in order[start:start + batch_size]]
         length = max(len(w.inputs) for w in group)
         first = min(len(w.inputs) - w.scored for w in group) if trims_logits else 0  # first scored position

@@ -1,4 +1,4 @@
-"""Retrieval accuracy by depth on built-in long-context documents (PROTOCOL.md section 4).
+"""Retrieval accuracy by depth on built-in long-context documents (docs/protocol.md section 4).
 
 For each planted fact, the prompt is the document up to its query's "answer :" (preceded by the
 prefix token, left-truncated to the window), the model continues greedily, and the answer counts when
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lmlab import progress as bars
 from lmlab.data.generators import LongDocument
 from lmlab.engine import distributed as D
 from lmlab.eval.generation import greedy_generate, left_pad
@@ -46,7 +47,7 @@ def retrieval_accuracy(model: nn.Module, tokenizer, docs: Sequence[LongDocument]
     # Longest first so batches pad little.
     mine.sort(key=lambda i: -len(prompts[i]))
     correct_local: dict[int, bool] = {}
-    for start in range(0, len(mine), batch_size):
+    for start in bars.bar(range(0, len(mine), batch_size), desc="retrieval (generating)", unit="batch"):
         idx = mine[start:start + batch_size]
         ids, mask = left_pad([prompts[i] for i in idx], pad, device=device)
         out = greedy_generate(model, mask, new_tokens, input_ids=ids, pad_token_id=pad)

@@ -1,6 +1,6 @@
 """HyLoRADA: LoRA / rsLoRA / DoRA adapters with a learned position bias, landmarks and learnable buckets.
 
-The method is specified in HYLORADA.md; `apply_hylorada` turns a Hugging Face causal LM into a
+The method is specified in docs/hylorada.md; `apply_hylorada` turns a Hugging Face causal LM into a
 HyLoRADA model in place, and the functions below save, load, merge and export its adapter.
 """
 

@@ -1,4 +1,4 @@
-"""The HyLoRADA config (HYLORADA.md section 0: field names and defaults are part of the interface)."""
+"""The HyLoRADA config (docs/hylorada.md section 0: field names and defaults are part of the interface)."""
 
 from __future__ import annotations
 

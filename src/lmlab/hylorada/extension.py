@@ -1,4 +1,4 @@
-"""Extending the base model's context before fine-tuning (HYLORADA.md section 7).
+"""Extending the base model's context before fine-tuning (docs/hylorada.md section 7).
 
 RoPE models get `rope_parameters` (transformers 5's name for `rope_scaling`) set on the config BEFORE the
 model is built - rotary frequencies are computed at construction, so setting it afterwards has no
@@ -16,6 +16,10 @@ from torch import nn
 
 from lmlab.errors import ConfigError
 from lmlab.models.hf import context_length
+
+# The table sizes a model's learned position table went through (e.g. [1024, 2048]), kept on the model so that
+# `save_adapter` records the stretch and `load_adapter` repeats it on a fresh base.
+INTERPOLATED = "_lmlab_interpolated_positions"
 
 
 def rope_scaling(config, max_length: int, kind: Literal["linear", "dynamic", "yarn"] = "linear"):
@@ -59,16 +63,11 @@ def interpolate_position_embeddings(model: nn.Module, max_length: int) -> nn.Mod
     """Stretch a learned absolute position table (GPT-2 `wpe`) to `max_length` rows by linear interpolation.
 
     Row j of the new table is the old table at position j * (n_old - 1) / (max_length - 1), so the first
-    and last rows are kept. Changes the model and its config in place; returns the model.
+    and last rows are kept. Changes the model and its config in place, and notes the sizes on the model
+    (`save_adapter` records them, `load_adapter` stretches a fresh base the same way); returns the model.
     """
-    original = context_length(model.config)
-    token_embeddings = model.get_input_embeddings()
-    tables = [m for m in model.modules()
-              if isinstance(m, nn.Embedding) and m is not token_embeddings and m.num_embeddings == original]
-    if len(tables) != 1:
-        raise ConfigError(f"{type(model).__name__} has no single learned position table of {original} rows "
-                          "(RoPE models use rope_scaling instead)")
-    table = tables[0]
+    table = position_table(model)
+    original = table.num_embeddings
     if max_length <= original:
         return model
     old = table.weight  # [n_old, d]
@@ -76,4 +75,18 @@ def interpolate_position_embeddings(model: nn.Module, max_length: int) -> nn.Mod
     table.weight = nn.Parameter(new[0].t().to(old.dtype).contiguous(), requires_grad=old.requires_grad)
     table.num_embeddings = max_length
     model.config.max_position_embeddings = max_length
+    setattr(model, INTERPOLATED, [*(getattr(model, INTERPOLATED, None) or [original]), max_length])
     return model
+
+
+def position_table(model: nn.Module) -> nn.Embedding:
+    """The model's single learned absolute position table (GPT-2 `wpe`): an embedding other than the token
+    embeddings with as many rows as the model's context."""
+    original = context_length(model.config)
+    token_embeddings = model.get_input_embeddings()
+    tables = [m for m in model.modules()
+              if isinstance(m, nn.Embedding) and m is not token_embeddings and m.num_embeddings == original]
+    if len(tables) != 1:
+        raise ConfigError(f"{type(model).__name__} has no single learned position table of {original} rows "
+                          "(RoPE models use rope_scaling instead)")
+    return tables[0]

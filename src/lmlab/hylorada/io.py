@@ -1,13 +1,16 @@
 """Adapter files: save/load in our format or peft's, merge into the base weights, export to peft (s. 6).
 
 Our format is a directory with `adapter_config.json` (format name and version, the HyLoRADA config, the
-resolved max_positions, the base model's name and architecture, the adapted module names) and
-`adapter_model.safetensors` with every trainable tensor, named as in `model.named_parameters()`.
+resolved max_positions, the base model's name and architecture, the adapted module names, and the context
+extension the model was trained with: its RoPE scaling and any stretching of a learned position table) and
+`adapter_model.safetensors` with every trainable tensor, named as in `model.named_parameters()`. Loading applies
+the recorded context extension to the fresh base, so the loaded model is the model that was trained.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,8 +22,10 @@ from lmlab.config import describe_validation_error
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import atomic_path, atomic_write_text, read_tensors
 from lmlab.hylorada.config import HyLoRADAConfig
+from lmlab.hylorada.extension import INTERPOLATED, interpolate_position_embeddings, position_table
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import adapter_parameters, apply_hylorada, hylorada_state
+from lmlab.models.hf import context_length
 
 FORMAT = "lmlab-hylorada"
 FORMAT_VERSION = 1
@@ -46,6 +51,9 @@ def save_adapter(model: nn.Module, directory: str | Path) -> dict:
         "base_model": state.base_model,
         "adapted_modules": state.adapted,
     }
+    extension = position_extension(model)
+    if extension is not None:
+        meta["position_extension"] = extension
     with atomic_path(directory / WEIGHTS_FILE) as staging:
         save_file(tensors, str(staging), metadata={"format": "pt"})
     atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
@@ -72,20 +80,175 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{config_path} does not hold a JSON object")
+    extension = None
     if "peft_type" in meta:
         config, tensors, max_positions = _read_peft(meta, directory)
     else:
         config, tensors, max_positions = _read_ours(meta, directory, model)
+        extension = _read_extension(meta, config_path)
+    undo = _extend_positions(model, extension, config_path) if extension else _nothing
     try:
         apply_hylorada(model, config, max_positions=max_positions)
     except ConfigError as exc:  # e.g. the adapted module names do not exist in this model
+        undo()
         raise CheckpointError(f"{directory}: the adapter does not fit this model: {exc}") from None
     try:
         _copy_into(model, tensors, directory / WEIGHTS_FILE)
     except CheckpointError:
         _remove(model, merge=False)  # leave the caller's model as it was
+        undo()
         raise
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Context extension: recorded with the adapter, applied again on load
+
+
+def position_extension(model: nn.Module) -> dict | None:
+    """How the model's positions were extended beyond its pretrained base, as `save_adapter` records it: the RoPE
+    scaling on its config (`rope_parameters` whose type is not 'default', e.g. from `rope_scaling`, with
+    `max_position_embeddings`) and the sizes a learned position table was stretched through by
+    `interpolate_position_embeddings` (`interpolated_positions`, e.g. [1024, 2048]); None when neither."""
+    config = getattr(model, "config", None)
+    record: dict = {}
+    rope = getattr(config, "rope_parameters", None)
+    if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+        record["rope_parameters"] = json.loads(json.dumps(dict(rope)))
+        record["max_position_embeddings"] = getattr(config, "max_position_embeddings", None)
+    sizes = getattr(model, INTERPOLATED, None)
+    if sizes:
+        record["interpolated_positions"] = [int(n) for n in sizes]
+    return record or None
+
+
+def _read_extension(meta: dict, config_path: Path) -> dict | None:
+    extension = meta.get("position_extension")
+    if extension is None:
+        return None
+    if not isinstance(extension, dict):
+        raise CheckpointError(f"{config_path}: 'position_extension' must be a JSON object, got {extension!r}")
+    rope = extension.get("rope_parameters")
+    if rope is not None and not (isinstance(rope, dict) and isinstance(rope.get("rope_type"), str)
+                                 and isinstance(rope.get("rope_theta"), (int, float))):
+        raise CheckpointError(f"{config_path}: 'position_extension.rope_parameters' must be an object with "
+                              f"rope_type and rope_theta, got {rope!r}")
+    positions = extension.get("max_position_embeddings")
+    if positions is not None and (type(positions) is not int or positions < 1):
+        raise CheckpointError(f"{config_path}: 'position_extension.max_position_embeddings' must be a positive "
+                              f"integer, got {positions!r}")
+    sizes = extension.get("interpolated_positions")
+    if sizes is not None and not (isinstance(sizes, list) and len(sizes) >= 2
+                                  and all(type(n) is int and n >= 2 for n in sizes)
+                                  and all(a < b for a, b in zip(sizes, sizes[1:], strict=False))):
+        raise CheckpointError(f"{config_path}: 'position_extension.interpolated_positions' must be increasing "
+                              f"table sizes, e.g. [1024, 2048], got {sizes!r}")
+    return extension
+
+
+def _nothing() -> None:
+    return None
+
+
+def _extend_positions(model: nn.Module, extension: dict, config_path: Path):
+    """Give `model` the context extension the adapter was trained with (RoPE scaling, a stretched position table);
+    returns a function that puts the model back as it was (for a load that fails later)."""
+    undo: list = []
+
+    def restore() -> None:
+        for step in reversed(undo):
+            step()
+
+    try:
+        sizes = extension.get("interpolated_positions")
+        if sizes:
+            _stretch_table(model, sizes, config_path, undo)
+        rope = extension.get("rope_parameters")
+        if rope:
+            _scale_rope(model, rope, extension.get("max_position_embeddings"), config_path, undo)
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
+def _stretch_table(model: nn.Module, sizes: list[int], config_path: Path, undo: list) -> None:
+    try:
+        table = position_table(model)
+    except ConfigError:
+        raise CheckpointError(f"{config_path}: the adapter was trained with a learned position table stretched from "
+                              f"{sizes[0]} to {sizes[-1]} rows, but {type(model).__name__} has no such table") from None
+    rows = table.num_embeddings
+    if rows == sizes[-1]:
+        return  # a base saved after stretching
+    if rows != sizes[0]:
+        raise CheckpointError(f"{config_path}: the adapter was trained with the position table stretched from "
+                              f"{sizes[0]} to {sizes[-1]} rows, but the model's table has {rows}: load it onto the "
+                              "base model it was trained on")
+    weight, config, marker = table.weight, model.config, getattr(model, INTERPOLATED, None)
+    positions = config.max_position_embeddings
+
+    def put_back() -> None:
+        table.weight, table.num_embeddings = weight, rows
+        config.max_position_embeddings = positions
+        if marker is None:
+            model.__dict__.pop(INTERPOLATED, None)
+        else:
+            setattr(model, INTERPOLATED, marker)
+
+    undo.append(put_back)
+    for size in sizes[1:]:
+        interpolate_position_embeddings(model, size)
+
+
+def _scale_rope(model: nn.Module, rope: dict, positions: int | None, config_path: Path, undo: list) -> None:
+    config = model.config
+    current = getattr(config, "rope_parameters", None)
+    if not isinstance(current, dict) or "rope_theta" not in current:
+        raise CheckpointError(f"{config_path}: the adapter was trained with RoPE scaling '{rope['rope_type']}', but "
+                              f"the model ('{getattr(config, 'model_type', '?')}') does not use RoPE")
+    if dict(current) == rope and positions in (None, context_length(config)):
+        return  # the model already has it
+    if float(current["rope_theta"]) != float(rope["rope_theta"]):
+        raise CheckpointError(f"{config_path}: the adapter was trained on a model with rope_theta "
+                              f"{rope['rope_theta']}, but this model has {current['rope_theta']}: load it onto the "
+                              "base it was trained on")
+    rotary = [(name, module) for name, module in model.named_modules()
+              if hasattr(module, "inv_freq") and hasattr(module, "rope_type") and hasattr(module, "config")]
+    if not rotary:
+        raise CheckpointError(f"{config_path}: the adapter was trained with RoPE scaling '{rope['rope_type']}', but "
+                              f"no rotary embedding module of {type(model).__name__} can take it; build the model "
+                              "with lmlab.hylorada.rope_scaling applied to its config, then load the adapter")
+    configs = {id(c): c for c in [config, *(m.config for _, m in rotary)]}
+    saved = {key: (c, c.rope_parameters, c.max_position_embeddings) for key, c in configs.items()}
+
+    def put_back() -> None:
+        for c, params, length in saved.values():
+            c.rope_parameters, c.max_position_embeddings = params, length
+        for name, module in rotary:
+            _set_submodule(model, name, module)
+
+    undo.append(put_back)
+    for c in configs.values():
+        c.rope_parameters = dict(rope)
+        if positions is not None:
+            c.max_position_embeddings = positions
+    for name, module in rotary:  # rotary frequencies are computed when the module is built: build it again
+        try:
+            fresh = type(module)(module.config).to(module.inv_freq.device)
+        except (TypeError, ValueError, KeyError) as exc:
+            put_back()
+            undo.remove(put_back)
+            raise CheckpointError(f"{config_path}: cannot rebuild {type(module).__name__} with RoPE scaling "
+                                  f"'{rope['rope_type']}' ({exc}); build the model with lmlab.hylorada.rope_scaling "
+                                  "applied to its config, then load the adapter") from None
+        fresh.train(module.training)
+        _set_submodule(model, name, fresh)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _read_ours(meta: dict, directory: Path, model: nn.Module) -> tuple[HyLoRADAConfig, dict, int]:
@@ -197,8 +360,11 @@ def _copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold LoRA/DoRA into the base weights (Linear and Conv1D) and remove HyLoRADA; returns the plain model.
 
-    The model is changed in place (as peft's merge_and_unload). Position bias and landmarks cannot be
-    folded, so a model with either is refused rather than silently changed.
+    What merges: LoRA, rsLoRA and DoRA, with trained embeddings and norms (already base weights). The position
+    bias and landmarks depend on each token's position or on the hidden states, which no weight matrix can hold,
+    so a model with either is refused (ConfigError, the model unchanged) rather than silently changed. The model
+    is changed in place, as peft's merge_and_unload: the returned model IS `model`, without its adapter, so
+    `save_adapter` / `export_peft` it first (or merge a `copy.deepcopy(model)`).
     """
     state = hylorada_state(model)
     config = state.config
@@ -241,8 +407,9 @@ def _remove(model: nn.Module, merge: bool) -> None:
 def export_peft(model: nn.Module, directory: str | Path) -> dict:
     """Write the LoRA/DoRA part in peft's format (`PeftModel.from_pretrained` reads it); returns its size.
 
-    Refuses when the config has parts peft's LoRA cannot hold (position bias, landmarks, trained
-    embeddings or norms).
+    What exports: LoRA, rsLoRA and DoRA adapters. Refuses (ConfigError, nothing written) when the config has
+    parts peft's LoRA cannot hold: position bias, landmarks, trained embeddings or norms (`save_adapter` keeps
+    everything). A RoPE scaling the model was trained with is not part of peft's format: build the base with it.
     """
     from peft import LoraConfig  # peft is only needed here
 
@@ -255,6 +422,11 @@ def export_peft(model: nn.Module, directory: str | Path) -> dict:
     if extra:
         raise ConfigError(f"export_peft: peft's LoRA format cannot hold {', '.join(extra)}; use save_adapter, or "
                           "train with position_bias=False and landmarks='none' to export")
+    extension = position_extension(model)
+    if extension is not None:
+        warnings.warn(f"export_peft: the model was trained with a context extension ({extension}) that peft's format "
+                      "does not record; build the base with it before loading the exported adapter in peft",
+                      RuntimeWarning, stacklevel=2)
     layers = {name: model.get_submodule(name) for name in state.adapted}
     alpha = int(config.alpha) if float(config.alpha).is_integer() else config.alpha
     causal = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))

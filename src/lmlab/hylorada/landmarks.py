@@ -1,4 +1,4 @@
-"""Landmarks: K learned vectors mixed into hidden states by a per-token softmax gate (HYLORADA.md s. 4-5).
+"""Landmarks: K learned vectors mixed into hidden states by a per-token softmax gate (docs/hylorada.md s. 4-5).
 
     position_adaptive / learnable_bucket (after the final norm):
         g_t = softmax(P[bucket(p)] + W_c h_t)          (learnable_bucket: w(p) @ P instead of P[bucket(p)])

@@ -1,4 +1,4 @@
-"""The adapter layer: LoRA / rsLoRA / DoRA around a frozen `nn.Linear` or GPT-2 `Conv1D` (HYLORADA.md s. 1, 3).
+"""The adapter layer: LoRA / rsLoRA / DoRA around a frozen `nn.Linear` or GPT-2 `Conv1D` (docs/hylorada.md s. 1, 3).
 
     LoRA: y = W0 x + b + s * B A dropout(x) * (1 + sigmoid(w) * tanh(bias[bucket(p)]))   (bias factor optional)
     DoRA: y = (m / ||W0 + s B A||_row) * (W0 x + s B A dropout(x) ...) + b               (norm detached)

@@ -3,7 +3,7 @@
 `apply_hylorada` wraps the target layers in place, freezes the base, and registers everything else
 (position-bias table, landmarks, learnable boundaries) as the submodule `model.hylorada`, so it is in
 `model.parameters()`, moves with `.to()`, and is saved and counted. A forward pre-hook on the model
-computes the token positions once per forward for all HyLoRADA modules (HYLORADA.md section 2).
+computes the token positions once per forward for all HyLoRADA modules (docs/hylorada.md section 2).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from lmlab.hylorada.position import (
 )
 from lmlab.models.hf import context_length
 
-# HYLORADA.md section 1: default targets per `config.model_type`
+# docs/hylorada.md section 1: default targets per `config.model_type`
 DEFAULT_TARGETS: dict[str, list[str]] = {
     "gpt2": ["attn.c_attn", "attn.c_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -303,7 +303,8 @@ def _is_norm(module: nn.Module) -> bool:
 def hylorada_state(model: nn.Module) -> HyLoRADAState:
     state = getattr(model, "hylorada", None)
     if not isinstance(state, HyLoRADAState):
-        raise ConfigError(f"{type(model).__name__} has no HyLoRADA adapters: call apply_hylorada or load_adapter first")
+        raise ConfigError(f"{type(model).__name__} has no HyLoRADA adapters: call apply_hylorada or load_adapter first "
+                          "(merge_adapter folds them into the model in place: save_adapter / export_peft before it)")
     return state
 
 

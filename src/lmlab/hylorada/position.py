@@ -1,6 +1,6 @@
 """Token positions, position buckets (fixed and learnable) and the shared position-bias table.
 
-HYLORADA.md sections 2, 3 and 5. A token's position counts real tokens only, so left padding does not
+docs/hylorada.md sections 2, 3 and 5. A token's position counts real tokens only, so left padding does not
 shift it, and during cached decoding a new token's position continues from the cache.
 """
 
@@ -118,7 +118,7 @@ BoundaryAssignment = Literal["relative", "absolute", "straight_through"]
 
 
 class LearnableBuckets(nn.Module):
-    """Bucket assignment with learnable boundaries on u = p / max_positions (HYLORADA.md section 5).
+    """Bucket assignment with learnable boundaries on u = p / max_positions (docs/hylorada.md section 5).
 
         q_i = sigmoid((x(u) - x(b_i)) / tau)     w_0 = 1 - q_0,  w_i = q_{i-1} - q_i,  w_last = q_last   (b sorted)
 

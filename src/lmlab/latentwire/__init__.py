@@ -1,6 +1,6 @@
 """LatentWire: a trained bridge from a frozen source LM to a frozen target LM through K soft tokens.
 
-Components (LATENTWIRE.md): `translator` (BottleneckedGatedTranslator), `bridge` (conditioning modes and
+Components (docs/latentwire.md): `translator` (BottleneckedGatedTranslator), `bridge` (conditioning modes and
 the target's inputs), `losses`, `gsm8k` (prompts, answer extraction), `costs` (KV bytes) and `evaluate`
 (the six evaluated systems, eval_samples.jsonl, summaries). The training recipe lives in `lmlab.studies`.
 """

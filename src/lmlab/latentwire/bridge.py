@@ -1,4 +1,4 @@
-"""The bridge: frozen source -> trainable translator -> frozen target (LATENTWIRE.md sections 1-2).
+"""The bridge: frozen source -> trainable translator -> frozen target (docs/latentwire.md sections 1-2).
 
 Conditioning modes (the same one in training and evaluation):
 - `soft_only`:      target input = [BOS] [soft tokens] + "\\nAnswer:"       (the target never sees the question)

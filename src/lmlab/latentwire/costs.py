@@ -1,4 +1,4 @@
-"""Inference costs measured from model configs and encoded prompts (LATENTWIRE.md section 4).
+"""Inference costs measured from model configs and encoded prompts (docs/latentwire.md section 4).
 
 KV-cache bytes per token = 2 (keys and values) x layers x kv_heads x head_dim x bytes per element, read
 from the config, so grouped-query attention (fewer kv heads than query heads) is counted as it is stored.

@@ -1,4 +1,4 @@
-"""Evaluation of the bridge against its baselines and controls on the same items (LATENTWIRE.md section 4).
+"""Evaluation of the bridge against its baselines and controls on the same items (docs/latentwire.md section 4).
 
 Systems:
 - `target_text` / `source_text`: each model alone on the few-shot text prompt;
@@ -28,6 +28,7 @@ from statistics import fmean
 
 import torch
 
+from lmlab import progress as bars
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.generation import greedy_generate, left_pad
 from lmlab.fileio import atomic_write_text
@@ -97,7 +98,7 @@ def run_system(bridge: LatentWireBridge, system: str, items: Sequence[dict], *, 
     shuffled = derangement(len(items)) if system == "shuffled_source" else None
     outputs, prompt_tokens, new_tokens = [], [], 0
     start = time.perf_counter()
-    for lo in range(0, len(items), batch_size):
+    for lo in bars.bar(range(0, len(items), batch_size), desc=f"generating {system}", unit="batch"):
         batch = list(items[lo: lo + batch_size])
         if system in ("target_text", "source_text", "token_budget"):
             prompts = [enc.budget_prompt(it) if system == "token_budget" else enc.text_prompt(it, side)

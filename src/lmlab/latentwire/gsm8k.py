@@ -1,4 +1,4 @@
-"""GSM8K prompts and answer extraction (LATENTWIRE.md section 4, PROTOCOL.md section 4).
+"""GSM8K prompts and answer extraction (docs/latentwire.md section 4, docs/protocol.md section 4).
 
 Items are Hugging Face gsm8k-format dicts: `{"question": str, "answer": str}` where the answer is the
 rationale ending with a line `#### <number>`. Prompts are few-shot chain of thought in the

@@ -1,4 +1,4 @@
-"""LatentWire training losses (LATENTWIRE.md section 3), each masked and computed in float32.
+"""LatentWire training losses (docs/latentwire.md section 3), each masked and computed in float32.
 
 The training loop divides a loss's `total` by the global `weight` (answer tokens over accumulation
 steps and processes), so every term here is a SUM. Per-token terms (NLL, KL) sum over answer tokens.

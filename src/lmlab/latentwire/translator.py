@@ -1,4 +1,4 @@
-"""BottleneckedGatedTranslator: source hidden states -> K soft tokens for the target (LATENTWIRE.md section 1).
+"""BottleneckedGatedTranslator: source hidden states -> K soft tokens for the target (docs/latentwire.md section 1).
 
 K learned queries at bottleneck width b read the source through `depth` pre-norm blocks of gated
 self-attention, Flamingo-style gated cross-attention and a gated SwiGLU feed-forward. Every gate is a

@@ -101,12 +101,29 @@ def load_config(name_or_path: str, trust_remote_code: bool = False) -> Pretraine
         if local:
             return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         return _from_hub_or_cache(AutoConfig.from_pretrained, source, "model", trust_remote_code=trust_remote_code)
+    except CheckpointError:
+        raise
     except (OSError, ValueError) as exc:  # not JSON, an unknown architecture, custom code without trust
         if "trust_remote_code" in str(exc):
             raise CheckpointError(f"{name_or_path} needs its own Python code (auto_map in config.json), which lmlab "
                                   "does not run by default; read that code, then pass --trust-remote-code (or "
                                   "trust_remote_code=true in the study config) if you trust it") from None
         raise CheckpointError(f"{name_or_path}: unusable config.json ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # a field of the wrong type (transformers' strict config dataclasses) and the like
+        raise _config_error(name_or_path, exc) from None
+
+
+def _config_error(name_or_path: str, exc: Exception) -> CheckpointError:
+    return CheckpointError(f"{name_or_path}: unusable config.json ({_config_problem(exc)}); fix that field, or save "
+                           "the model again with save_pretrained")
+
+
+def _config_problem(exc: Exception) -> str:
+    """The readable core of an error raised while building a config: for a wrongly typed field, the field, the
+    expected type and the value (`Field 'hidden_size' expected int, got str (value: 'abc')`)."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_causal_lm(
@@ -127,8 +144,9 @@ def load_causal_lm(
     if config_fn is not None:
         config = config_fn(config)
     source, local = resolve(name_or_path)
+    # Mismatched shapes are reported below by name (transformers' own error points at a report it does not show).
     kwargs = dict(config=config, dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=trust_remote_code,
-                  output_loading_info=True)
+                  output_loading_info=True, ignore_mismatched_sizes=True)
     try:
         if local:
             check_weight_files(Path(source))
@@ -139,6 +157,14 @@ def load_causal_lm(
         raise
     except Exception as exc:  # corrupt or truncated weights surface as many different exception types
         raise CheckpointError(f"cannot load model weights from {name_or_path}: {str(exc).splitlines()[0]}") from None
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: str(item[0]))
+    if mismatched:  # transformers would initialise them randomly
+        key, stored, expected = (list(mismatched[0]) + [None, None])[:3]
+        shapes = (f" is {list(stored)} in the weights but {list(expected)} by config.json"
+                  if stored is not None and expected is not None else " does not have the shape config.json gives")
+        raise CheckpointError(f"the weights of {name_or_path} do not fit its config.json: tensor '{key}'{shapes} "
+                              f"({len(mismatched)} tensor(s) differ); the weight files and config.json do not belong "
+                              "together - restore the config.json saved with these weights")
     missing = sorted(info["missing_keys"])
     if missing:  # transformers would initialise them randomly and only log a warning
         raise CheckpointError(f"the weights of {name_or_path} lack tensor '{missing[0]}' ({len(missing)} missing) that "
@@ -163,6 +189,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     except CheckpointError:
         raise
     except Exception as exc:
+        if type(exc).__name__.startswith("StrictDataclass"):  # the tokenizer read a config.json with a bad field
+            raise _config_error(name_or_path, exc) from None
         raise CheckpointError(f"cannot load the tokenizer of {name_or_path}: {str(exc).splitlines()[0]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -170,7 +198,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def prefix_token_id(tokenizer) -> int:
-    """The token that starts every scored document: BOS, else EOS (PROTOCOL.md section 4)."""
+    """The token that starts every scored document: BOS, else EOS (docs/protocol.md section 4)."""
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if token is None:
         raise CheckpointError("the tokenizer has neither a BOS nor an EOS token to start documents with")

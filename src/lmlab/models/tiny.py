@@ -2,7 +2,7 @@
 
 A pretrained tiny base is saved with `save_pretrained` (plus its tokenizer) in a cache directory keyed
 by a hash of everything that determines it (architecture, data, tokenizer, training), so later runs
-reuse it (PROTOCOL.md section 2). Building one is safe under concurrency (a file lock) and under
+reuse it (docs/protocol.md section 2). Building one is safe under concurrency (a file lock) and under
 torchrun (all ranks train it together; rank 0 writes it).
 """
 

@@ -1,4 +1,4 @@
-"""Configs of the MU semantic-block transformer and of its dense baseline (MU.md sections 1-2)."""
+"""Configs of the MU semantic-block transformer and of its dense baseline (docs/mu.md sections 1-2)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pydantic import Field, model_validator
 from lmlab.config import Section, build
 from lmlab.errors import ConfigError
 
-# MU.md section 1: the 16 default blocks of the 8 x 8 grid with 2 x 2 blocks, row by row.
+# docs/mu.md section 1: the 16 default blocks of the 8 x 8 grid with 2 x 2 blocks, row by row.
 DEFAULT_BLOCK_NAMES = ("I", "S", "C1", "C2", "R1", "R2", "T", "K", "G", "M", "D", "F", "P", "E", "A", "X")
 
-# Named presets (MU.md section 1); `mu-simple` is the notes' simplification (fewer blocks, 8 layers).
+# Named presets (docs/mu.md section 1); `mu-simple` is the notes' simplification (fewer blocks, 8 layers).
 PRESETS: dict[str, dict] = {
     "mu-sota": {"grid": 8, "block_shape": (2, 2), "n_layers": 12},
     "mu-simple": {"grid": 8, "block_shape": (2, 4), "n_layers": 8},
@@ -22,7 +22,7 @@ PRESETS: dict[str, dict] = {
 class MUConfig(Section):
     """The MU model: a `grid x grid` token state tiled by `block_shape` blocks (one attention head each).
 
-    The state width is `grid**2` (64 by default). `block_names=None` means the 16 names of MU.md when the
+    The state width is `grid**2` (64 by default). `block_names=None` means the 16 names of docs/mu.md when the
     grid has 16 blocks and `block0, block1, ...` otherwise.
     """
 

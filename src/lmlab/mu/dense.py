@@ -1,4 +1,4 @@
-"""The dense baseline of the MU study (MU.md section 2): a standard causal pre-norm GPT, nanoGPT-style.
+"""The dense baseline of the MU study (docs/mu.md section 2): a standard causal pre-norm GPT, nanoGPT-style.
 
 Its attention and MLP modules are also MU's cross-block attention and feed-forward, so the two models
 differ only in what MU adds.

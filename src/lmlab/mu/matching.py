@@ -1,4 +1,4 @@
-"""Parameter counting and the dense-baseline width solver (MU.md section 2)."""
+"""Parameter counting and the dense-baseline width solver (docs/mu.md section 2)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lmlab.mu.config import DenseConfig, MUConfig
 from lmlab.mu.dense import DenseModel
 from lmlab.mu.model import MUModel
 
-TOLERANCE = 0.02  # MU.md: the baseline matches MU's parameter count within 2%
+TOLERANCE = 0.02  # docs/mu.md: the baseline matches MU's parameter count within 2%
 
 Count = Literal["total", "non_embedding"]
 

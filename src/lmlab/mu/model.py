@@ -1,4 +1,4 @@
-"""MU: the semantic-block transformer (MU.md section 1).
+"""MU: the semantic-block transformer (docs/mu.md section 1).
 
 Each token's state is a `g x g` grid of numbers tiled by `bh x bw` semantic blocks. A layer runs, pre-norm
 and causal: block-wise attention (each block is one attention head over its own cells), cross-block

@@ -1,4 +1,4 @@
-"""Attribution and claims: what a study concludes, computed from its cells (PROTOCOL.md section 5).
+"""Attribution and claims: what a study concludes, computed from its cells (docs/protocol.md section 5).
 
 A study declares *comparisons*: a candidate, the configuration it adds one component to (its parent), and
 *controls* that would explain a gain trivially (e.g. a learned constant vector in place of landmarks, or a LoRA
@@ -281,7 +281,7 @@ def interval_verdict(interval: list[float] | None, claimed: float | None, claime
 
 
 def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_better: bool) -> dict:
-    """A claim (from CLAIMS.md) against this run: what was measured and a verdict.
+    """A claim (docs/studies.md, claims of the research notes) against this run: what was measured and a verdict.
 
     kind "effect" (default): the claimed improvement of `candidate` over `parent` on `metric` (`claimed_pct`,
     positive = better). Supported when the 95% interval excludes 0 on the claimed side; not supported when it

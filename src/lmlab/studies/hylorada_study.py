@@ -1,4 +1,4 @@
-"""The three HyLoRADA studies (HYLORADA.md section 8): `hylorada`, `landmarks`, `bucketing`.
+"""The three HyLoRADA studies (docs/hylorada.md section 8): `hylorada`, `landmarks`, `bucketing`.
 
 One recipe: load the base (a cached tiny model pretrained at a short context, or any HF causal LM),
 extend its context (RoPE scaling set before the model is built), apply one HyLoRADA configuration,
@@ -39,6 +39,7 @@ from lmlab.data.sources import load_documents
 from lmlab.engine import distributed as D
 from lmlab.engine.optim import lr_factor
 from lmlab.engine.train import TrainConfig, collate_lm, total_steps, train
+from lmlab.errors import ConfigError, DataError
 from lmlab.eval.perplexity import evaluate_perplexity, positional_perplexity
 from lmlab.eval.retrieval import retrieval_accuracy
 from lmlab.hylorada import (
@@ -210,6 +211,19 @@ BUCKETING_CLAIMS = [
      "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
 ]
 
+# How far the study extends a model's context (max_length over the context it was pretrained at): published
+# extensions of pretrained models (position interpolation, YaRN) reach 32x; far beyond it the data for one window
+# alone takes minutes to build and the attention of one window does not fit in memory.
+MAX_EXTENSION = 32
+
+
+def check_extension(max_length: int, context: int | None, what: str) -> None:
+    """max_length within MAX_EXTENSION times the model's context (when it has a known one)."""
+    if context is not None and max_length > MAX_EXTENSION * context:
+        raise ConfigError(f"max_length={max_length} is more than {MAX_EXTENSION}x the {context}-token context of "
+                          f"{what}, farther than the study extends a context; use max_length="
+                          f"{MAX_EXTENSION * context} or less")
+
 
 class HyloradaStudyConfig(StudyConfig):
     """A HyLoRADA study: base model, data, context, training and the shared adapter settings."""
@@ -252,6 +266,11 @@ class HyloradaStudyConfig(StudyConfig):
         if self.model == "builtin" and self.max_length < self.base.model.context:
             raise ValueError(f"max_length={self.max_length} is shorter than the tiny base's pretraining context "
                              f"({self.base.model.context}); the study extends the context, it does not shrink it")
+        if self.model == "builtin":
+            try:
+                check_extension(self.max_length, self.base.model.context, "the tiny base (base.model.context)")
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         if self.lr_grid is not None:
             if any(lr <= 0 for lr in self.lr_grid):
                 raise ValueError(f"lr_grid={self.lr_grid} holds a learning rate <= 0")
@@ -334,6 +353,7 @@ class HyloradaStudy(Study):
             path = cfg.model
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         pretrained_context = context_length(load_config(path, cfg.trust_remote_code))
+        check_extension(cfg.max_length, pretrained_context, f"model {path}")  # before any data is built
         ctx = _Context(cfg, path, tokenizer, pretrained_context, positional_windows(cfg, tokenizer))
         configs = run.read_study()["configurations"]
         if any(self.arms[c].matched_rank for c in configs):
@@ -397,6 +417,9 @@ class HyloradaStudy(Study):
             packed = packed_examples(tokenize_documents(load_documents(cfg.dataset, "train",
                                                                        txt_documents=cfg.txt_documents), tok),
                                      cfg.max_length, prefix, end_id=end)
+            if not packed:
+                raise DataError(f"the train split of {cfg.dataset} has fewer tokens than max_length={cfg.max_length}; "
+                                "give more training text or a smaller max_length")
             examples = rng.sample(packed, min(cfg.num_train, len(packed)))
             val_docs = validation_sample(cfg, seed)
         retrieval = generators.long_documents(seed + 900_000, cfg.retrieval_docs, budget, cfg.num_facts, length_fn,
@@ -492,8 +515,8 @@ class HyloradaStudy(Study):
             if adapter_cfg.landmarks == "learnable_bucket":
                 details["boundaries"] = {**learned_boundaries(model), **step_size_scale(cfg, adapter_cfg, result.steps,
                                                                                           len(data.train), lr)}
-            if cfg.save_adapters and D.is_main():
-                details["adapter_bytes"] = save_adapter(model, cell_dir / "adapter").get("bytes")
+            if cfg.save_adapters and D.is_main():  # with the RoPE scaling it trained with (save_adapter records it)
+                details["adapter_bytes"] = save_adapter(model, cell_dir / "adapter")["total_bytes"]
         else:
             model = self._load_base(ctx)
         device = D.device()

@@ -1,4 +1,4 @@
-"""The LatentWire study (LATENTWIRE.md section 5): `lmlab run latentwire`, ablations chosen by `ablation=`.
+"""The LatentWire study (docs/latentwire.md section 5): `lmlab run latentwire`, ablations chosen by `ablation=`.
 
 One recipe per cell: the frozen source and target (tiny bases pretrained on the built-in arithmetic
 problems and cached, or Hugging Face models) are loaded once per run; each cell builds a translator of its
@@ -548,7 +548,7 @@ def item_statistics(run: RunDir, rows: list[dict], configs: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The notes' claims (CLAIMS.md L1-L6)
+# The notes' claims (docs/studies.md, claims of the research notes: L1-L6)
 
 NOTES_BRIDGED, NOTES_TEXT, NOTES_COLLAPSED, NOTES_FIXED = 0.815, 0.73, 0.36, 0.70  # L1, L2 (GSM8K, 64 tokens)
 NOTES_K32, NOTES_K64 = 0.55, 0.75  # L3: accuracy with 32 and 64 soft tokens

@@ -1,4 +1,4 @@
-"""The MU study (MU.md): the semantic-block transformer against a parameter-matched dense GPT.
+"""The MU study (docs/mu.md): the semantic-block transformer against a parameter-matched dense GPT.
 
 Recipe: one tokenizer (byte-level BPE trained on the train split, or an HF tokenizer such as GPT-2's), the
 train split packed into windows of `max_seq_len` tokens, and per cell one model trained from scratch with
@@ -75,7 +75,7 @@ class MUShape(Section):
 
 
 class MatchConfig(Section):
-    """How the dense baseline is matched to mu-sota's parameter count (MU.md section 2)."""
+    """How the dense baseline is matched to mu-sota's parameter count (docs/mu.md section 2)."""
 
     count: Literal["total", "non_embedding"] = "total"
     tie_embeddings: bool | None = Field(None, description="the dense model's tying; None: as MU's")
@@ -91,7 +91,7 @@ class MonitorConfig(Section):
 
 
 class GenerationConfig(Section):
-    """Generation samples every `every_epochs` epochs and from the best checkpoint (MU.md section 3)."""
+    """Generation samples every `every_epochs` epochs and from the best checkpoint (docs/mu.md section 3)."""
 
     every_epochs: int = Field(1, ge=1)
     prompts: list[str] = Field(default_factory=lambda: ["the old"], min_length=1)
@@ -477,7 +477,7 @@ class MUStudy(Study):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The notes' claims (CLAIMS.md M1-M3)
+# The notes' claims (docs/studies.md, claims of the research notes: M1-M3)
 
 NOTES_SETTING = "12 layers, ~16.7M parameters, WikiText-2, 128 tokens"
 

@@ -172,6 +172,8 @@ def _mean_std(desc: dict | None) -> str:
         return "-"
     if desc.get("std") is None:
         return fmt(desc["mean"])
+    if desc["std"] == 0:  # a measurement every seed shares (a text-only baseline, a count): no spread to show
+        return f"{fmt(desc['mean'])} (same on every seed)"
     return f"{fmt(desc['mean'])} ± {fmt(desc['std'], 2)}"
 
 
@@ -609,10 +611,11 @@ def write_reports(run: RunDir) -> dict:
     lines += [
         f"Seeds: {', '.join(str(s) for s in record['seeds'])}. Reference of the change table: "
         f"`{summary['reference']}`. Headline: `{summary['decision']['candidate']}` vs "
-        f"`{summary['decision']['reference']}`. Cells finished: {len(rows)} of "
+        f"`{summary['decision']['reference']}`. Cells finished: {RunDir.count_cells(rows, record)} of "
         f"{len(record['configurations']) * len(record['seeds'])}. Generated from `results.jsonl` "
         f"(regenerate with `lmlab report {run.root}`).",
         "",
+        *([run.duplicates_note(), ""] if run.duplicates else []),
         "## Decision",
         "",
         summary["decision"]["text"],

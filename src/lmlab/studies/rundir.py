@@ -1,4 +1,4 @@
-"""The one run-directory writer (PROTOCOL.md section 6).
+"""The one run-directory writer (docs/protocol.md section 6).
 
 ```
 <run>/study.yaml      resolved configuration (+ lmlab and library versions)
@@ -7,16 +7,20 @@
 <run>/summary.json report.md report.tex results.csv plots/*.png
 ```
 Every write is atomic (temporary file + rename): a killed run never leaves a half-written file.
-Only rank 0 writes.
+Only rank 0 writes. The process running a directory holds `<run>/.lock` (flock) while it runs, so two processes
+never compute the same cells.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
 import platform
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -58,11 +62,47 @@ def library_versions() -> dict:
 # What `--resume` and `lmlab report` read from a run directory's files.
 STUDY_KEYS = ("study", "preset", "seeds", "configurations", "reference", "candidate", "primary_metric", "config")
 RESULT_KEYS = ("config", "seed", "status", "metrics")
+LOCK_NAME = ".lock"
+
+
+def _describe_holder(text: str) -> str:
+    """The lock file's record of its holder, as words."""
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, TypeError, KeyError):
+        return "holder unknown"
+
+
+def _hashable(*values) -> bool:
+    try:
+        hash(values)
+    except TypeError:
+        return False
+    return True
+
+
+def unique_results(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the first row of each (config, seed), the later duplicates): two processes that once ran the same
+    directory at the same time can have recorded a cell twice."""
+    seen: set = set()
+    kept, dropped = [], []
+    for row in rows:
+        key = (row["config"], row["seed"])
+        if not _hashable(key):  # not a cell of this run (a list for a seed): kept for the report to handle
+            kept.append(row)
+            continue
+        (kept if key not in seen else dropped).append(row)
+        seen.add(key)
+    return kept, dropped
 
 
 class RunDir:
     def __init__(self, root: Path):
         self.root = Path(root)
+        self._lock_fd: int | None = None
+        self._made_root = False  # create() made the directory itself (withdraw() may remove it)
+        self.duplicates: list[dict] = []  # rows read_results() dropped: later records of an already recorded cell
 
     # paths
     @property
@@ -92,6 +132,7 @@ class RunDir:
             raise ConfigError(f"output directory {self.root} already exists and is not empty; continue it with "
                               f"--resume {self.root}, or choose another --out")
         try:
+            self._made_root = not self.root.exists()
             self.root.mkdir(parents=True, exist_ok=True)
             with open(self.study_path, "x", encoding="utf-8"):
                 pass
@@ -100,6 +141,63 @@ class RunDir:
                               f"time; choose another --out") from None
         except OSError as exc:
             raise ConfigError(self._unwritable(exc)) from None
+
+    # locking
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_NAME
+
+    def lock(self) -> None:
+        """Hold the run directory for this process (an exclusive `flock` on `<run>/.lock`, released when the
+        process ends, however it ends, or by `unlock()`): a second `lmlab run` on the same directory (a second
+        `--resume`) is refused naming the holder instead of computing the same cells again. Rank 0 only."""
+        if not D.is_main() or self._lock_fd is not None:
+            return
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise ConfigError(self._unwritable(exc)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise ConfigError(f"run directory {self.root} is in use by another lmlab process "
+                              f"({_describe_holder(holder)}); wait for it to finish (or stop it), then "
+                              f"`--resume {self.root}` continues") from None
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": platform.node(),
+                  "started": datetime.now().isoformat(timespec="seconds")}
+        os.pwrite(fd, (json.dumps(holder) + "\n").encode("utf-8"), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Let the directory go (the lock file stays; only a process holding its flock holds the run)."""
+        if self._lock_fd is not None:
+            fd, self._lock_fd = self._lock_fd, None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)
+
+    def withdraw(self) -> None:
+        """Undo `create()` for a run stopped by bad input before it computed anything (no result line, no other
+        file than study.yaml and the lock): the directory goes (its contents only, if it existed empty before),
+        so the corrected command can use the same --out. Anything computed keeps the directory as it is."""
+        if not D.is_main() or not self.study_path.exists():
+            return
+        ours = {self.study_path, self.lock_path}
+        if any(p not in ours and not p.is_dir() for p in self.root.rglob("*")):
+            return
+        self.unlock()
+        if self._made_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+        else:
+            for p in self.root.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
 
     def check_writable(self) -> None:
         """Prove an existing run directory is writable (before `--resume` trains anything)."""
@@ -133,6 +231,9 @@ class RunDir:
 
     # results.jsonl
     def read_results(self) -> list[dict]:
+        """The finished cells, each once: a cell recorded twice keeps its first row; the later ones are in
+        `self.duplicates` (the report names them)."""
+        self.duplicates = []
         if not self.results_path.exists():
             return []
         rows = []
@@ -147,7 +248,21 @@ class RunDir:
                 raise ConfigError(f"{self.results_path} line {lineno} is not a result line (a JSON object with "
                                   f"{', '.join(RESULT_KEYS)}); remove that line and resume to recompute its cell")
             rows.append(row)
+        rows, self.duplicates = unique_results(rows)
         return rows
+
+    def duplicates_note(self) -> str:
+        """The report's line on the rows read_results() dropped."""
+        cells = sorted({f"{r['config']} seed {r['seed']}" for r in self.duplicates})
+        shown = ", ".join(cells[:10]) + (f" and {len(cells) - 10} more" if len(cells) > 10 else "")
+        return (f"**{len(self.duplicates)} duplicate row(s) in `results.jsonl` were dropped** ({shown}): each cell "
+                "counts once, with its first recorded row (two processes once ran this directory at the same time).")
+
+    @staticmethod
+    def count_cells(rows: list[dict], record: dict) -> int:
+        """How many of the run's configuration x seed cells have a row (never more than there are cells)."""
+        grid = {(c, s) for c in record["configurations"] for s in record["seeds"]}
+        return len({(r["config"], r["seed"]) for r in rows if _hashable(r["config"], r["seed"])} & grid)
 
     def append_result(self, row: dict) -> None:
         """Add one finished cell (rewriting the file atomically, so it is never half-written)."""

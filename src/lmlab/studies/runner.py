@@ -1,4 +1,4 @@
-"""The study harness: named configurations x seeds, one cell at a time, resumable (PROTOCOL.md 5-6).
+"""The study harness: named configurations x seeds, one cell at a time, resumable (docs/protocol.md sections 5-6).
 
 Each cell trains and evaluates in its own directory; `results.jsonl` gets one line when it finishes.
 A failed cell (an error, a non-finite loss) is recorded and the study goes on. SIGINT/SIGTERM stop the
@@ -15,16 +15,19 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
 from pydantic import Field, model_validator
 
+from lmlab import progress as bars
 from lmlab.config import Section, build, load_config, preset_path
 from lmlab.engine import distributed as D
-from lmlab.engine.train import NonFiniteLoss
+from lmlab.engine.train import NonFiniteLoss, check_batch_split
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.studies.rundir import RunDir, library_versions
 
@@ -211,29 +214,37 @@ def _default_out(study: str) -> Path:
     return Path("runs") / f"{study}-{stamp}"
 
 
-def run_study(name: str, *, preset: str = "default", overrides: list[str] = (), out: str | None = None,
+def run_study(name: str, *, preset: str | None = None, overrides: list[str] = (), out: str | None = None,
               seeds: int | None = None, resume: str | None = None, progress: bool = True) -> Path:
-    """Run (or finish) every configuration x seed of study `name`; returns the run directory."""
+    """Run (or finish) every configuration x seed of study `name`; returns the run directory. `preset`: the
+    `default` preset unless given (a new run only: `resume` continues with the run's own configuration)."""
     study = get_study(name)
     if resume:
         run = RunDir(Path(resume))
         record = run.read_study()
         if record["study"] != name:
             raise ConfigError(f"{resume} holds a '{record['study']}' study, not '{name}'")
-        if overrides or seeds is not None:
-            raise ConfigError("--resume continues a run with its saved configuration (study.yaml); "
-                              "drop the overrides and --seeds, or start a new run with --out")
+        given = [what for what, present in (("the overrides", overrides), ("--seeds", seeds is not None),
+                                            ("--preset", preset is not None), ("--out", out is not None)) if present]
+        if given:
+            raise ConfigError(f"--resume continues a run in its own directory with its saved configuration "
+                              f"(study.yaml, preset '{record['preset']}'); drop {' and '.join(given)}, or start a "
+                              "new run with --out")
         cfg = build(study.config_cls, record["config"], where=str(run.study_path))
         seed_values = list(record["seeds"])
         if D.is_main():
             run.check_writable()
+            run.lock()  # a second process on this directory stops here, naming this one
     else:
+        preset = preset or "default"
         cfg = load_config(study.config_cls, preset_path(name, preset), overrides)
+        check_batch_split(cfg, D.world_size())  # the global batch splits across the processes, before any file
         seed_values = seed_list(seeds) if seeds is not None else list(cfg.seeds)
         configs = selected_configurations(study, cfg)
         run = RunDir(Path(D.broadcast_object(str(out or _default_out(name)))))
         if D.is_main():
             run.create()  # refuses a used directory; fails here, before any training, when unwritable
+            run.lock()
         record = {
             "study": name, "preset": preset, "seeds": seed_values, "configurations": configs,
             "reference": study.reference(cfg), "candidate": study.candidate(cfg),
@@ -246,7 +257,18 @@ def run_study(name: str, *, preset: str = "default", overrides: list[str] = (), 
         }
         run.write_study(record)
         D.barrier()
-    _execute(study, cfg, run, record, progress)
+    try:
+        with bars.enabled(progress):  # bars for evaluation, generation and data that take seconds
+            _execute(study, cfg, run, record, progress)
+    except LmlabError:
+        if not resume:  # bad input found before any cell finished: the directory is left unclaimed
+            run.withdraw()
+        raise
+    except KeyboardInterrupt as exc:  # the CLI's message names the command that continues this run
+        exc.study, exc.run_dir = name, run.root
+        raise
+    finally:
+        run.unlock()
     return run.root
 
 
@@ -267,8 +289,10 @@ def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> No
         if cfg.threads is not None and D.device().type == "cpu":
             torch.set_num_threads(cfg.threads)
         ctx = study.prepare(cfg, run, progress) if todo else None
-        for config, seed in todo:
-            _run_cell(study, ctx, run, config, seed, progress, index=len(finished) + 1, total=total)
+        started = time.perf_counter()
+        for done, (config, seed) in enumerate(todo, start=1):
+            _run_cell(study, ctx, run, config, seed, progress, index=len(finished) + 1, total=total,
+                      eta=partial(eta_text, started, done, len(todo) - done))
             finished.add((config, seed))
     finally:
         for sig, handler in previous.items():
@@ -277,8 +301,26 @@ def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> No
         write_reports(run)
 
 
+def duration_text(seconds: float) -> str:
+    """`45s`, `2m10s`, `3h05m`."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def eta_text(started: float, done: int, remaining: int) -> str:
+    """`, eta 2m10s` for the cells left, at the pace of the `done` cells this process computed since `started`;
+    empty when none is left."""
+    if remaining <= 0 or done <= 0:
+        return ""
+    return f", eta {duration_text((time.perf_counter() - started) / done * remaining)}"
+
+
 def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool, index: int,
-              total: int) -> None:
+              total: int, eta: Callable[[], str] = str) -> None:
     recorded = False
     try:
         row = _compute_cell(study, ctx, run, config, seed, progress)
@@ -293,9 +335,9 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
         shown_keys = [study.primary_metric] + [k for k in row["metrics"] if k != study.primary_metric][:2]
         shown = ", ".join(f"{k} {row['metrics'][k]:.4g}" for k in shown_keys
                           if isinstance(row["metrics"].get(k), (int, float)))
-        log_line(f"[{index}/{total}] {config} seed {seed}: {shown} ({row['time_s']:.0f}s)")
+        log_line(f"[{index}/{total}] {config} seed {seed}: {shown} ({row['time_s']:.0f}s{eta()})")
     else:
-        log_line(f"[{index}/{total}] {config} seed {seed}: FAILED - {row['error']}")
+        log_line(f"[{index}/{total}] {config} seed {seed}: FAILED - {row['error']}{eta()}")
 
 
 def _compute_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool) -> dict:

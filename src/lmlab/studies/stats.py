@@ -1,4 +1,4 @@
-"""Statistics for studies (PROTOCOL.md section 5): t-intervals, paired changes, Wilson intervals, decisions.
+"""Statistics for studies (docs/protocol.md section 5): t-intervals, paired changes, Wilson intervals, decisions.
 
 Pure functions over plain floats. Undefined quantities (an interval from one value, a test without
 variance) are `None`, never a made-up number.
