@@ -19,6 +19,9 @@ variant could not attribute it) and in-process on GPU (CUDA max allocated).
     4. eval_ppl: `evaluate_perplexity` (what `lmlab eval ppl` runs) against a plain per-window loop.
     5. mu: MU train step against the parameter-matched dense baseline (configs/mu/default.yaml sizes).
     6. smoke: wall time of `lmlab run hylorada --preset smoke`.
+    7. busy_cpu: `lmlab run hylorada|mu --preset smoke` with default threads against `--threads 1` (and
+       `LMLAB_CPU_KERNELS=0`) while another process runs torch matmuls on its default threads, and on an idle
+       machine (benchmarks/busy_cpu.py, fresh processes with the user's default OpenMP settings).
 
 The suite runs in a child process (`python benchmarks/suite.py run OPTIONS`, started by `lmlab bench`) whose
 OpenMP threads wait passively: on a shared machine, threads that spin at every barrier while another process
@@ -53,7 +56,7 @@ import yaml
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("train_gpt2", "train_llama", "hylorada", "inference", "eval_ppl", "mu", "smoke")
+BENCHMARKS = ("train_gpt2", "train_llama", "hylorada", "inference", "eval_ppl", "mu", "smoke", "busy_cpu")
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"],
            "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
 # (use_rslora, use_dora) of each adapter variant, the same on both sides
@@ -549,6 +552,38 @@ def bench_smoke(settings: Settings) -> tuple[dict, list[Row]]:
 
 
 # ---------------------------------------------------------------------------------------------------
+# 7. Smoke studies on a busy CPU
+
+
+def busy_cpu_module():
+    """benchmarks/busy_cpu.py (a script beside this one, loaded by path)."""
+    import importlib.util
+
+    name = "lmlab_benchmark_busy_cpu"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("busy_cpu.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def bench_busy_cpu(settings: Settings, **measure_options) -> tuple[dict, list[Row]]:
+    """benchmarks/busy_cpu.py's measurement (3 interleaved rounds, 1 with --quick) as rows: default / threads1
+    under load (target <= 1.3) and idle, LMLAB_CPU_KERNELS=0 / threads1."""
+    busy = busy_cpu_module()
+    result = busy.measure(list(busy.STUDIES), 1 if settings.quick else 3, ["busy", "idle"],
+                          log=lambda line: print(line, file=sys.stderr), **measure_options)
+    rows = []
+    for r in result["ratios"]:
+        times = result["loads"][r["load"]][r["study"]]
+        per_round = [a / b for a, b in zip(times[r["ours"]]["wall_s"], times[r["reference"]]["wall_s"], strict=True)]
+        rows.append(Row("busy_cpu", f"{r['study']} {r['ours']} ({r['load']})", r["reference"], "s (smoke run)",
+                        r["ours_s"], r["reference_s"], r["ratio"], r["target"], r["met"], median_interval(per_round)))
+    return result, rows
+
+
+# ---------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -575,6 +610,7 @@ RUNNERS: dict[str, Callable[[Settings], tuple[dict, list[Row]]]] = {
     "eval_ppl": bench_eval_ppl,
     "mu": bench_mu,
     "smoke": bench_smoke,
+    "busy_cpu": bench_busy_cpu,
 }
 
 

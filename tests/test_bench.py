@@ -3,6 +3,7 @@ optimisations rely on: the fused AdamW, DoRA's folded row scale, autocast, SDPA 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -138,7 +139,7 @@ def test_run_writes_results_json_and_markdown(tmp_path):
     assert set(results["benchmarks"]) == {"hylorada", "mu"}
     assert [(r["ours"], r["reference"]) for r in results["rows"]] == [("hylorada", "lmlab-rslora"), ("mu", "dense")]
     mu = results["benchmarks"]["mu"]["variants"]
-    # the dense baseline is matched to MU's parameter count (MU.md: within 2%)
+    # the dense baseline is matched to MU's parameter count (docs/mu.md: within 2%)
     assert abs(mu["dense"]["parameters"]["total"] / mu["mu"]["parameters"]["total"] - 1) <= 0.02
     table = path.with_suffix(".md").read_text()
     for row in results["rows"]:
@@ -169,6 +170,52 @@ def test_run_writes_results_json_and_markdown(tmp_path):
 def test_unknown_benchmark_names_are_refused():
     with pytest.raises(LmlabError, match="unknown benchmark"):
         run_benchmarks(quick=True, only=["train_gpt3"])
+
+
+def test_busy_cpu_benchmark_interleaves_variants_and_reports_paired_ratios(tmp_path, monkeypatch):
+    """benchmarks/busy_cpu.py with a stand-in for the smoke runs: each load's rounds run every variant, in reverse
+    order every other round, under the background process only for `busy`; the children get no OpenMP or kernel
+    settings from this process; ratios are medians of per-round ratios, with the issue's target on busy default."""
+    busy = suite.busy_cpu_module()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as `lmlab bench` sets for its own measurements
+    monkeypatch.setenv("LMLAB_CPU_KERNELS", "0")
+    calls, backgrounds = [], []
+    walls = {"default": [12.0, 9.0, 11.0], "threads1": [10.0, 10.0, 10.0], "no-kernels": [30.0, 20.0, 25.0]}
+
+    def runner(study, args, env, timeout):
+        name = "threads1" if args == ["--threads", "1"] else "no-kernels" if env.get("LMLAB_CPU_KERNELS") else "default"
+        assert "OMP_WAIT_POLICY" not in env and env.get("LMLAB_CPU_KERNELS") in (None, "0")
+        assert (name == "no-kernels") == ("LMLAB_CPU_KERNELS" in env)
+        done = sum(1 for c in calls if c[:2] == (study, name) and c[2] == len(backgrounds))
+        calls.append((study, name, len(backgrounds)))
+        return {"wall_s": walls[name][done % 3], "values": {"cfg": [1.0]}}
+
+    @contextlib.contextmanager
+    def background():
+        backgrounds.append(True)
+        yield
+
+    results = busy.measure(["hylorada"], 3, ["busy", "idle"], log=lambda line: None, runner=runner,
+                           background=background)
+    names = [c[1] for c in calls]
+    order = ["default", "threads1", "no-kernels"]
+    assert names == (order + order[::-1] + order) * 2
+    assert [c[2] for c in calls] == [1] * 9 + [1] * 9  # the busy rounds inside the one background, then idle
+    assert len(backgrounds) == 1
+    rows = {(r["load"], r["ours"], r["reference"]): r for r in results["ratios"]}
+    busy_default = rows[("busy", "default", "threads1")]
+    assert busy_default["ratio"] == pytest.approx(1.1) and busy_default["target"] == "<= 1.3" and busy_default["met"]
+    assert rows[("idle", "no-kernels", "threads1")]["ratio"] == pytest.approx(2.5)
+    assert rows[("idle", "default", "threads1")]["target"] is None
+    assert results["loads"]["busy"]["hylorada"]["default"]["max_rel_diff_vs_threads1"] == 0.0
+
+    monkeypatch.setattr(busy, "measure", lambda *a, **k: results)
+    result, suite_rows = suite.bench_busy_cpu(tiny_settings())
+    assert [(r.ours, r.reference, r.target) for r in suite_rows][:2] == [
+        ("hylorada default (busy)", "threads1", "<= 1.3"), ("hylorada no-kernels (busy)", "threads1", None)]
+    path = busy.run(["hylorada"], 3, ["busy", "idle"], tmp_path, log=lambda line: None)
+    table = path.with_suffix(".md").read_text()
+    assert path.name.endswith("-busy_cpu.json") and "| busy | hylorada | default | threads1 |" in table
 
 
 # ---------------------------------------------------------------------------------------------------

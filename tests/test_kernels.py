@@ -80,7 +80,8 @@ def test_kernel_is_causal_and_propagates_nan_forward_only():
 
 
 @needs_kernel
-def test_kernel_is_deterministic_and_independent_of_thread_count():
+def test_kernel_is_deterministic_and_independent_of_thread_count(monkeypatch):
+    monkeypatch.setattr(attention, "MIN_WORK_PER_THREAD", 1)  # a small call split across threads all the same
     torch.manual_seed(0)
     qkv, grad_out = torch.randn(4, 50, 6, 12), torch.randn(4, 50, 6, 4)
     threads = torch.get_num_threads()
@@ -176,3 +177,41 @@ assert torch.equal(out, expected) and not kernel_available()
     assert "could not be built" in message and "C compiler" in message
     kernels = tmp_path / "kernels"
     assert not kernels.exists() or not list(kernels.iterdir())  # no half-written library left behind
+
+
+def test_threads_follow_torch_and_skip_waking_a_thread_for_small_calls():
+    """A call splits across torch's threads only with MIN_WORK_PER_THREAD multiply-adds each, and never across
+    more threads than (batch, kv head) jobs; the rank-r kernel likewise by its multiply-adds."""
+    from lmlab.kernels import lowrank
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        assert attention._threads(1, 40, 4, 4, 16) == 1  # one step of a tiny model: 102,400 multiply-adds
+        assert attention._threads(8, 512, 4, 4, 64) == 4
+        assert attention._threads(1, 512, 8, 2, 64) == 2  # two kv-head jobs
+        assert lowrank._threads(lowrank.MIN_WORK_PER_THREAD - 1) == 1
+        assert lowrank._threads(3 * lowrank.MIN_WORK_PER_THREAD) == 3
+        assert lowrank._threads(100 * lowrank.MIN_WORK_PER_THREAD) == 4
+        torch.set_num_threads(1)
+        assert attention._threads(8, 512, 4, 4, 64) == 1 and lowrank._threads(1 << 30) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("policy", [None, "ACTIVE"])
+def test_the_lmlab_command_makes_idle_openmp_threads_wait_passively(policy):
+    """`lmlab` sets OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP runtime (which reads it once), unless the
+    user chose a policy: threads spinning between parallel regions made runs on a busy machine 6-10x slower."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, sys\nimport lmlab.cli as cli\nassert 'torch' not in sys.modules\n"
+              "code = cli.main(['report', 'no-such-run-dir'])\n"
+              "print(code, os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.split() == ["2", policy or "PASSIVE", "True"]

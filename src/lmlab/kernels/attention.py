@@ -22,6 +22,12 @@ kernel on heads of width 64 at 512 tokens ([4, 4, 512, 64], 2 threads: 9.9 ms vs
 of width 4 and 2.2x on heads of width 22 (benchmarks/attention_kernel.py). Everywhere else (GPU, bf16 / float16
 / float64, dropout > 0, no compiler, `LMLAB_CPU_KERNELS=0`) and inside torch.compile it is
 scaled_dot_product_attention, with the same results.
+
+Threads: the kernel's OpenMP threads are torch's - the C library needs libgomp.so.1, which torch (a Linux pip
+build) has already loaded, so the process holds one OpenMP runtime and one thread pool - up to
+`torch.get_num_threads()` of them, and a call with less than `MIN_WORK_PER_THREAD` multiply-adds per thread runs on
+fewer (a small call on one): waking a thread costs more than such a share of the work saves, above all on a machine
+whose cores other processes keep busy. See lmlab.kernels.build for how idle threads wait.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import torch.nn.functional as F
 from lmlab.kernels.build import disabled, load
 
 HF_NAME = "lmlab"  # the attention implementation name registered with transformers
+# Multiply-adds (B H T^2 D, about a forward's) each thread must get before the kernel splits a call across threads.
+MIN_WORK_PER_THREAD = 1 << 18
 # Keyword arguments transformers' attention layers pass that do not change what plain causal self-attention
 # computes (checked below: dropout 0, is_causal not False, output_attentions off). Any other one that is not None
 # (softcap, sliding_window, s_aux, position_bias, cache, cu_seq_lens_*, ...) sends the call to SDPA.
@@ -210,7 +218,7 @@ def _forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     B, T, H, D = q.shape
     out, lse = q.new_empty(B, T, H, D), q.new_empty(B, H, T)
     _call(_library().lmlab_attention_forward, "forward", q, k, v, out, lse, B, T, H, k.shape[2], D,
-          _strides(q, k, v), scale, torch.get_num_threads())
+          _strides(q, k, v), scale, _threads(B, T, H, k.shape[2], D))
     return out, lse
 
 
@@ -218,7 +226,14 @@ def _backward(qkv: tuple, out, grad_out, lse, grads: tuple, scale: float) -> Non
     q, k, v = qkv
     B, T, H, D = q.shape
     _call(_library().lmlab_attention_backward, "backward", q, k, v, out, grad_out.contiguous(), lse, *grads, B, T, H,
-          k.shape[2], D, _strides(q, k, v, *grads), scale, torch.get_num_threads())
+          k.shape[2], D, _strides(q, k, v, *grads), scale, _threads(B, T, H, k.shape[2], D))
+
+
+def _threads(B: int, T: int, H: int, Hkv: int, D: int) -> int:
+    """Threads for one call: torch's, at most one per (batch, kv head) job, and at least MIN_WORK_PER_THREAD
+    multiply-adds each. The results do not depend on it (each job runs on one thread)."""
+    work = B * H * T * T * D
+    return max(1, min(torch.get_num_threads(), B * Hkv, work // max(1, MIN_WORK_PER_THREAD)))
 
 
 def _call(fn, direction: str, *args) -> None:

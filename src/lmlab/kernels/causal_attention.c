@@ -3,7 +3,7 @@
  * Built by lmlab/kernels/attention.py on first use (cc -O3 -march=native -fopenmp) and called through ctypes.
  * Each job is one (batch, key/value head) pair - with grouped-query attention it serves every query head of the
  * group, so a job owns the gradients of its keys and values - and runs on one thread: results do not depend on
- * the number of threads.
+ * the number of threads, which the caller chooses (`nthreads`; 1 runs without a parallel region).
  *
  * Math (per batch b, head h, query i; s_ij = scale * q_i . k_j over j <= i):
  *   forward   m_i = max_j s_ij, l_i = sum_j exp(s_ij - m_i), o_i = sum_j exp(s_ij - m_i) v_j / l_i,
@@ -95,7 +95,7 @@ typedef struct {
 static int for_each_job(const args_t *a, size_t floats, int nthreads, void (*job)(const args_t *, long, long, float *)) {
   int failed = 0;
   size_t bytes = (sizeof(float) * floats + 63) / 64 * 64;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+#pragma omp parallel num_threads(nthreads) reduction(| : failed) if (nthreads > 1)
   {
     float *buffer = aligned_alloc(64, bytes);
     failed = buffer == NULL;

@@ -182,7 +182,8 @@ static inline __attribute__((always_inline)) void accumulate(const float *c, con
     }
 }
 
-/* Threads for N rows: at least 32 rows per thread (smaller products are not worth waking a thread for). */
+/* Threads for N rows: at most `threads` (lowrank.py's choice from the call's work) and at least 32 rows per
+ * thread (smaller products are not worth waking a thread for); 1 runs without a parallel region. */
 static int threads_for(long n, int threads) {
   long t = n / 32;
   if (t < 1) t = 1;
@@ -207,7 +208,7 @@ int lmlab_lowrank_rows(const float *x, long ldx, long N, int K, const float *a, 
                        const update_t *u, int threads) {
   long work = (h ? N : 0) + (u ? u->rows : 0);
   int nt = threads_for(work, threads);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
   {
     int t = omp_get_thread_num(), n_t = omp_get_num_threads();
     if (h) rows_share(x, ldx, N, K, a, r, scale, h, t, n_t);
@@ -279,7 +280,7 @@ int lmlab_lowrank_backward(const backward_t *b, const update_t *u, int threads) 
   size_t per_thread = (size_t)r * ((b->grad_b ? b->out : 0) + (b->grad_a ? b->in : 0));
   float *partial = calloc((size_t)nt * per_thread + 1, sizeof(float));
   if (partial == NULL) return 1;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
   {
     int t = omp_get_thread_num(), n_t = omp_get_num_threads();
     float *gbt = partial + (size_t)t * per_thread, *ga = gbt + (b->grad_b ? (size_t)r * b->out : 0);

@@ -9,6 +9,9 @@ an adapted GPT-2 / Llama projection at 2048 tokens: see benchmarks/lowrank_kerne
 `applies(...)` says when it runs (float32 CPU tensors, rank <= 64, not while torch.compile traces, the kernel
 built, `LMLAB_CPU_KERNELS` not 0); otherwise the layer runs the same products with torch ops. Results equal
 torch's up to float32 rounding (the sums run in another order).
+
+Threads: torch's OpenMP threads (see lmlab.kernels.attention), up to `torch.get_num_threads()`, with at least
+`MIN_WORK_PER_THREAD` multiply-adds each: a smaller call runs on fewer threads (a small one on one).
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ import torch
 from lmlab.kernels.build import disabled, load
 
 MAX_RANK = 64  # the kernel keeps a block's grad_h [8, r] on the stack
+# Multiply-adds each thread must get before a call is split across threads (below it, waking a thread costs more
+# than it saves).
+MIN_WORK_PER_THREAD = 1 << 18
 
 _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 
@@ -104,19 +110,30 @@ def rows(x: torch.Tensor, matrix: torch.Tensor, scale: float = 1.0, update: Upda
     if matrix.shape[1] != k:
         raise ValueError(f"x {tuple(x.shape)} and M {tuple(matrix.shape)} do not fit")
     h = x.new_empty(n, matrix.shape[0]) if need else None
+    work = (n * k * matrix.shape[0] if need else 0) + _work(update)
     _library().lmlab_lowrank_rows(x.data_ptr(), x.stride(0), n if need else 0, k, matrix.data_ptr(), matrix.shape[0],
-                                  scale, _ptr(h), _struct(update), torch.get_num_threads())
+                                  scale, _ptr(h), _struct(update), _threads(work))
     return h
 
 
 def update(update: Update) -> torch.Tensor:
     """Runs a rank-r update; returns its output."""
-    _library().lmlab_lowrank_update(ctypes.byref(update.struct), torch.get_num_threads())
+    _library().lmlab_lowrank_update(ctypes.byref(update.struct), _threads(_work(update)))
     return update.out
 
 
 def _struct(update: Update | None):
     return None if update is None else ctypes.byref(update.struct)
+
+
+def _work(update: Update | None) -> int:
+    """Multiply-adds of a rank-r update (rows x cols x r)."""
+    return 0 if update is None else update.struct.rows * update.struct.cols * update.struct.r
+
+
+def _threads(work: int) -> int:
+    """Threads for a call of `work` multiply-adds: torch's, with at least MIN_WORK_PER_THREAD each."""
+    return max(1, min(torch.get_num_threads(), work // max(1, MIN_WORK_PER_THREAD)))
 
 
 def backward(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, scaling: float, *,
@@ -148,6 +165,8 @@ def backward(grad_y: torch.Tensor, x: torch.Tensor, h: torch.Tensor, bt: torch.T
     args = _Backward(grad_y.data_ptr(), x.data_ptr(), _ptr(h), _ptr(h0), bt.data_ptr(), _ptr(g), _ptr(factor),
                      _ptr(grad_b), _ptr(grad_a), _ptr(grad_h0), _ptr(grad_factor), grad_y.stride(0), x.stride(0), n,
                      x.shape[1], out, r, scaling, keep)
-    if _library().lmlab_lowrank_backward(ctypes.byref(args), _struct(update), torch.get_num_threads()) != 0:
+    work = n * r * ((out if need_b else 0) + (out if need_a or need_h0 or need_factor else 0)
+                    + (x.shape[1] if need_a else 0)) + _work(update)
+    if _library().lmlab_lowrank_backward(ctypes.byref(args), _struct(update), _threads(work)) != 0:
         raise MemoryError("the CPU low-rank kernel could not allocate its work buffer")
     return grad_b, grad_a, grad_h0, grad_factor
