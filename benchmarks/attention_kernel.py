@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import interleaved, paired_ratio  # noqa: E402
-
-from lmlab.kernels import hf_attention_forward, kernel_available  # noqa: E402
+from lmlab.benchsuite.suite import interleaved, paired_ratio
+from lmlab.kernels import hf_attention_forward, kernel_available
 
 SHAPES = {"hf [4, 4, 512, 64]": (4, 4, 512, 64), "mu block [16, 16, 128, 4]": (16, 16, 128, 4),
           "dense [16, 3, 128, 22]": (16, 3, 128, 22)}

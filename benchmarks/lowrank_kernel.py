@@ -14,19 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import interleaved, paired_ratio  # noqa: E402
-
-from lmlab.hylorada import HyLoRADAConfig  # noqa: E402
-from lmlab.hylorada.layers import HyLoRADALinear  # noqa: E402
-from lmlab.kernels import lowrank  # noqa: E402
-from lmlab.kernels.build import DISABLE_ENV  # noqa: E402
+from lmlab.benchsuite.suite import interleaved, paired_ratio
+from lmlab.hylorada import HyLoRADAConfig
+from lmlab.hylorada.layers import HyLoRADALinear
+from lmlab.kernels import lowrank
+from lmlab.kernels.build import DISABLE_ENV
 
 SHAPES = {"q/k/v/o 256 -> 256": (256, 256), "gate/up 256 -> 672": (256, 672), "down 672 -> 256": (672, 256)}
 TOKENS, RANK = 2048, 8

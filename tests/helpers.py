@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from lmlab.engine.hooks import Hooks
+
 LMLAB = [sys.executable, "-m", "lmlab.cli"]
 # One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on tiny models.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -89,3 +91,37 @@ def warnings_without_compiler(script: str, cache: Path) -> list[tuple[str, str]]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr
     return [tuple(pair) for pair in json.loads(result.stdout.strip().splitlines()[-1])]
+
+
+class Callbacks(Hooks):
+    """Hooks made of plain functions, for tests: loss(model, batch), collate(examples), evaluate(model),
+    before_step(step, model) (the after-backward hook, 0-based step), aux(model), rules."""
+
+    def __init__(self, loss=None, collate=None, evaluate=None, before_step=None, aux=None, rules=(),
+                 select="val_loss", higher_is_better=False, restore_best=None):
+        self._loss, self._collate, self._evaluate = loss, collate, evaluate
+        self._before_step, self._aux, self._rules = before_step, aux, rules
+        self.select, self.higher_is_better, self.restore_best = select, higher_is_better, restore_best
+
+    @property
+    def evaluates(self) -> bool:
+        return self._evaluate is not None
+
+    def param_rules(self):
+        return self._rules
+
+    def collate(self, examples):
+        return self._collate(examples) if self._collate else super().collate(examples)
+
+    def loss(self, state, model, batch):
+        return self._loss(model, batch) if self._loss else super().loss(state, model, batch)
+
+    def aux_loss(self, state):
+        return self._aux(state.model) if self._aux else None
+
+    def after_backward(self, state):
+        if self._before_step:
+            self._before_step(state.step, state.model)
+
+    def evaluate(self, state):
+        return self._evaluate(state.model)

@@ -1,4 +1,4 @@
-"""The benchmark harness (benchmarks/suite.py via `lmlab.bench`) on tiny sizes, and the code paths the
+"""The benchmark harness (`lmlab.benchsuite.suite` via `lmlab.bench`) on tiny sizes, and the code paths the
 optimisations rely on: the fused AdamW, DoRA's folded row scale, autocast, SDPA and the compile flag."""
 
 from __future__ import annotations
@@ -7,20 +7,25 @@ import contextlib
 import importlib.util
 import json
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lmlab.bench import load_suite, run_benchmarks
+from lmlab.bench import run_benchmarks
+from lmlab.benchsuite import busy_cpu as busy
+from lmlab.benchsuite import results_dir, source_checkout, suite
 from lmlab.engine.train import TrainConfig, _autocast, build_optimizer, train
 from lmlab.errors import LmlabError
 from lmlab.hylorada import HyLoRADAConfig
 from lmlab.hylorada.layers import HyLoRADALinear
 
-suite = load_suite()
+REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_settings(**overrides) -> object:
@@ -149,7 +154,7 @@ def test_run_writes_results_json_and_markdown(tmp_path):
     assert again != path and path.exists() and again.name.startswith(results["date"] + "T")
     assert again.with_suffix(".md").exists()
     # the README's table (benchmarks/readme_table.py): one column per run, each run's own ratios
-    spec = importlib.util.spec_from_file_location("readme_table", suite.REPO / "benchmarks" / "readme_table.py")
+    spec = importlib.util.spec_from_file_location("readme_table", REPO / "benchmarks" / "readme_table.py")
     readme_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(readme_table)
     lines = readme_table.table([path, again]).splitlines()
@@ -172,11 +177,24 @@ def test_unknown_benchmark_names_are_refused():
         run_benchmarks(quick=True, only=["train_gpt3"])
 
 
+def test_the_suite_is_part_of_the_package_and_the_checkout_scripts_run_it():
+    """`lmlab bench` runs `python -m lmlab.benchsuite.suite`; benchmarks/suite.py and benchmarks/busy_cpu.py are
+    thin scripts over the package's modules, and results still land in the checkout's benchmarks/results."""
+    assert source_checkout() == REPO and results_dir() == REPO / "benchmarks" / "results"
+    assert busy.main.__module__ == "lmlab.benchsuite.busy_cpu"
+    helped = subprocess.run([sys.executable, str(REPO / "benchmarks" / "busy_cpu.py"), "--help"], capture_output=True,
+                            text=True, check=False, cwd=REPO)
+    assert helped.returncode == 0 and "--baseline-src" in helped.stdout and str(results_dir()) in helped.stdout
+    for command in ([str(REPO / "benchmarks" / "suite.py")], ["-m", "lmlab.benchsuite.suite"]):
+        done = subprocess.run([sys.executable, *command, "nonsense", "{}"], capture_output=True, text=True,
+                              check=False, cwd=REPO)
+        assert done.returncode != 0 and "unknown command 'nonsense'" in done.stderr, done.stderr[-2000:]
+
+
 def test_busy_cpu_benchmark_interleaves_variants_and_reports_paired_ratios(tmp_path, monkeypatch):
-    """benchmarks/busy_cpu.py with a stand-in for the smoke runs: each load's rounds run every variant, in reverse
+    """`lmlab.benchsuite.busy_cpu` with a stand-in for the smoke runs: each load's rounds run every variant, in reverse
     order every other round, under the background process only for `busy`; the children get no OpenMP or kernel
     settings from this process; ratios are medians of per-round ratios, with the issue's target on busy default."""
-    busy = suite.busy_cpu_module()
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as `lmlab bench` sets for its own measurements
     monkeypatch.setenv("LMLAB_CPU_KERNELS", "0")
     calls, backgrounds = [], []

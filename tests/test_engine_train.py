@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from helpers import Callbacks
 from lmlab.engine.optim import GroupRule, lr_factor, param_groups
 from lmlab.engine.train import LossOut, NonFiniteLoss, TrainConfig, causal_lm_loss, collate_lm, train
 
@@ -87,7 +88,7 @@ def test_every_example_is_seen_once_per_epoch_with_no_dropped_remainder():
     n, epochs = 10, 2
     loss = RecordingLoss()
     result = train(Toy(), toy_data(n), constant_lr(epochs=epochs, batch_size=3, grad_accum=2, lr=1e-3), seed=1,
-                   loss_fn=loss, collate=toy_collate, progress=False)
+                   hooks=Callbacks(loss, toy_collate), progress=False)
     seen = [i for ids, _ in loss.calls for i in ids]
     assert sorted(seen) == sorted(list(range(n)) * epochs)
     assert sorted(seen[:n]) == list(range(n))  # the first epoch is a permutation
@@ -100,7 +101,7 @@ def test_logged_loss_is_the_exact_mean_over_the_global_batch():
     # micro-batch means would weight the last example three times too much.
     loss = RecordingLoss()
     result = train(Toy(), toy_data(10), constant_lr(epochs=1, batch_size=3, grad_accum=2, lr=1e-2), seed=2,
-                   loss_fn=loss, collate=toy_collate, progress=False)
+                   hooks=Callbacks(loss, toy_collate), progress=False)
     assert [len(ids) for ids, _ in loss.calls] == [3, 3, 3, 1]
     logged = [h for h in result.history if h["kind"] == "train"]
     for step, record in enumerate(logged):
@@ -120,7 +121,7 @@ def test_gradient_is_the_gradient_of_the_global_mean():
         grads[step] = {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
     train(model, data, constant_lr(epochs=1, batch_size=3, grad_accum=2, lr=1e-2, max_grad_norm=None), seed=3,
-          loss_fn=loss, collate=toy_collate, before_step=capture, progress=False)
+          hooks=Callbacks(loss, toy_collate, before_step=capture), progress=False)
     # Step 0 from the initial weights: the whole global batch (ids of its two micro-batches) at once.
     ids = loss.calls[0][0] + loss.calls[1][0]
     batch = toy_collate([data[i] for i in ids])
@@ -142,7 +143,7 @@ def test_aux_loss_adds_its_gradient_with_unit_weight():
 
         torch.manual_seed(0)  # the same initial weights in both runs
         train(Toy(), toy_data(6), constant_lr(epochs=1, batch_size=3, grad_accum=2, lr=1e-2), seed=12,
-              loss_fn=RecordingLoss(), collate=toy_collate, aux_loss=aux if use_aux else None, before_step=capture,
+              hooks=Callbacks(RecordingLoss(), toy_collate, aux=aux if use_aux else None, before_step=capture),
               progress=False)
         grads[use_aux] = captured[0]
     assert grads[True] - grads[False] == pytest.approx(3.0 * 0.5, rel=1e-5)  # gate starts at 0.5
@@ -250,8 +251,8 @@ def test_early_stopping_restores_a_copy_of_the_best_weights():
 
     model = Toy()
     cfg = constant_lr(epochs=4, batch_size=2, lr=5e-2, eval_every=1, early_stopping_patience=2)
-    result = train(model, toy_data(8), cfg, seed=4, loss_fn=RecordingLoss(), collate=toy_collate,
-                   evaluate=evaluate, progress=False)
+    result = train(model, toy_data(8), cfg, seed=4, hooks=Callbacks(RecordingLoss(), toy_collate, evaluate),
+                   progress=False)
     assert result.stopped_early and result.steps == 5 and len(snapshots) == 5
     assert result.best["step"] == 3 and result.best["val_loss"] == 2.0
     final = trainable_copy(model)
@@ -271,9 +272,9 @@ def test_restore_best_without_patience_and_higher_is_better():
         return {"acc": scores[len(snapshots) - 1]}
 
     model = Toy()
-    result = train(model, toy_data(8), constant_lr(epochs=4, batch_size=8, lr=5e-2), seed=5, loss_fn=RecordingLoss(),
-                   collate=toy_collate, evaluate=evaluate, select="acc", higher_is_better=True, restore_best=True,
-                   progress=False)
+    result = train(model, toy_data(8), constant_lr(epochs=4, batch_size=8, lr=5e-2), seed=5,
+                   hooks=Callbacks(RecordingLoss(), toy_collate, evaluate, select="acc", higher_is_better=True,
+                                   restore_best=True), progress=False)
     assert result.steps == 4 and not result.stopped_early and result.best["step"] == 2
     for name, value in trainable_copy(model).items():
         assert torch.equal(value, snapshots[1][name]), name
@@ -293,8 +294,8 @@ def test_non_finite_loss_raises_with_its_step_and_leaves_weights_finite():
         return LossOut(per.sum(), len(per))
 
     with pytest.raises(NonFiniteLoss) as info:
-        train(model, toy_data(12), constant_lr(epochs=1, batch_size=2, lr=1e-2), seed=6, loss_fn=loss_fn,
-              collate=toy_collate, progress=False)
+        train(model, toy_data(12), constant_lr(epochs=1, batch_size=2, lr=1e-2), seed=6,
+              hooks=Callbacks(loss_fn, toy_collate), progress=False)
     assert info.value.step == 3 and math.isnan(info.value.value)
     assert "at optimizer step 3" in str(info.value)
     for name, value in trainable_copy(model).items():
@@ -334,8 +335,8 @@ def test_training_uses_the_group_learning_rates_and_decoupled_weight_decay():
         grads.update({n: p.grad.detach().clone() for n, p in m.named_parameters()})
 
     cfg = constant_lr(epochs=1, batch_size=8, lr=1e-3, weight_decay=0.1, max_grad_norm=None)
-    result = train(model, toy_data(8), cfg, seed=7, loss_fn=RecordingLoss(), collate=toy_collate, rules=RULES,
-                   before_step=capture, progress=False)
+    result = train(model, toy_data(8), cfg, seed=7,
+                   hooks=Callbacks(RecordingLoss(), toy_collate, rules=RULES, before_step=capture), progress=False)
     assert result.steps == 1
     for name, value in trainable_copy(model).items():
         lr, decay = EXPECTED_GROUPS[name]
@@ -367,7 +368,7 @@ def test_schedule_steps_once_per_optimizer_step_in_training(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=2, grad_accum=2, lr=1e-2, warmup_steps=3, schedule="cosine",
                       min_lr_ratio=0.1, log_every=1)
     metrics = tmp_path / "cell" / "metrics.jsonl"
-    result = train(Toy(), toy_data(20), cfg, seed=8, loss_fn=RecordingLoss(), collate=toy_collate,
+    result = train(Toy(), toy_data(20), cfg, seed=8, hooks=Callbacks(RecordingLoss(), toy_collate),
                    metrics_path=metrics, progress=False)
     lrs = [h["lr"] for h in result.history if h["kind"] == "train"]
     assert lrs == pytest.approx([1e-2 * closed_form_factor(s, 3, 10, "cosine", 0.1) for s in range(10)])
@@ -376,7 +377,7 @@ def test_schedule_steps_once_per_optimizer_step_in_training(tmp_path):
 
 def test_warmup_ratio_sets_the_warmup_steps():
     cfg = TrainConfig(epochs=1, batch_size=1, lr=1.0, warmup_ratio=0.25, schedule="linear", log_every=1)
-    result = train(Toy(), toy_data(8), cfg, seed=9, loss_fn=RecordingLoss(), collate=toy_collate, progress=False)
+    result = train(Toy(), toy_data(8), cfg, seed=9, hooks=Callbacks(RecordingLoss(), toy_collate), progress=False)
     lrs = [h["lr"] for h in result.history if h["kind"] == "train"]
     assert lrs == pytest.approx([closed_form_factor(s, 2, 8, "linear", 0.0) for s in range(8)])
 
@@ -457,7 +458,7 @@ def test_gradient_checkpointing_on_a_frozen_base_gives_the_same_loss_and_gradien
 
         cfg = constant_lr(epochs=1, batch_size=4, lr=1e-3, max_steps=1, gradient_checkpointing=checkpointing,
                           max_grad_norm=None)
-        result = train(model, lm_examples(4), cfg, seed=10, before_step=capture, progress=False)
+        result = train(model, lm_examples(4), cfg, seed=10, hooks=Callbacks(before_step=capture), progress=False)
         runs[checkpointing] = (result.final_loss, grads[0], len(mlp_calls))
     loss, grad, calls = runs[False]
     loss_ckpt, grad_ckpt, calls_ckpt = runs[True]

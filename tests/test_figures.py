@@ -337,9 +337,9 @@ def test_latex_table_escapes_everything_and_compiles_on_its_own(tmp_path: Path):
 
 
 def test_the_report_points_to_the_pdfs_and_the_standalone_table(run: RunDir, monkeypatch):
-    from lmlab.studies import runner
+    from lmlab.studies import registry, runner
 
-    monkeypatch.setattr(runner, "get_study", lambda name: runner.Study())  # a study without sections of its own
+    monkeypatch.setattr(registry, "get_study", lambda name: runner.Study())  # a study without sections of its own
     report.write_reports(run)
     text = (run.root / "report.md").read_text(encoding="utf-8")
     assert "`plots/<name>.pdf`" in text and "report_standalone.tex" in text

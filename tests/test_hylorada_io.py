@@ -335,7 +335,8 @@ def independent_ppl(model, tokenizer, text: str, window: int) -> float:
 
 def test_eval_ppl_with_the_adapter_reproduces_the_fine_tuned_rope_scaled_model(tiny_llama_dir, tmp_path, capsys):
     from lmlab.cli import main
-    from lmlab.engine.train import TrainConfig, collate_lm, train
+    from lmlab.engine.hooks import PaddedLM
+    from lmlab.engine.train import TrainConfig, train
     from lmlab.models.hf import load_causal_lm, load_tokenizer
 
     length = 256  # the base's context is 128: fine-tuned at twice it with linear RoPE scaling, as the studies do
@@ -347,7 +348,7 @@ def test_eval_ppl_with_the_adapter_reproduces_the_fine_tuned_rope_scaled_model(t
                            max_positions=length)
     examples = [{"input_ids": stream[i:i + length]} for i in range(0, 4 * length, length)]
     train(model, examples, TrainConfig(max_steps=3, batch_size=2, lr=5e-3, warmup_steps=0), seed=0, progress=False,
-          collate=partial(collate_lm, pad_token_id=tokenizer.pad_token_id))
+          hooks=PaddedLM(tokenizer.pad_token_id))
     save_adapter(model, tmp_path / "adapter")
     document = " ".join(builtin_texts()[40:46])
     (tmp_path / "doc.txt").write_text(document, encoding="utf-8")

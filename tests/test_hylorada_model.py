@@ -532,3 +532,38 @@ def test_hylorada_parts_follow_the_model_to_another_dtype():
     logits = lm_logits(model, ids)
     assert logits.dtype == torch.float64 and torch.isfinite(logits).all()
     assert F.softmax(logits, -1).sum(-1).sub(1).abs().max() < 1e-9
+
+
+def hook_ids(model) -> list[tuple[str, str, int]]:
+    """Every forward (pre-)hook registered on `model` or its submodules, by (module name, kind, hook id)."""
+    return sorted((name, kind, hook_id) for name, module in model.named_modules()
+                  for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks))
+                  for hook_id in hooks)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("design", ["original", "per_layer", "position_adaptive"])
+def test_hooks_are_kept_as_handles_and_removed_through_them_also_on_a_deep_copy(arch, design):
+    """apply_hylorada keeps the handle of every hook it registers (model, final norm, blocks); removing the adapter
+    removes exactly those, and a deep copy's handles remove the copy's hooks, never the original's."""
+    import copy
+
+    from lmlab.hylorada.io import _remove
+
+    ids = token_batch()
+    base = BUILDERS[arch]()
+    before, reference = hook_ids(base), lm_logits(base, ids)
+    model = apply_hylorada(base, hy_config(position_bias=True, landmarks=design))
+    perturb(model)
+    state = hylorada_state(model)
+    registered = hook_ids(model)
+    assert len(state.hook_handles) == len(registered) - len(before) > 0
+    logits = lm_logits(model, ids)
+    twin = copy.deepcopy(model)
+    assert hook_ids(twin) == registered and torch.equal(lm_logits(twin, ids), logits)
+    _remove(twin, merge=False)
+    assert hook_ids(twin) == before and not hasattr(twin, "hylorada")
+    assert torch.equal(lm_logits(twin, ids), reference)  # the base again, without the adapter's hooks
+    assert hook_ids(model) == registered and torch.equal(lm_logits(model, ids), logits)  # the original is untouched
+    _remove(model, merge=False)
+    assert hook_ids(model) == before and state.hook_handles == []

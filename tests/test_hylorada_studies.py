@@ -91,8 +91,8 @@ def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond
     from lmlab.eval.retrieval import retrieval_accuracy
     from lmlab.models.hf import context_length, load_causal_lm, load_tokenizer
     from lmlab.models.hf import load_config as load_hf_config
-    from lmlab.models.tiny import pretrained_tiny
     from lmlab.studies.hylorada_study import HYLORADA, _Context
+    from lmlab.studies.pretrain import pretrained_tiny
 
     cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "default"), ["retrieval_docs=60", "num_train=8"])
     path = str(pretrained_tiny(cfg.base, progress=False))

@@ -197,21 +197,3 @@ def test_threads_follow_torch_and_skip_waking_a_thread_for_small_calls():
         assert attention._threads(8, 512, 4, 4, 64) == 1 and lowrank._threads(1 << 30) == 1
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.mark.parametrize("policy", [None, "ACTIVE"])
-def test_the_lmlab_command_makes_idle_openmp_threads_wait_passively(policy):
-    """`lmlab` sets OMP_WAIT_POLICY=PASSIVE before torch loads its OpenMP runtime (which reads it once), unless the
-    user chose a policy: threads spinning between parallel regions made runs on a busy machine 6-10x slower."""
-    import os
-    import subprocess
-    import sys
-
-    script = ("import os, sys\nimport lmlab.cli as cli\nassert 'torch' not in sys.modules\n"
-              "code = cli.main(['report', 'no-such-run-dir'])\n"
-              "print(code, os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.split() == ["2", policy or "PASSIVE", "True"]

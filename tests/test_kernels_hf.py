@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from helpers import causal_attention_reference, value_and_grads
+from helpers import Callbacks, causal_attention_reference, value_and_grads
 from lmlab.engine.train import TrainConfig, causal_lm_loss, train
 from lmlab.kernels import (
     attention,
@@ -192,7 +192,7 @@ def test_the_training_engine_trains_on_lmlab_attention_and_switches_back():
     data = [{"input_ids": list(range(3, 23))} for _ in range(4)]
     cfg = TrainConfig(max_steps=2, batch_size=2, warmup_steps=0, log_every=1)
     train(model, data, cfg, seed=0, progress=False,
-          before_step=lambda step, m: seen.append(m.config._attn_implementation))
+          hooks=Callbacks(before_step=lambda step, m: seen.append(m.config._attn_implementation)))
     assert seen == ["lmlab", "lmlab"] and model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="no trainable parameters"):  # and back after an error, too
         train(model.requires_grad_(False), data, cfg, seed=0, progress=False)

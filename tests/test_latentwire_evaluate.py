@@ -13,7 +13,7 @@ from lmlab.latentwire.evaluate import (
     summarize_eval,
     system_metrics,
 )
-from lmlab.studies.stats import wilson_interval
+from lmlab.stats import wilson_interval
 
 
 def line(index, **systems):

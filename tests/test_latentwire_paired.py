@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from lmlab.studies import stats
+from lmlab import stats
 from lmlab.studies.latentwire_study import SYSTEMS, _bridge_section, item_statistics
 from lmlab.studies.rundir import RunDir
 

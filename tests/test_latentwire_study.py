@@ -22,7 +22,7 @@ from lmlab.latentwire.gsm8k import GSM8KPrompt, gold_answer
 from lmlab.latentwire.losses import LossWeights, answer_nll
 from lmlab.latentwire.translator import translator_preset
 from lmlab.models.hf import load_causal_lm, load_tokenizer
-from lmlab.models.tiny import tokenizer_texts
+from lmlab.stats import wilson_interval
 from lmlab.studies.latentwire_study import (
     BRIDGE_SYSTEMS,
     TEXT_SYSTEMS,
@@ -33,7 +33,7 @@ from lmlab.studies.latentwire_study import (
     train_translator,
     validation_run,
 )
-from lmlab.studies.stats import wilson_interval
+from lmlab.studies.pretrain import tokenizer_texts
 
 pytestmark = [pytest.mark.xdist_group("studies"), pytest.mark.usefixtures("one_thread")]
 

@@ -12,8 +12,10 @@ from transformers import AutoTokenizer
 from lmlab.config import build
 from lmlab.engine.train import TrainConfig
 from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import cache_root
 from lmlab.models.hf import context_length, load_causal_lm, load_tokenizer, prefix_token_id
-from lmlab.models.tiny import PretrainConfig, TinyModelConfig, build_tiny, cache_root, pretrained_tiny
+from lmlab.models.tiny import TinyModelConfig, build_tiny
+from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 
 
 def fresh_model(arch: str, vocab: int = 120):

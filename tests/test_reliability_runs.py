@@ -71,12 +71,15 @@ def test_signal_mid_cell_keeps_finished_cells_and_resume_matches_an_uninterrupte
 
     finished = result_rows(out)
     assert [(r["config"], r["seed"]) for r in finished] == MU_CELLS[:1] and finished[0]["status"] == "ok"
-    assert cell_dirs(out) == set(MU_CELLS[:1]) and not partial.exists()  # the partial cell was discarded
+    # the partial cell stopped at a step boundary and checkpointed its training state for --resume
+    assert cell_dirs(out) == set(MU_CELLS) and list((partial / "train_state").glob("step-*"))
     stamp = (out / "cells" / "dense" / "seed-42" / "config.json").stat().st_mtime_ns
 
     resumed = run_cli("run", "mu", "--resume", str(out), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming {out}: 1 of 2 cells already finished" in resumed.stderr
+    assert "dense seed 123: resuming from the checkpoint of step" in resumed.stderr
+    assert not (partial / "train_state").exists()  # a recorded cell keeps no training checkpoint
     rows = result_rows(out)
     assert [(r["config"], r["seed"]) for r in rows] == MU_CELLS  # each cell exactly once
     assert rows[0] == finished[0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lmlab.studies.stats import (
+from lmlab.stats import (
     describe,
     paired_relative_change,
     reference_is_zero,

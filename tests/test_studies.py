@@ -240,8 +240,8 @@ def test_training_examples_are_full_packed_windows():
     from lmlab.config import load_config, preset_path
     from lmlab.models.hf import context_length, load_tokenizer
     from lmlab.models.hf import load_config as load_hf_config
-    from lmlab.models.tiny import pretrained_tiny
     from lmlab.studies.hylorada_study import HYLORADA, HyloradaStudyConfig, _Context
+    from lmlab.studies.pretrain import pretrained_tiny
 
     cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), [])
     path = str(pretrained_tiny(cfg.base, progress=False))

@@ -188,19 +188,21 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _threads_wait_passively() -> None:
-    """Idle OpenMP threads sleep instead of spinning (`OMP_WAIT_POLICY=PASSIVE`, unless the user set a policy),
-    set before torch loads its OpenMP runtime, which reads it once. Spinning threads keep a core busy after every
-    parallel region of torch's ops and lmlab's kernels; on a machine where another process uses the cores they
-    fight it for them, and a run became 6-10x slower than with --threads 1 (benchmarks/busy_cpu.py). Torchrun
-    workers and other child processes inherit the setting."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def _share_cpu(argv: list[str]) -> None:
+    """Before torch loads: on a machine where other processes are running, fewer torch threads that sleep when
+    idle (lmlab.cpu_share; a user's own --threads / OMP_* settings win). Only for the commands that compute."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in ("run", "eval"):
+        return
+    from lmlab.cpu_share import share_cpu
+
+    # said by the run once its input is checked (a bad command's error stays its only line)
+    share_cpu(any(a == "--threads" or a.startswith("--threads=") for a in argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _threads_wait_passively()
+    _share_cpu(argv)
     _quiet_libraries()
     try:
         args, extra = build_parser().parse_known_args(argv)

@@ -88,6 +88,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except OSError as exc:  # a directory, a name too long, no permission, ...
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise ConfigError(f"config file {shown} cannot be read ({exc.strerror or exc}); give a readable YAML "
+                          "file") from None
     try:
         data = _deep_copy(yaml.safe_load(text))  # a plain tree: aliases become copies
     except yaml.YAMLError as exc:

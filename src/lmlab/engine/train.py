@@ -8,36 +8,48 @@ partial last batch is used, not dropped. `batch_size` is global: each micro-batc
 examples is split evenly across the processes, so 1 and N processes take the same examples per
 optimizer step (`batch_size * grad_accum`) and give the same losses.
 
-While `train()` runs, the Hugging Face models being trained use lmlab's attention (`lmlab.kernels`: the compiled
-CPU kernel for float32 causal self-attention without padding, SDPA otherwise - the same results, faster on CPU);
-each is back on its own attention implementation when `train()` returns. `LMLAB_CPU_KERNELS=0` turns it off.
+A method adds to the loop through one protocol, `lmlab.engine.hooks.Hooks` (loss, optimizer groups, an auxiliary
+loss, after-backward, after-step, evaluate), whose methods receive the `TrainState` (lmlab.engine.state).
+
+With a `checkpoint_dir`, the state is checkpointed every `checkpoint_every` optimizer steps, every
+`checkpoint_minutes` of wall time, at the end, and when SIGTERM/SIGINT stops the loop (lmlab.engine.interrupt);
+`train()` called again with the same arguments continues from the newest checkpoint and computes the same steps,
+metrics and weights as a run that was never stopped (see docs/architecture.md, "Interruption and resume").
+
+`train.attention` chooses the attention of the Hugging Face models being trained: `auto` is lmlab's on CPU (the
+compiled kernel for float32 causal self-attention without padding, SDPA otherwise - the same results, faster) and
+the model's own on GPU; `sdpa` keeps the model's own; `lmlab` switches to lmlab's everywhere. Each model is back on
+its own attention implementation when `train()` returns. `LMLAB_CPU_KERNELS=0` turns the kernel off.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import psutil
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmlab.config import Section
 from lmlab.engine import distributed as D
-from lmlab.engine.nll import IGNORE_INDEX, token_nll
-from lmlab.engine.optim import GroupRule, lr_factor, param_groups
-from lmlab.errors import ConfigError
+from lmlab.engine import state as checkpoints
+from lmlab.engine.hooks import Display, Hooks
+from lmlab.engine.interrupt import STOP, TrainingInterrupted
+from lmlab.engine.losses import LossOut, causal_lm_loss, collate_lm, model_logits  # noqa: F401 - re-exported
+from lmlab.engine.optim import lr_factor, param_groups
+from lmlab.engine.state import TrainState
+from lmlab.errors import CheckpointError, ConfigError
+from lmlab.fileio import atomic_write_text
 from lmlab.kernels import kernel_attention
 
 
@@ -63,15 +75,19 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1)
     compile: bool = False
     ddp_find_unused_parameters: bool = False
+    attention: Literal["auto", "sdpa", "lmlab"] = Field(
+        "auto", description="attention of Hugging Face models while training: auto (lmlab's on CPU, the model's "
+        "own on GPU), sdpa (the model's own), lmlab (lmlab's everywhere)")
+    checkpoint_every: int | None = Field(200, ge=1, description="optimizer steps between training checkpoints of "
+                                         "a cell (None: by time only)")
+    checkpoint_minutes: float | None = Field(10.0, gt=0, description="minutes of wall time between training "
+                                             "checkpoints (None: by steps only)")
 
-
-@dataclass
-class LossOut:
-    """A micro-batch's loss as a SUM over its units, the number of units, and summed terms to log."""
-
-    total: torch.Tensor
-    weight: float | torch.Tensor
-    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
+    def fingerprint(self) -> dict:
+        """What a checkpoint's training must share with this one to be resumed by it (not how often it is
+        checkpointed, evaluated or logged, or how attention is computed)."""
+        skip = {"checkpoint_every", "checkpoint_minutes", "log_every", "attention", "compile"}
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,65 +111,11 @@ class TrainResult:
     history: list[dict]
     best: dict | None = None
     stopped_early: bool = False
+    resumed_from: int | None = None  # the optimizer step of the checkpoint this run continued from
 
 
 # ---------------------------------------------------------------------------------------------------
 # Losses and batching
-
-
-def model_logits(output) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output
-
-
-def causal_lm_loss(model: nn.Module, batch: dict) -> LossOut:
-    """Summed next-token NLL over positions whose label is not -100 (padding is never in the loss).
-
-    With `loss_weights` in the batch (one per token, like `labels`) it is the weighted sum and the weight is the
-    summed weights: a weighted token mean over the global batch.
-    """
-    labels = batch["labels"]
-    weights = batch.get("loss_weights")
-    inputs = {k: v for k, v in batch.items() if k not in ("labels", "loss_weights")}
-    logits = model_logits(model(**inputs))
-    # position t predicts label t+1: shift the labels (the last position predicts nothing) rather than copy
-    # the logits without their last position
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    if weights is not None:
-        shift_weights = F.pad(weights[:, 1:], (0, 1)) * (shift_labels != IGNORE_INDEX)
-        rows = F.cross_entropy(logits.flatten(0, 1).float(), shift_labels.flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="none")
-        nll = (rows * shift_weights.flatten()).sum()
-        return LossOut(nll, shift_weights.sum(), {"nll": nll.detach()})
-    nll = token_nll(logits.flatten(0, 1), shift_labels.flatten())
-    count = (shift_labels != IGNORE_INDEX).sum()
-    return LossOut(nll, count, {"nll": nll.detach()})
-
-
-def collate_lm(examples: Sequence[dict], pad_token_id: int = 0) -> dict:
-    """Right-pad `input_ids` (and `labels`, default = input_ids) to the longest example; labels -100 on padding.
-
-    Examples with `loss_weights` (one per token) get them padded with 0 (see `causal_lm_loss`). Adds
-    `attention_mask` only when some padding exists, so fixed-length models (MU) never see it.
-    """
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    weighted = "loss_weights" in examples[0]
-    weights = torch.zeros((len(examples), width)) if weighted else None
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.as_tensor(e["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(e.get("labels", e["input_ids"]), dtype=torch.long)
-        mask[i, :n] = 1
-        if weighted:
-            weights[i, :n] = torch.as_tensor(e["loss_weights"], dtype=torch.float32)
-    batch = {"input_ids": ids, "labels": labels}
-    if weighted:
-        batch["loss_weights"] = weights
-    if not bool(mask.all()):
-        batch["attention_mask"] = mask
-    return batch
 
 
 def _to_device(batch, device: torch.device):
@@ -274,22 +236,22 @@ def check_batch_split(config, world: int, prefix: str = "") -> None:
             check_batch_split(value, world, f"{prefix}{name}.")
 
 
-def _step_plan(n: int, cfg: TrainConfig, seed: int, world: int, steps: int):
-    """Yield, per optimizer step, this rank's micro-batches as lists of (example index, is_ghost).
+def _step_plan(n: int, cfg: TrainConfig, seed: int, world: int, steps: int, start: int = 0):
+    """Yield, per optimizer step from `start`, this rank's micro-batches as lists of (example index, is_ghost).
 
-    The data order is a seeded permutation per epoch, identical on every rank. Each global batch
-    (batch_size * grad_accum examples) is dealt round-robin to ranks, batch_size / world per micro-batch;
-    a rank short of examples gets ghost copies (loss weight 0) so every rank runs the same number of
-    forward/backward passes, which DDP requires.
+    The data order is a seeded permutation per epoch, identical on every rank, so the step alone fixes the position
+    in it. Each global batch (batch_size * grad_accum examples) is dealt round-robin to ranks, batch_size / world
+    per micro-batch; a rank short of examples gets ghost copies (loss weight 0) so every rank runs the same number
+    of forward/backward passes, which DDP requires.
     """
     per_epoch = steps_per_epoch(n, cfg)
     global_batch = cfg.batch_size * cfg.grad_accum
     local_batch = D.split_batch(cfg.batch_size, world)
     me = D.rank()
     perm: list[int] = []
-    for step in range(steps):
+    for step in range(start, steps):
         epoch, k = divmod(step, per_epoch)
-        if k == 0:
+        if k == 0 or step == start:
             gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=gen).tolist()
         chunk = perm[k * global_batch:(k + 1) * global_batch]
@@ -304,239 +266,307 @@ def _step_plan(n: int, cfg: TrainConfig, seed: int, world: int, steps: int):
         yield epoch, micro
 
 
-def _with_kernel_attention(fn: Callable) -> Callable:
-    """Run `fn(model, ...)` with the transformers models in `model` on lmlab's attention (module doc)."""
-
-    @functools.wraps(fn)
-    def wrapper(model: nn.Module, *args, **kwargs):
+@contextlib.contextmanager
+def attention(model: nn.Module, choice: str, device: torch.device) -> Iterator[None]:
+    """`train.attention` (module doc) for the duration of the block."""
+    if choice == "lmlab" or (choice == "auto" and device.type == "cpu"):
         with kernel_attention(model):
-            return fn(model, *args, **kwargs)
+            yield
+    else:
+        yield
 
-    return wrapper
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing of a transformers model for the block (non-reentrant: it works when the inputs do not
+    require grad, as with a frozen base and adapters)."""
+    enabled = enabled and hasattr(model, "activation_checkpointing_enable")
+    if enabled:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if enabled:
+            model.activation_checkpointing_disable()
 
 
-@_with_kernel_attention
+class Checkpointer:
+    """When and where the train state is checkpointed, and resuming from the newest checkpoint."""
+
+    def __init__(self, directory: Path, cfg: TrainConfig, fingerprint: dict, display: Display):
+        self.directory, self.cfg, self.fingerprint, self.display = Path(directory), cfg, fingerprint, display
+        self.last_time = time.monotonic()
+
+    def resume(self, state: TrainState, hooks: Hooks) -> bool:
+        found = checkpoints.latest(self.directory, self.fingerprint, self.display.line)
+        if found is None:
+            return False
+        try:
+            found.restore(state)  # checks everything before it changes anything
+        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+            what = exc if isinstance(exc, CheckpointError) else f"{found.path / 'state.json'} is incomplete ({exc!r})"
+            checkpoints.discard(self.directory, f"{what}; this training starts from the beginning",
+                                self.display.line)
+            return False
+        hooks.load_state_dict(found.values.get("hooks") or {})
+        self.display.line(f"{self.display.desc}: resuming from the checkpoint of step {state.step} "
+                          f"({found.path})")
+        return True
+
+    def due(self, state: TrainState) -> bool:
+        every, minutes = self.cfg.checkpoint_every, self.cfg.checkpoint_minutes
+        by_steps = every is not None and state.step % every == 0
+        # every process must agree: rank 0's clock decides
+        by_time = D.broadcast_object(minutes is not None and time.monotonic() - self.last_time >= 60 * minutes)
+        return by_steps or bool(by_time)
+
+    def save(self, state: TrainState, hooks: Hooks) -> None:
+        checkpoints.save(self.directory, state, self.fingerprint, hooks.state_dict())
+        D.barrier()
+        self.last_time = time.monotonic()
+
+
+class MetricsLog:
+    """`metrics.jsonl` of a training run (rank 0): one JSON line per logged record. With `rewrite` (a checkpointed
+    run) it first becomes the records of the state's history - a resumed run's file thus ends as the file of a run
+    that was never stopped, and a run that starts over drops the lines of the attempt it replaces."""
+
+    def __init__(self, path: str | Path | None, state: TrainState, rewrite: bool):
+        self.state = state
+        self.file = None
+        if path is not None and D.is_main():
+            path = Path(path)
+            if rewrite:
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in state.history))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def write(self, record: dict) -> None:
+        self.state.history.append(record)
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def train(
     model: nn.Module,
     train_data: Sequence,
     cfg: TrainConfig,
     *,
     seed: int,
-    loss_fn: Callable[[nn.Module, object], LossOut] = causal_lm_loss,
-    collate: Callable[[list], object] = collate_lm,
-    rules: Sequence[GroupRule] = (),
-    evaluate: Callable[[nn.Module], dict] | None = None,
-    select: str = "val_loss",
-    higher_is_better: bool = False,
-    restore_best: bool | None = None,
-    aux_loss: Callable[[nn.Module], torch.Tensor] | None = None,
-    before_step: Callable[[int, nn.Module], None] | None = None,
-    on_step: Callable[[int, nn.Module], None] | None = None,
+    hooks: Hooks | None = None,
+    checkpoint_dir: str | Path | None = None,
     metrics_path: str | Path | None = None,
-    progress: bool = True,
-    desc: str = "train",
+    display: Display | None = None,
+    progress: bool | None = None,
 ) -> TrainResult:
-    """Train `model` (its trainable parameters) on `train_data` and return what happened.
+    """Train `model` (its trainable parameters) on `train_data` with `hooks` (plain causal LM by default) and
+    return what happened.
 
-    - `loss_fn(model, batch) -> LossOut` with sums (see module docstring); `collate(examples) -> batch`.
-    - `rules`: optimizer groups with their own learning rate / weight decay (regex on parameter names).
-    - `evaluate(model) -> dict` runs every `cfg.eval_every` optimizer steps (else once per epoch) and at
-      the end; `select` names the metric that early stopping and best-weight selection use.
-    - `restore_best` (default: when early stopping is on): copy the best evaluation's trainable weights
-      (a copy, not a reference to the live tensors) and load them back at the end.
-    - `aux_loss(model)`: a per-step penalty added with unit weight (e.g. boundary diversity).
-    - `before_step(step, model)`: called with the final gradients, before clipping and the optimizer
-      step (e.g. to drop the gradients of parameters frozen for the first steps of a curriculum).
-    - A non-finite loss raises `NonFiniteLoss(step, value)`; so does a non-finite gradient norm without an
-      fp16 loss scaler (clipping would turn it into zero gradients: a step that silently trains nothing).
-      With the scaler, such steps are skipped and the scale lowered, as mixed precision intends.
+    - Evaluation (when the hooks evaluate) runs every `cfg.eval_every` optimizer steps (else once per epoch) and at
+      the end; `hooks.select` names the metric that early stopping and best-weight selection use, and with
+      `restore_best` (default: when early stopping is on) the best evaluation's weights are loaded at the end.
+    - `checkpoint_dir`: checkpoint and resume (module doc). `metrics_path`: every logged record as a JSON line.
+    - A non-finite loss raises `NonFiniteLoss(step, value)`; so does a non-finite gradient norm without an fp16
+      loss scaler (clipping would turn it into zero gradients: a step that silently trains nothing). With the
+      scaler, such steps are skipped and the scale lowered, as mixed precision intends.
     """
+    hooks = hooks if hooks is not None else Hooks()
+    display = display if display is not None else Display()
+    if progress is not None:
+        display.progress = progress
     D.seed_everything(seed)
-    device = D.device()
-    world = D.world_size()
+    device, world = D.device(), D.world_size()
     D.split_batch(cfg.batch_size, world)  # a global batch the processes cannot share evenly is refused first
-    model.to(device)
-    checkpointing = cfg.gradient_checkpointing and hasattr(model, "activation_checkpointing_enable")
-    if checkpointing:
-        # Non-reentrant checkpointing works when the inputs do not require grad (frozen base + adapters).
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not trainable:
-        raise ValueError("the model has no trainable parameters")
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, rules)
-    for g in groups:
-        g["initial_lr"] = g["lr"]
-    optimizer = build_optimizer(groups, cfg.lr, device)
-    use_scaler = device.type == "cuda" and cfg.precision == "fp16"
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    wrapped: nn.Module = model
-    if world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.ddp_find_unused_parameters,
-        )
-    if cfg.compile:
-        wrapped = torch.compile(wrapped)
     n = len(train_data)
     if n == 0:
         raise ValueError("no training examples")
-    steps = total_steps(n, cfg)
-    per_epoch = steps_per_epoch(n, cfg)
+    model.to(device)
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters")
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, hooks.param_rules())
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "fp16" else None
+    state = TrainState(model, build_optimizer(groups, cfg.lr, device), trainable, scaler,
+                       total_steps=total_steps(n, cfg))
+    steps, per_epoch = state.total_steps, steps_per_epoch(n, cfg)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_ratio * steps))
     eval_every = cfg.eval_every or per_epoch
-    restore = cfg.early_stopping_patience is not None if restore_best is None else restore_best
+    restore = cfg.early_stopping_patience is not None if hooks.restore_best is None else hooks.restore_best
 
-    metrics_file = None
-    if metrics_path is not None and D.is_main():
-        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-        metrics_file = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
-
-    history: list[dict] = []
-    best: dict | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    evals_since_best = 0
-    stopped_early = False
-    tokens_seen = examples_seen = 0
-    final_loss = None
-    train_time = 0.0
-    done = 0
-    bar = tqdm(total=steps, desc=desc, disable=not (progress and D.is_main()), leave=False, dynamic_ncols=True)
-
-    def log(record: dict) -> None:
-        history.append(record)
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-
-    def run_eval(step: int) -> bool:
-        """Evaluate, track the best weights; True when early stopping says stop."""
-        nonlocal best, best_state, evals_since_best
-        model.eval()
-        with torch.no_grad():
-            result = evaluate(model)
-        model.train()
-        score = result.get(select)
-        log({"step": step, "kind": "eval", **result})
-        if score is None or not math.isfinite(score):
-            return False
-        better = best is None or (score > best[select] if higher_is_better else score < best[select])
-        if better:
-            best = {"step": step, **result}
-            evals_since_best = 0
-            if restore:
-                best_state = {name: p.detach().clone() for name, p in trainable}
-        else:
-            evals_since_best += 1
-        return cfg.early_stopping_patience is not None and evals_since_best >= cfg.early_stopping_patience
-
-    model.train()
-    with PeakMemory(device) as mem:
-        try:
-            t_start = time.perf_counter()
-            window_tokens, window_start = 0, time.perf_counter()
-            for step, (epoch, micro) in enumerate(_step_plan(n, cfg, seed, world, steps)):
-                factor = lr_factor(step, warmup, steps, cfg.schedule, cfg.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["initial_lr"] * factor
-                local_total = torch.zeros((), device=device, dtype=torch.float64)
-                local_weight = torch.zeros((), device=device, dtype=torch.float64)
-                local_tokens = torch.zeros((), device=device, dtype=torch.float64)
-                local_examples = torch.zeros((), device=device, dtype=torch.float64)
-                local_logs: dict[str, torch.Tensor] = {}
-                for m, part in enumerate(micro):
-                    batch = _to_device(collate([train_data[i] for i, _ in part]), device)
-                    ghost = part[0][1]
-                    sync = m == len(micro) - 1
-                    ctx = wrapped.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-                    with ctx:
-                        with _autocast(device, cfg.precision):
-                            out = loss_fn(wrapped, batch)
-                        total = out.total.float() * (0.0 if ghost else 1.0)
-                        if scaler is not None:
-                            scaler.scale(total).backward()
-                        else:
-                            total.backward()
-                    # Ghosts add zeros (not nothing), so every rank reduces the same set of log terms.
-                    real = 0.0 if ghost else 1.0
-                    local_total += total.detach().double()
-                    local_weight += real * torch.as_tensor(out.weight, dtype=torch.float64, device=device)
-                    for k, v in out.logs.items():
-                        term = torch.as_tensor(v, dtype=torch.float64, device=device).detach()
-                        local_logs[k] = local_logs.get(k, 0) + real * term
-                    if not ghost:
-                        local_tokens += _count_tokens(batch)
-                        local_examples += len(part)
-                stats = torch.stack([local_total, local_weight, local_tokens, local_examples, *local_logs.values()])
-                stats = D.all_reduce_sum(stats)
-                global_total, global_weight = float(stats[0]), float(stats[1])
-                tokens_seen += int(stats[2])
-                examples_seen += int(stats[3])
-                window_tokens += int(stats[2])
-                loss_value = global_total / max(global_weight, 1.0)
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(step + 1, loss_value)
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                # DDP averaged the summed gradients over ranks; turn them into per-unit means.
-                grad_scale = world / max(global_weight, 1.0)
-                for _, p in trainable:
-                    if p.grad is not None:
-                        p.grad.mul_(grad_scale)
-                if aux_loss is not None:
-                    aux = aux_loss(model)
-                    if aux.requires_grad:
-                        aux.backward()
-                if before_step is not None:
-                    before_step(step, model)
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.max_grad_norm))
-                    if scaler is None and not math.isfinite(grad_norm):
-                        raise NonFiniteLoss(step + 1, grad_norm, "gradient norm")
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if on_step is not None:
-                    on_step(step, model)
-                final_loss = loss_value
-                done = step + 1
-                if done % cfg.log_every == 0 or done == steps:
-                    now = time.perf_counter()
-                    record = {"step": done, "kind": "train", "epoch": epoch, "loss": loss_value,
-                              "lr": cfg.lr * factor,
-                              "tokens_per_s": window_tokens / max(now - window_start, 1e-9)}
-                    if grad_norm is not None:
-                        record["grad_norm"] = grad_norm
-                    for k, v in zip(local_logs, stats[4:], strict=True):
-                        record[k] = float(v) / max(global_weight, 1.0)
-                    log(record)
-                    window_tokens, window_start = 0, now
-                bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                bar.update(1)
-                if evaluate is not None and (done % eval_every == 0 or done == steps):
-                    t_eval = time.perf_counter()
-                    stop = run_eval(done)
-                    t_start += time.perf_counter() - t_eval  # evaluation time is not training time
-                    if stop and done < steps:
-                        stopped_early = True
+    checkpointer = resumed_from = None
+    if checkpoint_dir is not None:
+        fingerprint = {"train": cfg.fingerprint(), "seed": seed, "examples": n, "world": world,
+                       "parameters": [[name, list(p.shape)] for name, p in trainable]}
+        checkpointer = Checkpointer(Path(checkpoint_dir), cfg, fingerprint, display)
+        if checkpointer.resume(state, hooks):
+            resumed_from = state.step
+    # with checkpoints, this training owns its metrics file: it starts as the state's history (empty when fresh)
+    metrics = MetricsLog(metrics_path, state, rewrite=checkpointer is not None)
+    hooks.begin(state, resumed=resumed_from is not None)
+    bar = tqdm(total=steps, initial=state.step, desc=display.desc, disable=not (display.progress and D.is_main()),
+               leave=False, dynamic_ncols=True)
+    try:
+        with (attention(model, cfg.attention, device), activation_checkpointing(model, cfg.gradient_checkpointing),
+              PeakMemory(device) as memory, STOP.watch()):
+            if not state.finished:
+                wrapped = _wrapped(model, cfg, world, device)
+                model.train()
+                started, window = time.perf_counter() - state.train_time_s, _Window()
+                for epoch, micro in _step_plan(n, cfg, seed, world, steps, start=state.step):
+                    state.epoch = epoch
+                    factor = lr_factor(state.step, warmup, steps, cfg.schedule, cfg.min_lr_ratio)
+                    for g in state.optimizer.param_groups:
+                        g["lr"] = g["initial_lr"] * factor
+                    loss, logs, stats, stop = _forward_backward(state, hooks, wrapped, train_data, micro, device,
+                                                                world, cfg)
+                    grad_norm = _optimizer_step(state, hooks, cfg)
+                    state.step += 1
+                    state.final_loss = loss
+                    hooks.after_step(state)
+                    window.tokens += stats["tokens"]
+                    if state.step % cfg.log_every == 0 or state.step == steps:
+                        metrics.write({"step": state.step, "kind": "train", "epoch": state.epoch, "loss": loss,
+                                       "lr": cfg.lr * factor, "tokens_per_s": window.rate(),
+                                       **({} if grad_norm is None else {"grad_norm": grad_norm}), **logs})
+                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                    bar.update(1)
+                    if hooks.evaluates and (state.step % eval_every == 0 or state.step == steps):
+                        paused = time.perf_counter()
+                        state.stopped_early = _evaluate(state, hooks, metrics, restore, cfg) and state.step < steps
+                        started += time.perf_counter() - paused  # evaluation time is not training time
+                    state.train_time_s = time.perf_counter() - started
+                    # one process stops as soon as it is asked; several agree through the next step's reduction
+                    if stop or (world == 1 and STOP.requested):
+                        if checkpointer is not None:
+                            checkpointer.save(state, hooks)
+                        raise TrainingInterrupted(STOP.signum or 2)
+                    if state.stopped_early:
                         break
-            train_time = time.perf_counter() - t_start
-        finally:
-            bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
-    if restore and best_state is not None:
+                    if checkpointer is not None and state.step < steps and checkpointer.due(state):
+                        checkpointer.save(state, hooks)
+                state.finished = True
+                if checkpointer is not None:  # a resume after this point returns the finished run at once
+                    checkpointer.save(state, hooks)
+    finally:
+        bar.close()
+        metrics.close()
+    if restore and state.best_weights is not None:
         with torch.no_grad():
             for name, p in trainable:
-                p.copy_(best_state[name])
-    if checkpointing:
-        model.activation_checkpointing_disable()
+                p.copy_(state.best_weights[name])
     model.eval()
-    return TrainResult(
-        steps=done, examples=examples_seen,
-        tokens=tokens_seen, train_time_s=train_time, final_loss=final_loss, peak_mem_mb=mem.mb,
-        history=history, best=best, stopped_early=stopped_early,
-    )
+    return TrainResult(steps=state.step, examples=state.examples_seen, tokens=state.tokens_seen,
+                       train_time_s=state.train_time_s, final_loss=state.final_loss, peak_mem_mb=memory.mb,
+                       history=state.history, best=state.best, stopped_early=state.stopped_early,
+                       resumed_from=resumed_from)
+
+
+class _Window:
+    """Tokens per second since the last logged record."""
+
+    def __init__(self):
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        return rate
+
+
+def _wrapped(model: nn.Module, cfg: TrainConfig, world: int, device: torch.device) -> nn.Module:
+    """The model as the forward pass calls it: under DDP with several processes, compiled with `compile`."""
+    wrapped = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.ddp_find_unused_parameters)
+    return torch.compile(wrapped) if cfg.compile else wrapped
+
+
+def _forward_backward(state: TrainState, hooks: Hooks, wrapped: nn.Module, data: Sequence, micro: list, device,
+                      world: int, cfg: TrainConfig) -> tuple[float, dict, dict, bool]:
+    """One step's micro-batches: summed losses backpropagated, then reduced over processes with the step's token
+    counts, log terms and any stop request. Returns (global per-unit loss, per-unit log terms, counts, stop)."""
+    total = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, units, tokens, examples
+    logs: dict[str, torch.Tensor] = {}
+    for m, part in enumerate(micro):
+        batch = _to_device(hooks.collate([data[i] for i, _ in part]), device)
+        real = 0.0 if part[0][1] else 1.0  # a ghost adds zeros (not nothing): every rank reduces the same terms
+        sync = m == len(micro) - 1
+        with wrapped.no_sync() if (world > 1 and not sync) else contextlib.nullcontext():
+            with _autocast(device, cfg.precision):
+                out = hooks.loss(state, wrapped, batch)
+            loss = out.total.float() * real
+            (state.scaler.scale(loss) if state.scaler is not None else loss).backward()
+        total[0] += loss.detach().double()
+        total[1] += real * torch.as_tensor(out.weight, dtype=torch.float64, device=device)
+        total[2] += real * _count_tokens(batch)
+        total[3] += real * len(part)
+        for k, v in out.logs.items():
+            logs[k] = logs.get(k, 0) + real * torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+    stop = torch.tensor([1.0 if STOP.requested else 0.0], device=device, dtype=torch.float64)
+    reduced = D.all_reduce_sum(torch.cat([total, stop, torch.stack(list(logs.values())).reshape(-1)
+                                          if logs else total.new_zeros(0)]))
+    loss_sum, units = float(reduced[0]), max(float(reduced[1]), 1.0)
+    state.tokens_seen += int(reduced[2])
+    state.examples_seen += int(reduced[3])
+    loss = loss_sum / units
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(state.step + 1, loss)
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    grad_scale = world / units  # DDP averaged the summed gradients over ranks; make them per-unit means
+    for _, p in state.trainable:
+        if p.grad is not None:
+            p.grad.mul_(grad_scale)
+    per_unit = {k: float(v) / units for k, v in zip(logs, reduced[5:], strict=True)}
+    return loss, per_unit, {"tokens": int(reduced[2])}, bool(reduced[4] > 0)
+
+
+def _optimizer_step(state: TrainState, hooks: Hooks, cfg: TrainConfig) -> float | None:
+    """Auxiliary loss, after-backward hook, clipping and the optimizer step; returns the gradient norm."""
+    aux = hooks.aux_loss(state)
+    if aux is not None and aux.requires_grad:
+        aux.backward()
+    hooks.after_backward(state)
+    grad_norm = None
+    if cfg.max_grad_norm is not None:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in state.trainable], cfg.max_grad_norm))
+        if state.scaler is None and not math.isfinite(grad_norm):
+            raise NonFiniteLoss(state.step + 1, grad_norm, "gradient norm")
+    if state.scaler is not None:
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _evaluate(state: TrainState, hooks: Hooks, metrics: MetricsLog, restore: bool, cfg: TrainConfig) -> bool:
+    """Evaluate, track the best evaluation (and a copy of its weights); True when early stopping says stop."""
+    state.model.eval()
+    with torch.no_grad():
+        result = hooks.evaluate(state) or {}
+    state.model.train()
+    metrics.write({"step": state.step, "kind": "eval", **result})
+    score = result.get(hooks.select)
+    if score is None or not math.isfinite(score):
+        return False
+    best = state.best
+    if best is None or (score > best[hooks.select] if hooks.higher_is_better else score < best[hooks.select]):
+        state.best = {"step": state.step, **result}
+        state.evals_since_best = 0
+        if restore:
+            state.best_weights = {name: p.detach().clone() for name, p in state.trainable}
+    else:
+        state.evals_since_best += 1
+    return cfg.early_stopping_patience is not None and state.evals_since_best >= cfg.early_stopping_patience

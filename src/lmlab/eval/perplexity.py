@@ -28,7 +28,7 @@ from torch import nn
 
 from lmlab import progress as bars
 from lmlab.engine import distributed as D
-from lmlab.engine.train import model_logits
+from lmlab.engine.losses import model_logits
 from lmlab.models.hf import prefix_token_id
 
 

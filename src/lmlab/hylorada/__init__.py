@@ -11,6 +11,7 @@ from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import (
     COMPONENTS,
     DEFAULT_TARGETS,
+    HyLoRADAHooks,
     apply_hylorada,
     auxiliary_loss,
     boundary_parameters,
@@ -23,6 +24,7 @@ from lmlab.hylorada.model import (
 )
 
 __all__ = [
+    "HyLoRADAHooks",
     "COMPONENTS",
     "DEFAULT_TARGETS",
     "HyLoRADAConfig",

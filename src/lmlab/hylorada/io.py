@@ -381,16 +381,7 @@ def merge_adapter(model: nn.Module) -> nn.Module:
 def _remove(model: nn.Module, merge: bool) -> None:
     """Unwrap every adapted layer (folding the update into its weight when `merge`), drop hooks and state."""
     state = hylorada_state(model)
-    ours = {id(m) for m in state.modules()}
-    for module in model.modules():
-        for hooks, extra in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-                             (module._forward_hooks, (module._forward_hooks_with_kwargs,
-                                                      module._forward_hooks_always_called))):
-            for hook_id, hook in list(hooks.items()):
-                if id(getattr(hook, "__self__", None)) in ours:
-                    del hooks[hook_id]
-                    for table in extra:
-                        table.pop(hook_id, None)
+    state.remove_hooks()
     for name in state.adapted:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

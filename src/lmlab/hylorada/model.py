@@ -14,8 +14,10 @@ import re
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 from transformers.pytorch_utils import Conv1D
 
+from lmlab.engine.hooks import PaddedLM
 from lmlab.engine.optim import GroupRule
 from lmlab.errors import ConfigError
 from lmlab.hylorada.config import HyLoRADAConfig
@@ -72,6 +74,10 @@ class HyLoRADAState(nn.Module):
         self.adapted: list[str] = []
         self.trained_base: dict[str, list[str]] = {"embeddings": [], "norms": []}
         self.base_requires_grad: dict[str, bool] = {}
+        # the handles of the forward hooks apply_hylorada registers (on the model, its final norm, its blocks): the
+        # one way they are removed (`remove_hooks`). A deep copy of the model copies them with it, pointing at the
+        # copy's hooks.
+        self.hook_handles: list[RemovableHandle] = []
 
     def add_landmarks(self, hidden_size: int, num_blocks: int, dtype: torch.dtype, device: torch.device) -> None:
         """The landmark modules of `config.landmarks`. Called after the adapters are built, so that their random
@@ -98,6 +104,11 @@ class HyLoRADAState(nn.Module):
                 PooledLandmarks(hidden_size, k // 2, config.dropout, self.context, f"block{i}", **factory)
                 for i in range(num_blocks)
             )
+
+    def remove_hooks(self) -> None:
+        """Remove every forward hook apply_hylorada registered for this state, through its handle."""
+        while self.hook_handles:
+            self.hook_handles.pop().remove()
 
     @property
     def pools(self) -> bool:
@@ -196,15 +207,16 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
     state.add_landmarks(hidden_size, len(blocks or []), reference.dtype, reference.device)
     _unfreeze_base_parts(model, config, state)
 
+    handles = state.hook_handles
     if config.uses_positions:
-        model.register_forward_pre_hook(state.before_forward, with_kwargs=True)
+        handles.append(model.register_forward_pre_hook(state.before_forward, with_kwargs=True))
     if state.pools:
-        model.register_forward_hook(state.after_forward)
+        handles.append(model.register_forward_hook(state.after_forward))
     if final_norm is not None:
-        final_norm.register_forward_hook(state.landmarks.after_final_norm)
+        handles.append(final_norm.register_forward_hook(state.landmarks.after_final_norm))
     if state.layer_landmarks is not None:
         for block, landmarks in zip(blocks, state.layer_landmarks, strict=True):
-            block.register_forward_hook(landmarks.after_block)
+            handles.append(block.register_forward_hook(landmarks.after_block))
     return model
 
 
@@ -427,3 +439,22 @@ def auxiliary_loss(model: nn.Module) -> torch.Tensor:
     if buckets is None or weight == 0:
         return torch.zeros((), device=state.bucket_edges.device)
     return weight * buckets.diversity_penalty()
+
+
+class HyLoRADAHooks(PaddedLM):
+    """HyLoRADA's part of the training loop: the boundaries' optimizer group, the boundary-diversity penalty, and
+    the curriculum that holds the boundaries for their first `boundary_freeze_steps` steps; batches padded with
+    `pad_token_id`."""
+
+    def __init__(self, config: HyLoRADAConfig, pad_token_id: int = 0):
+        super().__init__(pad_token_id)
+        self.config = config
+
+    def param_rules(self) -> list[GroupRule]:
+        return optimizer_rules(self.config)
+
+    def aux_loss(self, state) -> torch.Tensor:
+        return auxiliary_loss(state.model)
+
+    def after_backward(self, state) -> None:
+        drop_frozen_boundary_grads(state.model, state.step)

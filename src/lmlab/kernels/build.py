@@ -5,10 +5,8 @@ and loaded with ctypes. `LMLAB_CPU_KERNELS=0` turns every kernel off (torch's ow
 Threads: a kernel library needs libgomp.so.1, and the dynamic loader hands it the one torch has already loaded
 (Linux builds of torch ship libgomp under that name), so kernels and torch's ops share one OpenMP runtime and its
 thread pool; each call asks for its share of `torch.get_num_threads()` (see attention.py and lowrank.py). How idle
-threads wait is that runtime's setting, read once when torch loads it: by default they spin for a while after every
-parallel region, which on a machine whose cores another process keeps busy slows every parallel region several
-fold. The `lmlab` command therefore sets `OMP_WAIT_POLICY=PASSIVE` (unless the user set a policy) before torch is
-imported; a script that imports torch itself can set it in its environment (benchmarks/busy_cpu.py measures it).
+threads wait is that runtime's setting, read once when torch loads it: `lmlab run` and `lmlab eval` choose
+it (and the thread count) from what else is running when they start - see lmlab.cpu_share.
 """
 
 from __future__ import annotations

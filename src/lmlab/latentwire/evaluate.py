@@ -35,7 +35,7 @@ from lmlab.fileio import atomic_write_text
 from lmlab.latentwire.bridge import LatentWireBridge, pad_token_id
 from lmlab.latentwire.costs import element_bytes, kv_cache_bytes, prompt_lengths
 from lmlab.latentwire.gsm8k import STOP_STRINGS, cut_at_stop, extract_flexible, extract_strict, gold_answer
-from lmlab.studies.stats import wilson_interval
+from lmlab.stats import wilson_interval
 
 SYSTEMS = ("target_text", "source_text", "bridged", "token_budget", "zero_prefix", "shuffled_source")
 SHARED_SYSTEMS = ("target_text", "source_text", "token_budget")  # translator-free: one evaluation shared by the cells

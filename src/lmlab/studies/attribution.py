@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from lmlab.studies import stats
+from lmlab import stats
 
 SCENARIO_MEANING = {
     "A": "a strong improvement (>= 2%)",

@@ -37,26 +37,25 @@ from lmlab.data import generators
 from lmlab.data.batching import packed_examples, tokenize_documents
 from lmlab.data.sources import load_documents
 from lmlab.engine import distributed as D
+from lmlab.engine.hooks import Display
 from lmlab.engine.optim import lr_factor
-from lmlab.engine.train import TrainConfig, collate_lm, total_steps, train
+from lmlab.engine.train import TrainConfig, total_steps, train
 from lmlab.errors import ConfigError, DataError
 from lmlab.eval.perplexity import evaluate_perplexity, positional_perplexity
 from lmlab.eval.retrieval import retrieval_accuracy
 from lmlab.hylorada import (
     HyLoRADAConfig,
+    HyLoRADAHooks,
     apply_hylorada,
-    auxiliary_loss,
     component_param_counts,
-    drop_frozen_boundary_grads,
     learned_boundaries,
-    optimizer_rules,
     position_components_removed,
     rope_scaling,
     save_adapter,
 )
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
-from lmlab.models.tiny import PretrainConfig, pretrained_tiny
+from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
     MARKERS,
@@ -67,7 +66,7 @@ from lmlab.studies.report import (
     line_plot,
     save_figure,
 )
-from lmlab.studies.rundir import RunDir, atomic_write_text
+from lmlab.studies.rundir import TRAIN_STATE, RunDir, atomic_write_text
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
 
@@ -439,8 +438,9 @@ class HyloradaStudy(Study):
         return load_causal_lm(ctx.model_path, config_fn=config_fn, trust_remote_code=cfg.trust_remote_code)
 
     def _fine_tune(self, ctx: _Context, arm: Arm, data: SeedData, seed: int, lr: float,
-                   metrics_path: Path | None, progress: bool, desc: str):
-        """The extended base with this arm's adapter, trained on `data`; returns (model, adapter config, result)."""
+                   cell_dir: Path | None, display: Display):
+        """The extended base with this arm's adapter, trained on `data` (checkpointed into `cell_dir` when given);
+        returns (model, adapter config, result)."""
         cfg = ctx.cfg
         adapter_cfg = self._adapter_config(ctx, arm)
         model = self._load_base(ctx)
@@ -451,13 +451,10 @@ class HyloradaStudy(Study):
                 if isinstance(module, HyLoRADALinear):
                     module.lora_A.requires_grad_(False)
                     module.lora_B.requires_grad_(False)
-        result = train(
-            model, data.train, cfg.train.model_copy(update={"lr": lr}), seed=seed,
-            collate=partial(collate_lm, pad_token_id=ctx.tokenizer.pad_token_id),
-            rules=optimizer_rules(adapter_cfg), aux_loss=auxiliary_loss,
-            before_step=lambda step, m: drop_frozen_boundary_grads(m, step),
-            metrics_path=metrics_path, progress=progress, desc=desc,
-        )
+        result = train(model, data.train, cfg.train.model_copy(update={"lr": lr}), seed=seed,
+                       hooks=HyLoRADAHooks(adapter_cfg, ctx.tokenizer.pad_token_id),
+                       checkpoint_dir=None if cell_dir is None else cell_dir / TRAIN_STATE,
+                       metrics_path=None if cell_dir is None else cell_dir / "metrics.jsonl", display=display)
         return model, adapter_cfg, result
 
     def _val_ppl(self, ctx: _Context, model, docs: list[str]) -> dict:
@@ -479,8 +476,8 @@ class HyloradaStudy(Study):
                 continue
             scores = {}
             for lr in cfg.lr_grid:
-                model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None, progress,
-                                              f"lr search {config} lr {lr:g}")
+                model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None,
+                                              Display(progress, f"lr search {config} lr {lr:g}", log_line))
                 model.to(D.device())
                 scores[f"{lr:g}"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
             best = min(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
@@ -500,8 +497,8 @@ class HyloradaStudy(Study):
         metrics: dict = {}
         if arm.adapter is not None:
             lr = ctx.lrs.get(config, cfg.train.lr)
-            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir / "metrics.jsonl",
-                                                         progress, f"{config} seed {seed}")
+            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir,
+                                                         Display(progress, f"{config} seed {seed}", log_line))
             components = component_param_counts(model)
             params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                       "component_params": sum(v for k, v in components.items() if k != "lora"),
@@ -751,7 +748,7 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict) -
 
 def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str]) -> list[str]:
     """What the trained position components contribute: each cell evaluated with them removed."""
-    from lmlab.studies import stats
+    from lmlab import stats
 
     with_parts = [c for c in configs if _metric_mean(rows, c, "val_ppl_without_position") is not None]
     if not with_parts:

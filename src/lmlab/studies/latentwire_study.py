@@ -31,9 +31,11 @@ import numpy as np
 import torch
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from lmlab import stats
 from lmlab.data import generators
 from lmlab.data.sources import load_qa_items
 from lmlab.engine import distributed as D
+from lmlab.engine.hooks import Display, Hooks
 from lmlab.engine.train import LossOut, TrainConfig, TrainResult, total_steps, train
 from lmlab.errors import ConfigError, DataError
 from lmlab.latentwire.bridge import LatentWireBridge, Mode, PromptEncoder, build_translator
@@ -49,9 +51,9 @@ from lmlab.latentwire.gsm8k import GSM8KPrompt, select_exemplars
 from lmlab.latentwire.losses import LossWeights, answer_nll, bridge_loss
 from lmlab.latentwire.translator import PAPER_PRESETS, TranslatorShape, optimizer_rules, parameter_count
 from lmlab.models.hf import learned_positions, load_causal_lm, load_tokenizer
-from lmlab.models.tiny import PretrainConfig, TinyModelConfig, pretrained_tiny
-from lmlab.studies import stats
+from lmlab.models.tiny import TinyModelConfig
 from lmlab.studies.attribution import interval_verdict, judge_claim, per_seed_values
+from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
     cell_curves,
@@ -64,7 +66,7 @@ from lmlab.studies.report import (
     same_values_notes,
     save_figure,
 )
-from lmlab.studies.rundir import RunDir
+from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
 BRIDGE_SYSTEMS = ("bridged", "zero_prefix", "shuffled_source")  # the systems that go through the translator
@@ -229,42 +231,60 @@ def validation_run(bridge: LatentWireBridge, items: Sequence[dict], *, batch_siz
     return result
 
 
+class TranslatorHooks(Hooks):
+    """LatentWire's part of the training loop: the bridge loss (InfoNCE from step `info_nce_start`), the
+    translator's optimizer groups, and every `eval_every` steps `evaluate(bridge)` (by default `validation_run` on
+    the validation items, whose samples go to `samples_dir/eval_samples_step<N>.jsonl`) picking the best `val_acc`."""
+
+    select, higher_is_better = "val_acc", True
+
+    def __init__(self, bridge: LatentWireBridge, weights: LossWeights, val_items: Sequence[dict], *,
+                 restore_best: bool, evaluate: Callable[[LatentWireBridge], dict] | None = None,
+                 val_batch_size: int = 64, val_max_new_tokens: int = 128, samples_dir: str | Path | None = None):
+        self.bridge, self.weights, self.val_items = bridge, weights, val_items
+        self.restore_best, self.custom_evaluate = restore_best, evaluate
+        self.val_batch_size, self.val_max_new_tokens, self.samples_dir = val_batch_size, val_max_new_tokens, samples_dir
+
+    def param_rules(self):
+        return optimizer_rules()
+
+    def collate(self, examples: list):
+        return collate_items(self.bridge.encoder, examples)
+
+    def loss(self, state, model, batch) -> LossOut:
+        total, tokens, logs = bridge_loss(model, batch, state.step, self.weights)
+        return LossOut(total, tokens, logs)
+
+    def evaluate(self, state) -> dict:
+        if self.custom_evaluate is not None:
+            return self.custom_evaluate(state.model)
+        result = validation_run(state.model, self.val_items, batch_size=self.val_batch_size,
+                                max_new_tokens=self.val_max_new_tokens)
+        if self.samples_dir is not None and D.is_main():
+            write_eval_samples(Path(self.samples_dir) / f"eval_samples_step{state.step}.jsonl", result.samples)
+        return {"val_acc": result.metrics["val_acc"], "val_nll": result.metrics["val_nll"]}
+
+
 def train_translator(bridge: LatentWireBridge, train_items: Sequence[dict], val_items: Sequence[dict],
                      cfg: TrainConfig, weights: LossWeights, *, seed: int, stability_fixes: bool,
                      evaluate: Callable[[LatentWireBridge], dict] | None = None, val_batch_size: int = 64,
                      val_max_new_tokens: int = 128, metrics_path: str | Path | None = None,
-                     samples_dir: str | Path | None = None, progress: bool = False,
-                     desc: str = "translator") -> TrainResult:
-    """Train the bridge's translator (its only trainable part) with the one training loop.
+                     samples_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+                     display: Display | None = None) -> TrainResult:
+    """Train the bridge's translator (its only trainable part) with the one training loop (`TranslatorHooks`).
 
-    Every `cfg.eval_every` steps `evaluate(bridge)` gives `val_acc`, the bridged accuracy; by default it
-    is `validation_run` on `val_items`, whose samples go to `samples_dir/eval_samples_step<N>.jsonl`.
-    With the stability fixes, InfoNCE is on, training stops after `cfg.early_stopping_patience`
-    evaluations without a better `val_acc`, and the best evaluation's weights (a copy) are restored.
-    Without them: no InfoNCE, no early stopping, the last weights are kept.
+    With the stability fixes, InfoNCE is on, training stops after `cfg.early_stopping_patience` evaluations without
+    a better `val_acc`, and the best evaluation's weights (a copy) are restored. Without them: no InfoNCE, no early
+    stopping, the last weights are kept.
     """
     if not stability_fixes:
         weights = weights.model_copy(update={"info_nce_weight": 0.0})
         cfg = cfg.model_copy(update={"early_stopping_patience": None})
-    optimizer_step = {"done": 0}  # bridge_loss needs the step (InfoNCE starts at info_nce_start)
-
-    def loss_fn(model, batch) -> LossOut:
-        total, tokens, logs = bridge_loss(model, batch, optimizer_step["done"], weights)
-        return LossOut(total, tokens, logs)
-
-    def count_step(step: int, model) -> None:
-        optimizer_step["done"] = step + 1
-
-    def validate(model) -> dict:
-        result = validation_run(model, val_items, batch_size=val_batch_size, max_new_tokens=val_max_new_tokens)
-        if samples_dir is not None and D.is_main():
-            write_eval_samples(Path(samples_dir) / f"eval_samples_step{optimizer_step['done']}.jsonl", result.samples)
-        return {"val_acc": result.metrics["val_acc"], "val_nll": result.metrics["val_nll"]}
-
-    return train(bridge, train_items, cfg, seed=seed, loss_fn=loss_fn, collate=partial(collate_items, bridge.encoder),
-                 rules=optimizer_rules(), evaluate=evaluate or validate, select="val_acc", higher_is_better=True,
-                 restore_best=stability_fixes, on_step=count_step, metrics_path=metrics_path, progress=progress,
-                 desc=desc)
+    hooks = TranslatorHooks(bridge, weights, val_items, restore_best=stability_fixes, evaluate=evaluate,
+                            val_batch_size=val_batch_size, val_max_new_tokens=val_max_new_tokens,
+                            samples_dir=samples_dir)
+    return train(bridge, train_items, cfg, seed=seed, hooks=hooks, checkpoint_dir=checkpoint_dir,
+                 metrics_path=metrics_path, display=display or Display(progress=False, desc="translator"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,8 +434,8 @@ class LatentWireStudy(Study):
         result = train_translator(
             bridge, train_items, val_items, cfg.train, loss_weights(cfg, len(train_items)), seed=seed,
             stability_fixes=arm.fixes, val_batch_size=cfg.eval_batch_size, val_max_new_tokens=cfg.max_new_tokens,
-            metrics_path=cell_dir / "metrics.jsonl", samples_dir=cell_dir / "validation", progress=progress,
-            desc=f"{config} seed {seed}")
+            metrics_path=cell_dir / "metrics.jsonl", samples_dir=cell_dir / "validation",
+            checkpoint_dir=cell_dir / TRAIN_STATE, display=Display(progress, f"{config} seed {seed}", log_line))
         started = time.perf_counter()
         evaluation = self._evaluate(ctx, bridge, arm)
         eval_time = time.perf_counter() - started

@@ -31,6 +31,7 @@ from lmlab.data.batching import packed_examples, tokenize_documents
 from lmlab.data.sources import load_documents
 from lmlab.data.tokenizer import train_bpe_tokenizer
 from lmlab.engine import distributed as D
+from lmlab.engine.hooks import Display, Hooks
 from lmlab.engine.train import TrainConfig, steps_per_epoch, train
 from lmlab.errors import DataError
 from lmlab.eval.perplexity import evaluate_perplexity
@@ -50,7 +51,7 @@ from lmlab.mu.config import PRESETS
 from lmlab.mu.matching import model_parameter_counts
 from lmlab.studies.attribution import effect_text
 from lmlab.studies.report import cell_curves, config_styles, fmt, line_plot, mean_over_seeds
-from lmlab.studies.rundir import RunDir
+from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
 CONFIGURATIONS = ("mu-sota", "mu-simple", "dense")
@@ -331,39 +332,57 @@ def _append_jsonl(path: Path, records: list[dict]) -> None:
             f.writelines(json.dumps(r) + "\n" for r in records)
 
 
-class _CellEvaluator:
-    """What the training loop runs at every evaluation of one cell: validation perplexity, bits per byte
-    and accuracy, the red flags, and a set of samples at the first evaluation after every N epochs."""
+class _CellHooks(Hooks):
+    """MU's part of the training loop for one cell: at every evaluation, validation perplexity, bits per byte and
+    accuracy, the red flags, and a set of samples at the first evaluation after every N epochs; the best evaluation
+    (by validation perplexity) is restored at the end. Its state (the monitor, the sampling block, the samples
+    file's length) goes into every checkpoint."""
+
+    select, restore_best = "val_ppl", True
+    MONITOR_KEYS = ("best", "best_step", "since_best", "previous_loss", "rises", "flags")
 
     def __init__(self, ctx: _Context, cell: str, seed: int, samples_path: Path):
         self.ctx, self.cell, self.seed, self.samples_path = ctx, cell, seed, samples_path
         self.monitor = RedFlagMonitor(ctx.cfg.monitor, ctx.cfg.train.lr)
         self.per_epoch = steps_per_epoch(len(ctx.examples), ctx.cfg.train)
-        self.step = 0  # optimizer steps done
         self.sampled_block = 0  # epochs // every_epochs at the last periodic samples
 
-    def on_step(self, step: int, model) -> None:
-        self.step = step + 1
-
-    def __call__(self, model) -> dict:
-        ctx, cfg = self.ctx, self.ctx.cfg
-        epoch = self.step / self.per_epoch
+    def evaluate(self, state) -> dict:
+        ctx, cfg, model = self.ctx, self.ctx.cfg, state.model
+        epoch = state.step / self.per_epoch
         val = evaluate_perplexity(model, ctx.val_docs, ctx.tokenizer, cfg.max_seq_len,
                                   batch_size=cfg.eval_batch_size, positional=False, prefix_id=ctx.prefix_id)
         result = {"epoch": epoch, "val_ppl": val["ppl"], "val_loss": math.log(val["ppl"]), "val_bpb": val["bpb"],
                   "accuracy": val["accuracy"]}
-        flags = self.monitor.update(self.step, epoch, val["ppl"])
+        flags = self.monitor.update(state.step, epoch, val["ppl"])
         for flag in flags:
-            log_line(f"red flag ({self.cell}, step {self.step}): {flag['flag']} - {flag['message']}")
+            log_line(f"red flag ({self.cell}, step {state.step}): {flag['flag']} - {flag['message']}")
         if flags:
             result["red_flags"] = [f["flag"] for f in flags]
         block = int(epoch + 1e-9) // cfg.generation.every_epochs
         if block > self.sampled_block:
             self.sampled_block = block
             samples = generate_samples(model, ctx.tokenizer, ctx.prefix_id, cfg.generation, self.seed)
-            _append_jsonl(self.samples_path, [{"kind": "periodic", "step": self.step, "epoch": round(epoch, 3), **s}
-                                              for s in samples])
+            _append_jsonl(self.samples_path, [{"kind": "periodic", "step": state.step, "epoch": round(epoch, 3),
+                                               **s} for s in samples])
         return result
+
+    def state_dict(self) -> dict:
+        size = self.samples_path.stat().st_size if self.samples_path.exists() else 0
+        return {"monitor": {k: getattr(self.monitor, k) for k in self.MONITOR_KEYS},
+                "sampled_block": self.sampled_block, "samples_bytes": size}
+
+    def load_state_dict(self, values: dict) -> None:
+        for k in self.MONITOR_KEYS:
+            setattr(self.monitor, k, values["monitor"][k])
+        self.sampled_block = values["sampled_block"]
+        self.samples_bytes = values["samples_bytes"]
+
+    def begin(self, state, resumed: bool) -> None:
+        # samples written after the checkpoint (or by an attempt that starts over) go: this run writes them again
+        if D.is_main() and self.samples_path.exists():
+            with open(self.samples_path, "r+b") as f:
+                f.truncate(self.samples_bytes if resumed else 0)
 
 
 class MUStudy(Study):
@@ -416,10 +435,10 @@ class MUStudy(Study):
         model = build_model(ctx.models[config])
         counts = count_parameters(model)
         samples_path = cell_dir / SAMPLES_FILE
-        evaluator = _CellEvaluator(ctx, f"{config} seed {seed}", seed, samples_path)
-        result = train(model, ctx.examples, cfg.train, seed=seed, evaluate=evaluator, select="val_ppl",
-                       restore_best=True, on_step=evaluator.on_step, metrics_path=cell_dir / "metrics.jsonl",
-                       progress=progress, desc=f"{config} seed {seed}")
+        hooks = _CellHooks(ctx, f"{config} seed {seed}", seed, samples_path)
+        result = train(model, ctx.examples, cfg.train, seed=seed, hooks=hooks, checkpoint_dir=cell_dir / TRAIN_STATE,
+                       metrics_path=cell_dir / "metrics.jsonl",
+                       display=Display(progress, f"{config} seed {seed}", log_line))
         best = result.best
         # The best weights (restored by train) go to disk; the checkpoint loaded back is what test
         # perplexity and the final samples are measured on.
@@ -442,12 +461,12 @@ class MUStudy(Study):
             "tokens_per_s": result.tokens / max(result.train_time_s, 1e-9),
             "params_total": counts["total"], "params_non_embedding": counts["non_embedding"],
             "train_time_s": result.train_time_s, "peak_mem_mb": result.peak_mem_mb, "train_loss": result.final_loss,
-            "best_step": best["step"], "red_flags": len(evaluator.monitor.flags),
+            "best_step": best["step"], "red_flags": len(hooks.monitor.flags),
         }
         details = {
             "model": {"kind": "mu" if isinstance(model, MUModel) else "dense",
                       "config": model.config.model_dump(mode="json")},
-            "red_flags": evaluator.monitor.flags,
+            "red_flags": hooks.monitor.flags,
             "samples": final_samples,
             "checkpoint": str(checkpoint.relative_to(cell_dir.parents[2])),
             "steps": result.steps,

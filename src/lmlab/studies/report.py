@@ -17,7 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-from lmlab.studies import attribution, stats
+from lmlab import stats
+from lmlab.studies import attribution, registry
 from lmlab.studies.rundir import RunDir, atomic_write_text, json_safe
 
 LOWER_IS_BETTER_HINTS = ("ppl", "bpb", "loss", "time", "mem", "latency", "invalid", "kv_bytes", "prompt_tokens")
@@ -573,7 +574,6 @@ def with_declarations(study, record: dict) -> dict:
     parameter matching where the record predates them, so `lmlab report` on an older run draws today's conclusions
     from its cells."""
     from lmlab.config import build
-    from lmlab.studies.runner import declarations
 
     cfg = build(study.config_cls, record["config"], where="study.yaml")
     # what the study decides on today (e.g. MU: test perplexity, where older runs recorded the optimistic val_ppl)
@@ -581,14 +581,12 @@ def with_declarations(study, record: dict) -> dict:
                "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg)}
     if "comparisons" in record or "roles" in record:
         return {**record, **current}
-    return {**record, **current, **declarations(study, cfg, record["configurations"])}
+    return {**record, **current, **registry.declarations(study, cfg, record["configurations"])}
 
 
 def write_reports(run: RunDir) -> dict:
-    from lmlab.studies.runner import get_study
-
     record = run.read_study()
-    study = get_study(record["study"])
+    study = registry.get_study(record["study"])
     record = with_declarations(study, record)
     rows = run.read_results()
     summary = build_summary(record, rows)

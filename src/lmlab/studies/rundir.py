@@ -3,7 +3,8 @@
 ```
 <run>/study.yaml      resolved configuration (+ lmlab and library versions)
 <run>/results.jsonl   one line per finished cell
-<run>/cells/<config>/seed-<s>/   config.json, metrics.jsonl, eval_samples.jsonl, artifacts
+<run>/cells/<config>/seed-<s>/   config.json, metrics.jsonl, eval_samples.jsonl, artifacts,
+                                 train_state/ (training checkpoints while the cell is unfinished)
 <run>/summary.json report.md report.tex results.csv plots/*.png
 ```
 Every write is atomic (temporary file + rename): a killed run never leaves a half-written file.
@@ -26,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from lmlab.engine import distributed as D
+from lmlab.engine.state import complete_checkpoints
 from lmlab.errors import ConfigError
 from lmlab.fileio import atomic_write_text
 
@@ -63,6 +65,7 @@ def library_versions() -> dict:
 STUDY_KEYS = ("study", "preset", "seeds", "configurations", "reference", "candidate", "primary_metric", "config")
 RESULT_KEYS = ("config", "seed", "status", "metrics")
 LOCK_NAME = ".lock"
+TRAIN_STATE = "train_state"  # a cell's training checkpoints (lmlab.engine.state), kept when a run is stopped
 
 
 def _describe_holder(text: str) -> str:
@@ -273,9 +276,20 @@ class RunDir:
             text += "\n"
         atomic_write_text(self.results_path, text + json.dumps(json_safe(row), allow_nan=False) + "\n")
 
-    def discard_cell(self, config: str, seed: int) -> None:
+    def discard_cell(self, config: str, seed: int, keep_checkpoint: bool = False) -> None:
+        """Remove a partial cell's directory - or, with `keep_checkpoint`, leave it as it is when it holds a
+        complete training checkpoint: the resumed cell continues from it (its training rewrites the files it
+        appends to back to the checkpoint's state)."""
+        if not D.is_main():
+            return
+        if keep_checkpoint and complete_checkpoints(self.cell_dir(config, seed) / TRAIN_STATE):
+            return
+        shutil.rmtree(self.cell_dir(config, seed), ignore_errors=True)
+
+    def drop_checkpoints(self, config: str, seed: int) -> None:
+        """A recorded cell's training checkpoints (never needed again)."""
         if D.is_main():
-            shutil.rmtree(self.cell_dir(config, seed), ignore_errors=True)
+            shutil.rmtree(self.cell_dir(config, seed) / TRAIN_STATE, ignore_errors=True)
 
     def write_json(self, relative: str, value) -> None:
         if D.is_main():

@@ -2,15 +2,17 @@
 
 Each cell trains and evaluates in its own directory; `results.jsonl` gets one line when it finishes.
 A failed cell (an error, a non-finite loss) is recorded and the study goes on. SIGINT/SIGTERM stop the
-run between writes: finished cells stay, the partial cell is discarded, and `--resume DIR` finishes
-the rest without recomputing anything already finished. Bad input (an `LmlabError`) stops the study
+run between writes: finished cells stay; a cell stopped while training finishes its optimizer step and writes a
+checkpoint of its training state (`cells/<config>/seed-<s>/train_state/`, also written every
+`train.checkpoint_every` steps and `train.checkpoint_minutes`), so `--resume DIR` continues it from there - the same
+steps, metrics and weights as a run never stopped - and a cell with no checkpoint yet starts again. Nothing already
+finished is recomputed. Bad input (an `LmlabError`) stops the study
 with its one-line message, keeping every finished cell.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import signal
 import sys
 import time
@@ -24,22 +26,17 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
+from lmlab import cpu_share
 from lmlab import progress as bars
 from lmlab.config import Section, build, load_config, preset_path
 from lmlab.engine import distributed as D
+from lmlab.engine.interrupt import STOP
 from lmlab.engine.train import NonFiniteLoss, check_batch_split
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.studies.registry import declarations, get_study
 from lmlab.studies.rundir import RunDir, library_versions
 
 SEEDS = [42, 123, 456, 789, 1011, 2027, 3037, 4049, 5051, 6067]
-
-REGISTRY = {
-    "hylorada": "lmlab.studies.hylorada_study:HYLORADA",
-    "landmarks": "lmlab.studies.hylorada_study:LANDMARKS",
-    "bucketing": "lmlab.studies.hylorada_study:BUCKETING",
-    "latentwire": "lmlab.studies.latentwire_study:LATENTWIRE",
-    "mu": "lmlab.studies.mu_study:MU",
-}
 
 
 def seed_list(n: int) -> list[int]:
@@ -136,24 +133,6 @@ class Study:
         return {}
 
 
-def declarations(study: Study, cfg, configs: list[str]) -> dict:
-    """What a run's record declares for its report: roles, claims, parameter matching and (where the study declares
-    them) its comparisons, restricted to the configurations that run."""
-    declared = {"roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
-                "param_match_ratio": study.param_match_ratio(cfg)}
-    comparisons = study.comparisons(cfg)
-    if comparisons is not None:
-        declared["comparisons"] = comparisons
-    return declared
-
-
-def get_study(name: str) -> Study:
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown study '{name}'; choose one of {', '.join(REGISTRY)}")
-    module, attr = REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def selected_configurations(study: Study, cfg) -> list[str]:
     names = study.configurations(cfg)
     if cfg.only:
@@ -176,7 +155,8 @@ class StudyInterrupted(KeyboardInterrupt):
 
 class _Signals:
     """SIGINT/SIGTERM raise StudyInterrupted, except inside `recording()`, where the signal is held
-    until the block ends: a finished cell's result line and its directory are kept together."""
+    until the block ends (a finished cell's result line and its directory are kept together), and while a training
+    loop runs, which takes the first signal as a request to checkpoint and stop (lmlab.engine.interrupt)."""
 
     def __init__(self):
         self.recording_depth = 0
@@ -185,6 +165,8 @@ class _Signals:
     def handle(self, signum, frame):
         if self.recording_depth:
             self.pending = signum
+            return
+        if STOP.request(signum):  # training stops at its next step boundary, after a checkpoint
             return
         raise StudyInterrupted(signum)
 
@@ -288,7 +270,9 @@ def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> No
     try:
         if cfg.threads is not None and D.device().type == "cpu":
             torch.set_num_threads(cfg.threads)
-        ctx = study.prepare(cfg, run, progress) if todo else None
+        ctx = study.prepare(cfg, run, progress) if todo else None  # checks the data and models (bad input: exit 2)
+        if todo and cpu_share.NOTE:
+            log_line(f"lmlab: {cpu_share.NOTE[-1]}")
         started = time.perf_counter()
         for done, (config, seed) in enumerate(todo, start=1):
             _run_cell(study, ctx, run, config, seed, progress, index=len(finished) + 1, total=total,
@@ -328,9 +312,10 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
             run.append_result(row)
             recorded = True
     except (KeyboardInterrupt, LmlabError):
-        if not recorded:  # the partial cell goes; `--resume` recomputes it
-            run.discard_cell(config, seed)
+        if not recorded:  # the partial cell goes, unless it has a training checkpoint `--resume` continues from
+            run.discard_cell(config, seed, keep_checkpoint=True)
         raise
+    run.drop_checkpoints(config, seed)  # the cell is recorded: its training state is no longer needed
     if row["status"] == "ok":
         shown_keys = [study.primary_metric] + [k for k in row["metrics"] if k != study.primary_metric][:2]
         shown = ", ".join(f"{k} {row['metrics'][k]:.4g}" for k in shown_keys
@@ -343,7 +328,8 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
 def _compute_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool) -> dict:
     """Train and evaluate one cell in its own directory; a failure becomes a `failed` row."""
     cell_dir = run.cell_dir(config, seed)
-    run.discard_cell(config, seed)  # a partial cell left by an interrupted run
+    # a partial cell left by an interrupted run: kept when training can continue from its checkpoint
+    run.discard_cell(config, seed, keep_checkpoint=True)
     if D.is_main():
         cell_dir.mkdir(parents=True, exist_ok=True)
         run.write_json(str(cell_dir.relative_to(run.root) / "config.json"),

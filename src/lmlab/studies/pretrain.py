@@ -1,0 +1,174 @@
+"""Pretraining tiny base models for the embedded default, and caching them.
+
+A pretrained tiny base is saved with `save_pretrained` (plus its tokenizer) in a cache directory keyed
+by a hash of everything that determines it (architecture, data, tokenizer, training), so later runs
+reuse it (docs/protocol.md section 2). Building one is safe under concurrency (a file lock) and under
+torchrun (all ranks train it together; rank 0 writes it). The models themselves (config and builder) are
+components in `lmlab.models.tiny`; this is a recipe: it runs the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock
+from pydantic import Field
+
+from lmlab.config import Section
+from lmlab.data import generators
+from lmlab.data.batching import chunk_examples, recall_examples, tokenize_documents
+from lmlab.data.tokenizer import train_bpe_tokenizer
+from lmlab.engine import distributed as D
+from lmlab.engine.hooks import Display, PaddedLM
+from lmlab.engine.train import TrainConfig, train
+from lmlab.eval.perplexity import evaluate_perplexity
+from lmlab.fileio import cache_root
+from lmlab.models.tiny import TinyModelConfig, build_tiny
+
+PRETRAIN_FORMAT = 1  # bump when the pretraining recipe changes in a way the code hash below misses
+
+
+def _recipe_fingerprint() -> str:
+    """Hash of the code that produces a tiny base (data generators, tokenizer, example layout, model builder, this
+    recipe), so a cached model is rebuilt when that code changes, not only when its config does."""
+    from lmlab.data import batching
+    from lmlab.data import tokenizer as tokenizer_module
+    from lmlab.models import tiny as tiny_module
+
+    digest = hashlib.sha256()
+    for module in (generators, tokenizer_module, batching, tiny_module):
+        digest.update(Path(module.__file__).read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class PretrainConfig(Section):
+    """Everything that determines a cached tiny base model (its hash is the cache key)."""
+
+    name: str = Field("base", description="a label for the cache directory")
+    model: TinyModelConfig = TinyModelConfig()
+    data: Literal["longdoc", "arithmetic", "corpus"] = "longdoc"
+    num_docs: int = Field(2000, ge=10, description="training documents (arithmetic: problems)")
+    num_facts: int = Field(2, ge=0, description="longdoc: facts per document")
+    value_digits: int = Field(4, ge=1, description="longdoc: digits of a fact's value")
+    recall_steps: int = Field(0, ge=0, description="longdoc: optimizer steps of a first phase whose loss covers only "
+                              "the recalled values (teaches copying a planted value from far back)")
+    recall_weight: float = Field(1.0, ge=1.0, description="longdoc: loss weight of the recalled values in the main "
+                                 "phase (keeps the copying the first phase taught)")
+    vocab_size: int = Field(1024, ge=259, description="BPE vocabulary (>= 256 bytes + 3 special tokens)")
+    tokenizer_seed: int = 0
+    data_seed: int = 0
+    init_seed: int = 0
+    train: TrainConfig = TrainConfig(epochs=1, batch_size=16, lr=2e-3, warmup_ratio=0.05, weight_decay=0.01)
+
+    def key(self) -> str:
+        payload = json.dumps({"format": PRETRAIN_FORMAT, "code": _recipe_fingerprint(), **self.model_dump()},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _training_documents(cfg: PretrainConfig, tokenizer=None) -> list:
+    """The pretraining documents: texts, or `generators.LongDocument`s for longdoc data."""
+    if cfg.data == "arithmetic":
+        return [f"Question: {it['question']}\nAnswer: {it['answer']}"
+                for it in generators.arithmetic_problems("train", cfg.num_docs, seed=cfg.data_seed)]
+    if cfg.data == "corpus":
+        return generators.corpus_documents(cfg.data_seed, cfg.num_docs)
+    length_fn = partial(_token_count, tokenizer) if tokenizer else generators.word_count
+    return generators.long_documents(cfg.data_seed, cfg.num_docs, target_length=cfg.model.context - 8,
+                                     num_facts=cfg.num_facts, length_fn=length_fn, value_digits=cfg.value_digits)
+
+
+def _recall_phase(cfg: PretrainConfig, model, tokenizer, progress: bool):
+    """The first pretraining phase: `recall_steps` steps on fresh long documents, loss on the recalled values only
+    (`batching.recall_examples`)."""
+    count = cfg.recall_steps * cfg.train.batch_size * cfg.train.grad_accum
+    # a few more documents than steps need: a document whose query falls past the context has nothing to recall
+    docs = generators.long_documents(cfg.data_seed + 1, count + count // 10 + 8, target_length=cfg.model.context - 8,
+                                     num_facts=cfg.num_facts, length_fn=partial(_token_count, tokenizer),
+                                     value_digits=cfg.value_digits)
+    examples = recall_examples(docs, tokenizer, cfg.model.context, tokenizer.bos_token_id)[:count]
+    return train(model, examples, cfg.train.model_copy(update={"epochs": 1, "max_steps": cfg.recall_steps}),
+                 seed=cfg.init_seed, hooks=PaddedLM(tokenizer.pad_token_id),
+                 display=Display(progress, f"pretrain {cfg.name}: recall"))
+
+
+def _token_count(tokenizer, text: str) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def tokenizer_texts(data: str, n: int = 1500, seed: int = 0) -> list[str]:
+    """Texts a tokenizer for `data` is trained on: the generator's own training distribution."""
+    if data == "arithmetic":
+        return [f"Question: {it['question']}\nAnswer: {it['answer']}"
+                for it in generators.arithmetic_problems("train", n, seed=seed + 10_000)]
+    rng = random.Random(f"tokenizer-{seed}")
+    docs = [generators.long_document(rng, 200, num_facts=4).text for _ in range(n // 2)]
+    return docs + generators.corpus_documents(seed + 10_000, n // 2, sentences_per_doc=20)
+
+
+def pretrained_tiny(cfg: PretrainConfig, *, progress: bool = True, log=print) -> Path:
+    """Path of the cached pretrained model for `cfg`, pretraining it first when it is not cached."""
+    target = cache_root() / "models" / f"{cfg.name}-{cfg.model.arch}-{cfg.key()}"
+    if (target / "lmlab_pretrain.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(target) + ".lock") if D.is_main() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        ready = D.broadcast_object((target / "lmlab_pretrain.json").exists())
+        if not ready:
+            _pretrain_into(cfg, target, progress=progress, log=log)
+        D.barrier()
+    finally:
+        if lock is not None:
+            lock.release()
+    return target
+
+
+def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) -> None:
+    started = time.perf_counter()
+    if D.is_main():
+        log(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
+            f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data; cached at {target}")
+    tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
+    docs = _training_documents(cfg, tokenizer)
+    texts = [getattr(d, "text", d) for d in docs]  # a LongDocument's text, or the text itself
+    val_count = max(1, len(docs) // 20)
+    train_docs, train_texts, val_texts = docs[val_count:], texts[val_count:], texts[:val_count]
+    model = build_tiny(cfg.model, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                       pad_id=tokenizer.pad_token_id, seed=cfg.init_seed)
+    recall = _recall_phase(cfg, model, tokenizer, progress) if cfg.recall_steps and cfg.data == "longdoc" else None
+    if cfg.data == "longdoc" and cfg.recall_weight > 1:
+        examples = recall_examples(train_docs, tokenizer, cfg.model.context, tokenizer.bos_token_id,
+                                   end_id=tokenizer.eos_token_id, value_weight=cfg.recall_weight)
+    else:  # documents end with EOS: generations learn to stop
+        examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context,
+                                  tokenizer.bos_token_id, end_id=tokenizer.eos_token_id)
+    result = train(model, examples, cfg.train, seed=cfg.init_seed, hooks=PaddedLM(tokenizer.pad_token_id),
+                   display=Display(progress, f"pretrain {cfg.name}"))
+    val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
+    if D.is_main():
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        info = {"config": cfg.model_dump(), "key": cfg.key(), "final_train_loss": result.final_loss,
+                "val_ppl": val["ppl"], "steps": result.steps, "train_time_s": result.train_time_s,
+                "recall_phase": None if recall is None else {"steps": recall.steps, "final_loss": recall.final_loss,
+                                                             "train_time_s": recall.train_time_s},
+                "wall_time_s": time.perf_counter() - started}
+        (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        log(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
+            f"({result.steps} steps, {info['wall_time_s']:.0f}s)")
