@@ -197,3 +197,15 @@ def test_the_training_engine_trains_on_lmlab_attention_and_switches_back():
     with pytest.raises(ValueError, match="no trainable parameters"):  # and back after an error, too
         train(model.requires_grad_(False), data, cfg, seed=0, progress=False)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(("choice", "during"), [("auto", "lmlab"), ("lmlab", "lmlab"), ("sdpa", "sdpa")])
+def test_train_attention_chooses_the_attention_the_model_trains_on(choice, during):
+    """`train.attention`: auto is lmlab's on CPU, sdpa keeps the model's own; the model is back on its own after."""
+    model = tiny("gpt2")
+    seen = []
+    data = [{"input_ids": list(range(3, 23))} for _ in range(4)]
+    cfg = TrainConfig(max_steps=2, batch_size=2, warmup_steps=0, attention=choice)
+    train(model, data, cfg, seed=0, progress=False,
+          hooks=Callbacks(before_step=lambda step, m: seen.append(m.config._attn_implementation)))
+    assert seen == [during, during] and model.config._attn_implementation == "sdpa"
