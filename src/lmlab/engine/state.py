@@ -130,7 +130,7 @@ def _tensor(tensors: dict, key: str, where: Path, shape) -> torch.Tensor:
 
 def rng_state() -> tuple[dict, dict[str, torch.Tensor]]:
     """This process's RNG states: (JSON values, tensors)."""
-    values: dict = {"python": _jsonable(random.getstate())}
+    values: dict = {"python": random.getstate()}  # tuples: JSON writes them as lists
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
@@ -152,10 +152,6 @@ def set_rng_state(values: dict, tensors: dict[str, torch.Tensor]) -> None:
     cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
-
-
-def _jsonable(value):
-    return [_jsonable(v) for v in value] if isinstance(value, (tuple, list)) else value
 
 
 def _tupled(value):

@@ -25,6 +25,7 @@ its own attention implementation when `train()` returns. `LMLAB_CPU_KERNELS=0` t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import threading
@@ -315,10 +316,10 @@ class Checkpointer:
 
     def due(self, state: TrainState) -> bool:
         every, minutes = self.cfg.checkpoint_every, self.cfg.checkpoint_minutes
-        by_steps = every is not None and state.step % every == 0
-        # every process must agree: rank 0's clock decides
-        by_time = D.broadcast_object(minutes is not None and time.monotonic() - self.last_time >= 60 * minutes)
-        return by_steps or bool(by_time)
+        if every is not None and state.step % every == 0:
+            return True
+        # every process must agree: rank 0's clock decides (no exchange when there is no time rule)
+        return minutes is not None and bool(D.broadcast_object(time.monotonic() - self.last_time >= 60 * minutes))
 
     def save(self, state: TrainState, hooks: Hooks) -> None:
         checkpoints.save(self.directory, state, self.fingerprint, hooks.state_dict())
@@ -378,7 +379,7 @@ def train(
     hooks = hooks if hooks is not None else Hooks()
     display = display if display is not None else Display()
     if progress is not None:
-        display.progress = progress
+        display = dataclasses.replace(display, progress=progress)  # the caller's Display is left as it was
     D.seed_everything(seed)
     device, world = D.device(), D.world_size()
     D.split_batch(cfg.batch_size, world)  # a global batch the processes cannot share evenly is refused first
