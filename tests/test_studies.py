@@ -14,7 +14,8 @@ import pytest
 
 from helpers import LMLAB, assert_run_layout, run_cli, run_smoke_study
 from lmlab.studies.report import build_summary
-from lmlab.studies.rundir import RunDir
+from lmlab.engine.state import complete_checkpoints
+from lmlab.studies.rundir import TRAIN_STATE, RunDir
 
 pytestmark = pytest.mark.xdist_group("studies")
 
@@ -145,9 +146,14 @@ def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_r
     assert "--resume" in stderr and "Traceback" not in stderr
     finished_before = [json.loads(line) for line in results.read_text().splitlines()]
     assert 2 <= len(finished_before) < 2 * len(HYLORADA_CONFIGS)
-    # Only finished cells have directories; the partial cell was discarded.
+    # Finished cells have directories; a partial cell keeps its directory only when it holds a complete
+    # training checkpoint to continue from (written when the signal stopped its training), else it is discarded.
     cell_dirs = {(p.parent.name, int(p.name.split("-")[1])) for p in (out / "cells").glob("*/seed-*")}
-    assert cell_dirs == {(r["config"], r["seed"]) for r in finished_before}
+    finished_keys = {(r["config"], r["seed"]) for r in finished_before}
+    assert finished_keys <= cell_dirs
+    for config, seed in cell_dirs - finished_keys:
+        assert complete_checkpoints(out / "cells" / config / f"seed-{seed}" / TRAIN_STATE), (config, seed)
+    assert len(cell_dirs - finished_keys) <= 1
     stamps = {(r["config"], r["seed"]): os.stat(out / "cells" / r["config"] / f"seed-{r['seed']}" / "config.json")
               .st_mtime_ns for r in finished_before}
 
