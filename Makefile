@@ -11,7 +11,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml scripts/install_torch.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	scripts/install_torch.sh $(PY)
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev,lmeval,tracking,cluster]"
 	touch $(STAMP)
 
 demo: $(STAMP)

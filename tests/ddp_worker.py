@@ -2,7 +2,8 @@
 
 Run as `python tests/ddp_worker.py OUT.json BATCH ACCUM` or under `torchrun --nproc_per_node 2` (BATCH is
 train.batch_size: the global batch, split across the processes).
-Writes the per-step losses and a checksum of the final trainable weights (rank 0).
+Writes the per-step losses and a checksum of the final trainable weights (rank 0). The tests run it with
+LMLAB_DEVICE=cpu: float32 on the CPU and gloo, also on a machine with a GPU.
 """
 
 import json

@@ -14,8 +14,10 @@ import torch
 from lmlab.engine.hooks import Hooks
 
 LMLAB = [sys.executable, "-m", "lmlab.cli"]
-# One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on tiny models.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+# One thread: on cores shared with other jobs, two OpenMP threads spin-wait for each other on tiny models. On the CPU
+# also on a machine with a GPU: the commands' results are compared with CPU references and with each other (bitwise
+# after a resume), and several processes share no GPU (gloo).
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "LMLAB_DEVICE": "cpu"}
 
 
 def run_cli(*args: str, timeout: float = 900, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
@@ -125,3 +127,36 @@ class Callbacks(Hooks):
 
     def evaluate(self, state):
         return self._evaluate(state.model)
+
+
+VOLATILE = ("time", "mem", "per_s")  # wall-clock metrics differ between runs; everything else must not
+
+
+def comparable_summary(summary: dict) -> dict:
+    """The summary without wall-clock metrics (they differ run to run by nature)."""
+    out = json.loads(json.dumps(summary))
+    for entry in out["configs"].values():
+        for section in ("metrics", "vs_reference"):
+            for key in list(entry[section]):
+                if any(v in key for v in VOLATILE):
+                    del entry[section][key]
+    return out
+
+
+def assert_close(actual, expected, path: str = "", rel: float = 1e-5) -> None:
+    """Nested summaries equal, floats within `rel`: a cell recomputed in another process may differ in the last
+    digits (the CPU kernels' OpenMP reductions split work by the threads they get on a busy machine)."""
+    import pytest
+
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), path
+        for key in expected:
+            assert_close(actual[key], expected[key], f"{path}/{key}", rel)
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_close(a, e, f"{path}[{i}]", rel)
+    elif isinstance(expected, float) and not isinstance(expected, bool):
+        assert actual == pytest.approx(expected, rel=rel, abs=1e-6), path
+    else:
+        assert actual == expected, path

@@ -6,7 +6,8 @@ LMLAB_TEST_KILL=POINT:N kills at the N-th time (counted over the whole process) 
 - `checkpoint`: a checkpoint's tensors written, its state.json not yet, its directory not renamed;
 - `eval`: an evaluation computed (and any files it writes written), its result not yet recorded.
 
-Under torchrun only the process of rank 0 kills itself (torchrun then stops the others).
+POINT:N:TERM sends SIGTERM (a graceful stop) instead of SIGKILL. Under torchrun only the process of rank 0 kills
+itself (torchrun then stops the others).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from lmlab.engine import state as S
 from lmlab.engine import train as T
 
 point, _, at = os.environ.get("LMLAB_TEST_KILL", ":0").partition(":")
+at, _, how = at.partition(":")  # POINT:N:TERM sends SIGTERM (a graceful stop) instead of SIGKILL
 reached = {"count": 0}
 
 
 def reach() -> None:
     reached["count"] += 1
     if reached["count"] == int(at) and os.environ.get("RANK", "0") == "0":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if how == "TERM" else signal.SIGKILL)
 
 
 if point == "step":

@@ -567,3 +567,26 @@ def test_hooks_are_kept_as_handles_and_removed_through_them_also_on_a_deep_copy(
     assert hook_ids(model) == registered and torch.equal(lm_logits(model, ids), logits)  # the original is untouched
     _remove(model, merge=False)
     assert hook_ids(model) == before and state.hook_handles == []
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_dora_uses_the_norm_of_the_current_weights_after_every_optimizer_step(fused):
+    """A fused AdamW writes parameters without bumping their versions: the cached DoRA row norm must still follow
+    each step (it once stayed at the first step's ||W0||, so 'DoRA' trained on a stale norm)."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(10, 12)
+    base.requires_grad_(False)
+    layer = HyLoRADALinear(base, hy_config(use_dora=True, position_bias=False))
+    optimizer = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.05, fused=fused)
+    x = torch.randn(6, 10)
+    for _ in range(3):
+        layer(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        with torch.no_grad():
+            w = base.weight + layer.scaling * layer.lora_B @ layer.lora_A  # independent: form W, take row norms
+            expected_norm = torch.linalg.vector_norm(w, dim=1)
+            expected = (layer.lora_magnitude / expected_norm) * (x @ w.t()) + base.bias
+            assert torch.allclose(layer.row_norm(), expected_norm, rtol=1e-5, atol=1e-6)
+            assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert layer.lora_B.abs().sum() > 0  # the steps moved B: the norm had to change

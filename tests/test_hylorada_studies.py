@@ -10,6 +10,7 @@ import pytest
 
 from helpers import read_jsonl, run_cli, run_smoke_study
 from lmlab.config import load_config, preset_path
+from lmlab.engine.hooks import Display
 from lmlab.errors import ConfigError
 from lmlab.studies.hylorada_study import HyloradaStudyConfig
 
@@ -95,7 +96,7 @@ def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond
     from lmlab.studies.pretrain import pretrained_tiny
 
     cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "default"), ["retrieval_docs=60", "num_train=8"])
-    path = str(pretrained_tiny(cfg.base, progress=False))
+    path = str(pretrained_tiny(cfg.base, display=Display(progress=False)))
     ctx = _Context(cfg, path, load_tokenizer(path), context_length(load_hf_config(path)), [])
     data = HYLORADA._data(ctx, 42)
     model = load_causal_lm(path)

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from lmlab.config import build
+from lmlab.engine.hooks import Display
 from lmlab.engine.train import TrainConfig
 from lmlab.errors import CheckpointError, ConfigError
 from lmlab.fileio import cache_root
@@ -144,7 +145,7 @@ def test_pretrained_tiny_is_cached_by_config_hash(tmp_path, monkeypatch):
     monkeypatch.setenv("LMLAB_CACHE", str(tmp_path))
     cfg = small_pretrain_config()
     logs: list[str] = []
-    path = pretrained_tiny(cfg, progress=False, log=logs.append)
+    path = pretrained_tiny(cfg, display=Display(progress=False, log=logs.append))
     assert path.parent == cache_root() / "models" == tmp_path / "models"
     assert path.name == f"tiny-test-llama-{cfg.key()}"
     assert any("pretraining" in line for line in logs)
@@ -154,7 +155,7 @@ def test_pretrained_tiny_is_cached_by_config_hash(tmp_path, monkeypatch):
     assert any(name.endswith(".safetensors") for name in stamps) and "tokenizer.json" in stamps
 
     again_logs: list[str] = []
-    assert pretrained_tiny(cfg, progress=False, log=again_logs.append) == path
+    assert pretrained_tiny(cfg, display=Display(progress=False, log=again_logs.append)) == path
     assert again_logs == []
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == stamps
     assert sorted(p.name for p in (tmp_path / "models").iterdir() if p.is_dir()) == [path.name]  # no staging left

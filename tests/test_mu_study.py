@@ -44,6 +44,15 @@ CONTRACT_METRICS = {"val_ppl", "test_ppl", "accuracy", "val_bpb", "tokens_per_s"
                     "params_non_embedding"}
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+def allocate_too_much(device: str = "cpu") -> None:
+    """A real allocator failure on any machine: 1 PiB, beyond the virtual address space of today's processes (4 TiB
+    could be handed out by a Linux kernel that overcommits memory, and never fail) and any GPU's memory."""
+    torch.empty(2**50, dtype=torch.uint8, device=device)
+
+
 def study_config(run: Path) -> MUStudyConfig:
     return MUStudyConfig.model_validate(RunDir(run).read_study()["config"])
 
@@ -199,7 +208,7 @@ def test_out_of_memory_cell_is_reported_with_smaller_settings(smoke_run: Path, t
     run = tmp_path / "run"
     shutil.copytree(smoke_run, run)
     with pytest.raises(OutOfMemory) as caught, out_of_memory_advice("training mu-sota", 192, 4, 8):
-        torch.empty(2**40)  # 4 TiB: a real allocator failure
+        allocate_too_much()
     RunDir(run).append_result({"config": "mu-sota", "seed": 456, "status": "failed", "metrics": {},
                                "error": f"OutOfMemory: {caught.value}"})
     regenerate(run)  # what `lmlab report DIR` runs
@@ -290,10 +299,13 @@ def test_oscillation_flag_after_consecutive_rises_of_the_validation_loss():
     assert f"{math.log(24):.4f}" in raised[7][0]["message"]
 
 
-def test_out_of_memory_advice_names_smaller_settings():
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_of_memory_advice_names_smaller_settings(device):
     expected = r"at max_seq_len=192, batch_size=4; try max_seq_len=160, or batch_size=2 grad_accum=16 \(same effective"
     with pytest.raises(OutOfMemory, match=expected), out_of_memory_advice("training dense", 192, 4, 8):
-        torch.empty(2**40)
+        allocate_too_much(device)
+    with pytest.raises(OutOfMemory, match=expected), out_of_memory_advice("training dense", 192, 4, 8):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 TiB")  # what CUDA raises
     with pytest.raises(OutOfMemory, match=r"try max_seq_len=96$"), out_of_memory_advice("training dense", 128, 1, 1):
         raise MemoryError()
     with pytest.raises(ValueError, match="not memory"), out_of_memory_advice("training dense", 128, 4, 1):

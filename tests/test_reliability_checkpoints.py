@@ -41,7 +41,9 @@ def save_tiny_adapter(model_dir: Path, directory: Path) -> Path:
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run `lmlab ARGS` in this process: (exit code, stdout, stderr)."""
+    """Run `lmlab ARGS` in this process: (exit code, stdout, stderr) of the command alone (what the test printed
+    before it, e.g. transformers' progress bars while it loaded a model itself, is dropped)."""
+    capsys.readouterr()
     code = main(list(args))
     out, err = capsys.readouterr()
     return code, out, err

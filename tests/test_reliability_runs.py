@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LMLAB, ONE_THREAD, run_cli
+from helpers import LMLAB, ONE_THREAD, comparable_summary, run_cli
 from lmlab.errors import ConfigError
 from lmlab.studies.rundir import RunDir
 from test_reliability_checkpoints import cli, one_error_line
-from test_studies import _comparable
 
 # One worker runs this file and its study fixtures live for the session: each study runs once, not once per
 # xdist worker or per interleaved module.
@@ -85,7 +84,8 @@ def test_signal_mid_cell_keeps_finished_cells_and_resume_matches_an_uninterrupte
     assert rows[0] == finished[0]
     assert (out / "cells" / "dense" / "seed-42" / "config.json").stat().st_mtime_ns == stamp  # not recomputed
     resumed_summary = json.loads((out / "summary.json").read_text())
-    assert _comparable(resumed_summary) == _comparable(json.loads((uninterrupted_mu / "summary.json").read_text()))
+    reference = json.loads((uninterrupted_mu / "summary.json").read_text())
+    assert comparable_summary(resumed_summary) == comparable_summary(reference)
 
 
 @pytest.fixture(scope="session")

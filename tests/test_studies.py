@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LMLAB, assert_run_layout, run_cli, run_smoke_study
-from lmlab.studies.report import build_summary
+from helpers import LMLAB, assert_close, assert_run_layout, comparable_summary, run_cli, run_smoke_study
+from lmlab.engine.hooks import Display
 from lmlab.engine.state import complete_checkpoints
+from lmlab.studies.report import build_summary
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 
 pytestmark = pytest.mark.xdist_group("studies")
 
-VOLATILE = ("time", "mem", "per_s")  # wall-clock metrics differ between runs; everything else must not
 HYLORADA_CONFIGS = ["base", "lora", "rslora", "rslora+dora", "rslora+bias", "rslora+landmarks", "rslora+bias+landmarks",
                     "rslora+bias+learnable_bucket", "rslora+constant", "rslora+bias+constant", "rslora-matched",
                     "landmarks-only", "lora+embed+norm"]
@@ -101,42 +101,14 @@ def test_report_command_reproduces_the_summary_exactly(smoke_run: Path, tmp_path
     assert (smoke_run / "report.md").is_file()
 
 
-def _comparable(summary: dict) -> dict:
-    """The summary without wall-clock metrics (they differ run to run by nature)."""
-    out = json.loads(json.dumps(summary))
-    for entry in out["configs"].values():
-        for section in ("metrics", "vs_reference"):
-            for key in list(entry[section]):
-                if any(v in key for v in VOLATILE):
-                    del entry[section][key]
-    return out
-
-
-def assert_close(actual, expected, path: str = "", rel: float = 1e-5) -> None:
-    """Nested summaries equal, floats within `rel`: a cell recomputed in another process may differ in the last
-    digits (the CPU kernels' OpenMP reductions split work by the threads they get on a busy machine)."""
-    if isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), path
-        for key in expected:
-            assert_close(actual[key], expected[key], f"{path}/{key}", rel)
-    elif isinstance(expected, list):
-        assert isinstance(actual, list) and len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_close(a, e, f"{path}[{i}]", rel)
-    elif isinstance(expected, float) and not isinstance(expected, bool):
-        assert actual == pytest.approx(expected, rel=rel, abs=1e-6), path
-    else:
-        assert actual == expected, path
-
-
-def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_run(smoke_run: Path, tmp_path: Path):
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([*LMLAB, "run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet"],
+def sigterm_after_rows(out: Path, rows: int, *extra: str) -> None:
+    """`lmlab run hylorada --preset smoke` into `out`, stopped by SIGTERM once `rows` cells are recorded."""
+    proc = subprocess.Popen([*LMLAB, "run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     results = out / "results.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if results.exists() and len(results.read_text().splitlines()) >= 2:
+        if results.exists() and len(results.read_text().splitlines()) >= rows:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted"
@@ -144,6 +116,12 @@ def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_r
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "--resume" in stderr and "Traceback" not in stderr
+
+
+def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_run(smoke_run: Path, tmp_path: Path):
+    out = tmp_path / "killed"
+    sigterm_after_rows(out, 2)
+    results = out / "results.jsonl"
     finished_before = [json.loads(line) for line in results.read_text().splitlines()]
     assert 2 <= len(finished_before) < 2 * len(HYLORADA_CONFIGS)
     # Finished cells have directories; a partial cell keeps its directory only when it holds a complete
@@ -165,8 +143,8 @@ def test_sigterm_then_resume_keeps_finished_cells_and_matches_an_uninterrupted_r
     assert rows[: len(finished_before)] == finished_before  # not recomputed
     for key, stamp in stamps.items():
         assert os.stat(out / "cells" / key[0] / f"seed-{key[1]}" / "config.json").st_mtime_ns == stamp
-    resumed_summary = _comparable(json.loads((out / "summary.json").read_text()))
-    reference_summary = _comparable(json.loads((smoke_run / "summary.json").read_text()))
+    resumed_summary = comparable_summary(json.loads((out / "summary.json").read_text()))
+    reference_summary = comparable_summary(json.loads((smoke_run / "summary.json").read_text()))
     assert_close(resumed_summary, reference_summary)
 
 
@@ -250,7 +228,7 @@ def test_training_examples_are_full_packed_windows():
     from lmlab.studies.pretrain import pretrained_tiny
 
     cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), [])
-    path = str(pretrained_tiny(cfg.base, progress=False))
+    path = str(pretrained_tiny(cfg.base, display=Display(progress=False)))
     ctx = _Context(cfg, path, load_tokenizer(path), context_length(load_hf_config(path)), [])
     data = HYLORADA._data(ctx, 42)
     assert len(data.train) == cfg.num_train
@@ -259,3 +237,73 @@ def test_training_examples_are_full_packed_windows():
     stream = [t for e in data.train for t in e["input_ids"]]
     assert stream[0] == tok.bos_token_id and tok.eos_token_id in stream  # documents packed: BOS doc EOS BOS ...
     assert all(len(d.text) > 0 for d in data.retrieval_short)
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+
+
+def test_parallel_workers_give_the_summary_of_a_sequential_run(smoke_run: Path, tmp_path: Path):
+    out = tmp_path / "parallel"
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", "--parallel", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "on 2 worker processes" in proc.stderr and "Traceback" not in proc.stderr
+    keys = [(r["config"], r["seed"]) for r in _rows(out)]
+    assert len(keys) == len(set(keys)) and set(keys) == {(r["config"], r["seed"]) for r in _rows(smoke_run)}
+    assert_close(comparable_summary(json.loads((out / "summary.json").read_text())),
+                 comparable_summary(json.loads((smoke_run / "summary.json").read_text())))
+    assert "Traceback" not in (out / "report.md").read_text()
+
+
+def test_parallel_run_stopped_by_sigterm_resumes_to_the_sequential_summary(smoke_run: Path, tmp_path: Path):
+    out = tmp_path / "parallel-killed"
+    sigterm_after_rows(out, 3, "--parallel", "2")
+    before = _rows(out)
+    assert len({(r["config"], r["seed"]) for r in before}) == len(before) < 2 * len(HYLORADA_CONFIGS)
+    # a partial cell keeps its directory only with a checkpoint to continue from
+    recorded = {(r["config"], r["seed"]) for r in before}
+    for cell in (out / "cells").glob("*/seed-*"):
+        key = (cell.parent.name, int(cell.name.split("-")[1]))
+        assert key in recorded or complete_checkpoints(cell / TRAIN_STATE), key
+
+    resumed = run_cli("run", "hylorada", "--resume", str(out), "--quiet", "--parallel", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = _rows(out)
+    assert rows[: len(before)] == before  # not recomputed
+    keys = [(r["config"], r["seed"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * len(HYLORADA_CONFIGS)
+    assert_close(comparable_summary(json.loads((out / "summary.json").read_text())),
+                 comparable_summary(json.loads((smoke_run / "summary.json").read_text())))
+
+
+def test_local_executor_jobs_resubmission_and_collection(smoke_run: Path, tmp_path: Path):
+    """submitit's local executor: real job processes, the code path of SLURM without the scheduler."""
+    out = tmp_path / "jobs"
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--seeds", "1", "only=[rslora]", "--out", str(out),
+                   "--quiet", "--executor", "local")
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted 2 cell(s) as local jobs" in proc.stderr
+    jobs = json.loads((out / "jobs" / "jobs.json").read_text())
+    assert set(jobs) == {"lora/seed-42", "rslora/seed-42"}
+    reference = {(r["config"], r["seed"]): r for r in _rows(smoke_run)}
+    rows = {(r["config"], r["seed"]): r for r in _rows(out)}
+    assert set(rows) == {("lora", 42), ("rslora", 42)}
+    for key, row in rows.items():  # each job computed its cell as the sequential run did
+        metrics = {k: v for k, v in row["metrics"].items() if not any(s in k for s in ("time", "mem", "per_s"))}
+        assert_close(metrics, {k: reference[key]["metrics"][k] for k in metrics})
+        assert (out / "cells" / key[0] / f"seed-{key[1]}" / "result.json").is_file()
+
+    # a row its job wrote but no submitting process recorded: `lmlab report` records it
+    first_row = rows[("lora", 42)]
+    (out / "results.jsonl").write_text(json.dumps(first_row) + "\n")
+    assert run_cli("report", str(out)).returncode == 0
+    assert {(r["config"], r["seed"]) for r in _rows(out)} == set(rows)
+
+    # --resume submits only the cells without a result
+    (out / "results.jsonl").write_text(json.dumps(first_row) + "\n")
+    (out / "cells" / "rslora" / "seed-42" / "result.json").unlink()
+    again = run_cli("run", "hylorada", "--resume", str(out), "--quiet", "--executor", "local")
+    assert again.returncode == 0, again.stderr
+    assert "submitted 1 cell(s) as local jobs" in again.stderr
+    assert _rows(out)[0] == first_row and {(r["config"], r["seed"]) for r in _rows(out)} == set(rows)
+    assert len(json.loads((out / "jobs" / "jobs.json").read_text())) == 2

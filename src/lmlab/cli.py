@@ -38,6 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--nproc", default="1", help="processes (DDP via torchrun): a number or 'auto'")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--threads", type=int, help="CPU threads per process for torch (default: torch's choice)")
+    run.add_argument("--log", action="append", default=[], metavar="TRACKER",
+                     help="log each cell to tensorboard, wandb and/or mlflow (repeatable or comma-separated; "
+                          "pip install 'lmlab[tracking]')")
+    run.add_argument("--parallel", metavar="N", help="cells computed at once, each in its own process on its own GPU "
+                     "or share of the CPU cores: a number or 'auto' (one per GPU)")
+    run.add_argument("--executor", choices=["slurm", "local"],
+                     help="one submitit job per cell: on SLURM, or submitit's local executor")
+    run.add_argument("--slurm-partition", help="SLURM partition of the cells' jobs")
+    run.add_argument("--slurm-gpus-per-cell", type=int, help="GPUs per cell job (default 1 on SLURM)")
+    run.add_argument("--slurm-cpus-per-cell", type=int, help="CPU cores per cell job")
+    run.add_argument("--slurm-time", type=int, default=240, metavar="MINUTES", help="time limit per cell job")
+    run.add_argument("--slurm-mem-gb", type=float, help="memory per cell job (GB)")
+    run.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="any other sbatch option, e.g. account=myproj or qos=high (repeatable)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-4")
 
     report = sub.add_parser("report", help="regenerate a run's report files from its results.jsonl")
@@ -57,13 +71,31 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--trust-remote-code", action="store_true")
     ppl.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
+    lm = ev_sub.add_parser("lm-eval", help="lm-evaluation-harness tasks, in process (needs lmlab[lmeval])")
+    lm.add_argument("--model", required=True, help="a save_pretrained directory (or hub id where online)")
+    lm.add_argument("--adapter", help="an adapter directory (lmlab or peft format)")
+    lm.add_argument("--merge", action="store_true", help="fold the adapter into the weights first (LoRA/rsLoRA/DoRA)")
+    lm.add_argument("--tasks", required=True, help="comma-separated task or group names, e.g. hellaswag,arc_easy")
+    lm.add_argument("--limit", type=int, help="at most N examples per task")
+    lm.add_argument("--include-path", help="a directory of task YAML files (tasks of your own, e.g. over local data)")
+    lm.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    lm.add_argument("--batch-size", type=int, default=8)
+    lm.add_argument("--bootstrap-iters", type=int, default=100_000,
+                    help="lm-eval's bootstrap for standard errors without a closed form (0: skip them)")
+    lm.add_argument("--trust-remote-code", action="store_true")
+    lm.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+
     summ = sub.add_parser("summarize-eval", help="valid vs invalid answers per system in eval_samples JSONL files")
     summ.add_argument("paths", nargs="+")
 
     bench = sub.add_parser("bench", help="side-by-side performance benchmarks (writes benchmarks/results/)")
     bench.add_argument("--quick", action="store_true", help="fewer repeats (for a fast look, not for the README)")
-    bench.add_argument("--only", nargs="*", help="run only these benchmarks")
+    bench.add_argument("--only", nargs="*", help="run only these benchmarks (with --gpu: these models)")
     bench.add_argument("--out", help="directory for the results (default benchmarks/results)")
+    bench.add_argument("--gpu", action="store_true", help="the GPU benchmarks against peft (default where CUDA is "
+                       "available and --only names no CPU benchmark)")
+    bench.add_argument("--lengths", help="--gpu: sequence lengths of the long-context probe, e.g. 32k,64k,128k "
+                       "(none: skip it)")
     return parser
 
 
@@ -104,6 +136,47 @@ def _eval_ppl(args) -> int:
     if args.adapter:
         result["adapter"] = args.adapter
     print(json.dumps(result))
+    return 0
+
+
+def _eval_lm(args) -> int:
+    """`lmlab eval lm-eval`: the model (with its adapter, merged or not) through lm-eval's HFLM; its results JSON."""
+    from lmlab.eval.harness import is_directory, require_lm_eval, run_lm_eval, task_manager
+    from lmlab.models.hf import load_causal_lm, load_tokenizer
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise LmlabError("--tasks needs at least one task name, e.g. --tasks hellaswag,arc_easy")
+    for flag, value, least in (("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+                               ("--num-fewshot", args.num_fewshot, 0), ("--bootstrap-iters", args.bootstrap_iters, 0)):
+        if value is not None and value < least:
+            raise LmlabError(f"{flag} must be >= {least}, got {value}")
+    if args.merge and not args.adapter:
+        raise LmlabError("--merge folds an adapter into the weights: give it with --adapter")
+    if args.include_path is not None and not is_directory(args.include_path):
+        raise LmlabError(f"--include-path {args.include_path} is not a directory (of lm-eval task YAML files)")
+    require_lm_eval()
+    task_manager(tasks, args.include_path)  # unknown tasks: one line, before the model loads
+    model = load_causal_lm(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    if args.adapter:  # with the context extension it was trained with, as `lmlab eval ppl`
+        from lmlab.errors import ConfigError
+        from lmlab.hylorada import load_adapter, merge_adapter
+
+        model = load_adapter(model, args.adapter)
+        if args.merge:
+            try:
+                model = merge_adapter(model)
+            except ConfigError as exc:
+                raise LmlabError(f"--merge: {exc}; evaluate it unmerged (without --merge)") from None
+    from lmlab.engine.distributed import device
+
+    model.to(device())
+    results = run_lm_eval(model, tokenizer, tasks, limit=args.limit, include_path=args.include_path,
+                          batch_size=args.batch_size, num_fewshot=args.num_fewshot,
+                          bootstrap_iters=args.bootstrap_iters)
+    results.setdefault("config", {}).update(model=args.model, adapter=args.adapter, merged=bool(args.merge))
+    print(json.dumps(results, indent=2))
     return 0
 
 
@@ -171,12 +244,35 @@ def _run(args, argv: list[str]) -> int:
     main_process = D.is_main()  # asked before shutdown: after it every rank would answer rank 0
     try:
         out = run_study(args.study, preset=args.preset, overrides=args.overrides, out=args.out,
-                        seeds=args.seeds, resume=args.resume, progress=not args.quiet)
+                        seeds=args.seeds, resume=args.resume, progress=not args.quiet, parallel=args.parallel,
+                        executor=_executor_options(args), log=args.log)
     finally:
         D.shutdown()
     if main_process:
         print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _executor_options(args):
+    """`--executor` and its `--slurm-*` options (None: cells run in this process or its `--parallel` workers)."""
+    from lmlab.studies.parallel import ExecutorOptions
+
+    given = [f"--{name.replace('_', '-')}" for name in ("slurm_partition", "slurm_gpus_per_cell",
+                                                       "slurm_cpus_per_cell", "slurm_mem_gb")
+             if getattr(args, name) is not None] + (["--slurm-option"] if args.slurm_option else [])
+    if args.executor is None:
+        if given:
+            raise LmlabError(f"{', '.join(given)} configure the jobs of --executor slurm; add --executor slurm")
+        return None
+    extra = {}
+    for item in args.slurm_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LmlabError(f"--slurm-option takes KEY=VALUE (an sbatch option without its dashes), got {item!r}")
+        extra[key.strip().lstrip("-")] = value
+    return ExecutorOptions(kind=args.executor, partition=args.slurm_partition, gpus_per_cell=args.slurm_gpus_per_cell,
+                           cpus_per_cell=args.slurm_cpus_per_cell, time_min=args.slurm_time, mem_gb=args.slurm_mem_gb,
+                           extra=extra or None)
 
 
 def _quiet_libraries() -> None:
@@ -227,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {out / 'report.md'}")
             return 0
         if args.command == "eval":
-            return _eval_ppl(args)
+            return _eval_lm(args) if args.metric == "lm-eval" else _eval_ppl(args)
         if args.command == "summarize-eval":
             from lmlab.latentwire.evaluate import format_eval_summary, summarize_eval
 
@@ -236,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from lmlab.bench import run_benchmarks
 
-            path = run_benchmarks(quick=args.quick, only=args.only, out=args.out)
+            path = run_benchmarks(quick=args.quick, only=args.only, out=args.out, gpu=args.gpu or None,
+                                  lengths=args.lengths)
             print(f"results: {path}")
             return 0
     except LmlabError as exc:

@@ -659,15 +659,7 @@ def markdown(results: dict) -> str:
              "so this run cannot tell met from missed.",
              "", "| benchmark | ours | reference | ours | reference | ratio | 95% CI | target | met |",
              "|---|---|---|---:|---:|---:|---:|---:|:-:|"]
-    for row in results["rows"]:
-        r = Row(**{**row, "interval": tuple(row["interval"]) if row.get("interval") else None})
-        met = "" if r.met is None else "yes" if r.met else "**no**"
-        if r.within_noise:
-            met += " (within noise)"
-        interval = f"{r.interval[0]:.3f}-{r.interval[1]:.3f}" if r.interval else ""
-        lines.append(f"| {r.benchmark} | {r.ours} | {r.reference} | {_value(r.ours_value, r.metric)} "
-                     f"| {_value(r.reference_value, r.metric)} | {r.ratio:.3f} | {interval} | {r.target or ''} "
-                     f"| {met} |")
+    lines += [table_line(row, lambda v, r: _value(v, r.metric)) for row in results["rows"]]
     trains = {k: v for k, v in results["benchmarks"].items() if k.startswith("train_") or k == "mu"}
     if trains:
         lines += ["", "| model | variant | attention | trainable params | step (s) | peak memory (MB) "
@@ -682,6 +674,17 @@ def markdown(results: dict) -> str:
     if smoke:
         lines += ["", f"`{smoke['command']}`: {smoke['wall_s']:.1f} s wall time."]
     return "\n".join(lines) + "\n"
+
+
+def table_line(row: dict, value: Callable) -> str:
+    """One row of a results table (a `Row` as saved in the results JSON); `value(v, row)` formats a measurement."""
+    r = Row(**{**row, "interval": tuple(row["interval"]) if row.get("interval") else None})
+    met = "" if r.met is None else "yes" if r.met else "**no**"
+    if r.within_noise:
+        met += " (within noise)"
+    interval = f"{r.interval[0]:.3f}-{r.interval[1]:.3f}" if r.interval else ""
+    return (f"| {r.benchmark} | {r.ours} | {r.reference} | {value(r.ours_value, r)} | {value(r.reference_value, r)} "
+            f"| {r.ratio:.3f} | {interval} | {r.target or ''} | {met} |")
 
 
 def _value(value: float, metric: str) -> str:

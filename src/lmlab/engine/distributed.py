@@ -2,6 +2,10 @@
 
 Single-process runs need nothing: every helper here degrades to the obvious single-process answer.
 Only rank 0 writes files; other ranks compute the same cells in lock step.
+
+The device is the process's own GPU where CUDA is available (one GPU per process under torchrun: NCCL cannot share
+one between processes, so more processes than GPUs is a ConfigError before anything starts), else the CPU.
+`LMLAB_DEVICE=cpu` keeps a run on the CPU (gloo for several processes) on a machine with GPUs.
 """
 
 from __future__ import annotations
@@ -38,20 +42,52 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+DEVICE_VARIABLE = "LMLAB_DEVICE"
+
+
+def device_choice() -> str:
+    """`LMLAB_DEVICE`: `auto` (unset: the GPU where CUDA is available, else the CPU), `cpu` or `cuda`."""
+    choice = os.environ.get(DEVICE_VARIABLE, "").strip().lower() or "auto"
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{DEVICE_VARIABLE}={os.environ[DEVICE_VARIABLE]!r} is not one of auto, cpu, cuda")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{DEVICE_VARIABLE}=cuda, but torch sees no CUDA device (torch {torch.__version__}); "
+                          f"unset it to run on the CPU")
+    return choice
+
+
+def uses_gpu() -> bool:
+    """Whether this process computes on a CUDA GPU (module doc)."""
+    return device_choice() != "cpu" and torch.cuda.is_available()
+
+
 def device() -> torch.device:
-    if torch.cuda.is_available():
+    if uses_gpu():
         return torch.device("cuda", local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def check_gpus(processes: int) -> None:
+    """`processes` processes on this machine need a GPU each when they run on GPUs (NCCL refuses two processes on
+    one GPU): a ConfigError naming the ways out when there are fewer."""
+    if processes <= 1 or not uses_gpu():
+        return
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise ConfigError(f"{processes} processes need {processes} GPUs (one each), but {gpus} "
+                          f"{'is' if gpus == 1 else 'are'} visible: use --nproc {gpus} (or --nproc auto), or "
+                          f"{DEVICE_VARIABLE}=cpu to run {processes} processes on the CPU (gloo)")
 
 
 def init_from_env() -> bool:
     """Join the process group torchrun describes in the environment (no-op when not under torchrun)."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    check_gpus(int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+    gpu = uses_gpu()
+    if gpu:
         torch.cuda.set_device(device())
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=60))
+    dist.init_process_group(backend="nccl" if gpu else "gloo", timeout=timedelta(minutes=60))
     return True
 
 
@@ -103,20 +139,25 @@ def split_batch(batch_size: int, world: int | None = None) -> int:
 
 
 def resolve_nproc(value: str | int) -> int:
-    """`--nproc auto`: $NUM_GPUS, else the number of visible GPUs, else 1."""
+    """`--nproc N` (on GPUs: at most one process per visible GPU, see `check_gpus`); `--nproc auto`: $NUM_GPUS,
+    else the number of visible GPUs, else 1."""
     text = str(value).strip()
     if isinstance(value, int) or text.lstrip("+-").isdigit():
         n = int(text)
         if n < 1:
             raise ConfigError(f"--nproc must be a positive integer or 'auto', got {value!r}")
+        check_gpus(n)
         return n
     if text != "auto":
         raise ConfigError(f"--nproc must be a positive integer or 'auto', got {value!r}")
     env = os.environ.get("NUM_GPUS")
     if env and env.isdigit() and int(env) > 0:
+        check_gpus(int(env))
         return int(env)
-    if torch.cuda.is_available():
+    if uses_gpu():
         return torch.cuda.device_count()
+    if device_choice() == "cpu":
+        return 1
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)

@@ -14,6 +14,7 @@ a monitor, a file it appends to) returns it from `state_dict()` as JSON-able val
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -98,6 +99,13 @@ class Display:
     progress: bool = True
     desc: str = "train"
     log: Callable[[str], None] | None = None  # None: stderr, from the first process only
+    position: int | None = None  # the bar's line on the terminal (cells running side by side: one line each)
+    trackers: tuple[str, ...] = ()  # experiment trackers a study's cells log to (lmlab.tracking)
+    record: Callable[[dict], None] | None = None  # each metrics.jsonl record as it is written (a cell's tracker)
+
+    def named(self, desc: str) -> Display:
+        """The same display for another loop (a cell, a pretraining phase), named `desc`."""
+        return dataclasses.replace(self, desc=desc)
 
     def line(self, message: str) -> None:
         if self.log is not None:

@@ -20,6 +20,13 @@ metrics and weights as a run that was never stopped (see docs/architecture.md, "
 compiled kernel for float32 causal self-attention without padding, SDPA otherwise - the same results, faster) and
 the model's own on GPU; `sdpa` keeps the model's own; `lmlab` switches to lmlab's everywhere. Each model is back on
 its own attention implementation when `train()` returns. `LMLAB_CPU_KERNELS=0` turns the kernel off.
+
+Memory (README, "GPUs and torchrun"): `train.loss_chunk` computes the LM head and the loss chunk by
+chunk of tokens, never the full [tokens, vocab] float32 logits (lmlab.engine.lmhead; `auto`: where they would pass
+256 MiB); `train.gradient_checkpointing` recomputes each transformer block in the backward pass (Hugging Face models
+and MU / dense models; a model that cannot is a ConfigError, never a silent no-op); `train.kernels=liger` runs
+Llama-family models on liger-kernel's fused Triton kernels (CUDA, `pip install 'lmlab[gpu]'`). Frozen weights keep
+the dtype they were loaded in: the loop moves the model to its device, never to another dtype.
 """
 
 from __future__ import annotations
@@ -30,10 +37,10 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import psutil
 import torch
@@ -46,7 +53,7 @@ from lmlab.engine import distributed as D
 from lmlab.engine import state as checkpoints
 from lmlab.engine.hooks import Display, Hooks
 from lmlab.engine.interrupt import STOP, TrainingInterrupted
-from lmlab.engine.losses import LossOut, causal_lm_loss, collate_lm, model_logits  # noqa: F401 - re-exported
+from lmlab.engine.losses import LossOut, causal_lm_loss, collate_lm, loss_settings, model_logits  # noqa: F401
 from lmlab.engine.optim import lr_factor, param_groups
 from lmlab.engine.state import TrainState
 from lmlab.errors import CheckpointError, ConfigError
@@ -75,6 +82,13 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement")
     log_every: int = Field(10, ge=1)
     compile: bool = False
+    loss_chunk: Annotated[int, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto", description="tokens per chunk of the LM head + cross-entropy, never the full [tokens, vocab] "
+        "logits (auto: chunks where those float32 logits would pass 256 MiB; 0 or null: the full logits; with "
+        "compile: the full logits)")
+    kernels: Literal["torch", "liger"] = Field(
+        "torch", description="liger: liger-kernel's fused RMSNorm / RoPE / SwiGLU and linear cross-entropy for "
+        "Llama-family models (CUDA; pip install 'lmlab[gpu]')")
     ddp_find_unused_parameters: bool = False
     attention: Literal["auto", "sdpa", "lmlab"] = Field(
         "auto", description="attention of Hugging Face models while training: auto (lmlab's on CPU, the model's "
@@ -87,7 +101,7 @@ class TrainConfig(Section):
     def fingerprint(self) -> dict:
         """What a checkpoint's training must share with this one to be resumed by it (not how often it is
         checkpointed, evaluated or logged, or how attention is computed)."""
-        skip = {"checkpoint_every", "checkpoint_minutes", "log_every", "attention", "compile"}
+        skip = {"checkpoint_every", "checkpoint_minutes", "log_every", "attention", "compile", "loss_chunk", "kernels"}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 
@@ -277,18 +291,84 @@ def attention(model: nn.Module, choice: str, device: torch.device) -> Iterator[N
         yield
 
 
+def _hf_model(model: nn.Module) -> nn.Module | None:
+    """The transformers model inside `model` (itself, or the base of a peft model), else None."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return base if isinstance(base, PreTrainedModel) else None
+
+
 @contextlib.contextmanager
 def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Gradient checkpointing of a transformers model for the block (non-reentrant: it works when the inputs do not
-    require grad, as with a frozen base and adapters)."""
-    enabled = enabled and hasattr(model, "activation_checkpointing_enable")
-    if enabled:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    """Gradient checkpointing for the block: every transformer block's activations are recomputed in the backward
+    pass instead of kept. Non-reentrant (`torch.utils.checkpoint(use_reentrant=False)`): it recomputes also when the
+    block's inputs do not require grad, as with a frozen base and adapters. Models of lmlab (MU, dense) through their
+    `set_gradient_checkpointing`, transformers models through `activation_checkpointing_enable` or, where
+    transformers has no such method yet (5.17 has not: lmlab used to skip checkpointing there, silently),
+    `gradient_checkpointing_enable`; any other model is a ConfigError."""
+    if not enabled:
+        yield
+        return
+    hf = _hf_model(model)
+    own = getattr(model, "set_gradient_checkpointing", None) if hf is None else None
+    if not callable(own) and not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} cannot checkpoint its blocks (neither "
+                          "a transformers model that supports it nor an lmlab MU / dense model); set it to false")
+    had_input_hook = hasattr(hf, "_require_grads_hook")
+    if callable(own):
+        own(True)
+    elif hasattr(hf, "activation_checkpointing_enable"):
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         yield
     finally:
-        if enabled:
-            model.activation_checkpointing_disable()
+        if callable(own):
+            own(False)
+        else:
+            (hf.activation_checkpointing_disable if hasattr(hf, "activation_checkpointing_disable")
+             else hf.gradient_checkpointing_disable)()
+            if not had_input_hook and hasattr(hf, "_require_grads_hook"):
+                hf.disable_input_require_grads()  # the input hook the enabling added
+
+
+def check_kernels(model: nn.Module, choice: str, device: torch.device) -> None:
+    """`train.kernels=liger` needs liger-kernel, a CUDA device and a transformers model: else one ConfigError."""
+    if choice != "liger":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.kernels=liger needs liger-kernel, which is not installed: pip install 'lmlab[gpu]' "
+                          "(NVIDIA GPUs), or train.kernels=torch")
+    if device.type != "cuda":
+        raise ConfigError(f"train.kernels=liger runs Triton kernels on CUDA GPUs; this run is on {device.type}: use "
+                          "train.kernels=torch")
+    hf = _hf_model(model)
+    if hf is None:
+        raise ConfigError(f"train.kernels=liger patches Hugging Face Llama-family models, not {type(model).__name__}; "
+                          "use train.kernels=torch")
+    from liger_kernel.transformers import monkey_patch
+
+    supported = getattr(monkey_patch, "MODEL_TYPE_TO_APPLY_LIGER_FN", None)
+    model_type = getattr(hf.config, "model_type", None)
+    if supported is not None and model_type not in supported:
+        raise ConfigError(f"train.kernels=liger has no kernels for model type '{model_type}' (liger-kernel supports "
+                          f"{', '.join(sorted(supported))}); use train.kernels=torch")
+
+
+def apply_kernels(model: nn.Module, choice: str, device: torch.device) -> None:
+    """`train.kernels` (after `check_kernels`): liger's fused RMSNorm, RoPE and SwiGLU on the model's modules (for
+    the architectures liger supports; the loss's fused linear cross-entropy comes with `loss_settings`)."""
+    check_kernels(model, choice, device)
+    if choice != "liger":
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=_hf_model(model) or model, rope=True, rms_norm=True, swiglu=True,
+                                    cross_entropy=False, fused_linear_cross_entropy=False)
 
 
 class Checkpointer:
@@ -332,8 +412,10 @@ class MetricsLog:
     run) it first becomes the records of the state's history - a resumed run's file thus ends as the file of a run
     that was never stopped, and a run that starts over drops the lines of the attempt it replaces."""
 
-    def __init__(self, path: str | Path | None, state: TrainState, rewrite: bool):
+    def __init__(self, path: str | Path | None, state: TrainState, rewrite: bool,
+                 forward: Callable[[dict], None] | None = None):
         self.state = state
+        self.forward = forward if D.is_main() else None  # each new record, to a tracker
         self.file = None
         if path is not None and D.is_main():
             path = Path(path)
@@ -347,6 +429,8 @@ class MetricsLog:
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.forward is not None:
+            self.forward(record)
 
     def close(self) -> None:
         if self.file is not None:
@@ -364,6 +448,7 @@ def train(
     metrics_path: str | Path | None = None,
     display: Display | None = None,
     progress: bool | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train `model` (its trainable parameters) on `train_data` with `hooks` (plain causal LM by default) and
     return what happened.
@@ -375,18 +460,21 @@ def train(
     - A non-finite loss raises `NonFiniteLoss(step, value)`; so does a non-finite gradient norm without an fp16
       loss scaler (clipping would turn it into zero gradients: a step that silently trains nothing). With the
       scaler, such steps are skipped and the scale lowered, as mixed precision intends.
+    - `device`: where to train (default: this process's, `lmlab.engine.distributed.device()`: its GPU where there
+      is one); tests that compare with a CPU reference pin `device="cpu"`.
     """
     hooks = hooks if hooks is not None else Hooks()
     display = display if display is not None else Display()
     if progress is not None:
         display = dataclasses.replace(display, progress=progress)  # the caller's Display is left as it was
     D.seed_everything(seed)
-    device, world = D.device(), D.world_size()
+    device, world = torch.device(device) if device is not None else D.device(), D.world_size()
     D.split_batch(cfg.batch_size, world)  # a global batch the processes cannot share evenly is refused first
     n = len(train_data)
     if n == 0:
         raise ValueError("no training examples")
     model.to(device)
+    apply_kernels(model, cfg.kernels, device)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
@@ -409,13 +497,14 @@ def train(
         if checkpointer.resume(state, hooks):
             resumed_from = state.step
     # with checkpoints, this training owns its metrics file: it starts as the state's history (empty when fresh)
-    metrics = MetricsLog(metrics_path, state, rewrite=checkpointer is not None)
+    metrics = MetricsLog(metrics_path, state, rewrite=checkpointer is not None, forward=display.record)
     hooks.begin(state, resumed=resumed_from is not None)
     bar = tqdm(total=steps, initial=state.step, desc=display.desc, disable=not (display.progress and D.is_main()),
-               leave=False, dynamic_ncols=True)
+               leave=False, dynamic_ncols=True, position=display.position)
     try:
         with (attention(model, cfg.attention, device), activation_checkpointing(model, cfg.gradient_checkpointing),
-              PeakMemory(device) as memory, STOP.watch()):
+              loss_settings(None if cfg.compile else cfg.loss_chunk, cfg.kernels), PeakMemory(device) as memory,
+              STOP.watch()):
             if not state.finished:
                 wrapped = _wrapped(model, cfg, world, device)
                 model.train()

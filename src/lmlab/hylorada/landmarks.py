@@ -72,11 +72,16 @@ class _Landmarks(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def mix(self, hidden: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """h + scale * dropout(g L) for the gate g [B, T, K]."""
-        mixed = gate @ self.vectors  # [B, T, d]
+        """h + scale * dropout(g L) for the gate g [B, T, K], in h's dtype (float32 landmarks on a bf16 model add
+        their mix in bf16: the model's layers after them see the dtype they were built for)."""
+        mixed = gate.to(self.vectors.dtype) @ self.vectors  # [B, T, d] (the autocast dtype under autocast)
         if self.dropout is not None:
             mixed = self.dropout(mixed)
-        return hidden + self.scale * mixed
+        return hidden + (self.scale * mixed).to(hidden.dtype)
+
+    def own(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` in the landmarks' dtype, for their own gate (a no-op unless the model is in another one)."""
+        return hidden.to(self.vectors.dtype)
 
     def after_final_norm(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         """Forward hook on the final norm: the LM head sees h' instead of h."""
@@ -111,8 +116,8 @@ class PositionAdaptiveLandmarks(_Landmarks):
         if self.buckets is None:
             position_logits = self.position_logits[ctx.buckets]  # [B, T, K]
         else:
-            position_logits = self.buckets(ctx.positions).to(hidden.dtype) @ self.position_logits
-        return self.mix(hidden, torch.softmax(position_logits + self.content(hidden), dim=-1))
+            position_logits = self.buckets(ctx.positions).to(self.position_logits.dtype) @ self.position_logits
+        return self.mix(hidden, torch.softmax(position_logits + self.content(self.own(hidden)), dim=-1))
 
 
 class ConstantLandmarks(_Landmarks):
@@ -163,7 +168,7 @@ class PooledLandmarks(_Landmarks):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         ctx = self.context
         ctx.require_positions(hidden.shape[:2])
-        pooled, running = self.pool(hidden, ctx.token_mask, ctx.pool_past.get(self.key))
+        pooled, running = self.pool(self.own(hidden), ctx.token_mask, ctx.pool_past.get(self.key))
         ctx.pool_now[self.key] = running
         return self.mix(hidden, torch.softmax(self.gate(pooled), dim=-1))
 

@@ -18,15 +18,33 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.position import PositionContext
 from lmlab.kernels import lowrank
 
+_STEPS = [0]  # optimizer steps taken in this process (any torch optimizer): part of the DoRA norm's cache key
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def trainable_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of HyLoRADA's trainable weights on a base of `base_dtype`: float32 on a half-precision base (bf16 /
+    fp16 stay the frozen weights' dtype; AdamW's updates of rank-r factors need float32), else the base's."""
+    return torch.float32 if base_dtype in (torch.bfloat16, torch.float16) else base_dtype
+
 
 class HyLoRADALinear(nn.Module):
-    """Wraps `base_layer` (kept frozen and untouched as `self.base_layer`) with a low-rank update."""
+    """Wraps `base_layer` (kept frozen and untouched as `self.base_layer`) with a low-rank update. On a bf16 / fp16
+    base the adapter's weights are float32 (`trainable_dtype`): the update runs in float32 and is added in the base's
+    dtype, or all of it in the autocast dtype under autocast."""
 
     def __init__(self, base_layer: nn.Module, config: HyLoRADAConfig, context: PositionContext | None = None) -> None:
         super().__init__()
@@ -39,7 +57,7 @@ class HyLoRADALinear(nn.Module):
         self.in_features, self.out_features = weight.shape if self.fan_in_fan_out else weight.shape[::-1]
         self.r = config.r
         self.scaling = config.scaling
-        factory = {"dtype": weight.dtype, "device": weight.device}
+        factory = {"dtype": trainable_dtype(weight.dtype), "device": weight.device}
         self.lora_A = nn.Parameter(torch.empty(config.r, self.in_features, **factory))  # [r, in]
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, config.r, **factory))  # [out, r]
         if config.init_a == "orthogonal":
@@ -69,16 +87,21 @@ class HyLoRADALinear(nn.Module):
         """||W0_i + s B_i A||, [out], without forming B A.
 
         ||W_i||^2 = ||W0_i||^2 + 2 s B_i . (A W0_i) + s^2 B_i (A A^T) B_i^T. Cached until A, B or W0
-        change (tensor versions and storage), so eval mode and gradient accumulation reuse it.
+        change (tensor versions and storage) or an optimizer steps, so eval mode and gradient accumulation reuse
+        it. (A fused optimizer, e.g. AdamW(fused=True), updates parameters without bumping their versions: before
+        the step count was part of the key, DoRA trained on the norm of its first step.)
         """
         weight, a, b = self.base_layer.weight, self.lora_A, self.lora_B
-        w_key = (weight.data_ptr(), weight._version, weight.dtype)
-        key = (w_key, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        # tensor versions see in-place writes (copy_, load_state_dict, foreach optimizers); fused optimizers
+        # write without a version bump, so every optimizer step also starts a new generation
+        w_key = (weight.data_ptr(), weight._version, weight.dtype, _STEPS[0] if weight.requires_grad else 0)
+        key = (w_key, a.data_ptr(), a._version, b.data_ptr(), b._version, _STEPS[0])
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
         if self._w0_sq is None or self._w0_sq[0] != w_key:
-            self._w0_sq = (w_key, self.weight_out_in().pow(2).sum(1))
-        a_w0 = a @ weight if self.fan_in_fan_out else a @ weight.t()  # [r, out]: column i is A W0_i
+            self._w0_sq = (w_key, self.weight_out_in().to(a.dtype).pow(2).sum(1))
+        w0 = weight.to(a.dtype)  # in the adapter's precision (a bf16 base: a float32 copy, one layer at a time)
+        a_w0 = a @ w0 if self.fan_in_fan_out else a @ w0.t()  # [r, out]: column i is A W0_i
         cross = (b * a_w0.t()).sum(1)  # [out]
         quad = ((b @ (a @ a.t())) * b).sum(1)  # [out]
         s = self.scaling

@@ -22,7 +22,7 @@ from lmlab.engine.optim import GroupRule
 from lmlab.errors import ConfigError
 from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.landmarks import ConstantLandmarks, PooledLandmarks, PositionAdaptiveLandmarks
-from lmlab.hylorada.layers import HyLoRADALinear
+from lmlab.hylorada.layers import HyLoRADALinear, trainable_dtype
 from lmlab.hylorada.position import (
     LearnableBuckets,
     PositionBias,
@@ -188,8 +188,9 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
     hidden_size = getattr(hf_config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
 
     reference = next(model.parameters())
+    dtype = trainable_dtype(reference.dtype)  # float32 on a bf16 / fp16 base, whose weights stay as they are
     arg_names = list(inspect.signature(model.forward).parameters)
-    state = HyLoRADAState(config, context, arg_names, reference.dtype, reference.device)
+    state = HyLoRADAState(config, context, arg_names, dtype, reference.device)
     state.base_requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     state.base_model = {
         "name_or_path": str(getattr(hf_config, "_name_or_path", "") or ""),
@@ -204,7 +205,7 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
         parent = model.get_submodule(parent_name)
         setattr(parent, child, HyLoRADALinear(getattr(parent, child), config, shared))
     state.adapted = targets
-    state.add_landmarks(hidden_size, len(blocks or []), reference.dtype, reference.device)
+    state.add_landmarks(hidden_size, len(blocks or []), dtype, reference.device)
     _unfreeze_base_parts(model, config, state)
 
     handles = state.hook_handles

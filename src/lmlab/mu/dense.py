@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmlab.kernels import causal_attention
 from lmlab.mu.config import DenseConfig
@@ -62,7 +63,28 @@ class DenseLayer(nn.Module):
         return x + self.mlp(self.ln_mlp(x))
 
 
-class DenseModel(nn.Module):
+class LayerStack(nn.Module):
+    """What lmlab's models (MU, dense) share with Hugging Face models for training: the output layer
+    (`get_output_embeddings`, which the chunked loss reads) and gradient checkpointing of the layers."""
+
+    gradient_checkpointing: bool = False
+    head: nn.Linear
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """While training, recompute each layer in the backward pass instead of keeping its activations
+        (`torch.utils.checkpoint`, non-reentrant: dropout draws the same masks again)."""
+        self.gradient_checkpointing = enabled
+
+    def run_layer(self, layer: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *inputs, use_reentrant=False)
+        return layer(*inputs)
+
+
+class DenseModel(LayerStack):
     """`model(input_ids [B, T]) -> logits [B, T, V]`."""
 
     def __init__(self, config: DenseConfig):
@@ -81,7 +103,7 @@ class DenseModel(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(positions(input_ids, self.config.max_seq_len)))
         for layer in self.layers:
-            x = layer(x)
+            x = self.run_layer(layer, x)
         return self.head(self.ln_f(x))
 
 

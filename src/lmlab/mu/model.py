@@ -19,7 +19,7 @@ from torch import nn
 
 from lmlab.kernels import causal_attention
 from lmlab.mu.config import MUConfig
-from lmlab.mu.dense import MLP, CausalSelfAttention, init_weights, positions
+from lmlab.mu.dense import MLP, CausalSelfAttention, LayerStack, init_weights, positions
 
 # Universal hashing of token ids into the affinity table: ((A * id + B) mod P) mod buckets, P prime.
 _HASH_A, _HASH_B, _HASH_P = 1_000_003, 12_345, 2_147_483_647
@@ -115,7 +115,7 @@ class MULayer(nn.Module):
         return torch.lerp(state.view(blocks), h.view(blocks), s.unsqueeze(-1)).view(B, T, C)
 
 
-class MUModel(nn.Module):
+class MUModel(LayerStack):
     """`model(input_ids [B, T]) -> logits [B, T, V]`."""
 
     def __init__(self, config: MUConfig):
@@ -142,7 +142,7 @@ class MUModel(nn.Module):
         state = self.drop(self.tok_emb(input_ids) + self.pos_emb(pos))  # [B, T, g*g], block-major
         features = self.affinity(input_ids)  # [B, T, r]
         for layer in self.layers:
-            state = layer(state, features)
+            state = self.run_layer(layer, state, features)
         return self.head(self.ln_f(state))
 
     def grid_view(self, state: torch.Tensor) -> torch.Tensor:

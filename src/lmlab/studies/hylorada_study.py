@@ -41,6 +41,7 @@ from lmlab.engine.hooks import Display
 from lmlab.engine.optim import lr_factor
 from lmlab.engine.train import TrainConfig, total_steps, train
 from lmlab.errors import ConfigError, DataError
+from lmlab.eval.harness import LmEvalConfig
 from lmlab.eval.perplexity import evaluate_perplexity, positional_perplexity
 from lmlab.eval.retrieval import retrieval_accuracy
 from lmlab.hylorada import (
@@ -67,7 +68,7 @@ from lmlab.studies.report import (
     save_figure,
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir, atomic_write_text
-from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
+from lmlab.studies.runner import CellOutput, Study, StudyConfig
 
 
 @dataclass(frozen=True)
@@ -259,6 +260,8 @@ class HyloradaStudyConfig(StudyConfig):
                                   "landmarks (what they contribute)")
     save_adapters: bool = True
     trust_remote_code: bool = False
+    lm_eval: LmEvalConfig | None = Field(None, description="lm-evaluation-harness tasks every finished cell's final "
+                                         "model is scored on (metrics lm_eval/<task>/<metric>); needs lmlab[lmeval]")
 
     @model_validator(mode="after")
     def _check(self):
@@ -345,21 +348,25 @@ class HyloradaStudy(Study):
 
     # -----------------------------------------------------------------------------------------------
 
-    def prepare(self, cfg: HyloradaStudyConfig, run: RunDir, progress: bool) -> _Context:
+    def prepare(self, cfg: HyloradaStudyConfig, run: RunDir, display: Display) -> _Context:
         if cfg.model == "builtin":
-            path = str(pretrained_tiny(cfg.base, progress=progress, log=log_line))
+            path = str(pretrained_tiny(cfg.base, display=display))
         else:
             path = cfg.model
         tokenizer = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         pretrained_context = context_length(load_config(path, cfg.trust_remote_code))
         check_extension(cfg.max_length, pretrained_context, f"model {path}")  # before any data is built
+        if cfg.lm_eval is not None:  # lm-eval installed and every task known, before any cell trains
+            from lmlab.eval.harness import task_manager
+
+            task_manager(cfg.lm_eval.tasks, cfg.lm_eval.include_path)
         ctx = _Context(cfg, path, tokenizer, pretrained_context, positional_windows(cfg, tokenizer))
         configs = run.read_study()["configurations"]
         if any(self.arms[c].matched_rank for c in configs):
             ctx.matched_rank, ctx.matched_params = self._matched_rank(ctx)
         if cfg.lr_grid is not None:
             ctx.lrs = self._tune_learning_rates(ctx, run, [c for c in configs if self.arms[c].adapter is not None],
-                                                progress)
+                                                display)
         return ctx
 
     def _adapter_config(self, ctx: _Context, arm: Arm) -> HyLoRADAConfig:
@@ -461,7 +468,7 @@ class HyloradaStudy(Study):
         return evaluate_perplexity(model, docs, ctx.tokenizer, ctx.cfg.max_length, batch_size=ctx.cfg.eval_batch_size,
                                    positional=False)
 
-    def _tune_learning_rates(self, ctx: _Context, run: RunDir, configs: list[str], progress: bool) -> dict:
+    def _tune_learning_rates(self, ctx: _Context, run: RunDir, configs: list[str], display: Display) -> dict:
         """Each configuration's learning rate: the grid value with the lowest validation perplexity on the tuning
         seed (its own training sample, initialisation and validation documents). Saved to `lr_tuning.json` as it
         goes, so an interrupted search resumes where it stopped."""
@@ -477,18 +484,19 @@ class HyloradaStudy(Study):
             scores = {}
             for lr in cfg.lr_grid:
                 model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None,
-                                              Display(progress, f"lr search {config} lr {lr:g}", log_line))
+                                              display.named(f"lr search {config} lr {lr:g}"))
                 model.to(D.device())
                 scores[f"{lr:g}"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
             best = min(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
             record["configs"][config] = {"lr": best, "val_ppl": scores}
-            log_line(f"lr search: {config} -> lr {best:g} ({', '.join(f'{k}: {v:.4g}' for k, v in scores.items())})")
+            tried = ", ".join(f"{k}: {v:.4g}" for k, v in scores.items())
+            display.line(f"lr search: {config} -> lr {best:g} ({tried})")
             if D.is_main():
                 atomic_write_text(path, json.dumps(record, indent=2))
         ctx.data.clear()
         return {c: v["lr"] for c, v in record["configs"].items()}
 
-    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         cfg = ctx.cfg
         data = self._data(ctx, seed)
         arm = self.arms[config]
@@ -497,8 +505,7 @@ class HyloradaStudy(Study):
         metrics: dict = {}
         if arm.adapter is not None:
             lr = ctx.lrs.get(config, cfg.train.lr)
-            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir,
-                                                         Display(progress, f"{config} seed {seed}", log_line))
+            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir, display)
             components = component_param_counts(model)
             params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                       "component_params": sum(v for k, v in components.items() if k != "lora"),
@@ -543,6 +550,10 @@ class HyloradaStudy(Study):
                 self._retrieval(ctx, native, data, metrics, details, "_native")
         if arm.matched_rank:
             details["matched"] = ctx.matched_params
+        if cfg.lm_eval is not None:  # the final model as it is (adapter unmerged), after every other metric
+            from lmlab.eval.harness import cell_scores
+
+            metrics.update(cell_scores(model, ctx.tokenizer, cfg.lm_eval))
         return CellOutput(metrics=metrics, details=details, params=params)
 
     def _retrieval(self, ctx: _Context, model, data: SeedData, metrics: dict, details: dict, suffix: str) -> None:

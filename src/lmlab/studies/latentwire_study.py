@@ -67,7 +67,7 @@ from lmlab.studies.report import (
     save_figure,
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
-from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
+from lmlab.studies.runner import CellOutput, Study, StudyConfig
 
 BRIDGE_SYSTEMS = ("bridged", "zero_prefix", "shuffled_source")  # the systems that go through the translator
 TEXT_SYSTEMS = SHARED_SYSTEMS  # translator-free: generated once per direction (and K), shared by the cells
@@ -363,11 +363,11 @@ class LatentWireStudy(Study):
 
     # -----------------------------------------------------------------------------------------------
 
-    def prepare(self, cfg: LatentWireStudyConfig, run: RunDir, progress: bool) -> _Context:
+    def prepare(self, cfg: LatentWireStudyConfig, run: RunDir, display: Display) -> _Context:
         sides, setup = {}, {}
         for role, name, base in (("source", cfg.source_model, cfg.source), ("target", cfg.target_model, cfg.target)):
             started = time.perf_counter()
-            path = str(pretrained_tiny(base, progress=progress, log=log_line)) if name == "builtin" else name
+            path = str(pretrained_tiny(base, display=display)) if name == "builtin" else name
             setup[f"{role}_pretrain_s"] = time.perf_counter() - started
             info = Path(path) / "lmlab_pretrain.json"
             if name == "builtin" and info.exists():
@@ -421,7 +421,7 @@ class LatentWireStudy(Study):
         parts.append(run(systems=BRIDGE_SYSTEMS))
         return merge_evaluations(parts)
 
-    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         cfg = ctx.cfg
         arm = study_arms(cfg)[config]
         source, target = (ctx.target, ctx.source) if arm.swapped else (ctx.source, ctx.target)
@@ -435,7 +435,7 @@ class LatentWireStudy(Study):
             bridge, train_items, val_items, cfg.train, loss_weights(cfg, len(train_items)), seed=seed,
             stability_fixes=arm.fixes, val_batch_size=cfg.eval_batch_size, val_max_new_tokens=cfg.max_new_tokens,
             metrics_path=cell_dir / "metrics.jsonl", samples_dir=cell_dir / "validation",
-            checkpoint_dir=cell_dir / TRAIN_STATE, display=Display(progress, f"{config} seed {seed}", log_line))
+            checkpoint_dir=cell_dir / TRAIN_STATE, display=display)
         started = time.perf_counter()
         evaluation = self._evaluate(ctx, bridge, arm)
         eval_time = time.perf_counter() - started

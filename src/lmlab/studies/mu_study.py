@@ -408,7 +408,7 @@ class MUStudy(Study):
     def change_metrics(self, cfg) -> list[str]:
         return ["test_ppl", "val_ppl", "test_accuracy", "tokens_per_s"]
 
-    def prepare(self, cfg: MUStudyConfig, run: RunDir, progress: bool) -> _Context:
+    def prepare(self, cfg: MUStudyConfig, run: RunDir, display: Display) -> _Context:
         train_docs, val_docs, test_docs = documents(cfg)
         tokenizer = _tokenizer(cfg, train_docs)
         prefix = prefix_token_id(tokenizer)
@@ -419,17 +419,17 @@ class MUStudy(Study):
                             f"give more training text or a smaller max_seq_len")
         models = model_configs(cfg, len(tokenizer))
         counts = {name: model_parameter_counts(c) for name, c in models.items()}
-        log_line(f"mu: {len(examples)} training windows of {cfg.max_seq_len} tokens, vocabulary {len(tokenizer)}, "
+        display.line(f"mu: {len(examples)} training windows of {cfg.max_seq_len} tokens, vocabulary {len(tokenizer)}, "
                  f"{len(val_docs)} validation / {len(test_docs)} test documents; parameters (total / non-embedding): "
                  + ", ".join(f"{n} {c['total']:,} / {c['non_embedding']:,}" for n, c in counts.items()))
         return _Context(cfg, tokenizer, prefix, examples, val_docs, test_docs, models)
 
-    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+    def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         cfg = ctx.cfg
         with out_of_memory_advice(f"training {config}", cfg.max_seq_len, cfg.train.batch_size, cfg.train.grad_accum):
-            return self._run_cell(ctx, config, seed, cell_dir, progress)
+            return self._run_cell(ctx, config, seed, cell_dir, display)
 
-    def _run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+    def _run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         cfg = ctx.cfg
         D.seed_everything(seed)  # the initialisation depends on the seed
         model = build_model(ctx.models[config])
@@ -438,7 +438,7 @@ class MUStudy(Study):
         hooks = _CellHooks(ctx, f"{config} seed {seed}", seed, samples_path)
         result = train(model, ctx.examples, cfg.train, seed=seed, hooks=hooks, checkpoint_dir=cell_dir / TRAIN_STATE,
                        metrics_path=cell_dir / "metrics.jsonl",
-                       display=Display(progress, f"{config} seed {seed}", log_line))
+                       display=display)
         best = result.best
         # The best weights (restored by train) go to disk; the checkpoint loaded back is what test
         # perplexity and the final samples are measured on.

@@ -87,7 +87,7 @@ def _training_documents(cfg: PretrainConfig, tokenizer=None) -> list:
                                      num_facts=cfg.num_facts, length_fn=length_fn, value_digits=cfg.value_digits)
 
 
-def _recall_phase(cfg: PretrainConfig, model, tokenizer, progress: bool):
+def _recall_phase(cfg: PretrainConfig, model, tokenizer, display: Display):
     """The first pretraining phase: `recall_steps` steps on fresh long documents, loss on the recalled values only
     (`batching.recall_examples`)."""
     count = cfg.recall_steps * cfg.train.batch_size * cfg.train.grad_accum
@@ -98,7 +98,7 @@ def _recall_phase(cfg: PretrainConfig, model, tokenizer, progress: bool):
     examples = recall_examples(docs, tokenizer, cfg.model.context, tokenizer.bos_token_id)[:count]
     return train(model, examples, cfg.train.model_copy(update={"epochs": 1, "max_steps": cfg.recall_steps}),
                  seed=cfg.init_seed, hooks=PaddedLM(tokenizer.pad_token_id),
-                 display=Display(progress, f"pretrain {cfg.name}: recall"))
+                 display=display.named(f"pretrain {cfg.name}: recall"))
 
 
 def _token_count(tokenizer, text: str) -> int:
@@ -115,8 +115,9 @@ def tokenizer_texts(data: str, n: int = 1500, seed: int = 0) -> list[str]:
     return docs + generators.corpus_documents(seed + 10_000, n // 2, sentences_per_doc=20)
 
 
-def pretrained_tiny(cfg: PretrainConfig, *, progress: bool = True, log=print) -> Path:
-    """Path of the cached pretrained model for `cfg`, pretraining it first when it is not cached."""
+def pretrained_tiny(cfg: PretrainConfig, *, display: Display | None = None) -> Path:
+    """Path of the cached pretrained model for `cfg`, pretraining it first when it is not cached (shown through
+    `display`: by default a progress bar and messages on stderr)."""
     target = cache_root() / "models" / f"{cfg.name}-{cfg.model.arch}-{cfg.key()}"
     if (target / "lmlab_pretrain.json").exists():
         return target
@@ -127,7 +128,7 @@ def pretrained_tiny(cfg: PretrainConfig, *, progress: bool = True, log=print) ->
     try:
         ready = D.broadcast_object((target / "lmlab_pretrain.json").exists())
         if not ready:
-            _pretrain_into(cfg, target, progress=progress, log=log)
+            _pretrain_into(cfg, target, display or Display())
         D.barrier()
     finally:
         if lock is not None:
@@ -135,10 +136,10 @@ def pretrained_tiny(cfg: PretrainConfig, *, progress: bool = True, log=print) ->
     return target
 
 
-def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) -> None:
+def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
     started = time.perf_counter()
     if D.is_main():
-        log(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
+        display.line(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
             f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data; cached at {target}")
     tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
     docs = _training_documents(cfg, tokenizer)
@@ -147,7 +148,7 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
     train_docs, train_texts, val_texts = docs[val_count:], texts[val_count:], texts[:val_count]
     model = build_tiny(cfg.model, len(tokenizer), bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
                        pad_id=tokenizer.pad_token_id, seed=cfg.init_seed)
-    recall = _recall_phase(cfg, model, tokenizer, progress) if cfg.recall_steps and cfg.data == "longdoc" else None
+    recall = _recall_phase(cfg, model, tokenizer, display) if cfg.recall_steps and cfg.data == "longdoc" else None
     if cfg.data == "longdoc" and cfg.recall_weight > 1:
         examples = recall_examples(train_docs, tokenizer, cfg.model.context, tokenizer.bos_token_id,
                                    end_id=tokenizer.eos_token_id, value_weight=cfg.recall_weight)
@@ -155,7 +156,7 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
         examples = chunk_examples(tokenize_documents(train_texts, tokenizer), cfg.model.context,
                                   tokenizer.bos_token_id, end_id=tokenizer.eos_token_id)
     result = train(model, examples, cfg.train, seed=cfg.init_seed, hooks=PaddedLM(tokenizer.pad_token_id),
-                   display=Display(progress, f"pretrain {cfg.name}"))
+                   display=display.named(f"pretrain {cfg.name}"))
     val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
     if D.is_main():
         staging = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -170,5 +171,5 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, *, progress: bool, log) ->
         (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(staging, target)
-        log(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
+        display.line(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
             f"({result.steps} steps, {info['wall_time_s']:.0f}s)")

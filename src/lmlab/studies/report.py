@@ -131,9 +131,10 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
                 entry["efficiency_params_per_pct"] = comp["params_per_pct"]
     headline = next((c for c in comparisons if c["headline"]), None)
     declared = next((c for c in record.get("comparisons", []) if c.get("headline")), None)
+    headline_parent = reference  # the change tables stay vs the reference; the decision names the declared headline
     if headline is None and declared is not None:  # the headline's configurations were not all selected (only=)
-        candidate, reference = declared["candidate"], declared["parent"]
-    missing = [c for c in (candidate, reference) if c not in configs]
+        candidate, headline_parent = declared["candidate"], declared["parent"]
+    missing = [c for c in (candidate, headline_parent) if c not in configs]
     claims = [attribution.judge_claim(spec, values, comparisons, primary_lower) for spec in record.get("claims", [])]
     failed = [{"config": r["config"], "seed": r["seed"], "error": r.get("error")}
               for r in rows if r["status"] != "ok"]
@@ -148,7 +149,8 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
         "comparisons": comparisons,
         "decision": attribution.decision_record(headline,
                                                 headline["candidate"] if headline else candidate,
-                                                headline["parent"] if headline else reference, primary, missing),
+                                                headline["parent"] if headline else headline_parent, primary,
+                                                missing),
         "failed_cells": failed,
     }
     if claims:
@@ -243,6 +245,27 @@ def attribution_table(summary: dict) -> list[str]:
                  controls, c["scenario"], fmt(c["params_per_pct"])]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def lm_eval_section(summary: dict) -> list[str]:
+    """The lm-evaluation-harness scores of the cells (metrics `lm_eval/<task>/<metric>`, a study's `lm_eval:` field):
+    mean ± std per configuration and the paired change vs the reference; nothing when no cell has them."""
+    names = [m for m in dict.fromkeys(m for e in summary["configs"].values() for m in e["metrics"])
+             if m.startswith("lm_eval/")]
+    if not names:
+        return []
+    shown = [m[len("lm_eval/"):] for m in names]
+    lines = ["## lm-evaluation-harness", "",
+             "Each finished cell's final model scored by lm-evaluation-harness (lm-eval's own tasks and metrics, "
+             "metrics `lm_eval/<task>/<metric>` in `results.jsonl`), mean ± std over seeds:", "",
+             "| configuration | " + " | ".join(shown) + " |", "|" + "---|" * (len(names) + 1)]
+    for name, entry in summary["configs"].items():
+        lines.append("| " + " | ".join([config_label(name, entry, summary),
+                                        *[_mean_std(entry["metrics"].get(m)) for m in names]]) + " |")
+    table = change_table(summary, names)
+    table[0] = "| configuration | " + " | ".join(f"{m} change vs {summary['reference']} [95% CI] (p)"
+                                                 for m in shown) + " |"
+    return [*lines, "", "Paired change vs the reference (as in the change table above):", "", *table, ""]
 
 
 def claims_table(summary: dict) -> list[str]:
@@ -641,6 +664,7 @@ def write_reports(run: RunDir) -> dict:
                                 if any(m in e["metrics"] for e in summary["configs"].values())]),
         "",
     ]
+    lines += lm_eval_section(summary)
     curve = training_curves_plot(run, record["configurations"])
     lines += study.report_sections(summary, rows, run, record)
     if summary["failed_cells"]:
@@ -673,6 +697,12 @@ def write_reports(run: RunDir) -> dict:
 
 
 def regenerate(directory: Path) -> Path:
+    """The report files of a run, from its results - after recording the rows its jobs wrote since (`--executor`:
+    jobs that finished after the submitting process stopped)."""
+    from lmlab.studies.parallel import collect_cell_results
+
     run = RunDir(directory)
+    run.read_study()  # a directory that is no run is refused before anything is written
+    collect_cell_results(run)
     write_reports(run)
     return run.root

@@ -16,7 +16,6 @@ import contextlib
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,11 +29,22 @@ from lmlab import cpu_share
 from lmlab import progress as bars
 from lmlab.config import Section, build, load_config, preset_path
 from lmlab.engine import distributed as D
+from lmlab.engine.hooks import Display
 from lmlab.engine.interrupt import STOP
-from lmlab.engine.train import NonFiniteLoss, check_batch_split
+from lmlab.engine.train import check_batch_split
 from lmlab.errors import ConfigError, LmlabError
+from lmlab.studies.cell import StudyInterrupted, compute_row, log_line
+from lmlab.studies.parallel import (
+    ExecutorOptions,
+    collect_cell_results,
+    plan_slots,
+    resolve_parallel,
+    run_jobs,
+    run_parallel,
+)
 from lmlab.studies.registry import declarations, get_study
 from lmlab.studies.rundir import RunDir, library_versions
+from lmlab.tracking import parse_trackers
 
 SEEDS = [42, 123, 456, 789, 1011, 2027, 3037, 4049, 5051, 6067]
 
@@ -116,11 +126,12 @@ class Study:
         marked as not parameter-matched; None: no parameter matching in this study."""
         return None
 
-    def prepare(self, cfg, run: RunDir, progress: bool):
-        """Shared resources of all cells (cached base models, data); returns a context object."""
+    def prepare(self, cfg, run: RunDir, display: Display):
+        """Shared resources of all cells (cached base models, data); returns a context object. `display` is how
+        loops show themselves (progress bars, one-line messages): pass `display.named(...)` to `train`."""
         return None
 
-    def run_cell(self, ctx, config: str, seed: int, cell_dir: Path, progress: bool) -> CellOutput:
+    def run_cell(self, ctx, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         raise NotImplementedError
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, study_record: dict) -> list[str]:
@@ -143,14 +154,6 @@ def selected_configurations(study: Study, cfg) -> list[str]:
         keep = set(cfg.only) | {study.reference(cfg)}
         names = [n for n in names if n in keep]
     return names
-
-
-class StudyInterrupted(KeyboardInterrupt):
-    """SIGTERM/SIGINT during a run (a KeyboardInterrupt, so no `except Exception` swallows it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class _Signals:
@@ -185,22 +188,30 @@ class _Signals:
 SIGNALS = _Signals()
 
 
-def log_line(message: str) -> None:
-    """A progress line on stderr (rank 0 only)."""
-    if D.is_main():
-        print(message, file=sys.stderr, flush=True)
-
-
 def _default_out(study: str) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{study}-{stamp}"
 
 
 def run_study(name: str, *, preset: str | None = None, overrides: list[str] = (), out: str | None = None,
-              seeds: int | None = None, resume: str | None = None, progress: bool = True) -> Path:
+              seeds: int | None = None, resume: str | None = None, progress: bool = True,
+              parallel: int | str | None = None, executor: ExecutorOptions | None = None,
+              log: list[str] | tuple[str, ...] = ()) -> Path:
     """Run (or finish) every configuration x seed of study `name`; returns the run directory. `preset`: the
-    `default` preset unless given (a new run only: `resume` continues with the run's own configuration)."""
+    `default` preset unless given (a new run only: `resume` continues with the run's own configuration).
+    `parallel`: cells computed at once on this machine (a number or 'auto': one per GPU); `executor`: one
+    submitit job per cell (SLURM, or submitit's local executor) - see lmlab.studies.parallel. `log`: experiment
+    trackers each cell logs to (tensorboard, wandb, mlflow: lmlab.tracking)."""
     study = get_study(name)
+    trackers = parse_trackers(log)
+    workers = resolve_parallel(parallel)
+    if (workers > 1 or executor is not None) and D.world_size() > 1:
+        raise ConfigError("--parallel and --executor run each cell in its own process; they do not combine with "
+                          "--nproc (DDP): drop one of them")
+    if workers > 1 and executor is not None:
+        raise ConfigError("--parallel runs cells on this machine, --executor as jobs; choose one")
+    if workers > 1:
+        plan_slots(workers)  # more workers than GPUs or cores: refused before any directory is made
     if resume:
         run = RunDir(Path(resume))
         record = run.read_study()
@@ -241,7 +252,8 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
         D.barrier()
     try:
         with bars.enabled(progress):  # bars for evaluation, generation and data that take seconds
-            _execute(study, cfg, run, record, progress)
+            _execute(study, cfg, run, record, Display(progress, study.name, log_line, trackers=trackers),
+                     Placement(workers, executor))
     except LmlabError:
         if not resume:  # bad input found before any cell finished: the directory is left unclaimed
             run.withdraw()
@@ -254,11 +266,27 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
     return run.root
 
 
-def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> None:
+@dataclass
+class Placement:
+    """Where cells run: this process one after another (the default), `workers` processes side by side, or one
+    submitit job each."""
+
+    workers: int = 1
+    executor: ExecutorOptions | None = None
+
+
+def _execute(study: Study, cfg, run: RunDir, record: dict, display: Display,
+             placement: Placement | None = None) -> None:
     from lmlab.studies.report import write_reports
 
+    placement = placement or Placement()
     configs = record["configurations"]
     seeds = record["seeds"]
+    if D.is_main():
+        collected = collect_cell_results(run)  # rows that jobs of an earlier submission wrote
+        if collected:
+            log_line(f"recorded {collected} cell(s) that jobs finished after the last run stopped")
+    D.barrier()
     finished = {(r["config"], r["seed"]) for r in run.read_results()}
     todo = [(c, s) for s in seeds for c in configs if (c, s) not in finished]
     total = len(configs) * len(seeds)
@@ -268,21 +296,54 @@ def _execute(study: Study, cfg, run: RunDir, record: dict, progress: bool) -> No
     for sig in previous:
         signal.signal(sig, SIGNALS.handle)
     try:
-        if cfg.threads is not None and D.device().type == "cpu":
-            torch.set_num_threads(cfg.threads)
-        ctx = study.prepare(cfg, run, progress) if todo else None  # checks the data and models (bad input: exit 2)
-        if todo and cpu_share.NOTE:
-            log_line(f"lmlab: {cpu_share.NOTE[-1]}")
-        started = time.perf_counter()
-        for done, (config, seed) in enumerate(todo, start=1):
-            _run_cell(study, ctx, run, config, seed, progress, index=len(finished) + 1, total=total,
-                      eta=partial(eta_text, started, done, len(todo) - done))
-            finished.add((config, seed))
+        if placement.workers > 1 or placement.executor is not None:
+            _execute_elsewhere(study, cfg, run, todo, finished, total, display, placement)
+        else:
+            if cfg.threads is not None and D.device().type == "cpu":
+                torch.set_num_threads(cfg.threads)
+            ctx = study.prepare(cfg, run, display) if todo else None  # checks the data and models (bad input: exit 2)
+            if todo and cpu_share.NOTE:
+                log_line(f"lmlab: {cpu_share.NOTE[-1]}")
+            started = time.perf_counter()
+            for done, (config, seed) in enumerate(todo, start=1):
+                _run_cell(study, ctx, run, config, seed, display, index=len(finished) + 1, total=total,
+                          eta=partial(eta_text, started, done, len(todo) - done))
+                finished.add((config, seed))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if D.is_main():
         write_reports(run)
+
+
+def _execute_elsewhere(study: Study, cfg, run: RunDir, todo: list, finished: set, total: int, display: Display,
+                       placement: Placement) -> None:
+    """The cells of `todo` in worker processes or jobs; this process records their rows as they finish."""
+    if not todo:
+        return
+    started = time.perf_counter()
+
+    def record(row: dict) -> None:
+        with SIGNALS.recording():
+            run.append_result(row)
+        run.drop_checkpoints(row["config"], row["seed"])
+        finished.add((row["config"], row["seed"]))
+        done = sum(1 for cell in todo if cell in finished)
+        _log_row(study, row, len(finished), total, partial(eta_text, started, done, len(todo) - done))
+
+    if placement.executor is not None:
+        unfinished = run_jobs(run, todo, placement.executor, record, log_line, cfg.threads, display.trackers)
+    else:
+        slots = plan_slots(min(placement.workers, len(todo)), cfg.threads)
+        where = ("GPU " + ", ".join(str(s.gpu) for s in slots) if slots[0].gpu is not None
+                 else f"{len(slots[0].cores)} core(s) and {slots[0].threads} thread(s) each")
+        log_line(f"{len(todo)} cell(s) on {len(slots)} worker processes ({where})")
+        if cpu_share.NOTE:
+            log_line(f"lmlab: {cpu_share.NOTE[-1]}")
+        unfinished = run_parallel(run, todo, slots, display, record, log_line)
+    if unfinished:
+        log_line(f"{len(unfinished)} cell(s) did not finish: {'; '.join(unfinished)}. The report covers the others; "
+                 f"`lmlab run {study.name} --resume {run.root}` computes them")
 
 
 def duration_text(seconds: float) -> str:
@@ -303,11 +364,11 @@ def eta_text(started: float, done: int, remaining: int) -> str:
     return f", eta {duration_text((time.perf_counter() - started) / done * remaining)}"
 
 
-def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool, index: int,
+def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, display: Display, index: int,
               total: int, eta: Callable[[], str] = str) -> None:
     recorded = False
     try:
-        row = _compute_cell(study, ctx, run, config, seed, progress)
+        row = compute_row(study, ctx, run, config, seed, display)
         with SIGNALS.recording():
             run.append_result(row)
             recorded = True
@@ -316,6 +377,11 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
             run.discard_cell(config, seed, keep_checkpoint=True)
         raise
     run.drop_checkpoints(config, seed)  # the cell is recorded: its training state is no longer needed
+    _log_row(study, row, index, total, eta)
+
+
+def _log_row(study: Study, row: dict, index: int, total: int, eta: Callable[[], str] = str) -> None:
+    config, seed = row["config"], row["seed"]
     if row["status"] == "ok":
         shown_keys = [study.primary_metric] + [k for k in row["metrics"] if k != study.primary_metric][:2]
         shown = ", ".join(f"{k} {row['metrics'][k]:.4g}" for k in shown_keys
@@ -323,30 +389,3 @@ def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: 
         log_line(f"[{index}/{total}] {config} seed {seed}: {shown} ({row['time_s']:.0f}s{eta()})")
     else:
         log_line(f"[{index}/{total}] {config} seed {seed}: FAILED - {row['error']}{eta()}")
-
-
-def _compute_cell(study: Study, ctx, run: RunDir, config: str, seed: int, progress: bool) -> dict:
-    """Train and evaluate one cell in its own directory; a failure becomes a `failed` row."""
-    cell_dir = run.cell_dir(config, seed)
-    # a partial cell left by an interrupted run: kept when training can continue from its checkpoint
-    run.discard_cell(config, seed, keep_checkpoint=True)
-    if D.is_main():
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        run.write_json(str(cell_dir.relative_to(run.root) / "config.json"),
-                       {"config": config, "seed": seed, "study": study.name})
-    D.barrier()
-    started = time.perf_counter()
-    row = {"config": config, "seed": seed, "status": "ok", "metrics": {}, "error": None}
-    try:
-        output = study.run_cell(ctx, config, seed, cell_dir, progress)
-        row.update(metrics=output.metrics, details=output.details, params=output.params)
-    except LmlabError:  # bad input stops the study (every cell would fail the same way)
-        raise
-    except NonFiniteLoss as exc:
-        row.update(status="failed", error=str(exc), details={"failed_step": exc.step, "failed_loss": str(exc.value)})
-    except Exception as exc:  # a failed cell is recorded; the study goes on
-        row.update(status="failed", error=f"{type(exc).__name__}: {exc}")
-        if D.is_main():
-            (cell_dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
-    row["time_s"] = time.perf_counter() - started
-    return row

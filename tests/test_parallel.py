@@ -1,0 +1,99 @@
+"""--parallel and --executor: placement of workers, one-line errors, and the sbatch script submitit writes for a
+cell (the end-to-end runs are in test_studies.py, beside the sequential run they are compared with)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+from lmlab.errors import ConfigError
+from lmlab.studies.parallel import CellJob, ExecutorOptions, make_executor, plan_slots, resolve_parallel
+from lmlab.studies.rundir import RunDir
+
+CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU placement")
+
+
+def test_resolve_parallel_reads_numbers_and_auto():
+    assert resolve_parallel(None) == 1 and resolve_parallel("3") == 3 and resolve_parallel(2) == 2
+    assert resolve_parallel("auto") >= 1
+    for bad in ("0", "-1", "two", "1.5"):
+        with pytest.raises(ConfigError, match="--parallel must be"):
+            resolve_parallel(bad)
+
+
+@CPU_ONLY
+def test_cpu_workers_get_disjoint_shares_of_the_cores():
+    cores = sorted(os.sched_getaffinity(0))
+    slots = plan_slots(len(cores))
+    assert [s.cores for s in slots] == [(c,) for c in cores] and all(s.threads == 1 for s in slots)
+    assert all(s.gpu is None for s in slots)
+    one = plan_slots(1)
+    assert one[0].cores == tuple(cores) and one[0].threads == len(cores)
+    assert plan_slots(1, threads=1)[0].threads == 1  # the study's `threads` caps a worker's threads
+    with pytest.raises(ConfigError, match=f"needs {len(cores) + 1} CPU cores"):
+        plan_slots(len(cores) + 1)
+
+
+def test_placement_errors_are_one_line_and_leave_no_directory(tmp_path: Path):
+    cases = [
+        (["--parallel", "0"], "--parallel must be a positive integer"),
+        (["--parallel", "2", "--executor", "local"], "choose one"),
+        (["--slurm-partition", "gpu"], "add --executor slurm"),
+        (["--executor", "local", "--slurm-option", "account"], "KEY=VALUE"),
+    ]
+    if not __import__("torch").cuda.is_available():
+        cases.append((["--parallel", str(len(os.sched_getaffinity(0)) + 1)], "CPU cores"))
+    if not any((Path(p) / "srun").exists() for p in os.environ.get("PATH", "").split(os.pathsep)):
+        cases.append((["--executor", "slurm"], "--executor local"))
+    for i, (args, message) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (args, proc.stderr)
+        assert not (out / "results.jsonl").exists()
+
+
+def _fake_slurm(bin_dir: Path, record: Path) -> None:
+    """`srun` and `sbatch` as a scheduler would answer (the scheduler is what is absent here, not submitit)."""
+    bin_dir.mkdir()
+    scripts = {
+        "srun": "#!/bin/sh\nexit 0\n",
+        "sbatch": f'#!/bin/sh\nfor a in "$@"; do last="$a"; done\ncp "$last" "{record}"\n'
+                  'echo "Submitted batch job 4242"\n',
+    }
+    for name, text in scripts.items():
+        path = bin_dir / name
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def test_slurm_job_script_carries_the_options(tmp_path: Path, monkeypatch):
+    submitted = tmp_path / "submitted.sh"
+    _fake_slurm(tmp_path / "bin", submitted)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    options = ExecutorOptions(kind="slurm", partition="gpu", gpus_per_cell=2, cpus_per_cell=4, time_min=30,
+                              mem_gb=64, extra={"account": "proj"})
+    executor = make_executor(run, options, "lmlab-hylorada")
+    job = executor.submit(CellJob(str(run.root), "lora", 42, threads=4))
+    assert job.job_id == "4242"
+    script = submitted.read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --time=30", "#SBATCH --account=proj", "#SBATCH --job-name=lmlab-hylorada",
+                 "#SBATCH --mem=64GB"):
+        assert line in script, (line, script)
+    assert "submitit.core._submit" in script  # the job runs the pickled CellJob through submitit
+
+
+def test_executor_options_are_checked():
+    with pytest.raises(ConfigError, match="--executor must be"):
+        ExecutorOptions(kind="pbs")
+    with pytest.raises(ConfigError, match="--slurm-time"):
+        ExecutorOptions(kind="local", time_min=0)
+    with pytest.raises(ConfigError, match="--slurm-cpus-per-cell"):
+        ExecutorOptions(kind="slurm", cpus_per_cell=0)
