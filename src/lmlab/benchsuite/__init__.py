@@ -6,6 +6,7 @@ in a checkout's `benchmarks/` folder (`benchmarks/suite.py`, `benchmarks/busy_cp
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -20,3 +21,14 @@ def results_dir() -> Path:
     """Where results go unless told otherwise: the checkout's `benchmarks/results`, else `benchmarks/results` under
     the current directory."""
     return (source_checkout() or Path.cwd()) / "benchmarks" / "results"
+
+
+def write_results(out: Path, started, suffix: str, results: dict, text: str) -> Path:
+    """`<out>/<date><suffix>.json` and `.md`; never over an earlier run of the same day (then `<date>T<time>`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{started.date().isoformat()}{suffix}.json"
+    if path.exists():
+        path = out / f"{started.date().isoformat()}T{started:%H%M%S}{suffix}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(text)
+    return path

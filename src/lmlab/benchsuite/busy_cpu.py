@@ -39,7 +39,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from lmlab.benchsuite import results_dir
+from lmlab.benchsuite import results_dir, write_results
 
 STUDIES = ("hylorada", "mu")
 TARGET = 1.3  # the issue's: busy default / busy threads1
@@ -223,13 +223,7 @@ def run(studies: list[str], rounds: int, loads: list[str], out: Path, baseline_s
                "machine": {"cores": os.cpu_count(), "load_average_start": os.getloadavg(), "torch": torch.__version__}}
     results.update(measure(studies, rounds, loads, baseline_src, log=log))
     results["machine"]["load_average_end"] = os.getloadavg()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{started.date().isoformat()}-busy_cpu.json"
-    if path.exists():
-        path = out / f"{started.date().isoformat()}T{started:%H%M%S}-busy_cpu.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(results))
-    return path
+    return write_results(out, started, "-busy_cpu", results, markdown(results))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmlab.benchsuite import write_results
 from lmlab.benchsuite.suite import Row, compare, format_row, interleaved, table_line
 from lmlab.errors import LmlabError
 
@@ -332,13 +333,7 @@ def run(settings: GpuSettings, out: Path, log: Callable[[str], None] = print) ->
     for r in rows:
         log(f"  {format_row(r)}")
     results["finished"] = datetime.now().isoformat(timespec="seconds")
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{results['date']}-gpu.json"
-    if path.exists():
-        path = out / f"{results['date']}T{started:%H%M%S}-gpu.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(results))
-    return path
+    return write_results(out, started, "-gpu", results, markdown(results))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from lmlab.benchsuite import busy_cpu, source_checkout
+from lmlab.benchsuite import busy_cpu, source_checkout, write_results
 
 REPO = source_checkout()  # None outside a source checkout: the children then run in the current directory
 BENCHMARKS = ("train_gpt2", "train_llama", "hylorada", "inference", "eval_ppl", "mu", "smoke", "busy_cpu")
@@ -631,13 +631,7 @@ def run(settings: Settings, only: list[str] | None, out: Path, log: Callable[[st
     results["machine"]["load_average_end"] = os.getloadavg()
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     suffix = "-quick" if settings.quick else "" if only is None else "-" + "-".join(names)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{results['date']}{suffix}.json"
-    if path.exists():  # never overwrite an earlier run of the same day: add the start time
-        path = out / f"{results['date']}T{started:%H%M%S}{suffix}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(results))
-    return path
+    return write_results(out, started, suffix, results, markdown(results))
 
 
 def format_row(row: Row) -> str:
