@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from lmlab.errors import LmlabError
+from lmlab.progress import quiet_libraries
 
 STUDIES = ("hylorada", "landmarks", "bucketing", "latentwire", "mu")
 
@@ -275,15 +276,6 @@ def _executor_options(args):
                            extra=extra or None)
 
 
-def _quiet_libraries() -> None:
-    """Our progress bars and lines only: no per-load progress bars or advisory warnings from libraries."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
 def _share_cpu(argv: list[str]) -> None:
     """Before torch loads: on a machine where other processes are running, fewer torch threads that sleep when
     idle (lmlab.cpu_share; a user's own --threads / OMP_* settings win). Only for the commands that compute."""
@@ -299,7 +291,7 @@ def _share_cpu(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _share_cpu(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         args, extra = build_parser().parse_known_args(argv)
         # `key=value` overrides may come after options (`run hylorada --seeds 2 lr=1e-3`).

@@ -8,6 +8,7 @@ evaluations stay silent. Training has its own bar (`lmlab.engine.train`).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator
 
 from tqdm.auto import tqdm
@@ -38,3 +39,12 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
     has run for `DELAY` seconds; it clears itself when done."""
     return tqdm(iterable, total=total, desc=desc, unit=unit, delay=DELAY, leave=False, dynamic_ncols=True,
                 disable=not is_enabled())
+
+
+def quiet_libraries() -> None:
+    """Our progress bars and lines only: no per-load progress bars or advisory warnings from libraries."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

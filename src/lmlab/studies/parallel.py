@@ -31,6 +31,7 @@ from lmlab.engine.hooks import Display
 from lmlab.engine.interrupt import STOP
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.fileio import atomic_write_text
+from lmlab.progress import quiet_libraries
 from lmlab.studies.registry import get_study
 from lmlab.studies.rundir import RunDir, json_safe
 
@@ -100,15 +101,6 @@ def _pin(slot: Slot) -> None:
     import torch
 
     torch.set_num_threads(slot.threads)
-
-
-def _quiet_libraries() -> None:
-    """As the command line does: no per-load progress bars or advisory warnings from libraries."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
 
 
 # ------------------------------------------------------------------------------------------------ one cell
@@ -217,7 +209,7 @@ def _worker(slot: Slot, run_root: str, shown: Display, tasks, events) -> None:
     slot; computes the cells it is handed until it is handed None."""
     os.setpgrp()
     _pin(slot)
-    _quiet_libraries()
+    quiet_libraries()
     from lmlab import progress as bars
     from lmlab.studies.cell import log_line
 
@@ -398,7 +390,7 @@ class CellJob:
         from lmlab import progress as bars
         from lmlab.studies.cell import log_line
 
-        _quiet_libraries()
+        quiet_libraries()
         if self.threads:
             import torch
 
