@@ -57,9 +57,12 @@ def test_signal_mid_cell_keeps_finished_cells_and_resume_matches_an_uninterrupte
                             text=True, env=ONE_THREAD)
     partial = out / "cells" / "dense" / "seed-123"
     deadline = time.time() + 300
-    # After the first finished cell, wait until the second is training (its curve has a line), then signal.
+    # After the first finished cell, wait until the second is training (its curve has a line), then signal. The
+    # file alone is not enough: it is created just before the loop starts watching for signals, and a signal in
+    # that gap rightly discards the cell (nothing to continue from).
+    curve = partial / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if len(result_rows(out)) == 1 and (partial / "metrics.jsonl").exists():
+        if len(result_rows(out)) == 1 and curve.exists() and curve.read_text().strip():
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be interrupted"

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from lmlab.engine.nll import IGNORE_INDEX
+from lmlab.engine.nll import IGNORE_INDEX, take_grads
 
 # `auto`: chunk when the float32 logits of a micro-batch would exceed this many numbers (256 MiB), in chunks of
 # at most this many numbers; below it the plain path is as lean and a little faster on small models
@@ -125,13 +125,8 @@ class _ChunkedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError("linear_nll's backward ran twice (retain_graph=True): its gradients are scaled in place "
-                               "by the first backward; recompute the loss for a second backward")
-        ctx.grads = None  # frees the gradients with the graph's first backward
         out = [None if g is None else g.mul_(grad_out.to(g.dtype)).to(dtype)
-               for g, dtype in zip(grads, ctx.dtypes, strict=True)]
+               for g, dtype in zip(take_grads(ctx, "linear_nll"), ctx.dtypes, strict=True)]
         return out[0], out[1], out[2], None, None, None, None, None
 
 

@@ -51,14 +51,20 @@ class _TokenNLL(torch.autograd.Function):
                 grad.index_fill_(0, ignored, 0.0)
         else:  # no host sync on accelerators
             grad.masked_fill_(~rows, 0.0)
-        ctx.grad, ctx.dtype = grad, logits.dtype
+        ctx.grads, ctx.dtype = grad, logits.dtype
         return nll
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("token_nll's backward ran twice (retain_graph=True): its gradient buffer is scaled in "
-                               "place by the first backward; recompute the loss for a second backward")
-        ctx.grad = None  # frees the [N, V] buffer with the graph's first backward
-        return grad.mul_(grad_out).to(ctx.dtype), None, None
+        return take_grads(ctx, "token_nll").mul_(grad_out).to(ctx.dtype), None, None
+
+
+def take_grads(ctx, name: str):
+    """The gradients a fused loss computed in its forward (`ctx.grads`), once: the first backward frees them (they
+    are scaled in place), a second one is a readable error instead of silently wrong gradients."""
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(f"{name}'s backward ran twice (retain_graph=True): its gradients are scaled in place by "
+                           "the first backward; recompute the loss for a second backward")
+    ctx.grads = None
+    return grads

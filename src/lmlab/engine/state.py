@@ -180,7 +180,11 @@ def save(directory: Path, state: TrainState, fingerprint: dict, hooks_state: dic
     """Write `state` as the checkpoint of its step (module doc); rank 0 writes, every rank's RNG state goes in.
     Returns the checkpoint's path on rank 0."""
     rng_values, rng_tensors = rng_state()
-    per_rank = D.gather_objects((rng_values, {k: v.tolist() for k, v in rng_tensors.items()}))
+    if D.is_distributed():  # every rank's states travel as lists; one process keeps its tensors as they are
+        per_rank = [(v, {k: torch.tensor(t, dtype=torch.uint8) for k, t in saved.items()}) for v, saved in
+                    D.gather_objects((rng_values, {k: t.tolist() for k, t in rng_tensors.items()}))]
+    else:
+        per_rank = [(rng_values, rng_tensors)]
     if not D.is_main():
         return None
     directory.mkdir(parents=True, exist_ok=True)
@@ -191,11 +195,11 @@ def save(directory: Path, state: TrainState, fingerprint: dict, hooks_state: dic
     tensors = state.tensors()
     for rank, (_, saved) in enumerate(per_rank):
         for key, value in saved.items():
-            tensors[f"{key}.rank{rank}"] = torch.tensor(value, dtype=torch.uint8)
+            tensors[f"{key}.rank{rank}"] = value
     save_file(tensors, str(tmp / "tensors.safetensors"))
     values = {"format": FORMAT, "fingerprint": fingerprint, **state.values(), "hooks": hooks_state,
               "rng": [v for v, _ in per_rank]}
-    (tmp / "state.json").write_text(json.dumps(values, indent=1) + "\n", encoding="utf-8")
+    (tmp / "state.json").write_text(json.dumps(values, separators=(",", ":")) + "\n", encoding="utf-8")
     for f in ("tensors.safetensors", "state.json"):
         with open(tmp / f, "rb") as handle:
             os.fsync(handle.fileno())
