@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import read_jsonl, run_cli, run_smoke_study
 from lmlab.config import load_config, preset_path
@@ -104,3 +105,27 @@ def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond
     beyond = retrieval_accuracy(model, ctx.tokenizer, data.retrieval, cfg.max_length)["retrieval_acc"]
     assert ctx.pretrained_context == 128 and cfg.max_length == 512 and cfg.rope_scaling == "none"
     assert within >= 0.9 and beyond <= 0.35, (within, beyond)
+
+
+def test_a_bfloat16_base_trains_float32_adapters_to_the_float32_result(tmp_path: Path):
+    """`dtype=bfloat16` keeps the frozen base in bfloat16 (no float32 copy) and trains the adapters, position bias and
+    landmarks in float32; the cell lands within bf16 rounding of the float32 cell. `auto` is float32 on a CPU."""
+    from safetensors import safe_open
+
+    from lmlab.studies.hylorada_study import base_dtype
+
+    ppl = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
+                       "only=[rslora+bias+landmarks]", f"dtype={dtype}", "retrieval_docs=0", "positional_windows=0")
+        assert proc.returncode == 0, proc.stderr
+        row = next(r for r in read_jsonl(out / "results.jsonl") if r["config"] == "rslora+bias+landmarks")
+        ppl[dtype] = row["metrics"]["val_ppl"]
+        assert row["details"]["dtypes"] == {"frozen": [dtype], "trained": ["float32"]}
+        with safe_open(str(out / "cells" / "rslora+bias+landmarks" / "seed-42" / "adapter" /
+                           "adapter_model.safetensors"), "pt") as saved:
+            assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.float32}
+    assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.01), ppl
+    assert base_dtype("auto") == ("bfloat16" if torch.cuda.is_available()
+                                  and torch.cuda.is_bf16_supported() else "float32")

@@ -243,6 +243,9 @@ class HyloradaStudyConfig(StudyConfig):
     txt_documents: Literal["file", "blank_line"] = "file"
     max_length: int = Field(512, ge=16, description="fine-tuning and evaluation context")
     rope_scaling: Literal["none", "linear", "dynamic", "yarn"] = "linear"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "float32", description="the frozen base weights as loaded and kept (the adapters train in float32 on a "
+        "half-precision base); auto: bfloat16 on a GPU that supports it, else float32")
     num_train: int = Field(400, ge=1, description="training examples: full windows of max_length, documents packed")
     num_val: int = Field(40, ge=1, description="validation documents")
     num_facts: int = Field(6, ge=1, description="built-in documents: facts per document")
@@ -280,6 +283,22 @@ class HyloradaStudyConfig(StudyConfig):
                 raise ValueError(f"tuning_seed={self.tuning_seed} is one of the study's seeds; choose another so "
                                  "the learning rate is not chosen on the data it is evaluated on")
         return self
+
+
+def base_dtype(choice: str) -> str:
+    """The dtype a base is loaded in for `dtype: choice` on this process's device."""
+    if choice != "auto":
+        return choice
+    cuda = D.device().type == "cuda" and torch.cuda.is_bf16_supported()
+    return "bfloat16" if cuda else "float32"
+
+
+def parameter_dtypes(model: torch.nn.Module) -> dict[str, list[str]]:
+    """The dtypes a fine-tuned model holds, as measured: its frozen and its trained parameters."""
+    held: dict[str, set[str]] = {"frozen": set(), "trained": set()}
+    for p in model.parameters():
+        held["trained" if p.requires_grad else "frozen"].add(str(p.dtype).removeprefix("torch."))
+    return {k: sorted(v) for k, v in held.items()}
 
 
 @dataclass
@@ -442,7 +461,8 @@ class HyloradaStudy(Study):
         extend = (extend and cfg.rope_scaling != "none" and ctx.pretrained_context is not None
                   and cfg.max_length > ctx.pretrained_context)
         config_fn = partial(rope_scaling, max_length=cfg.max_length, kind=cfg.rope_scaling) if extend else None
-        return load_causal_lm(ctx.model_path, config_fn=config_fn, trust_remote_code=cfg.trust_remote_code)
+        return load_causal_lm(ctx.model_path, dtype=base_dtype(cfg.dtype), config_fn=config_fn,
+                              trust_remote_code=cfg.trust_remote_code)
 
     def _fine_tune(self, ctx: _Context, arm: Arm, data: SeedData, seed: int, lr: float,
                    cell_dir: Path | None, display: Display):
@@ -512,7 +532,7 @@ class HyloradaStudy(Study):
                       "base_params_trained": components["embeddings"] + components["norms"]}
             if arm.freeze_lora:
                 params["component_params"] = params["trainable_params"]
-            details.update(components=components, lr=lr, rank=adapter_cfg.r)
+            details.update(components=components, lr=lr, rank=adapter_cfg.r, dtypes=parameter_dtypes(model))
             metrics.update(train_time_s=result.train_time_s, peak_mem_mb=result.peak_mem_mb,
                            train_loss=result.final_loss,
                            train_tokens_per_s=result.tokens / max(result.train_time_s, 1e-9))
