@@ -110,7 +110,7 @@ def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond
 def test_a_bfloat16_base_trains_float32_adapters_to_the_float32_result(tmp_path: Path):
     """`dtype=bfloat16` keeps the frozen base in bfloat16 (no float32 copy) and trains the adapters, position bias and
     landmarks in float32; the cell lands within bf16 rounding of the float32 cell. `auto` is float32 on a CPU."""
-    from safetensors import safe_open
+    from safetensors.torch import load_file
 
     from lmlab.studies.hylorada_study import base_dtype
 
@@ -123,9 +123,8 @@ def test_a_bfloat16_base_trains_float32_adapters_to_the_float32_result(tmp_path:
         row = next(r for r in read_jsonl(out / "results.jsonl") if r["config"] == "rslora+bias+landmarks")
         ppl[dtype] = row["metrics"]["val_ppl"]
         assert row["details"]["dtypes"] == {"frozen": [dtype], "trained": ["float32"]}
-        with safe_open(str(out / "cells" / "rslora+bias+landmarks" / "seed-42" / "adapter" /
-                           "adapter_model.safetensors"), "pt") as saved:
-            assert {saved.get_tensor(k).dtype for k in saved.keys()} == {torch.float32}
+        saved = load_file(out / "cells" / "rslora+bias+landmarks" / "seed-42" / "adapter" / "adapter_model.safetensors")
+        assert {t.dtype for t in saved.values()} == {torch.float32}
     assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.01), ppl
     assert base_dtype("auto") == ("bfloat16" if torch.cuda.is_available()
                                   and torch.cuda.is_bf16_supported() else "float32")
