@@ -575,7 +575,9 @@ def save_figure(fig, run: RunDir, name: str) -> str:
     """Save `fig` as plots/<name> (PNG, for report.md) and beside it as a vector PDF of the same name (for papers,
     fonts embedded as TrueType and no creation date, so a regenerated report writes the same file), each atomically.
     The saved area is the tight bounding box of everything drawn, so a legend outside the axes widens the image
-    rather than shrinking the axes (figures with several axes lay themselves out first). Returns the PNG's path."""
+    rather than shrinking the axes (figures with several axes lay themselves out first); it is measured once for
+    both files (each `bbox_inches="tight"` save would lay the figure out again: a fifth of the saving time). Returns
+    the PNG's path."""
     import matplotlib
     import matplotlib.pyplot as plt
 
@@ -583,9 +585,10 @@ def save_figure(fig, run: RunDir, name: str) -> str:
     run.plots.mkdir(parents=True, exist_ok=True)
     try:
         with matplotlib.rc_context({"pdf.fonttype": 42}):
+            bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.05)
             for ext, options in (("png", {"dpi": 150}), ("pdf", {"metadata": {"CreationDate": None}})):
                 tmp = run.plots / f".{stem}.tmp.{ext}"
-                fig.savefig(tmp, format=ext, bbox_inches="tight", pad_inches=0.05, **options)
+                fig.savefig(tmp, format=ext, bbox_inches=bbox, **options)
                 tmp.replace(run.plots / f"{stem}.{ext}")
     finally:
         plt.close(fig)
