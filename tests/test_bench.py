@@ -236,6 +236,28 @@ def test_busy_cpu_benchmark_interleaves_variants_and_reports_paired_ratios(tmp_p
     assert path.name.endswith("-busy_cpu.json") and "| busy | hylorada | default | threads1 |" in table
 
 
+def test_busy_cpu_benchmark_runs_only_the_chosen_variants_with_threads1():
+    """`--variants default before-default`: those two and threads1 (the metric check's reference) run, the ratio of
+    the pair is reported against the idle target, and an unknown name is one line naming the choices."""
+    seen = []
+
+    def runner(study, args, env, timeout):
+        before = "PYTHONPATH" in env
+        name = ("before-" if before else "") + ("threads1" if args == ["--threads", "1"] else "default")
+        seen.append(name)
+        return {"wall_s": {"default": 10.0, "threads1": 11.0, "before-default": 12.5}[name], "values": {"c": [1.0]}}
+
+    results = busy.measure(["hylorada"], 2, ["idle"], baseline_src="/tmp/x", log=lambda line: None, runner=runner,
+                           only=["default", "before-default"])
+    assert sorted(set(seen)) == ["before-default", "default", "threads1"] and len(seen) == 6
+    rows = {(r["ours"], r["reference"]): r for r in results["ratios"]}
+    assert set(rows) == {("default", "threads1"), ("default", "before-default")}
+    pair = rows[("default", "before-default")]
+    assert pair["ratio"] == pytest.approx(0.8) and pair["met"]
+    with pytest.raises(SystemExit, match="unknown variant.*before-threads1"):
+        busy.measure(["hylorada"], 1, ["idle"], log=lambda line: None, runner=runner, only=["before-threads1"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Code paths of the optimisations
 

@@ -127,10 +127,18 @@ def max_rel_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float 
 
 
 def measure(studies: list[str], rounds: int, loads: list[str], baseline_src: str | None = None,
-            log=print, timeout: float = 1800.0, runner=run_once, background=Background) -> dict:
-    """Every variant of every study under every load, `rounds` interleaved rounds; results with ratios.
+            log=print, timeout: float = 1800.0, runner=run_once, background=Background,
+            only: list[str] | None = None) -> dict:
+    """Every variant (or those named in `only`, always with threads1, the reference of the metric check) of every
+    study under every load, `rounds` interleaved rounds; results with ratios.
     (`runner(study, args, env, timeout)` and `background()` are the real ones unless a test gives its own.)"""
     cases = variants(baseline_src)
+    if only:
+        unknown = sorted(set(only) - set(cases))
+        if unknown:
+            raise SystemExit(f"busy_cpu: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(cases)} "
+                             "(before-* need --baseline-src)")
+        cases = {name: v for name, v in cases.items() if name in {*only, "threads1"}}
     results: dict = {"loads": {}}
     for load in loads:
         results["loads"][load] = {}
@@ -169,10 +177,9 @@ def ratio_table(loads: dict) -> list[dict]:
     rows = []
     for load, studies in loads.items():
         for study, v in studies.items():
-            pairs = [("default", "threads1"), ("no-kernels", "threads1")]
-            if "before-default" in v:
-                pairs += [("before-default", "before-threads1"), ("default", "before-default")]
-            for ours, ref in pairs:
+            pairs = [("default", "threads1"), ("no-kernels", "threads1"), ("before-default", "before-threads1"),
+                     ("default", "before-default")]
+            for ours, ref in [(a, b) for a, b in pairs if a in v and b in v]:
                 ratio = paired(v[ours]["wall_s"], v[ref]["wall_s"])
                 target = TARGET if (load, ours, ref) == ("busy", "default", "threads1") else None
                 if (ours, ref) == ("default", "before-default") and load == "idle":
@@ -213,7 +220,7 @@ def markdown(results: dict) -> str:
 
 
 def run(studies: list[str], rounds: int, loads: list[str], out: Path, baseline_src: str | None = None,
-        log=print) -> Path:
+        log=print, only: list[str] | None = None) -> Path:
     """Measure, then write `<date>-busy_cpu.json` and `.md` into `out`; returns the JSON path."""
     import torch
 
@@ -221,7 +228,7 @@ def run(studies: list[str], rounds: int, loads: list[str], out: Path, baseline_s
     results = {"started": started.isoformat(timespec="seconds"), "rounds": rounds, "studies": studies,
                "baseline_src": baseline_src,
                "machine": {"cores": os.cpu_count(), "load_average_start": os.getloadavg(), "torch": torch.__version__}}
-    results.update(measure(studies, rounds, loads, baseline_src, log=log))
+    results.update(measure(studies, rounds, loads, baseline_src, log=log, only=only))
     results["machine"]["load_average_end"] = os.getloadavg()
     return write_results(out, started, "-busy_cpu", results, markdown(results))
 
@@ -232,9 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--load", nargs="+", default=["busy", "idle"], choices=["busy", "idle"])
     parser.add_argument("--baseline-src", help="the src folder of another lmlab version to run as before-*")
+    parser.add_argument("--variants", nargs="+", metavar="NAME",
+                        help="run only these variants (threads1 always runs: the metric check's reference), e.g. "
+                             "`--variants default before-default` for the idle before/after comparison alone")
     parser.add_argument("--out", default=str(results_dir()), help="folder of the results (default: %(default)s)")
     args = parser.parse_args(argv)
-    path = run(args.studies, args.rounds, args.load, Path(args.out), args.baseline_src)
+    path = run(args.studies, args.rounds, args.load, Path(args.out), args.baseline_src, only=args.variants)
     print(path.with_suffix(".md").read_text())
     print(f"results: {path}")
 

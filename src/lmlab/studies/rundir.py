@@ -29,7 +29,7 @@ import yaml
 from lmlab.engine import distributed as D
 from lmlab.engine.state import complete_checkpoints
 from lmlab.errors import ConfigError
-from lmlab.fileio import atomic_write_text
+from lmlab.fileio import atomic_write_text, dump_yaml, parse_yaml
 
 
 def json_safe(value):
@@ -217,13 +217,13 @@ class RunDir:
     # study.yaml
     def write_study(self, record: dict) -> None:
         if D.is_main():
-            atomic_write_text(self.study_path, yaml.safe_dump(json_safe(record), sort_keys=False))
+            atomic_write_text(self.study_path, dump_yaml(json_safe(record)))
 
     def read_study(self) -> dict:
         if not self.study_path.exists():
             raise ConfigError(f"{self.root} has no study.yaml: it is not an lmlab run directory")
         try:
-            data = yaml.safe_load(self.study_path.read_text(encoding="utf-8"))
+            data = parse_yaml(self.study_path.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{self.study_path} is not valid YAML ({str(exc).splitlines()[0]})") from None
         missing = [k for k in STUDY_KEYS if k not in data] if isinstance(data, dict) else list(STUDY_KEYS)
