@@ -70,6 +70,33 @@ def test_batched_greedy_equals_per_sequence_loop(lm, reference):
     assert len({tuple(r) for r in reference}) > 1  # continuations depend on the prompt
 
 
+def test_prompt_step_computes_only_the_last_positions_logits(lm, reference):
+    """Every forward returns logits of one position (transformers' `logits_to_keep`), not [B, T, vocab] for the
+    prompt, with the reference's tokens; a model whose forward has no `logits_to_keep` is called without it."""
+    model, tok = lm
+    ids, mask = left_pad(prompt_ids(tok), tok.pad_token_id)
+    widths = []
+    hook = model.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
+    try:
+        out = greedy_generate(model, mask, NEW_TOKENS, input_ids=ids, pad_token_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert out.tolist() == reference and widths == [1] * NEW_TOKENS and ids.shape[1] > 1
+
+    class NoKeep(torch.nn.Module):  # a forward with a fixed signature, as a custom model may have
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
+                    past_key_values=None, use_cache=True):
+            return self.inner(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                              position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
+
+    out = greedy_generate(NoKeep(), mask, NEW_TOKENS, input_ids=ids, pad_token_id=tok.pad_token_id)
+    assert out.tolist() == reference
+
+
 def test_inputs_embeds_path_equals_input_ids_path(lm, reference):
     model, tok = lm
     ids, mask = left_pad(prompt_ids(tok), tok.pad_token_id)

@@ -20,7 +20,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmlab.errors import ConfigError
-from lmlab.fileio import parse_yaml
 
 T = TypeVar("T", bound="Section")
 
@@ -94,7 +93,7 @@ def load_yaml(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file {shown} cannot be read ({exc.strerror or exc}); give a readable YAML "
                           "file") from None
     try:
-        data = _deep_copy(parse_yaml(text))  # a plain tree: aliases become copies
+        data = _deep_copy(yaml.safe_load(text))  # a plain tree: aliases become copies
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -116,7 +115,7 @@ def parse_value(text: str) -> Any:
     validation then names with its key.
     """
     try:
-        value = _deep_copy(parse_yaml(text))
+        value = _deep_copy(yaml.safe_load(text))
     except (yaml.YAMLError, RecursionError):
         return text
     return text if value is None and text.strip() not in ("null", "~", "None", "none") else value

@@ -16,8 +16,9 @@ from lmlab.errors import CheckpointError
 
 
 def parse_yaml(text: str):
-    """`yaml.safe_load` on libyaml's parser where PyYAML was built with it (about 9x faster on a study.yaml;
-    same tree, same error types and marks), else the pure-Python one."""
+    """`yaml.safe_load` on libyaml's parser where PyYAML was built with it (about 9x faster on a study.yaml; the same
+    tree and error types), else the pure-Python one. For files lmlab writes: the pure-Python parser's messages are
+    clearer (they name the character or alias at fault), so a user's own YAML goes through `yaml.safe_load`."""
     import yaml
 
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader

@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import nn
 
+from lmlab.models.hf import forward_takes, kv_cache
+
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of each token counted over real tokens only ([B, T] -> [B, T]; padding gets 0)."""
@@ -53,16 +55,20 @@ def greedy_generate(
     position_ids = positions_from_mask(mask)
     past = None
     tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens to decode when looking for a stop
+    # the prompt's step computes the logits of its last position only where the forward takes `logits_to_keep`
+    # (transformers' causal LMs), not [B, T, vocab] (8 GB in float32 for one 16k-token prompt over 128k words);
+    # the cache goes by the name the forward declares (`cache` from transformers 5.25 on, `past_key_values` before)
+    keep = {"logits_to_keep": 1} if forward_takes(type(model), "logits_to_keep") else {}
+    cache_name = "cache" if forward_takes(type(model), "cache") else "past_key_values"
     try:
         for _ in range(max_new_tokens):
             with warnings.catch_warnings():
-                # transformers 5 renames the forward's `past_key_values` to `cache` and warns on every first call
-                # site; generation keeps the old name, which every version accepts and HyLoRADA's pre-forward hook
-                # reads (it finds the positions of the new tokens from the cache's length)
+                # a model whose forward takes the cache only through **kwargs (e.g. peft's wrapper) gets the old
+                # name, which transformers 5 accepts with a FutureWarning on every first call site
                 warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
-                out = model(**step_inputs, attention_mask=mask, position_ids=position_ids, past_key_values=past,
-                            use_cache=True)
-            past = out.past_key_values
+                out = model(**step_inputs, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                            **{cache_name: past}, **keep)
+            past = kv_cache(out)
             next_token = out.logits[:, -1, :].argmax(-1)  # [B]
             next_token = torch.where(done, torch.full_like(next_token, pad_token_id), next_token)
             new_tokens.append(next_token)

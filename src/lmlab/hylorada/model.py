@@ -31,7 +31,7 @@ from lmlab.hylorada.position import (
     bucketize,
     token_positions,
 )
-from lmlab.models.hf import context_length
+from lmlab.models.hf import context_length, kv_cache
 
 # docs/hylorada.md section 1: default targets per `config.model_type`
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -124,7 +124,7 @@ class HyLoRADAState(nn.Module):
         if reference is None:
             raise ValueError("HyLoRADA needs input_ids or inputs_embeds to compute token positions")
         batch, length = reference.shape[:2]
-        past = inputs.get("past_key_values")
+        past = kv_cache(inputs)
         past_length = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         mask = inputs.get("attention_mask")
         ctx = self.context
@@ -155,7 +155,7 @@ class HyLoRADAState(nn.Module):
 
     def after_forward(self, model: nn.Module, args: tuple, output) -> None:
         """Forward hook of the model: leave the running pooled sums with the KV cache for the next step."""
-        cache = getattr(output, "past_key_values", None)
+        cache = kv_cache(output)
         if cache is not None and self.context.pool_now:
             setattr(cache, _CACHE_ATTRIBUTE, {"length": cache.get_seq_length(), "sums": dict(self.context.pool_now)})
 

@@ -7,6 +7,8 @@ the error says so in one line and names the offline alternative instead of retry
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -219,3 +221,23 @@ def context_length(config: PretrainedConfig) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def kv_cache(inputs_or_output) -> object | None:
+    """The KV cache in a forward's keyword arguments or in its output: `cache` from transformers 5.25 on (which
+    still accepts and returns `past_key_values`, deprecated, with a message), `past_key_values` before."""
+    if isinstance(inputs_or_output, dict):  # kwargs, and transformers' ModelOutput (a dict of its set fields)
+        for key in ("cache", "past_key_values"):
+            if inputs_or_output.get(key) is not None:
+                return inputs_or_output[key]
+        return None
+    return getattr(inputs_or_output, "past_key_values", None)
+
+
+@functools.cache
+def forward_takes(model_type: type, argument: str) -> bool:
+    """Whether `model_type.forward` names `argument` in its signature (not only through **kwargs)."""
+    try:
+        return argument in inspect.signature(model_type.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
