@@ -169,7 +169,10 @@ def test_config_values_reach_no_shell(capsys, tmp_path, value):
 
 
 # (file relative to src/lmlab, rule) -> why it is safe. Empty: nothing in the tool needs an exception.
-ALLOWED: dict[tuple[str, str], str] = {}
+ALLOWED: dict[tuple[str, str], str] = {
+    # safe_load on libyaml's parser: the loader is yaml.CSafeLoader, or yaml.SafeLoader where libyaml is missing
+    ("fileio.py", "yaml.load (use yaml.safe_load)"): "parse_yaml passes a safe loader only",
+}
 
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "marshal", "shelve", "cloudpickle"}
 UNSAFE_ATTRIBUTES = {
@@ -261,3 +264,15 @@ def test_source_tree_has_no_unsafe_loading_execution_or_shell_calls():
             if (relative, rule) not in ALLOWED:
                 found.append(f"{relative}:{line}: {rule}")
     assert found == []
+
+
+def test_parse_yaml_is_safe_load_on_libyaml():
+    """`lmlab.fileio.parse_yaml` (study.yaml) constructs no Python object from a tag and reads what safe_load reads."""
+    from lmlab.fileio import dump_yaml, parse_yaml
+
+    with pytest.raises(yaml.constructor.ConstructorError, match="python/object"):
+        parse_yaml("a: !!python/object/apply:os.getcwd []")
+    tree = {"study": "hylorada", "seeds": [42, 123], "nested": {"x": 1.5e-4, "none": None, "flag": True, "s": "a: b"}}
+    text = dump_yaml(tree)
+    assert parse_yaml(text) == yaml.safe_load(text) == tree
+    assert text == yaml.safe_dump(tree, sort_keys=False)
