@@ -56,7 +56,7 @@ def greedy_generate(
     past = None
     tail = max((len(s) for s in stop_strings), default=0) + 8  # tokens to decode when looking for a stop
     # the prompt's step computes the logits of its last position only where the forward takes `logits_to_keep`
-    # (transformers' causal LMs), not [B, T, vocab] (8 GB in float32 for one 16k-token prompt over 128k words);
+    # (transformers' causal LMs), not [B, T, vocab] (8 GB in float32 for one 16k-token prompt over a 128k vocabulary);
     # the cache goes by the name the forward declares (`cache` from transformers 5.25 on, `past_key_values` before)
     keep = {"logits_to_keep": 1} if forward_takes(type(model), "logits_to_keep") else {}
     cache_name = "cache" if forward_takes(type(model), "cache") else "past_key_values"
