@@ -258,6 +258,28 @@ def test_busy_cpu_benchmark_runs_only_the_chosen_variants_with_threads1():
         busy.measure(["hylorada"], 1, ["idle"], log=lambda line: None, runner=runner, only=["before-threads1"])
 
 
+def test_busy_cpu_pool_takes_every_paired_idle_round_of_several_files(tmp_path, capsys):
+    """`--pool A.json B.json`: the median over all per-round default / before-default ratios of the idle load (busy
+    rounds and files without the pair left out), with the interval of `median_interval`, against a hand count."""
+    def result(default, before, busy=None):
+        loads = {"idle": {"hylorada": {"default": {"wall_s": default}, "before-default": {"wall_s": before}}}}
+        if busy:
+            loads["busy"] = {"hylorada": {"default": {"wall_s": busy}, "before-default": {"wall_s": busy}}}
+        return {"loads": loads}
+
+    files = []
+    for i, (d, b) in enumerate([([10, 11, 12], [10, 10, 10]), ([9, 10, 13, 10], [10, 10, 10, 10])]):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps(result(d, b, busy=[99.0, 1.0] if i == 0 else None)))
+    (tmp_path / "other.json").write_text(json.dumps({"loads": {"idle": {"mu": {"default": {"wall_s": [1.0]}}}}}))
+    ratios = [1.0, 1.1, 1.2, 0.9, 1.0, 1.3, 1.0]
+    [row] = busy.pooled(files + [tmp_path / "other.json"])
+    assert row["study"] == "hylorada" and row["rounds"] == 7
+    assert row["ratio"] == pytest.approx(statistics.median(ratios)) and row["interval"] == suite.median_interval(ratios)
+    busy.main(["--pool", *map(str, files)])
+    assert capsys.readouterr().out.startswith("hylorada: default / before-default 1.000, 95% interval of the median")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Code paths of the optimisations
 

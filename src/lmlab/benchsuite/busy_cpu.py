@@ -2,7 +2,8 @@
 process keeps the cores busy with torch matmuls on its default threads.
 
     .venv/bin/python benchmarks/busy_cpu.py [--studies hylorada mu] [--rounds 3] [--load busy idle]
-                                            [--baseline-src DIR] [--out benchmarks/results]
+                                            [--baseline-src DIR] [--variants NAME ...] [--out benchmarks/results]
+    .venv/bin/python benchmarks/busy_cpu.py --pool RESULT.json ...   (idle default / before-default, pooled)
     lmlab bench --only busy_cpu            (the same, 3 rounds; 1 with --quick)
 
 Each variant is `lmlab run STUDY --preset smoke` in a fresh process, timed by wall clock:
@@ -233,6 +234,22 @@ def run(studies: list[str], rounds: int, loads: list[str], out: Path, baseline_s
     return write_results(out, started, "-busy_cpu", results, markdown(results))
 
 
+def pooled(paths: list[Path], ours: str = "default", reference: str = "before-default", load: str = "idle"
+           ) -> list[dict]:
+    """Per study, every paired round of `ours` / `reference` under `load` in the result files `paths`, pooled: the
+    median of the per-round ratios with its distribution-free 95% interval (rounds pair within a run only)."""
+    from lmlab.benchsuite.suite import median_interval
+
+    ratios: dict[str, list[float]] = {}
+    for path in paths:
+        for study, v in json.loads(Path(path).read_text())["loads"].get(load, {}).items():
+            if ours in v and reference in v:
+                ratios.setdefault(study, []).extend(
+                    a / b for a, b in zip(v[ours]["wall_s"], v[reference]["wall_s"], strict=True))
+    return [{"study": study, "rounds": len(r), "ratio": statistics.median(r), "interval": median_interval(r)}
+            for study, r in ratios.items()]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=STUDIES)
@@ -243,7 +260,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="run only these variants (threads1 always runs: the metric check's reference), e.g. "
                              "`--variants default before-default` for the idle before/after comparison alone")
     parser.add_argument("--out", default=str(results_dir()), help="folder of the results (default: %(default)s)")
+    parser.add_argument("--pool", nargs="+", metavar="RESULT.json",
+                        help="measure nothing: pool the idle default / before-default rounds of these result files")
     args = parser.parse_args(argv)
+    if args.pool:
+        for row in pooled([Path(p) for p in args.pool]):
+            low, high = row["interval"] or (float("nan"), float("nan"))
+            print(f"{row['study']}: default / before-default {row['ratio']:.3f}, 95% interval of the median "
+                  f"[{low:.3f}, {high:.3f}], {row['rounds']} paired rounds from {len(args.pool)} file(s)")
+        return
     path = run(args.studies, args.rounds, args.load, Path(args.out), args.baseline_src, only=args.variants)
     print(path.with_suffix(".md").read_text())
     print(f"results: {path}")
