@@ -138,6 +138,16 @@ def scenario(improvement_pct: float | None, interval: Sequence[float] | None) ->
 # ---------------------------------------------------------------------------------------------------
 # Paired tests over evaluation items (every seed evaluates the same items)
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """Distribution-free confidence interval of the median: the order statistics (k, n + 1 - k) where k is the
+    largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (n = 31: ranks 10 and 22, coverage 97%).
+    None when there are too few values for any interval to reach `level` (fewer than 6 at 95%, e.g. --quick)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k = int(_scipy_stats.binom.ppf((1 - level) / 2, n, 0.5))  # the smallest k with P(B <= k) >= alpha / 2
+    return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
+
+
 BOOTSTRAP_RESAMPLES = 10_000
 
 

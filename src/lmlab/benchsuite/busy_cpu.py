@@ -238,7 +238,7 @@ def pooled(paths: list[Path], ours: str = "default", reference: str = "before-de
            ) -> list[dict]:
     """Per study, every paired round of `ours` / `reference` under `load` in the result files `paths`, pooled: the
     median of the per-round ratios with its distribution-free 95% interval (rounds pair within a run only)."""
-    from lmlab.benchsuite.suite import median_interval
+    from lmlab.stats import median_interval
 
     ratios: dict[str, list[float]] = {}
     for path in paths:

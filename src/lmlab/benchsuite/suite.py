@@ -57,6 +57,7 @@ import yaml
 from torch import nn
 
 from lmlab.benchsuite import busy_cpu, source_checkout, write_results
+from lmlab.stats import median_interval
 
 REPO = source_checkout()  # None outside a source checkout: the children then run in the current directory
 BENCHMARKS = ("train_gpt2", "train_llama", "hylorada", "inference", "eval_ppl", "mu", "smoke", "busy_cpu")
@@ -141,18 +142,6 @@ def interleaved(cases: dict[str, Callable[[], object]], warmup: int, rounds: int
 def paired_ratio(ours: list[float], reference: list[float]) -> float:
     """Median over rounds of ours / reference (the two ran next to each other in each round)."""
     return statistics.median(a / b for a, b in zip(ours, reference, strict=True))
-
-
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
-    """Distribution-free confidence interval of the median: the order statistics (k, n + 1 - k) where k is the
-    largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2 (n = 31: ranks 10 and 22, coverage 97%).
-    None when there are too few values for any interval to reach `level` (fewer than 6 at 95%, e.g. --quick)."""
-    from scipy.stats import binom
-
-    ordered = sorted(values)
-    n = len(ordered)
-    k = int(binom.ppf((1 - level) / 2, n, 0.5))  # the smallest k with P(B <= k) >= alpha / 2
-    return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
 
 
 @dataclass
