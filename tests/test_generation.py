@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import REPO
 from lmlab.eval.generation import greedy_generate, left_pad, positions_from_mask
 
 PROMPTS = [
@@ -83,18 +86,18 @@ def test_prompt_step_computes_only_the_last_positions_logits(lm, reference):
         hook.remove()
     assert out.tolist() == reference and widths == [1] * NEW_TOKENS and ids.shape[1] > 1
 
-    class NoKeep(torch.nn.Module):  # a forward with a fixed signature, as a custom model may have
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None,
-                    past_key_values=None, use_cache=True):
-            return self.inner(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                              position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache)
-
-    out = greedy_generate(NoKeep(), mask, NEW_TOKENS, input_ids=ids, pad_token_id=tok.pad_token_id)
-    assert out.tolist() == reference
+    # benchmarks/generation.py's reference side: the model behind a forward with a fixed signature, as a custom
+    # model may have (so the benchmark's "full" side is tested to compute every position and the same tokens)
+    spec = importlib.util.spec_from_file_location("generation_bench", REPO / "benchmarks" / "generation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    widths.clear()
+    hook = model.register_forward_hook(lambda module, args, out: widths.append(out.logits.shape[1]))
+    try:
+        out = greedy_generate(bench.FullLogits(model), mask, NEW_TOKENS, input_ids=ids, pad_token_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    assert out.tolist() == reference and widths == [ids.shape[1]] + [1] * (NEW_TOKENS - 1)
 
 
 def test_inputs_embeds_path_equals_input_ids_path(lm, reference):

@@ -7,6 +7,7 @@ variance) are `None`, never a made-up number.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -137,6 +138,16 @@ def scenario(improvement_pct: float | None, interval: Sequence[float] | None) ->
 
 # ---------------------------------------------------------------------------------------------------
 # Paired tests over evaluation items (every seed evaluates the same items)
+
+def round_ratios(ours: Sequence[float], reference: Sequence[float]) -> list[float]:
+    """Each round's ours / reference, for timings where the two ran next to each other in every round."""
+    return [a / b for a, b in zip(ours, reference, strict=True)]
+
+
+def paired_ratio(ours: Sequence[float], reference: Sequence[float]) -> float:
+    """Median over rounds of ours / reference (the two ran next to each other in each round)."""
+    return statistics.median(round_ratios(ours, reference))
+
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
     """Distribution-free confidence interval of the median: the order statistics (k, n + 1 - k) where k is the

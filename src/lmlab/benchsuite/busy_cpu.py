@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 
 from lmlab.benchsuite import results_dir, write_results
+from lmlab.stats import median_interval, paired_ratio, round_ratios
 
 STUDIES = ("hylorada", "mu")
 TARGET = 1.3  # the issue's: busy default / busy threads1
@@ -169,10 +170,6 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
     return out
 
 
-def paired(a: list[float], b: list[float]) -> float:
-    return statistics.median(x / y for x, y in zip(a, b, strict=True))
-
-
 def ratio_table(loads: dict) -> list[dict]:
     """The ratios of interest, each the median over rounds of the per-round ratio."""
     rows = []
@@ -181,7 +178,7 @@ def ratio_table(loads: dict) -> list[dict]:
             pairs = [("default", "threads1"), ("no-kernels", "threads1"), ("before-default", "before-threads1"),
                      ("default", "before-default")]
             for ours, ref in [(a, b) for a, b in pairs if a in v and b in v]:
-                ratio = paired(v[ours]["wall_s"], v[ref]["wall_s"])
+                ratio = paired_ratio(v[ours]["wall_s"], v[ref]["wall_s"])
                 target = TARGET if (load, ours, ref) == ("busy", "default", "threads1") else None
                 if (ours, ref) == ("default", "before-default") and load == "idle":
                     target = 1.0  # no slower than before on an idle machine
@@ -238,14 +235,11 @@ def pooled(paths: list[Path], ours: str = "default", reference: str = "before-de
            ) -> list[dict]:
     """Per study, every paired round of `ours` / `reference` under `load` in the result files `paths`, pooled: the
     median of the per-round ratios with its distribution-free 95% interval (rounds pair within a run only)."""
-    from lmlab.stats import median_interval
-
     ratios: dict[str, list[float]] = {}
     for path in paths:
         for study, v in json.loads(Path(path).read_text())["loads"].get(load, {}).items():
             if ours in v and reference in v:
-                ratios.setdefault(study, []).extend(
-                    a / b for a, b in zip(v[ours]["wall_s"], v[reference]["wall_s"], strict=True))
+                ratios.setdefault(study, []).extend(round_ratios(v[ours]["wall_s"], v[reference]["wall_s"]))
     return [{"study": study, "rounds": len(r), "ratio": statistics.median(r), "interval": median_interval(r)}
             for study, r in ratios.items()]
 

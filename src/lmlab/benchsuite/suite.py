@@ -57,7 +57,7 @@ import yaml
 from torch import nn
 
 from lmlab.benchsuite import busy_cpu, source_checkout, write_results
-from lmlab.stats import median_interval
+from lmlab.stats import median_interval, paired_ratio
 
 REPO = source_checkout()  # None outside a source checkout: the children then run in the current directory
 BENCHMARKS = ("train_gpt2", "train_llama", "hylorada", "inference", "eval_ppl", "mu", "smoke", "busy_cpu")
@@ -137,11 +137,6 @@ def interleaved(cases: dict[str, Callable[[], object]], warmup: int, rounds: int
     finally:
         gc.enable()
     return times
-
-
-def paired_ratio(ours: list[float], reference: list[float]) -> float:
-    """Median over rounds of ours / reference (the two ran next to each other in each round)."""
-    return statistics.median(a / b for a, b in zip(ours, reference, strict=True))
 
 
 @dataclass
