@@ -109,6 +109,41 @@ def test_a_control_that_did_not_run_leaves_the_gain_uncontrolled():
     assert "`constant` was not run" in comp["text"]
 
 
+def test_a_gain_of_a_configuration_with_many_more_parameters_and_no_matched_control_is_not_credited():
+    configs = ["lora", "lora+embed+norm"]
+    comparisons = [{"component": "embeddings + norms", "candidate": "lora+embed+norm", "parent": "lora",
+                    "unmatched": True, "headline": True}]
+    params = {"lora": 16384, "lora+embed+norm": 134656}
+    gain = rows({"lora": scaled(8, 1.0), "lora+embed+norm": scaled(8, 0.97, (0.001, -0.001, 0.0))}, params)
+    comp = build_summary(record(configs, comparisons), gain)["comparisons"][0]
+    assert comp["scenario"] == "uncontrolled" and not comp["credited"] and comp["params_per_pct"] is None
+    assert "better" in comp["text"] and "+118,272" in comp["text"] and "no parameter-matched control" in comp["text"]
+    # no gain: nothing to credit or to explain, the usual verdict
+    flat = rows({"lora": scaled(8, 1.0), "lora+embed+norm": scaled(8, 1.0, (0.001, -0.001, 0.0))}, params)
+    assert build_summary(record(configs, comparisons), flat)["comparisons"][0]["scenario"] == "not-significant"
+
+
+def test_rslora_gain_that_a_larger_learning_rate_matches_is_not_credited_to_the_scaling():
+    # rsLoRA 3% better than LoRA, and LoRA at sqrt(r) x the learning rate just as good: the step size explains it
+    configs = ["lora", "rslora", "lora-lr-scaled"]
+    comparisons = [{"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora",
+                    "controls": ["lora-lr-scaled"], "headline": True}]
+    claims = [{"id": "H3", "claim": "rsLoRA: +17.07%", "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07,
+               "explanation": {"candidate": "lora-lr-scaled", "parent": "lora", "what": "a larger learning rate"}}]
+    ppl = {"lora": scaled(8, 1.0), "rslora": scaled(8, 0.97, (0.001, -0.001, 0.0)),
+           "lora-lr-scaled": scaled(8, 0.97, (-0.001, 0.0005, 0.0005))}
+    summary = build_summary(record(configs, comparisons, claims=claims), rows(ppl))
+    comp = summary["comparisons"][0]
+    assert comp["scenario"] == "explained-by-control" and not comp["credited"]
+    assert "`lora-lr-scaled`" in comp["text"] and "the control explains the gain" in comp["text"]
+    h3 = summary["claims"][0]
+    assert h3["verdict"].startswith("supported in direction")  # rsLoRA is better than LoRA, as claimed ...
+    assert "can account for a gain of this kind" in h3["explanation"]  # ... and a larger learning rate is too
+    # rsLoRA better than the larger learning rate as well: credited
+    ppl["lora-lr-scaled"] = scaled(8, 0.99, (-0.001, 0.0005, 0.0005))
+    assert build_summary(record(configs, comparisons, claims=claims), rows(ppl))["comparisons"][0]["credited"]
+
+
 def test_significantly_worse_is_worse_never_a_scenario_letter():
     configs = ["rslora", "rslora+dora"]
     comparisons = [{"component": "DoRA", "candidate": "rslora+dora", "parent": "rslora", "headline": True}]

@@ -154,6 +154,45 @@ def test_the_matched_rank_is_the_smallest_with_at_least_the_candidates_parameter
     assert rank * per_rank >= target > (rank - 1) * per_rank
 
 
+def _adam_trained(use_rslora: bool, b_lr_factor: float, a_lr_factor: float = 1.0, steps: int = 6):
+    """A tiny Llama with LoRA trained by Adam (no weight decay, no clipping, a negligible epsilon); its logits."""
+    torch.manual_seed(3)
+    model = apply_hylorada(tiny_llama(), hy_config(use_rslora=use_rslora, position_bias=False, landmarks="none"))
+    b = [p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n]
+    a = [p for n, p in model.named_parameters() if p.requires_grad and "lora_A" in n]
+    assert len(a) == len(b) > 0 and len(a) + len(b) == sum(1 for p in model.parameters() if p.requires_grad)
+    lr = 1e-2
+    opt = torch.optim.Adam([{"params": b, "lr": lr * b_lr_factor}, {"params": a, "lr": lr * a_lr_factor}], eps=1e-20)
+    for step in range(steps):
+        ids = token_batch(seed=step)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return lm_logits(model, token_batch(seed=99))
+
+
+def test_rslora_at_one_rank_is_lora_with_a_larger_learning_rate_for_b():
+    # docs/studies.md (`lora-lr-scaled`): Adam's update ignores the gradient's scale, so rsLoRA's scaling alpha/sqrt(r)
+    # is LoRA (alpha/r) with B's learning rate raised sqrt(r)-fold - a step size, which is what the control varies.
+    r = hy_config().r
+    rslora = _adam_trained(True, 1.0)
+    torch.testing.assert_close(_adam_trained(False, math.sqrt(r)), rslora, rtol=1e-4, atol=1e-4)
+    assert (_adam_trained(False, 1.0) - rslora).abs().max() > 1e-2  # the plain LoRA step is smaller: they differ
+    # the control raises A's learning rate too: a larger step, not the same model
+    assert (_adam_trained(False, math.sqrt(r), math.sqrt(r)) - rslora).abs().max() > 1e-3
+
+
+def test_the_learning_rate_control_trains_at_rsloras_learning_rate_times_sqrt_r(tiny_llama_dir):
+    cfg = HyloradaStudyConfig(model=str(tiny_llama_dir), max_length=128, adapter=hy_config(r=9))
+    ctx = _Context(cfg, str(tiny_llama_dir), None, 128, [])
+    arms = HYLORADA.arms
+    assert HYLORADA._lr(ctx, arms["lora-lr-scaled"], "lora-lr-scaled") == pytest.approx(3 * cfg.train.lr)
+    assert HYLORADA._lr(ctx, arms["lora"], "lora") == cfg.train.lr
+    ctx.lrs = {"lora": 1e-4, "rslora": 5e-4}  # chosen on the tuning seed (lr_grid): it follows rsLoRA's
+    assert HYLORADA._lr(ctx, arms["lora-lr-scaled"], "lora-lr-scaled") == pytest.approx(1.5e-3)
+    assert HYLORADA._lr(ctx, arms["lora"], "lora") == 1e-4
+
+
 def test_packing_fills_every_window_and_keeps_document_boundaries():
     docs = [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34], [40]]
     windows = packed_examples(docs, 4, separator_id=1, end_id=2)

@@ -20,9 +20,9 @@ from lmlab.studies.rundir import TRAIN_STATE, RunDir
 
 pytestmark = pytest.mark.xdist_group("studies")
 
-HYLORADA_CONFIGS = ["base", "lora", "rslora", "rslora+dora", "rslora+bias", "rslora+landmarks", "rslora+bias+landmarks",
-                    "rslora+bias+learnable_bucket", "rslora+constant", "rslora+bias+constant", "rslora-matched",
-                    "landmarks-only", "lora+embed+norm"]
+HYLORADA_CONFIGS = ["base", "lora", "rslora", "lora-lr-scaled", "rslora+dora", "rslora+bias", "rslora+landmarks",
+                    "rslora+bias+landmarks", "rslora+bias+learnable_bucket", "rslora+constant", "rslora+bias+constant",
+                    "rslora-matched", "landmarks-only", "lora+embed+norm"]
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,8 @@ def test_the_report_has_positive_controls_an_ablation_and_ends_with_the_claims(s
     assert all({"retrieval_acc_short_native", "retrieval_acc_native", "val_ppl_native"} <= set(r["metrics"])
                for r in base)
     for r in rows:
-        has_parts = r["config"] not in ("base", "lora", "rslora", "rslora+dora", "rslora-matched", "lora+embed+norm")
+        has_parts = r["config"] not in ("base", "lora", "rslora", "lora-lr-scaled", "rslora+dora", "rslora-matched",
+                                         "lora+embed+norm")
         assert ("val_ppl_without_position" in r["metrics"]) == has_parts, r["config"]
     report = (smoke_run / "report.md").read_text()
     for heading in ("## Attribution", "## Positive controls", "## What the trained position components contribute",

@@ -8,7 +8,8 @@ with as many trainable parameters). Each comparison is judged on the primary met
 - `not-significant`: the 95% interval of its change vs the parent contains 0;
 - `explained-by-control`: it beats its parent, but not every control (an interval vs a control contains 0 or
   favours the control): the control explains the gain, and the component is not credited;
-- `uncontrolled`: it beats its parent, but a control it needs was not run: not credited;
+- `uncontrolled`: it beats its parent, but a control it needs was not run (or, for a comparison marked
+  `unmatched`, no parameter-matched control exists): not credited;
 - `A` / `B` / `C` / `D`: it beats its parent and every control - credited, with the notes' size rule on the
   improvement over the parent (A >= 2%, B 1-2%, C 0.5-1%, D < 0.5%).
 
@@ -39,7 +40,8 @@ LEGEND = [
     "- `worse`: the candidate is significantly worse than its parent.",
     "- `explained-by-control`: the candidate beats its parent but not a control (the interval vs that control contains "
     "0 or favours the control), so the control's trivial explanation accounts for the gain; not credited.",
-    "- `uncontrolled`: the candidate beats its parent but a control it needs was not run; not credited.",
+    "- `uncontrolled`: the candidate beats its parent but a control it needs was not run (for a configuration that is "
+    "not parameter-matched: a control with as many trainable parameters); not credited.",
     "- Changes are relative changes of the metric itself (candidate / other - 1, in %), paired by seed: for a "
     "perplexity negative is better, for an accuracy positive is better; the words better / worse say which. They are "
     "ratios, so the mean, its 95% t-interval and the paired t-test p-value are computed on the log scale and reported "
@@ -160,7 +162,7 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         scenario = "not-significant"
     elif any(c["ran"] and not c["beaten"] for c in controls):
         scenario = "explained-by-control"
-    elif any(not c["ran"] for c in controls):
+    elif any(not c["ran"] for c in controls) or spec.get("unmatched"):
         scenario = "uncontrolled"
     else:
         scenario = stats.scenario(effect["improvement_pct"], effect["ci95"])
@@ -177,7 +179,7 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         "ci95": effect["ci95"] if effect else None, "p_value": effect["p_value"] if effect else None,
         "n": effect["n"] if effect else 0,
         "delta_pct": effect["delta_pct"] if effect else None, "delta_ci95": effect["delta_ci95"] if effect else None,
-        "constant": effect["constant"] if effect else False,
+        "constant": effect["constant"] if effect else False, "unmatched": bool(spec.get("unmatched")),
     }
     if effect is None:
         out["missing"] = no_effect_reason(values, candidate, parent, metric)
@@ -216,7 +218,11 @@ def comparison_text(c: dict, effect: dict | None) -> str:
                 " - the control explains the gain, so the component is not credited.")
     if scenario == "uncontrolled":
         missing = ", ".join(f"`{k['config']}`" for k in c["controls"] if not k["ran"])
-        return f"{said}, but its control {missing} was not run, so the component is not credited."
+        if missing:
+            return f"{said}, but its control {missing} was not run, so the component is not credited."
+        more = f" ({added:+,})" if added is not None else ""
+        return (f"{said}, but it trains more parameters than its parent{more} and no parameter-matched control "
+                "was run, so more trainable parameters could explain the gain: the component is not credited.")
     beaten = "; ".join(f"`{k['config']}` {effect_text(k)}" for k in c["controls"])
     vs_controls = f" and better than every control ({beaten})" if beaten else " (no control applies)"
     return f"{said}{vs_controls}: credited - scenario {scenario}, {SCENARIO_MEANING[scenario]}."

@@ -12,7 +12,8 @@ What makes a conclusion here attributable (see `lmlab.studies.attribution`):
   rsLoRA's scaling;
 - controls: landmarks mixed by a learned constant (`constant`: a constant vector added to the hidden states,
   no position and no content information) and a LoRA whose rank is raised until its trainable parameters
-  reach the headline candidate's (`rslora-matched`); a component is credited only where it beats them;
+  reach the headline candidate's (`rslora-matched`); a component is credited only where it beats them; rsLoRA's
+  scaling only where it beats LoRA at sqrt(r) times the learning rate (`lora-lr-scaled`), the step it gives;
 - positive controls: the base retrieves planted facts within its pretraining context (and loses them beyond
   it), and an ablation removes the trained position components to measure what they contribute;
 - one set of full windows, the same for every configuration and seed, for position-resolved perplexity;
@@ -56,6 +57,7 @@ from lmlab.hylorada import (
 )
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
+from lmlab.studies.attribution import effect_text
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -82,6 +84,7 @@ class Arm:
     invalid: bool = False
     freeze_lora: bool = False  # the adapters' B stays 0: only the position components train (a positive control)
     matched_rank: bool = False  # rank raised until its trainable parameters reach the headline candidate's
+    lr_scaled: bool = False  # trains at rsLoRA's learning rate x sqrt(r) (a control for rsLoRA's larger step)
 
 
 LORA = {"use_rslora": False, "use_dora": False, "position_bias": False, "landmarks": "none"}
@@ -89,6 +92,8 @@ RSLORA = {**LORA, "use_rslora": True}
 CONSTANT_NOTE = "the same landmark vectors mixed by a learned constant: a constant vector, no position or content"
 MATCHED_NOTE = "rsLoRA with its rank raised until its trainable parameters reach the headline candidate's"
 LEAK_NOTE = "pools over future tokens, as the notes' code did"
+LR_SCALED_NOTE = ("LoRA at sqrt(r) times rsLoRA's learning rate, so its first updates move the output as much as "
+                  "rsLoRA's: a larger learning rate without rsLoRA's scaling")
 
 
 
@@ -105,6 +110,7 @@ HYLORADA_ARMS: dict[str, Arm] = {
     "base": Arm(None, "base", "the extended base before fine-tuning"),
     "lora": Arm(LORA, "reference"),
     "rslora": Arm(RSLORA, "parent", "LoRA with rsLoRA's scaling alpha/sqrt(r): the parent of every component"),
+    "lora-lr-scaled": Arm(LORA, "control", LR_SCALED_NOTE, lr_scaled=True),
     "rslora+dora": Arm({**RSLORA, "use_dora": True}),
     "rslora+bias": Arm({**RSLORA, "position_bias": True}),
     "rslora+landmarks": Arm({**RSLORA, "landmarks": "position_adaptive"}),
@@ -122,7 +128,7 @@ HYLORADA_ARMS: dict[str, Arm] = {
                            "LongLoRA-style: also trains the (tied) embeddings and the norms"),
 }
 HYLORADA_COMPARISONS = [
-    {"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora"},
+    {"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora", "controls": ["lora-lr-scaled"]},
     {"component": "DoRA", "candidate": "rslora+dora", "parent": "rslora"},
     {"component": "position bias", "candidate": "rslora+bias", "parent": "rslora"},
     {"component": "landmarks", "candidate": "rslora+landmarks", "parent": "rslora",
@@ -133,12 +139,15 @@ HYLORADA_COMPARISONS = [
      "controls": ["rslora+bias+constant"]},
     {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks"},
     {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
-    {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora"},
+    {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora",
+     "unmatched": True},
 ]
 HYLORADA_CLAIMS = [
     *h1_claims("rslora+landmarks"),
     {"id": "H3", "claim": "rsLoRA: +17.07% over a 69.00-PPL baseline", "setting": "comprehensive ablation",
-     "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07},
+     "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07,
+     "explanation": {"candidate": "lora-lr-scaled", "parent": "lora",
+                     "what": "a larger learning rate (LoRA at sqrt(r) times the learning rate, no rsLoRA scaling)"}},
     {"id": "H4", "claim": "DoRA: -5.62% (57.22 -> 60.44 PPL), degrades performance", "setting": "same",
      "candidate": "rslora+dora", "parent": "rslora", "claimed_pct": -5.62},
     {"id": "H5", "claim": "position bias: +2.11% with 64 parameters", "setting": "same",
@@ -384,8 +393,10 @@ class HyloradaStudy(Study):
         if any(self.arms[c].matched_rank for c in configs):
             ctx.matched_rank, ctx.matched_params = self._matched_rank(ctx)
         if cfg.lr_grid is not None:
-            ctx.lrs = self._tune_learning_rates(ctx, run, [c for c in configs if self.arms[c].adapter is not None],
-                                                display)
+            tuned = [c for c in configs if self.arms[c].adapter is not None and not self.arms[c].lr_scaled]
+            if any(self.arms[c].lr_scaled for c in configs) and "rslora" not in tuned:
+                tuned.append("rslora")  # the learning rate an lr-scaled control derives its own from
+            ctx.lrs = self._tune_learning_rates(ctx, run, tuned, display)
         return ctx
 
     def _adapter_config(self, ctx: _Context, arm: Arm) -> HyLoRADAConfig:
@@ -484,6 +495,14 @@ class HyloradaStudy(Study):
                        metrics_path=None if cell_dir is None else cell_dir / "metrics.jsonl", display=display)
         return model, adapter_cfg, result
 
+    def _lr(self, ctx: _Context, arm: Arm, config: str) -> float:
+        """A configuration's learning rate: its tuned one (`lr_grid`), else train.lr; an lr-scaled control trains at
+        rsLoRA's times sqrt(r), where LoRA's first updates (alpha/r) move the output as much as rsLoRA's
+        (alpha/sqrt(r)) do."""
+        if arm.lr_scaled:
+            return ctx.lrs.get("rslora", ctx.cfg.train.lr) * math.sqrt(self._adapter_config(ctx, arm).r)
+        return ctx.lrs.get(config, ctx.cfg.train.lr)
+
     def _val_ppl(self, ctx: _Context, model, docs: list[str]) -> dict:
         return evaluate_perplexity(model, docs, ctx.tokenizer, ctx.cfg.max_length, batch_size=ctx.cfg.eval_batch_size,
                                    positional=False)
@@ -524,7 +543,7 @@ class HyloradaStudy(Study):
         params = {"trainable_params": 0, "component_params": 0, "base_params_trained": 0}
         metrics: dict = {}
         if arm.adapter is not None:
-            lr = ctx.lrs.get(config, cfg.train.lr)
+            lr = self._lr(ctx, arm, config)
             model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir, display)
             components = component_param_counts(model)
             params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -599,7 +618,7 @@ class HyloradaStudy(Study):
         names = {c: f"{c} (INVALID)" if summary["configs"].get(c, {}).get("invalid") else c for c in configs}
         ok = [{**r, "config": names.get(r["config"], r["config"])} for r in rows if r["status"] == "ok"]
         configs = [names[c] for c in configs]
-        lines += _learning_rate_section(cfg, run)
+        lines += _learning_rate_section(cfg, run, ok, summary)
         roles = {names[c]: e.get("role") for c, e in summary["configs"].items() if c in names}
         lines += _positive_control_section(ok, configs, cfg)
         lines += _ablation_section(ok, configs, roles)
@@ -708,29 +727,54 @@ def _metric_mean(rows: list[dict], config: str, metric: str) -> float | None:
     return _mean([r["metrics"].get(metric) for r in rows if r["config"] == config])
 
 
-def _learning_rate_section(cfg: dict, run: RunDir) -> list[str]:
+def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: dict) -> list[str]:
     lines = ["## Learning rate", ""]
     train_lr = cfg.get("train", {}).get("lr")
     rank = cfg.get("adapter", {}).get("r", 8)
     path = run.root / "lr_tuning.json"
+    scaled = sorted({r["details"]["lr"] for r in rows if r["config"] == "lora-lr-scaled" and "lr" in r["details"]})
+    scaled_lr = f"{scaled[0]:.3g}" if len(scaled) == 1 else "-"
     if cfg.get("lr_grid") and path.exists():
         tuning = json.loads(path.read_text())
         grid = tuning["grid"]
         lines += [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by the "
                   f"validation perplexity of one run on the tuning seed {tuning['seed']} (its own training sample, "
-                  "initialisation and validation documents, none of them a study seed's), before the seeds ran.", "",
+                  "initialisation and validation documents, none of them a study seed's), before the seeds ran"
+                  + (f"; the control `lora-lr-scaled` trains at `rslora`'s times sqrt(r): {scaled_lr}." if scaled
+                     else "."), "",
                   "| configuration | chosen lr | " + " | ".join(f"val_ppl at {v:g}" for v in grid) + " |",
                   "|" + "---|" * (len(grid) + 2)]
         for name, entry in tuning["configs"].items():
             lines.append(f"| {name} | {entry['lr']:g} | " + " | ".join(fmt(entry["val_ppl"].get(f"{v:g}"))
                                                                      for v in grid) + " |")
     else:
-        lines.append(f"Every configuration trains at lr = {train_lr:g}. At one learning rate rsLoRA's update "
+        others = f" (the control `lora-lr-scaled` at {scaled_lr}, below)" if scaled else ""
+        lines.append(f"Every configuration trains at lr = {train_lr:g}{others}. At one learning rate rsLoRA's update "
                      f"(scaling alpha/sqrt(r)) is sqrt(r) = {math.sqrt(rank):.2f}x LoRA's (alpha/r) at r = {rank}, "
                      "so `rslora` vs `lora` compares step sizes as well as scalings. `lr_grid=[...]` (on in the "
                      "`paper` presets) chooses each configuration's learning rate on a tuning seed first.")
+    lines += _lr_control_sentences(summary)
     lines.append("")
     return lines
+
+
+def _lr_control_sentences(summary: dict) -> list[str]:
+    """What the lr-scaled control says about rsLoRA's gain over LoRA: a larger learning rate, or more."""
+    comp = next((c for c in summary.get("comparisons", []) if c["candidate"] == "rslora" and c["parent"] == "lora"),
+                None)
+    control = next((k for k in (comp or {}).get("controls", []) if k["config"] == "lora-lr-scaled"), None)
+    if control is None or not control["ran"]:
+        return []
+    measured = effect_text(control) if control["improvement_pct"] is not None else "no paired values"
+    said = ("`lora-lr-scaled` trains LoRA at sqrt(r) times rsLoRA's learning rate, so that its first updates move the "
+            "output as much as rsLoRA's: the control that tells rsLoRA's scaling from a larger learning rate. "
+            f"`rslora` vs `lora-lr-scaled`: {measured}.")
+    if comp["scenario"] == "explained-by-control":
+        said += (" A larger learning rate accounts for rsLoRA's gain over LoRA here, so the scaling is not credited: "
+                 "at one rank it changes the step size, which a tuned LoRA learning rate would change as well.")
+    elif comp["credited"]:
+        said += " rsLoRA beats the larger learning rate too: its gain here is more than a larger step."
+    return ["", said]
 
 
 def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:

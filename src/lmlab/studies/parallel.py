@@ -60,7 +60,9 @@ def resolve_parallel(value: str | int | None) -> int:
     if text == "auto":
         import torch
 
-        return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+        from lmlab.engine import distributed as D
+
+        return max(1, torch.cuda.device_count()) if D.uses_gpu() else 1
     if text.lstrip("+-").isdigit() and int(text) >= 1:
         return int(text)
     raise ConfigError(f"--parallel must be a positive integer or 'auto', got {value!r}")
@@ -73,7 +75,9 @@ def plan_slots(n: int, threads: int | None = None) -> list[Slot]:
     import torch
 
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from lmlab.engine import distributed as D
+
+    gpus = torch.cuda.device_count() if D.uses_gpu() else 0  # LMLAB_DEVICE=cpu: CPU shares on a GPU machine
     if gpus and n > gpus:
         raise ConfigError(f"--parallel {n} needs {n} GPUs, {gpus} visible; use --parallel {gpus} (or auto)")
     if not gpus and n > len(cores):
