@@ -7,8 +7,8 @@
 # The GPU machine needs no network: it runs lmlab from this checkout (PYTHONPATH=src, an `lmlab` command on PATH
 # that runs `python -m lmlab.cli`), with the packages of its own Python ($PYTHON, default python3) plus any wheels
 # in .whl/ (installed into /tmp/site). Logs and results: $OUT/tests.log, $OUT/bench.log and the benchmark's
-# <date>-gpu.json / .md (in $OUT, else benchmarks/results). Time limits: TEST_TIMEOUT (default 330 s) for the
-# suite, BENCH_TIMEOUT (default 260 s) for the benchmark; JOBS pytest workers (default 8). Extra arguments after the
+# <date>-gpu.json / .md (in $OUT, else benchmarks/results). Time limits: TEST_TIMEOUT (default 300 s) for the
+# suite, BENCH_TIMEOUT (default 240 s) for the benchmark; JOBS pytest workers (default 8). Extra arguments after the
 # mode go to `lmlab bench --gpu` (e.g. --lengths 32k,64k or --quick).
 set -u
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ OUT_DIR="${OUT:-}"
 [ -n "$OUT_DIR" ] && mkdir -p "$OUT_DIR"
 # what lmlab needs beyond a PyTorch + transformers + peft image (versions this checkout is tested with)
 WHEELS=(pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19)
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5)
 
 if [ "$mode" = fetch ]; then
     grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
@@ -49,14 +49,17 @@ missing = [m for m in ("pydantic", "transformers", "peft", "yaml", "scipy", "psu
 print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPUs: "
       f"{[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}")
 if missing:
-    print(f"gpu_check: missing Python packages {missing}: run `scripts/gpu_check.sh fetch` where pip has a network, "
-          "and carry .whl")
+    raise SystemExit(f"gpu_check: missing Python packages {missing}: run `scripts/gpu_check.sh fetch` where pip has "
+                     "a network, and carry .whl")
 EOF
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 
 status=0
 if [ "$mode" = all ] || [ "$mode" = tests ]; then
     set -o pipefail
-    timeout "${TEST_TIMEOUT:-330}" "$PYTHON" -m pytest -q -p no:cacheprovider -n "${JOBS:-8}" --dist loadgroup \
+    # -rfE: failures and errors named at the end; --durations: where the time went
+    timeout "${TEST_TIMEOUT:-300}" "$PYTHON" -m pytest -q -rfE --durations=15 -p no:cacheprovider -n "${JOBS:-8}" \
+        --dist loadgroup \
         2>&1 | log tests.log
     status=$?
     echo "gpu_check: tests exit code $status" | log tests.log
@@ -65,7 +68,7 @@ if [ "$mode" = all ] || [ "$mode" = bench ]; then
     set -o pipefail
     bench_out=()
     [ -n "$OUT_DIR" ] && bench_out=(--out "$OUT_DIR")
-    timeout "${BENCH_TIMEOUT:-260}" "$PYTHON" -m lmlab.cli bench --gpu "${bench_out[@]}" "$@" 2>&1 | log bench.log
+    timeout "${BENCH_TIMEOUT:-240}" "$PYTHON" -m lmlab.cli bench --gpu "${bench_out[@]}" "$@" 2>&1 | log bench.log
     bench_status=$?
     echo "gpu_check: bench exit code $bench_status" | log bench.log
     [ "$status" -eq 0 ] && status=$bench_status

@@ -28,6 +28,12 @@ from lmlab.hylorada.layers import HyLoRADALinear
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def on_cpu(monkeypatch):
+    """The CPU benchmarks on the CPU also where there is a GPU (`lmlab bench` under LMLAB_DEVICE=cpu)."""
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+
+
 def tiny_settings(**overrides) -> object:
     return suite.Settings(**{"quick": True, "threads": 1, "sizes": suite.TINY, "memory": False, **overrides})
 
@@ -91,6 +97,7 @@ def test_compare_applies_the_target_to_the_paired_ratio():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.usefixtures("on_cpu")
 def test_train_benchmark_times_every_variant_from_the_same_weights(arch):
     result, rows = suite.bench_train(arch, tiny_settings())
     variants = result["variants"]
@@ -112,6 +119,7 @@ def test_train_benchmark_times_every_variant_from_the_same_weights(arch):
     assert ("lmlab-lora-sdpa", "peft-lora") in by_pair and ("floor-lmlab-attn", "floor") in by_pair
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_eval_ppl_benchmark_scores_the_same_tokens_as_the_plain_loop():
     result, (row,) = suite.bench_eval_ppl(tiny_settings())
     assert result["same_tokens"]
@@ -120,12 +128,14 @@ def test_eval_ppl_benchmark_scores_the_same_tokens_as_the_plain_loop():
     assert row.metric == "tokens/s" and row.met == (row.ratio >= 1.0)
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_inference_benchmark_merged_model_gives_the_unmerged_logits():
     result, rows = suite.bench_inference(tiny_settings())
     assert result["merged_vs_unmerged_max_abs_diff"] < 1e-4
     assert [(r.ours, r.reference) for r in rows] == [("merged", "base"), ("unmerged", "merged")]
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_memory_is_measured_in_a_fresh_process():
     spec = {"kind": "train", "arch": "gpt2", "variant": "lmlab-lora", "sizes": suite.asdict(suite.TINY), "seed": 0,
             "threads": 1, "steps": 2}
@@ -134,6 +144,7 @@ def test_memory_is_measured_in_a_fresh_process():
     assert 0 <= memory["train_mb"] < memory["peak_mb"]
 
 
+@pytest.mark.usefixtures("on_cpu")
 def test_run_writes_results_json_and_markdown(tmp_path):
     path = suite.run(tiny_settings(), ["hylorada", "mu"], tmp_path, log=lambda line: None)
     assert path.name.endswith("-quick.json")

@@ -83,6 +83,23 @@ def test_chunked_loss_in_bf16_matches_the_plain_paths_rounding():
     torch.testing.assert_close(h.grad.float(), plain.grad.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_fp16_gradients_under_a_loss_scale_above_the_fp16_range_stay_finite():
+    """GradScaler starts at 65536, more than float16 holds: the scaled gradients must still come out finite and
+    equal to the scale times the unscaled ones (a float16 base with precision=fp16)."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = (torch.randn(24, 16, generator=gen) * 0.5).half()
+    weight = (torch.randn(VOCAB, 16, generator=gen) * 0.2).half()
+    labels = torch.randint(0, VOCAB, (24,), generator=gen)
+    grads = []
+    for scale in (65536.0, 1.0):
+        h = hidden.clone().requires_grad_()
+        (lmhead.linear_nll(h, weight, None, labels, chunk=5) * torch.tensor(scale)).backward()
+        grads.append(h.grad)
+    scaled, plain = grads
+    assert scaled.dtype == torch.float16 and torch.isfinite(scaled).all()
+    torch.testing.assert_close(scaled.float() / 65536, plain.float(), rtol=2e-3, atol=1e-6)
+
+
 def test_auto_chunks_only_large_logits():
     assert lmhead.chunk_size("auto", 512, 384) is None  # 0.2M logits: the plain path
     assert lmhead.chunk_size("auto", 131_072, 128_256) == lmhead.AUTO_LOGITS // 128_256  # 523 tokens per chunk
@@ -226,3 +243,63 @@ def test_liger_kernels_without_liger_or_a_gpu_are_one_config_error():
                 r"|^train.kernels=liger runs Triton kernels on CUDA")  # the second where liger-kernel is installed
     with pytest.raises(ConfigError, match=expected):
         train(llama(), examples(2, fixed=False), cfg, seed=0, progress=False, device="cpu")
+
+
+def test_liger_kernels_patch_the_model_for_the_block_and_put_the_modeling_module_back(monkeypatch):
+    """The wiring, on CPU, with a stand-in for liger-kernel that patches as liger does: the model's modules and a
+    module-level function of the transformers modeling file (RoPE). After the block the file is as it was."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from lmlab.engine.train import kernels
+
+    calls = []
+
+    def apply_to_instance(model, **options):
+        calls.append((model, options))
+        modeling_llama.apply_rotary_pos_emb = "liger rope"  # what liger's apply_liger_kernel_to_llama does
+        modeling_llama.LIGER_ADDED = True
+
+    package = types.ModuleType("liger_kernel")
+    package.__path__ = []
+    transformers_part = types.ModuleType("liger_kernel.transformers")
+    transformers_part._apply_liger_kernel_to_instance = apply_to_instance
+    monkey_patch = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    monkey_patch.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "mistral": None}
+    transformers_part.monkey_patch = monkey_patch
+    for name, module in (("liger_kernel", package), ("liger_kernel.transformers", transformers_part),
+                         ("liger_kernel.transformers.monkey_patch", monkey_patch)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "liger_kernel" else None)
+    rope = modeling_llama.apply_rotary_pos_emb
+    model = llama()
+    with kernels(model, "liger", torch.device("cuda")):  # the device is only checked: nothing runs on it
+        assert modeling_llama.apply_rotary_pos_emb == "liger rope"
+    assert calls == [(model, {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
+                              "fused_linear_cross_entropy": False})]
+    assert modeling_llama.apply_rotary_pos_emb is rope and not hasattr(modeling_llama, "LIGER_ADDED")
+    gpt = gpt2()
+    gpt.config.model_type = "gpt2"
+    with pytest.raises(ConfigError, match="no kernels for model type 'gpt2'"), kernels(gpt, "liger",
+                                                                                       torch.device("cuda")):
+        pass
+    with kernels(model, "torch", torch.device("cpu")):
+        pass
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="liger's Triton kernels need a CUDA GPU")
+def test_liger_kernels_train_to_the_plain_losses_in_bf16():
+    pytest.importorskip("liger_kernel")
+    data = examples(8, fixed=True)
+    losses = {}
+    for choice in ("torch", "liger", "torch"):
+        model = llama().to(torch.bfloat16)
+        cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, log_every=1, kernels=choice, precision="bf16")
+        result = train(model, data, cfg, seed=1, progress=False, device="cuda")
+        losses.setdefault(choice, []).append([h["loss"] for h in result.history])
+    plain, again = losses["torch"]
+    assert plain == pytest.approx(again, rel=1e-6)  # the liger run left the plain path as it was
+    assert losses["liger"][0] == pytest.approx(plain, rel=2e-2)  # bf16 rounding, fused vs plain

@@ -134,6 +134,41 @@ def test_gradient_checkpointing_on_a_model_that_cannot_is_a_config_error():
         one_step(Plain(), Plain(), examples(4), True)
 
 
+@pytest.mark.parametrize("make", [llama, gpt2], ids=["llama", "gpt2-tied-head"])
+def test_embeddings_and_norms_trained_on_a_bf16_base_are_float32_and_keep_small_updates(make):
+    """LongLoRA's extras on a bf16 base (the `paper` presets on a GPU): the trained embeddings and norms are float32,
+    so updates far below bf16's resolution survive; the model still computes in bf16 around them (with and without
+    autocast), the chunked loss still serves a tied head, and merging gives the base's dtype back."""
+    from lmlab.engine.losses import LossSettings, causal_lm_loss, collate_lm
+    from lmlab.hylorada import merge_adapter
+
+    base = make().to(torch.bfloat16)
+    config = HyLoRADAConfig(r=4, dropout=0.0, position_bias=False, landmarks="none", train_embeddings=True,
+                            train_norms=True)
+    model = apply_hylorada(base, config, max_positions=64)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any("embed" in n or "wte" in n for n in trained) and any("norm" in n or "ln_" in n for n in trained)
+    assert {p.dtype for p in trained.values()} == {torch.float32}
+    assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    batch = collate_lm(examples(4))
+    plain = model(input_ids=batch["input_ids"]).logits  # no autocast: float32 parts inside a bf16 model
+    assert plain.dtype == torch.bfloat16 and torch.isfinite(plain.float()).all()
+    chunked = causal_lm_loss(model, batch, LossSettings(chunk=8)).total
+    full = causal_lm_loss(model, batch, LossSettings(chunk=0)).total
+    torch.testing.assert_close(chunked, full, rtol=2e-2, atol=0)  # bf16 logits on the plain path
+    embedding = model.get_input_embeddings().weight
+    before = embedding.detach().clone()
+    lr = 1e-5  # 1e-5 steps: far below bf16's spacing (2^-8 relative), each one kept in float32
+    train(model, examples(8), TrainConfig(epochs=1, batch_size=4, lr=lr, warmup_steps=0, max_grad_norm=None,
+                                          weight_decay=0.0, precision="bf16"), seed=0, progress=False, device="cpu")
+    moved = (embedding.detach() - before).abs()
+    assert embedding.dtype == torch.float32 and 0 < moved.max() <= 3 * lr
+    assert (moved > 0).sum() > moved.numel() // 20  # the rows of the tokens seen moved: not rounded away
+    merged = merge_adapter(model)
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    assert merged(input_ids=batch["input_ids"]).logits.dtype == torch.bfloat16
+
+
 def test_a_bf16_base_stays_bf16_and_hyloradas_trainable_weights_are_float32():
     base = llama().to(torch.bfloat16)  # as load_causal_lm(..., dtype="bfloat16") loads it
     config = HyLoRADAConfig(r=4, dropout=0.0, position_bias=True, landmarks="position_adaptive", num_landmarks=4,

@@ -23,7 +23,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from helpers import Callbacks
 from lmlab.engine.optim import GroupRule, lr_factor, param_groups
-from lmlab.engine.train import LossOut, NonFiniteLoss, TrainConfig, causal_lm_loss, collate_lm, train
+from lmlab.engine.train import (
+    LossOut,
+    NonFiniteLoss,
+    TrainConfig,
+    autocast_dtype,
+    causal_lm_loss,
+    collate_lm,
+    train,
+)
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
@@ -412,6 +420,18 @@ def test_schedule_steps_once_per_optimizer_step_in_training(tmp_path):
     lrs = [h["lr"] for h in result.history if h["kind"] == "train"]
     assert lrs == pytest.approx([1e-2 * closed_form_factor(s, 3, 10, "cosine", 0.1) for s in range(10)])
     assert [json.loads(line) for line in metrics.read_text().splitlines()] == result.history
+
+
+def test_precision_auto_on_a_gpu_without_bf16_is_fp16_and_gets_a_loss_scaler(monkeypatch):
+    # which dtype each precision autocasts to (no CUDA call beyond is_bf16_supported, which is replaced here)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for supported, auto in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda s=supported: s)
+        assert autocast_dtype(cuda, "auto") == auto  # fp16: train() builds its GradScaler from this dtype
+        assert autocast_dtype(cuda, "fp16") == torch.float16 and autocast_dtype(cuda, "bf16") == torch.bfloat16
+        assert autocast_dtype(cuda, "fp32") is None
+    assert autocast_dtype(cpu, "auto") is None and autocast_dtype(cpu, "fp16") is None
+    assert autocast_dtype(cpu, "bf16") == torch.bfloat16
 
 
 def test_warmup_ratio_sets_the_warmup_steps():

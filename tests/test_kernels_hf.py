@@ -191,21 +191,27 @@ def test_the_training_engine_trains_on_lmlab_attention_and_switches_back():
     seen = []
     data = [{"input_ids": list(range(3, 23))} for _ in range(4)]
     cfg = TrainConfig(max_steps=2, batch_size=2, warmup_steps=0, log_every=1)
-    train(model, data, cfg, seed=0, progress=False,
+    train(model, data, cfg, seed=0, progress=False, device="cpu",
           hooks=Callbacks(before_step=lambda step, m: seen.append(m.config._attn_implementation)))
     assert seen == ["lmlab", "lmlab"] and model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match="no trainable parameters"):  # and back after an error, too
-        train(model.requires_grad_(False), data, cfg, seed=0, progress=False)
+        train(model.requires_grad_(False), data, cfg, seed=0, progress=False, device="cpu")
     assert model.config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize(("choice", "during"), [("auto", "lmlab"), ("lmlab", "lmlab"), ("sdpa", "sdpa")])
-def test_train_attention_chooses_the_attention_the_model_trains_on(choice, during):
-    """`train.attention`: auto is lmlab's on CPU, sdpa keeps the model's own; the model is back on its own after."""
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize(("choice", "during", "device"),
+                         [("auto", "lmlab", "cpu"), ("lmlab", "lmlab", "cpu"), ("sdpa", "sdpa", "cpu"),
+                          pytest.param("auto", "sdpa", "cuda", marks=GPU)])
+def test_train_attention_chooses_the_attention_the_model_trains_on(choice, during, device):
+    """`train.attention`: auto is lmlab's on CPU and the model's own on a GPU, sdpa keeps the model's own; the
+    model is back on its own after."""
     model = tiny("gpt2")
     seen = []
     data = [{"input_ids": list(range(3, 23))} for _ in range(4)]
     cfg = TrainConfig(max_steps=2, batch_size=2, warmup_steps=0, attention=choice)
-    train(model, data, cfg, seed=0, progress=False,
+    train(model, data, cfg, seed=0, progress=False, device=device,
           hooks=Callbacks(before_step=lambda step, m: seen.append(m.config._attn_implementation)))
     assert seen == [during, during] and model.config._attn_implementation == "sdpa"

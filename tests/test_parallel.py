@@ -14,8 +14,6 @@ from lmlab.errors import ConfigError
 from lmlab.studies.parallel import CellJob, ExecutorOptions, make_executor, plan_slots, resolve_parallel
 from lmlab.studies.rundir import RunDir
 
-CPU_ONLY = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU placement")
-
 
 def test_resolve_parallel_reads_numbers_and_auto():
     assert resolve_parallel(None) == 1 and resolve_parallel("3") == 3 and resolve_parallel(2) == 2
@@ -25,8 +23,8 @@ def test_resolve_parallel_reads_numbers_and_auto():
             resolve_parallel(bad)
 
 
-@CPU_ONLY
-def test_cpu_workers_get_disjoint_shares_of_the_cores():
+def test_cpu_workers_get_disjoint_shares_of_the_cores(monkeypatch):
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")  # CPU placement also on a machine with GPUs
     cores = sorted(os.sched_getaffinity(0))
     slots = plan_slots(len(cores))
     assert [s.cores for s in slots] == [(c,) for c in cores] and all(s.threads == 1 for s in slots)
@@ -36,6 +34,19 @@ def test_cpu_workers_get_disjoint_shares_of_the_cores():
     assert plan_slots(1, threads=1)[0].threads == 1  # the study's `threads` caps a worker's threads
     with pytest.raises(ConfigError, match=f"needs {len(cores) + 1} CPU cores"):
         plan_slots(len(cores) + 1)
+
+
+def test_gpu_workers_get_a_gpu_each_unless_the_run_is_kept_on_the_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # placement only: nothing touches a device
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LMLAB_DEVICE", raising=False)
+    assert [s.gpu for s in plan_slots(2)] == [0, 1] and resolve_parallel("auto") == 2
+    with pytest.raises(ConfigError, match="--parallel 3 needs 3 GPUs, 2 visible"):
+        plan_slots(3)
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+    assert all(s.gpu is None for s in plan_slots(1)) and resolve_parallel("auto") == 1
 
 
 def test_placement_errors_are_one_line_and_leave_no_directory(tmp_path: Path):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmlab.cli import main as lmlab_main
 from lmlab.data import generators
-from lmlab.eval.perplexity import evaluate_perplexity, full_windows, rolling_windows
+from lmlab.eval.perplexity import evaluate_perplexity, full_windows, rolling_windows, window_nll
 
 LMLAB = Path(sys.executable).parent / "lmlab"
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -195,6 +195,29 @@ def test_padding_is_never_scored_batch_size_does_not_change_nll(lm):
     assert seven["tokens"] == one["tokens"]
     for a, b in zip(seven["decile_ppl"], one["decile_ppl"], strict=True):
         assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("stride", [16, 5])
+def test_evaluation_through_the_head_in_chunks_gives_the_full_logits_scores(lm, stride):
+    """`window_nll(chunk=...)`: the LM head in chunks of tokens (no [tokens, vocab] logits) scores as the plain
+    path - with padding, and with the leading unscored positions a batch of last windows skips (stride 5)."""
+    from test_engine_lmhead import LargestTensor
+
+    model, tok = lm
+    windows = [w for toks in token_docs_of(tok, documents()) for w in rolling_windows(toks, tok.bos_token_id, 16,
+                                                                                      stride)]
+    vocab = model.get_output_embeddings().out_features
+    results, largest = {}, {}
+    for chunk in (0, 7):
+        with LargestTensor() as seen:
+            results[chunk] = window_nll(model, windows, 8, tok.pad_token_id or 0, chunk=chunk)
+        largest[chunk] = seen.largest
+    (total, count, hits, pos_nll, pos_count), plain = results[7], results[0]
+    assert total.item() == pytest.approx(plain[0].item(), rel=1e-6) and count == plain[1] and hits == plain[2]
+    torch.testing.assert_close(pos_nll, plain[3], rtol=1e-6, atol=1e-9)
+    assert torch.equal(pos_count, plain[4])
+    # a batch's full logits only on the plain path (the chunked one's largest: the [vocab, width] head weight)
+    assert largest[0] >= 8 * 16 * vocab > largest[7]
 
 
 @pytest.mark.parametrize("stride", [1, 5, 12])

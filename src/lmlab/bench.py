@@ -31,10 +31,10 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
     from lmlab.benchsuite import results_dir
     from lmlab.benchsuite.suite import BENCHMARKS
 
-    if gpu is None:
-        import torch
+    if gpu is None:  # LMLAB_DEVICE=cpu: the CPU benchmarks also on a machine with a GPU
+        from lmlab.engine import distributed as D
 
-        gpu = torch.cuda.is_available() and set(only or ()) <= set(gpu_bench.MODELS)
+        gpu = D.uses_gpu() and set(only or ()) <= set(gpu_bench.MODELS)
     if gpu:
         gpu_bench.require_cuda()
         options = {**gpu_bench.options(quick, lengths, only), "out": str(Path(out).resolve() if out else results_dir())}

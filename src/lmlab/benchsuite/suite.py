@@ -99,7 +99,10 @@ class Settings:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """The GPU where CUDA is available, unless LMLAB_DEVICE=cpu keeps the benchmarks on the CPU."""
+        from lmlab.engine import distributed as D
+
+        return D.device()
 
     def rounds(self, full: int) -> tuple[int, int]:
         """(warm-up runs per side, interleaved rounds)."""

@@ -125,9 +125,20 @@ class _ChunkedLinearNLL(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        out = [None if g is None else g.mul_(grad_out.to(g.dtype)).to(dtype)
+        out = [None if g is None else _scale_(g, grad_out).to(dtype)
                for g, dtype in zip(take_grads(ctx, "linear_nll"), ctx.dtypes, strict=True)]
         return out[0], out[1], out[2], None, None, None, None, None
+
+
+def _scale_(grad: torch.Tensor, grad_out: torch.Tensor, block: int = 1 << 22) -> torch.Tensor:
+    """grad *= grad_out in place. In float16 the factor itself may not fit (GradScaler starts at 65536, above
+    float16's 65504, so casting it gives inf): float16 gradients are scaled in float32, a block at a time."""
+    if grad.dtype != torch.float16:
+        return grad.mul_(grad_out.to(grad.dtype))
+    flat = grad.view(-1)
+    for part in flat.split(block):
+        part.copy_(part.float().mul_(grad_out))
+    return grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,11 +157,15 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def output_head(model: nn.Module) -> nn.Linear | None:
     """The model's output layer when the chunked loss can stand in for it: a plain `nn.Linear` without hooks of its
-    own, whose logits the model does not transform afterwards; else None."""
+    own (but those that run a float32 head on a half-precision base, which the chunks do as well), whose logits the
+    model does not transform afterwards; else None."""
     core = _unwrap(model)
     getter = getattr(core, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
-    if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+    if type(head) is not nn.Linear:
+        return None
+    hooks = [*head._forward_hooks.values(), *head._forward_pre_hooks.values()]
+    if not all(getattr(hook, "lmlab_dtype_cast", False) for hook in hooks):  # HyLoRADA's float32 tied head: fine
         return None
     config = getattr(core, "config", None)
     for name in _LOGIT_TRANSFORMS:
@@ -176,6 +191,25 @@ def hidden_states_of(head: nn.Module) -> Iterator[list[torch.Tensor]]:
         yield seen
     finally:
         handle.remove()
+
+
+@torch.no_grad()
+def token_nll(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor]:
+    """Evaluation without the full logits: per row of `hidden` ([N, d]) its NLL of `labels` ([N]; 0 where the label
+    is IGNORE_INDEX) and whether the argmax is the label, `chunk` rows at a time - the logits in the head's dtype
+    then float32, as the plain path computes them."""
+    nll = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    hits = torch.zeros(labels.shape, dtype=torch.bool, device=hidden.device)
+    for start in range(0, labels.numel(), chunk):
+        end = min(start + chunk, labels.numel())
+        logits = head(hidden[start:end]).float()
+        target = labels[start:end]
+        valid = target != IGNORE_INDEX
+        rows = torch.nn.functional.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
+        nll[start:end] = rows.masked_fill(~valid, 0.0)
+        hits[start:end] = (logits.argmax(-1) == target) & valid
+    return nll, hits
 
 
 def liger_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:

@@ -203,16 +203,21 @@ class PeakMemory:
 # The loop
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype `train.precision` autocasts to on `device` (None: no autocast). `auto` on CUDA is bf16 where the
+    GPU supports it, else fp16 - which then needs a loss scaler, as `fp16` does."""
     if device.type != "cuda" or precision == "fp32":
-        if device.type == "cpu" and precision == "bf16":
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.bfloat16 if device.type == "cpu" and precision == "bf16" else None
     if precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.float16
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cuda", dtype=torch.float16)
+        return torch.bfloat16
+    return torch.float16
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = autocast_dtype(device, precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def build_optimizer(params, lr: float, device: torch.device) -> torch.optim.AdamW:
@@ -359,16 +364,34 @@ def check_kernels(model: nn.Module, choice: str, device: torch.device) -> None:
                           f"{', '.join(sorted(supported))}); use train.kernels=torch")
 
 
-def apply_kernels(model: nn.Module, choice: str, device: torch.device) -> None:
-    """`train.kernels` (after `check_kernels`): liger's fused RMSNorm, RoPE and SwiGLU on the model's modules (for
-    the architectures liger supports; the loss's fused linear cross-entropy comes with `loss_settings`)."""
+@contextlib.contextmanager
+def kernels(model: nn.Module, choice: str, device: torch.device) -> Iterator[None]:
+    """`train.kernels` (after `check_kernels`) for the duration of the block: liger's fused RMSNorm, RoPE and SwiGLU
+    on the model (for the architectures liger supports; the loss's fused linear cross-entropy comes with
+    `loss_settings`). liger patches the model's modules and also module-level names of the transformers modeling
+    file (RoPE is a function there): those are put back afterwards, so models built or trained later in the process
+    with `kernels=torch` run the plain code."""
     check_kernels(model, choice, device)
     if choice != "liger":
+        yield
         return
+    import sys
+
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=_hf_model(model) or model, rope=True, rms_norm=True, swiglu=True,
-                                    cross_entropy=False, fused_linear_cross_entropy=False)
+    hf = _hf_model(model) or model
+    module = sys.modules[type(hf).__module__]
+    saved = dict(vars(module))
+    try:
+        _apply_liger_kernel_to_instance(model=hf, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                        fused_linear_cross_entropy=False)
+        yield
+    finally:
+        for name in [n for n in vars(module) if n not in saved]:
+            delattr(module, name)
+        for name, value in saved.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
 
 
 class Checkpointer:
@@ -474,14 +497,14 @@ def train(
     if n == 0:
         raise ValueError("no training examples")
     model.to(device)
-    apply_kernels(model, cfg.kernels, device)
+    check_kernels(model, cfg.kernels, device)
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     groups = param_groups(model, cfg.lr, cfg.weight_decay, hooks.param_rules())
     for g in groups:
         g["initial_lr"] = g["lr"]
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(device, cfg.precision) == torch.float16 else None
     state = TrainState(model, build_optimizer(groups, cfg.lr, device), trainable, scaler,
                        total_steps=total_steps(n, cfg))
     steps, per_epoch = state.total_steps, steps_per_epoch(n, cfg)
@@ -502,7 +525,8 @@ def train(
     bar = tqdm(total=steps, initial=state.step, desc=display.desc, disable=not (display.progress and D.is_main()),
                leave=False, dynamic_ncols=True, position=display.position)
     try:
-        with (attention(model, cfg.attention, device), activation_checkpointing(model, cfg.gradient_checkpointing),
+        with (kernels(model, cfg.kernels, device), attention(model, cfg.attention, device),
+              activation_checkpointing(model, cfg.gradient_checkpointing),
               loss_settings(None if cfg.compile else cfg.loss_chunk, cfg.kernels), PeakMemory(device) as memory,
               STOP.watch()):
             if not state.finished:

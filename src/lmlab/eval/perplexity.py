@@ -28,6 +28,7 @@ from torch import nn
 
 from lmlab import progress as bars
 from lmlab.engine import distributed as D
+from lmlab.engine import lmhead
 from lmlab.engine.losses import model_logits
 from lmlab.models.hf import prefix_token_id
 
@@ -71,10 +72,15 @@ def full_windows(tokens: Sequence[int], prefix_id: int, max_length: int) -> list
 
 
 @torch.no_grad()
-def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0):
+def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad_id: int = 0,
+               chunk: int | str | None = "auto"):
     """Summed NLL, count and argmax hits of the scored predictions of `windows` (this process's share),
-    and the NLL and count per position index over the full windows among them ([max_len] tensors)."""
+    and the NLL and count per position index over the full windows among them ([max_len] tensors).
+
+    `chunk`: tokens per chunk of the LM head (`lmlab.engine.lmhead`), so that a batch never forms its full
+    [tokens, vocab] logits; `auto` (as `train.loss_chunk`) only where those logits would be large."""
     device = next(model.parameters()).device
+    head = lmhead.output_head(model)
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = hits = 0
     width = max((len(w.inputs) for w in windows), default=0)
@@ -99,10 +105,8 @@ def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad
         ids, labels = ids.to(device), labels.to(device)
         # Right padding needs no attention mask in a causal model: real tokens never see later positions.
         kept = {"logits_to_keep": length - first} if first > 0 else {}
-        logits = model_logits(model(input_ids=ids, **kept))  # [B, length - first, V]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
-                              reduction="none").view(labels.shape)
-        hits += int(((logits.argmax(-1) == labels) & (labels != -100)).sum())
+        nll, hit = _scored_nll(model, head, ids, labels, kept, chunk)
+        hits += int(hit.sum())
         total += nll.sum(dtype=torch.float64)
         count += int((labels != -100).sum())
         full = torch.tensor([w.full for w in group], device=device)
@@ -111,6 +115,24 @@ def window_nll(model: nn.Module, windows: Sequence[Window], batch_size: int, pad
             pos_nll[first:length] += (nll[full].double() * scored).sum(0)
             pos_count[first:length] += scored.sum(0)
     return total, count, hits, pos_nll, pos_count
+
+
+def _scored_nll(model: nn.Module, head: nn.Linear | None, ids: torch.Tensor, labels: torch.Tensor, kept: dict,
+                chunk: int | str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position of `labels` ([B, L]) its NLL (0 where not scored) and whether the argmax is the label: through
+    the head in chunks where `chunk` says so and the model passes its head the hidden states of exactly those
+    positions, else from the full logits."""
+    size = lmhead.chunk_size(chunk, labels.numel(), head.out_features) if head is not None else None
+    if size is not None:
+        with lmhead.hidden_states_of(head) as seen:
+            model(input_ids=ids, **kept)
+        if len(seen) == 1 and seen[0].shape[:-1] == labels.shape:
+            nll, hits = lmhead.token_nll(seen[0].reshape(labels.numel(), -1), head, labels.reshape(-1), size)
+            return nll.view(labels.shape), hits.view(labels.shape)
+    logits = model_logits(model(input_ids=ids, **kept))  # [B, L, V]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(labels.shape)
+    return nll, (logits.argmax(-1) == labels) & (labels != -100)
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:

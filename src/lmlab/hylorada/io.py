@@ -382,6 +382,9 @@ def _remove(model: nn.Module, merge: bool) -> None:
     """Unwrap every adapted layer (folding the update into its weight when `merge`), drop hooks and state."""
     state = hylorada_state(model)
     state.remove_hooks()
+    for name, param in model.named_parameters():  # trained base parts back in the base's dtype
+        if name in state.base_dtypes:
+            param.data = param.data.to(state.base_dtypes[name])
     for name in state.adapted:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)

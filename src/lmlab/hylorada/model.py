@@ -74,6 +74,8 @@ class HyLoRADAState(nn.Module):
         self.adapted: list[str] = []
         self.trained_base: dict[str, list[str]] = {"embeddings": [], "norms": []}
         self.base_requires_grad: dict[str, bool] = {}
+        # trained base parameters held in float32 on a half-precision base: their names and the dtype they had
+        self.base_dtypes: dict[str, torch.dtype] = {}
         # the handles of the forward hooks apply_hylorada registers (on the model, its final norm, its blocks): the
         # one way they are removed (`remove_hooks`). A deep copy of the model copies them with it, pointing at the
         # copy's hooks.
@@ -222,7 +224,9 @@ def apply_hylorada(model: nn.Module, config: HyLoRADAConfig, max_positions: int 
 
 
 def _unfreeze_base_parts(model: nn.Module, config: HyLoRADAConfig, state: HyLoRADAState) -> None:
-    """LongLoRA-style extras: make the embeddings and/or norms trainable and record their names."""
+    """LongLoRA-style extras: make the embeddings and/or norms trainable and record their names. On a bf16 / fp16
+    base they train in float32 (as the adapters do: updates of the size of a learning rate vanish in bf16's 8-bit
+    mantissa), while the modules holding them still take and give the base's dtype (`_keep_dtype`)."""
     if not (config.train_embeddings or config.train_norms):
         return
     params: dict[str, list[nn.Parameter]] = {"embeddings": [], "norms": []}
@@ -237,6 +241,34 @@ def _unfreeze_base_parts(model: nn.Module, config: HyLoRADAConfig, state: HyLoRA
     # record the names named_parameters() reports (a tied LM head shares the embedding tensor)
     reported = {id(p): n for n, p in model.named_parameters()}
     state.trained_base = {kind: sorted({reported[id(p)] for p in group}) for kind, group in params.items()}
+    half = {id(p): p.dtype for group in params.values() for p in group if p.dtype in (torch.bfloat16, torch.float16)}
+    if not half:
+        return
+    for module in model.modules():  # every module holding one, a tied LM head included
+        held = [half[id(p)] for p in module.parameters(recurse=False) if id(p) in half]
+        if held:
+            state.hook_handles.extend(_keep_dtype(module, held[0]))
+    for name, param in model.named_parameters():
+        if id(param) in half:
+            state.base_dtypes[name] = half[id(param)]
+    for group in params.values():
+        for param in group:
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+
+
+def _keep_dtype(module: nn.Module, dtype: torch.dtype) -> list[RemovableHandle]:
+    """Hooks that run `module` (whose weights are now float32) on float32 inputs and give its output back in
+    `dtype`, the base's: the rest of the model sees what it saw before."""
+
+    def upcast(mod, args):
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    def downcast(mod, args, out):
+        return out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() else out
+
+    upcast.lmlab_dtype_cast = downcast.lmlab_dtype_cast = True  # lmlab.engine.lmhead.output_head knows them
+    return [module.register_forward_pre_hook(upcast), module.register_forward_hook(downcast)]
 
 
 def find_targets(model: nn.Module, target_modules: str | list[str] | None) -> list[str]:
