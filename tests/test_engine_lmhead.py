@@ -83,6 +83,25 @@ def test_chunked_loss_in_bf16_matches_the_plain_paths_rounding():
     torch.testing.assert_close(h.grad.float(), plain.grad.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_chunked_loss_under_autocast_matches_the_plain_path_under_the_same_autocast(name):
+    """What a GPU run does (bf16 autocast over a float32 model), on the CPU's bf16 autocast: the head's matmul in
+    bf16 on both paths, so loss and gradients agree to bf16 rounding."""
+    batch = collate_lm(examples(4, fixed=False))
+    results = []
+    for chunk in (0, 5):
+        model = MODELS[name]()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = causal_lm_loss(model, batch, LossSettings(chunk=chunk)).total
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_grads), (chunked, grads) = results
+    assert plain.dtype == chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=0)
+    for n, g in plain_grads.items():
+        assert_relative(grads[n], g, 2e-2, n)
+
+
 def test_fp16_gradients_under_a_loss_scale_above_the_fp16_range_stay_finite():
     """GradScaler starts at 65536, more than float16 holds: the scaled gradients must still come out finite and
     equal to the scale times the unscaled ones (a float16 base with precision=fp16)."""

@@ -492,6 +492,8 @@ def train(
         display = dataclasses.replace(display, progress=progress)  # the caller's Display is left as it was
     D.seed_everything(seed)
     device, world = torch.device(device) if device is not None else D.device(), D.world_size()
+    if device.type == "cuda" and device.index is None:  # "cuda": this process's GPU (DDP needs the index)
+        device = D.device() if D.uses_gpu() else torch.device("cuda", torch.cuda.current_device())
     D.split_batch(cfg.batch_size, world)  # a global batch the processes cannot share evenly is refused first
     n = len(train_data)
     if n == 0:
