@@ -58,6 +58,34 @@ def test_every_variant_trains_from_the_same_bf16_base_and_first_loss(arch):
     assert trainable["hylorada"] > trainable["lmlab-lora"]  # + position bias and landmarks
 
 
+def test_the_whole_gpu_benchmark_runs_through_on_the_cpu_at_a_tiny_size(tmp_path, monkeypatch):
+    """`run` end to end - interleaved timing, memory per variant, the long-context probe, the files it writes - on
+    the CPU at tiny sizes, CUDA's memory counters stood in for, so a GPU session does not find its bugs."""
+    import json
+
+    monkeypatch.setattr(gpu, "MODELS", {name: {**spec, "batch": 2, "seq": 32, "config": TINY[spec["arch"]]}
+                                        for name, spec in gpu.MODELS.items()})
+    monkeypatch.setattr(gpu, "LONG_MODEL", {**gpu.LONG_MODEL, "config": {**TINY["llama"], "rope_theta": 10000.0}})
+    peaks = iter(range(1, 1000))
+    for name, stand_in in (("synchronize", lambda *a: None), ("reset_peak_memory_stats", lambda *a: None),
+                           ("empty_cache", lambda: None), ("max_memory_allocated", lambda *a: next(peaks) * 2**30)):
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    lines = []
+    settings = gpu.GpuSettings(quick=True, lengths=[32, 64])
+    path = gpu.run(settings, tmp_path, log=lines.append, device=torch.device("cpu"))
+    results = json.loads(path.read_text())
+    assert list(results["models"]) == list(gpu.MODELS) and not list(tmp_path.glob("*partial*"))
+    for bench in results["models"].values():
+        assert list(bench["variants"]) == list(gpu.VARIANTS)
+        assert all(len(v["times_s"]) == 3 and v["peak_gib"] >= 1 for v in bench["variants"].values())
+    assert [r["length"] for r in results["long_context"]["runs"]] == [32, 64]
+    assert {(r["ours"], r["reference"]) for r in results["rows"]} >= {("lmlab-lora", "peft-lora"),
+                                                                      ("hylorada", "lmlab-lora")}
+    table = path.with_suffix(".md").read_text()
+    assert "| 64 | " in table and "| gpu llama-1.1b | lmlab-lora | peft-lora |" in table
+    assert any(line.startswith("  gpt2-124m: lmlab-lora vs peft-lora: ") for line in lines)  # as each model ends
+
+
 def fake_results() -> dict:
     times = {"floor": 1.0, "floor-lmlab": 0.9, "peft-lora": 1.6, "peft-dora": 3.0, "lmlab-lora": 0.93,
              "lmlab-dora": 1.2, "hylorada": 0.97}
