@@ -253,7 +253,7 @@ def test_busy_cpu_benchmark_runs_only_the_chosen_variants_with_threads1():
     seen = []
 
     def runner(study, args, env, timeout):
-        before = "PYTHONPATH" in env
+        before = env.get("PYTHONPATH") == str(Path("/tmp/x").resolve())  # the baseline's sources, not the caller's
         name = ("before-" if before else "") + ("threads1" if args == ["--threads", "1"] else "default")
         seen.append(name)
         return {"wall_s": {"default": 10.0, "threads1": 11.0, "before-default": 12.5}[name], "values": {"c": [1.0]}}
