@@ -218,6 +218,19 @@ def test_evaluation_through_the_head_in_chunks_gives_the_full_logits_scores(lm, 
     assert torch.equal(pos_count, plain[4])
     # a batch's full logits only on the plain path (the chunked one's largest: the [vocab, width] head weight)
     assert largest[0] >= 8 * 16 * vocab > largest[7]
+    # and a HyLoRADA model (position bias, landmarks added to the hidden states the head reads) the same way
+    import copy
+
+    from lmlab.hylorada import HyLoRADAConfig, apply_hylorada
+
+    adapted = apply_hylorada(copy.deepcopy(model), HyLoRADAConfig(r=4, num_landmarks=4, num_buckets=8),
+                             max_positions=16).eval()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # B and the gates off zero: every part acts
+    plain, chunked = (window_nll(adapted, windows, 8, tok.pad_token_id or 0, chunk=c) for c in (0, 7))
+    assert chunked[0].item() == pytest.approx(plain[0].item(), rel=1e-6) and chunked[2] == plain[2]
 
 
 @pytest.mark.parametrize("stride", [1, 5, 12])
