@@ -4,7 +4,9 @@ evaluation, hook state, RNG), stop requests checkpoint first, and unusable check
 from __future__ import annotations
 
 import json
+import os
 import signal
+import time
 
 import pytest
 import torch
@@ -206,3 +208,34 @@ def test_checkpoint_of_an_adapted_model_holds_only_the_adapter(tmp_path, tiny_ll
         saved = {k[len("model."):] for k in f.keys() if k.startswith("model.")}  # noqa: SIM118
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert saved == trainable and len(trainable) < len(list(model.parameters()))
+
+
+def test_a_signal_that_arrives_inside_a_finalizer_is_delivered_again_not_dropped(monkeypatch):
+    """A handler that raises inside an object's __del__ (a progress bar's) gets its exception printed as
+    "Exception ignored ... Traceback" and dropped, and the run goes on: the study's handler sends the signal again
+    a moment later instead, and raises then."""
+    import sys
+
+    from lmlab.engine import interrupt
+    from lmlab.studies.cell import StudyInterrupted
+    from lmlab.studies.runner import _Signals
+
+    sent = []
+    monkeypatch.setattr(interrupt.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    handler = _Signals()
+    seen = {}
+
+    class Finalized:
+        def __del__(self):
+            frame = sys._getframe()
+            seen["in_del"] = interrupt.in_finalizer(frame)
+            handler.handle(signal.SIGTERM, frame)  # must not raise here
+
+    Finalized()  # collected at once: __del__ runs
+    assert seen["in_del"] and not interrupt.in_finalizer(sys._getframe())
+    deadline = time.time() + 5
+    while not sent and time.time() < deadline:
+        time.sleep(0.01)
+    assert sent == [(os.getpid(), signal.SIGTERM)]  # delivered again
+    with pytest.raises(StudyInterrupted):  # ... and outside the finalizer it stops the study
+        handler.handle(signal.SIGTERM, sys._getframe())

@@ -6,8 +6,11 @@ signal, or one outside the loop, is the handler's to act on (`request` returns F
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import threading
 from collections.abc import Iterator
+from types import FrameType
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -47,3 +50,20 @@ class StopRequest:
 
 
 STOP = StopRequest()
+
+
+def in_finalizer(frame: FrameType | None) -> bool:
+    """Whether the interrupted code runs inside an object's `__del__` (e.g. a progress bar's), where Python prints
+    an exception raised by a signal handler as "Exception ignored ... Traceback" and drops it."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def deliver_later(signum: int, delay_s: float = 0.05) -> None:
+    """Send `signum` to this process again shortly (from a timer thread), for a handler that must not raise now."""
+    timer = threading.Timer(delay_s, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()

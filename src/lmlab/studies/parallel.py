@@ -28,7 +28,7 @@ from pathlib import Path
 
 from lmlab.config import build
 from lmlab.engine.hooks import Display
-from lmlab.engine.interrupt import STOP
+from lmlab.engine.interrupt import STOP, deliver_later, in_finalizer
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.fileio import atomic_write_text
 from lmlab.progress import quiet_libraries
@@ -218,7 +218,9 @@ def _worker(slot: Slot, run_root: str, shown: Display, tasks, events) -> None:
     from lmlab.studies.cell import log_line
 
     def on_signal(signum, frame):
-        if not STOP.request(signum):  # outside training: stop now (the partial cell is discarded)
+        if in_finalizer(frame):  # raised there, it would be printed and dropped
+            deliver_later(signum)
+        elif not STOP.request(signum):  # outside training: stop now (the partial cell is discarded)
             raise KeyboardInterrupt(signum)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -401,7 +403,9 @@ class CellJob:
             torch.set_num_threads(self.threads)
 
         def on_signal(signum, frame):
-            if not STOP.request(signum):
+            if in_finalizer(frame):
+                deliver_later(signum)
+            elif not STOP.request(signum):
                 raise KeyboardInterrupt(signum)
 
         signal.signal(signal.SIGTERM, on_signal)

@@ -30,7 +30,7 @@ from lmlab import progress as bars
 from lmlab.config import Section, build, load_config, preset_path
 from lmlab.engine import distributed as D
 from lmlab.engine.hooks import Display
-from lmlab.engine.interrupt import STOP
+from lmlab.engine.interrupt import STOP, deliver_later, in_finalizer
 from lmlab.engine.train import check_batch_split
 from lmlab.errors import ConfigError, LmlabError
 from lmlab.studies.cell import StudyInterrupted, compute_row, log_line
@@ -168,6 +168,9 @@ class _Signals:
     def handle(self, signum, frame):
         if self.recording_depth:
             self.pending = signum
+            return
+        if in_finalizer(frame):  # an exception raised there is printed as a traceback and dropped: a moment later
+            deliver_later(signum)
             return
         if STOP.request(signum):  # training stops at its next step boundary, after a checkpoint
             return
