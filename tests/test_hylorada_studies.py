@@ -69,7 +69,8 @@ def test_learnable_buckets_report_their_resolution_and_movement(bucketing_run: P
 def test_the_learning_rate_search_picks_each_configurations_rate_on_the_tuning_seed(tmp_path: Path):
     out = tmp_path / "run"
     proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
-                   "only=[lora,rslora]", "lr_grid=[0.0005,0.005]", "retrieval_docs=0", "positional_windows=0")
+                   "only=[lora,rslora,lora-lr-scaled]", "lr_grid=[0.0005,0.005]", "retrieval_docs=0",
+                   "positional_windows=0")
     assert proc.returncode == 0, proc.stderr
     tuning = json.loads((out / "lr_tuning.json").read_text())
     assert tuning["grid"] == [0.0005, 0.005] and tuning["seed"] == 7 and set(tuning["configs"]) == {"lora", "rslora"}
@@ -77,8 +78,11 @@ def test_the_learning_rate_search_picks_each_configurations_rate_on_the_tuning_s
     for config, entry in tuning["configs"].items():
         assert entry["lr"] == min((0.0005, 0.005), key=lambda lr: entry["val_ppl"][f"{lr:g}"])
         assert rows[config]["details"]["lr"] == entry["lr"]
+    # the learning-rate control is not tuned: it trains at rsLoRA's chosen rate times sqrt(r) (r = 4 in smoke)
+    assert rows["lora-lr-scaled"]["details"]["lr"] == pytest.approx(2 * tuning["configs"]["rslora"]["lr"])
     report = (out / "report.md").read_text()
     assert "chosen from 0.0005, 0.005 by the validation perplexity of one run on the tuning seed 7" in report
+    assert "the control `lora-lr-scaled` trains at `rslora`'s times sqrt(r)" in report
 
 
 def test_the_tuning_seed_must_not_be_a_study_seed():
