@@ -14,6 +14,9 @@ states the head reads and hands the head an empty slice of them; the loss then c
 head's weight. Models whose head is not a plain Linear (an adapter on the head) or whose logits are transformed
 after the head (soft-capping, logit scales) keep the plain path.
 
+`chunked_scores` scores evaluation batches the same way: per token its NLL and whether the argmax is the label,
+chunk by chunk, without a gradient (`lmlab.eval.perplexity.window_nll`).
+
 `train.kernels=liger` on CUDA uses liger-kernel's fused linear cross-entropy (Triton) instead of the torch chunks
 where the loss has no per-token weights.
 """
@@ -194,8 +197,8 @@ def hidden_states_of(head: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 @torch.no_grad()
-def token_nll(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, chunk: int) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
+def chunked_scores(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor,
+                   chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Evaluation without the full logits: per row of `hidden` ([N, d]) its NLL of `labels` ([N]; 0 where the label
     is IGNORE_INDEX) and whether the argmax is the label, `chunk` rows at a time - the logits in the head's dtype
     then float32, as the plain path computes them."""

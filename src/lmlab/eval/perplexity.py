@@ -127,7 +127,7 @@ def _scored_nll(model: nn.Module, head: nn.Linear | None, ids: torch.Tensor, lab
         with lmhead.hidden_states_of(head) as seen:
             model(input_ids=ids, **kept)
         if len(seen) == 1 and seen[0].shape[:-1] == labels.shape:
-            nll, hits = lmhead.token_nll(seen[0].reshape(labels.numel(), -1), head, labels.reshape(-1), size)
+            nll, hits = lmhead.chunked_scores(seen[0].reshape(labels.numel(), -1), head, labels.reshape(-1), size)
             return nll.view(labels.shape), hits.view(labels.shape)
     logits = model_logits(model(input_ids=ids, **kept))  # [B, L, V]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100,

@@ -208,6 +208,16 @@ def collect_cell_results(run: RunDir) -> int:
 # ------------------------------------------------------------------------------------------------ --parallel
 
 
+def _stop_cell(signum, frame) -> None:
+    """The signal handler of a process that computes one cell at a time (a worker, a submitit job): training takes
+    the first signal as a request to checkpoint and stop; elsewhere the cell stops at once (KeyboardInterrupt; the
+    partial cell is discarded) - but not inside a finalizer, where it would be printed and dropped."""
+    if in_finalizer(frame):
+        deliver_later(signum)
+    elif not STOP.request(signum):
+        raise KeyboardInterrupt(signum)
+
+
 def _worker(slot: Slot, run_root: str, shown: Display, tasks, events) -> None:
     """A worker process: its own process group (signals reach it once, from the coordinator), pinned to its
     slot; computes the cells it is handed until it is handed None."""
@@ -217,14 +227,8 @@ def _worker(slot: Slot, run_root: str, shown: Display, tasks, events) -> None:
     from lmlab import progress as bars
     from lmlab.studies.cell import log_line
 
-    def on_signal(signum, frame):
-        if in_finalizer(frame):  # raised there, it would be printed and dropped
-            deliver_later(signum)
-        elif not STOP.request(signum):  # outside training: stop now (the partial cell is discarded)
-            raise KeyboardInterrupt(signum)
-
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, _stop_cell)
     display = Display(shown.progress, "cell", log_line, position=slot.index, trackers=shown.trackers)
     with bars.enabled(shown.progress):
         while True:
@@ -402,13 +406,7 @@ class CellJob:
 
             torch.set_num_threads(self.threads)
 
-        def on_signal(signum, frame):
-            if in_finalizer(frame):
-                deliver_later(signum)
-            elif not STOP.request(signum):
-                raise KeyboardInterrupt(signum)
-
-        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGTERM, _stop_cell)
         with bars.enabled(False):
             return compute_cell(self.run_root, self.config, self.seed,
                                 Display(False, f"{self.config} seed {self.seed}", log_line, trackers=self.trackers))
