@@ -322,29 +322,23 @@ def run(settings: GpuSettings, out: Path, log: Callable[[str], None] = print,
     results: dict = {"date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
                      "machine": machine(), "settings": asdict(settings), "models": {}, "rows": []}
     partial = out / f"{started:%Y-%m-%dT%H%M%S}-gpu-partial.json"
-
-    def keep(rows: list[Row]) -> None:  # what is measured so far survives a run killed at its time limit
-        results["rows"] = [asdict(r) for r in rows]
-        out.mkdir(parents=True, exist_ok=True)
-        partial.write_text(json.dumps(results, indent=1) + "\n")
-
+    out.mkdir(parents=True, exist_ok=True)
     for name in settings.models:
         log(f"bench gpu {name} ...")
         begun = time.perf_counter()
         results["models"][name] = bench_model(name, settings, device, log)
         results["models"][name]["wall_s"] = time.perf_counter() - begun
-        keep(rows_of(results))
-        for r in rows_of({"models": {name: results["models"][name]}}):
-            log(f"  {name}: {format_row(r)}")
+        rows = rows_of(results)
+        results["rows"] = [asdict(r) for r in rows]
+        partial.write_text(json.dumps(results, indent=1) + "\n")  # survives a run killed at its time limit
+        for r in rows:
+            if r.benchmark == f"gpu {name}":
+                log(f"  {name}: {format_row(r)}")
     if settings.lengths:
         log(f"bench gpu long context {settings.lengths} ...")
         begun = time.perf_counter()
         results["long_context"] = long_context(settings, device, log)
         results["long_context"]["wall_s"] = time.perf_counter() - begun
-    rows = rows_of(results)
-    results["rows"] = [asdict(r) for r in rows]
-    for r in rows:
-        log(f"  {format_row(r)}")
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     path = write_results(out, started, "-gpu", results, markdown(results))
     partial.unlink(missing_ok=True)
