@@ -258,6 +258,11 @@ def test_an_interval_is_printed_with_the_digits_that_show_it(interval):
     assert shown[0] < shown[1]  # the width is visible
     if lo > 0 or hi < 0:  # an interval that excludes 0 never reads as touching it
         assert 0 not in shown and (shown[0] > 0) == (lo > 0)
+    # the change table's cells follow the same rule (a change of -0.0045% does not read as -0.00%)
+    from lmlab.studies.report import change_cell
+
+    cell = change_cell({"delta_pct": (lo + hi) / 2, "ci95": [lo, hi], "p_value": 0.04, "n": 3})
+    assert cell.split(" [")[1].split("]")[0] == text.split("[")[1].split("]")[0]
 
 
 def test_a_headline_whose_parent_was_not_selected_says_so():
@@ -282,6 +287,13 @@ def test_a_reference_of_zero_makes_the_change_undefined_not_missing():
     text = summary["decision"]["text"]
     assert "undefined because `baseline_k16`'s bridged/acc_flexible is 0 on every seed" in text
     assert "missing or failed" not in text and summary["decision"]["scenario"] == "not-significant"
+    from lmlab.studies.report import change_table
+
+    row = change_table(summary, [acc])[-1]  # the change table says why the cell is empty
+    assert row == "| stable_k16 | 0 on both: no change |"
+    out[-1]["metrics"][acc] = 0.25
+    summary = build_summary({**record(configs, []), "primary_metric": acc, "lower_is_better": False}, out)
+    assert change_table(summary, [acc])[-1] == "| stable_k16 | undefined: `baseline_k16` is 0 on every seed |"
 
 
 def test_a_change_whose_interval_holds_zero_is_not_called_better_or_worse():
@@ -295,3 +307,30 @@ def test_a_change_whose_interval_holds_zero_is_not_called_better_or_worse():
                             rows({"rslora": scaled(8, 1.0), "rslora+dora": scaled(8, 1.05, (0.03, -0.04, 0.0))}))
     assert summary["decision"]["scenario"] == "not-significant"
     assert "no significant difference" in summary["decision"]["text"] and "worse" not in summary["decision"]["text"]
+
+
+@pytest.mark.parametrize(("share", "noted"), [(1.0001, True), (1.05, False)])
+def test_a_claim_about_buckets_says_how_little_the_parts_they_route_carry(share: float, noted: bool):
+    """Buckets act only through the position components; where removing those changes val_ppl by less than the
+    claimed effect (planted: 0.01%), the verdict says the setting leaves the component little to change."""
+    through = {"without": "val_ppl_without_position", "what": "the position components"}
+    out = rows({"fixed": scaled(8, 1.0), "learnable": scaled(8, 1.0, (0.001, -0.001, 0.0))})
+    for r in out:  # without the position components, perplexity is `share` times higher
+        jitter = {42: 1.0, 123: 1.00002, 456: 0.99998}.get(r["seed"], 1.0)
+        r["metrics"]["val_ppl_without_position"] = r["metrics"]["val_ppl"] * share * jitter
+    claims = [{"id": "H7", "claim": "learnable buckets", "candidate": "learnable", "parent": "fixed",
+               "claimed_pct": -2.26, "through": through}]
+    summary = build_summary(record(["fixed", "learnable"], [], claims=claims), out)
+    verdict = summary["claims"][0]["verdict"]
+    assert verdict.startswith("not supported")
+    assert ("the setting leaves the component little to change" in verdict) == noted
+    if noted:  # the bound is the farthest end of the ablation's interval, computed independently here
+        from lmlab import stats
+        from lmlab.studies.attribution import ablation_bound, per_seed_values
+
+        values = per_seed_values(out)
+        ends = [max(abs(v) for v in stats.paired_relative_change(
+            values[c]["val_ppl"], values[c]["val_ppl_without_position"])["ci95"]) for c in ("fixed", "learnable")]
+        bound = ablation_bound(values, ["learnable", "fixed"], "val_ppl", "val_ppl_without_position")
+        assert bound == max(ends) and 0.005 < bound < 0.02
+        assert f"carry at most {bound:.2g}% of val_ppl" in verdict

@@ -498,7 +498,15 @@ def test_component_param_counts_match_closed_forms():
     assert counts["bucket_boundaries"] == nb - 1
     assert counts["embeddings"] == VOCAB * d + CONTEXT * d  # wte (tied with the head) + wpe
     assert counts["norms"] == 5 * 2 * d  # ln_1, ln_2 per block and ln_f, weight + bias
+    assert counts == component_param_counts(model, trainable_only=True)
     assert sum(counts.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for module in model.modules():  # adapters held at 0, as in the landmarks-only positive control
+        if isinstance(module, HyLoRADALinear):
+            module.lora_A.requires_grad_(False)
+            module.lora_B.requires_grad_(False)
+    trainable = component_param_counts(model, trainable_only=True)
+    assert trainable == {**counts, "lora": 0}
+    assert sum(trainable.values()) == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_learned_boundaries_rules_penalty_and_freeze():

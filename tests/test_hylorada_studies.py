@@ -41,6 +41,7 @@ def test_the_leaky_diagnostic_is_labelled_invalid_and_never_judged(landmarks_run
     assert h2 and all(c["explanation"].startswith("the leak (pooling over future tokens): `original_leaky` vs "
                                                   "`original`") for c in h2)
     assert report.split("\n## ")[-1].startswith("Claims of the research notes vs this run")
+    assert "`rslora` vs `lora`" not in report  # the study has no `lora`: the learning-rate section does not name it
 
 
 def test_every_landmark_design_is_judged_against_rslora_and_both_controls(landmarks_run: Path):
@@ -106,7 +107,11 @@ def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond
     data = HYLORADA._data(ctx, 42)
     model = load_causal_lm(path)
     within = retrieval_accuracy(model, ctx.tokenizer, data.retrieval_short, ctx.pretrained_context)["retrieval_acc"]
-    beyond = retrieval_accuracy(model, ctx.tokenizer, data.retrieval, cfg.max_length)["retrieval_acc"]
+    far = retrieval_accuracy(model, ctx.tokenizer, data.retrieval, cfg.max_length)
+    beyond = far["retrieval_acc"]
+    # the per-query outcomes (paired comparisons use them) agree with the accuracy and the per-depth counts
+    assert len(far["outcomes"]) == far["queries"] == sum(far["counts"]) and set(far["outcomes"]) <= {0, 1}
+    assert sum(far["outcomes"]) / far["queries"] == pytest.approx(beyond)
     assert ctx.pretrained_context == 128 and cfg.max_length == 512 and cfg.rope_scaling == "none"
     assert within >= 0.9 and beyond <= 0.35, (within, beyond)
 
@@ -132,3 +137,47 @@ def test_a_bfloat16_base_trains_float32_adapters_to_the_float32_result(tmp_path:
     assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.01), ppl
     assert base_dtype("auto") == ("bfloat16" if torch.cuda.is_available()
                                   and torch.cuda.is_bf16_supported() else "float32")
+
+
+def _retrieval_rows(outcomes: dict[str, dict[int, list[int]]]) -> list[dict]:
+    rows = []
+    for config, by_seed in outcomes.items():
+        for seed, hits in by_seed.items():
+            metrics = {"retrieval_acc": sum(hits) / len(hits), "retrieval_acc_short": 1.0}
+            if config == "base":
+                metrics.update(retrieval_acc_short_native=1.0, retrieval_acc_native=sum(hits) / len(hits))
+            rows.append({"config": config, "seed": seed, "metrics": metrics,
+                         "details": {"retrieval_outcomes": hits, "pretrained_context": 128}})
+    return rows
+
+
+def test_retrieval_gains_are_tested_paired_over_the_same_queries():
+    from lmlab.studies.hylorada_study import _positive_control_section
+
+    gen = torch.Generator().manual_seed(0)
+    base = {s: (torch.rand(200, generator=gen) < 0.1).int().tolist() for s in (1, 2, 3)}
+    # fine-tuning recalls 30 more facts per seed than the base; a second configuration is the reference plus
+    # as many flips each way (a planted null)
+    ref = {s: [1 if i < 30 else v for i, v in enumerate(hits)] for s, hits in base.items()}
+    null = {}
+    for s, hits in ref.items():
+        up = [i for i, v in enumerate(hits) if not v][:3]
+        null[s] = [0 if i < 3 else 1 if i in up else v for i, v in enumerate(hits)]  # 3 lost, 3 gained
+    rows = _retrieval_rows({"base": base, "rslora": ref, "other": null})
+    lines = _positive_control_section(rows, ["base", "rslora", "other"],
+                                      {"max_length": 512, "rope_scaling": "none", "value_digits": 1}, "rslora")
+    text = "\n".join(lines)
+    assert "highest mean:" in text and "best:" not in text
+    assert ("Paired over the same 600 queries (all seeds), 2 of 2 fine-tuned configurations recall significantly "
+            "more than the base; 0 of 1 differ significantly from `rslora`, so retrieval does not separate the "
+            "configurations at this scale.") in text
+    row = next(line for line in lines if line.startswith("| rslora |"))
+    gain = sum(map(sum, ref.values())) - sum(map(sum, base.values()))
+    assert f"| {100 * gain / 600:+.1f} [" in row  # the points column is the paired difference, independently counted
+    # a configuration that truly recalls more than the reference is named
+    better = {s: [1 if i < 90 else v for i, v in enumerate(hits)] for s, hits in ref.items()}
+    rows = _retrieval_rows({"base": base, "rslora": ref, "better": better})
+    text = "\n".join(_positive_control_section(rows, ["base", "rslora", "better"],
+                                               {"max_length": 512, "rope_scaling": "none", "value_digits": 1},
+                                               "rslora"))
+    assert "1 of 1 differ significantly from `rslora` (`better`)." in text

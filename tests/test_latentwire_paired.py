@@ -118,5 +118,5 @@ def test_a_shared_measurement_reads_as_such_never_p_zero():
     # token_budget per K is one evaluation shared by all seeds: the same "change" on every seed
     change = stats.paired_relative_change({1: 0.25, 2: 0.25, 3: 0.25}, {1: 0.2, 2: 0.2, 3: 0.2})
     assert change["constant"] and change["p_value"] is None and change["ci95"] is None
-    from lmlab.studies.report import _change
-    assert _change(change) == "+25.00% (one shared measurement, no interval)"
+    from lmlab.studies.report import change_cell
+    assert change_cell(change) == "+25.00% (one shared measurement, no interval)"

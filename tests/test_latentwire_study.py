@@ -27,6 +27,9 @@ from lmlab.studies.latentwire_study import (
     BRIDGE_SYSTEMS,
     TEXT_SYSTEMS,
     LatentWireStudyConfig,
+    collapse_check,
+    latentwire_claims,
+    latentwire_comparisons,
     merge_evaluations,
     reference_and_candidate,
     study_arms,
@@ -203,6 +206,42 @@ def test_each_ablation_has_its_arms_and_reference(ablation, arms, pair):
     cfg = study_config(f"ablation={ablation}")
     assert list(study_arms(cfg)) == arms
     assert reference_and_candidate(cfg) == pair
+
+
+def test_each_comparison_changes_one_factor_and_the_decision_pair_is_the_headline():
+    cfg = study_config()
+    specs = {(c["candidate"], c["parent"]): c["headline"] for c in latentwire_comparisons(cfg)}
+    # K against the largest K with the fixes on in both; the fixes at one K: never K and the fixes at once
+    assert specs == {("stable_k16", "baseline_k16"): True, ("stable_k8", "stable_k16"): False,
+                     ("stable_k12", "stable_k16"): False}
+    cfg = study_config("ablation=[swap,mode]")
+    assert {(c["candidate"], c["parent"]) for c in latentwire_comparisons(cfg)} == {
+        ("stable_k16_swapped", "stable_k16"), ("stable_k16", "stable_k16_soft_plus_text")}
+
+
+def _l2(curves: dict, patience: int = 5) -> str:
+    cfg = {"num_queries": 16, "mode": "soft_only", "compression_k": [16], "ablation": ["stability"],
+           "train": {"early_stopping_patience": patience}}
+    values = {"stable_k16": {"bridged/acc_flexible": {1: 0.2, 2: 0.18}},
+              "baseline_k16": {"bridged/acc_flexible": {1: 0.19, 2: 0.17}}}
+    claims = latentwire_claims(cfg, {}, values, {"configs": {}}, {"baseline_k16": curves})
+    return next(c for c in claims if c["id"] == "L2")["verdict"]
+
+
+def test_the_collapse_claim_is_untestable_where_the_baseline_did_not_collapse():
+    rising = {"1": [0.05, 0.1, 0.15, 0.2, 0.21, 0.22], "2": [0.03, 0.08, 0.1, 0.15, 0.16, 0.17]}
+    verdict = _l2(rising)
+    assert verdict.startswith("not testable here: `baseline_k16` did not collapse - its validation accuracy was at its "
+                              "peak at its last evaluation on every seed (2 of 2)")
+    assert "early stopping could not end a run early either (patience 5 with 6 evaluations)" in verdict
+    assert "could not end a run early" not in _l2(rising, patience=2)
+    # a baseline that peaks and falls back: the verdict is the interval's, with how far it fell
+    collapsing = {"1": [0.05, 0.3, 0.35, 0.2, 0.15, 0.1], "2": rising["2"]}
+    verdict = _l2(collapsing, patience=2)
+    assert not verdict.startswith("not testable here") and "fell from its peak to its last evaluation on 1 of 2 " \
+        "seeds (by up to 0.250)" in verdict
+    check = collapse_check(collapsing, 2)
+    assert check["drops"] == pytest.approx({"1": 0.25, "2": 0.0}) and check["can_stop_early"]
 
 
 def test_bad_ablation_and_missing_translator_size_are_config_errors():

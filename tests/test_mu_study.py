@@ -119,9 +119,9 @@ def test_smoke_run_has_every_cell_with_the_contracted_metrics(smoke_run: Path):
     decision = summary["decision"]
     m3 = claims["M3"]["verdict"]
     if decision["scenario"] == "worse":
-        assert m3.startswith("not supported: MU has significantly higher test perplexity")
+        assert m3.startswith("not supported at this budget: MU has significantly higher test perplexity")
     elif decision["credited"]:
-        assert m3.startswith("supported")
+        assert m3.startswith("supported at this budget")
     else:
         assert m3.startswith("not testable at this scale")
     assert "## Claims of the research notes vs this run" in report and "| M3: MU helps" in report
@@ -199,7 +199,11 @@ def test_report_shows_models_side_by_side_bands_curves_flags_and_samples(smoke_r
     for config in CONFIGS:
         assert cfg.band_metric == "test_ppl"  # the selected checkpoint's test perplexity, not the optimistic val
         mean = summary["configs"][config]["metrics"][cfg.band_metric]["mean"]
-        assert f"| {config} | {mean:.4g} | {ppl_band(mean, cfg.success_ppl, cfg.partial_ppl)} |" in report
+        bands = [ppl_band(r["metrics"][cfg.band_metric], cfg.success_ppl, cfg.partial_ppl)
+                 for r in rows if r["config"] == config]
+        counts = ", ".join(f"{b} {bands.count(b)}" for b in ("success", "partial", "failure") if b in bands)
+        assert (f"| {config} | {mean:.4g} | {ppl_band(mean, cfg.success_ppl, cfg.partial_ppl)} | {counts} of "
+                f"{len(bands)} |") in report
         row = next(r for r in rows if r["config"] == config)
         assert f"{row['metrics']['params_total']:,} | {row['metrics']['params_non_embedding']:,}" in report
 
@@ -348,3 +352,32 @@ def test_presets_hold_the_notes_recipe_and_bad_values_are_config_errors():
         load_config(MUStudyConfig, preset_path("mu", "default"), ["success_ppl=300", "partial_ppl=200"])
     with pytest.raises(ConfigError, match=r"^mu_sota = .*: mu-sota: grid 8x8 is not tiled by block_shape 3x3"):
         load_config(MUStudyConfig, preset_path("mu", "default"), ["mu_sota.block_shape=[3, 3]"])
+
+
+def _mu_rows(test_ppl: dict[str, list[float]], last: bool = True) -> list[dict]:
+    return [{"config": c, "seed": s, "status": "ok", "params": {"trainable_params": 1000},
+             "metrics": {"test_ppl": v, "best_step": 100 if last else 60}, "details": {"steps": 100}, "error": None}
+            for c, values in test_ppl.items() for s, v in zip((1, 2, 3), values, strict=True)]
+
+
+@pytest.mark.parametrize("last", [True, False])
+def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota(last: bool):
+    from lmlab.studies.mu_study import MU, mu_claims
+    from lmlab.studies.report import build_summary
+
+    cfg = load_config(MUStudyConfig, preset_path("mu", "default"), [])
+    rows = _mu_rows({"mu-sota": [11.0, 11.5, 11.2], "mu-simple": [10.6, 11.4, 10.9], "dense": [9.8, 10.1, 9.9]},
+                    last)
+    record = {"study": "mu", "preset": "default", "configurations": list(CONFIGS), "reference": "dense",
+              "candidate": "mu-sota",
+              "primary_metric": "test_ppl", "lower_is_better": True, "seeds": [1, 2, 3],
+              "comparisons": MU.comparisons(cfg), "roles": {}, "claims": [], "param_match_ratio": None}
+    summary = build_summary(record, rows)
+    pairs = {(c["candidate"], c["parent"]): c for c in summary["comparisons"]}
+    assert set(pairs) == {("mu-sota", "dense"), ("mu-simple", "mu-sota")}  # one change at a time
+    assert summary["decision"]["scenario"] == "worse"
+    m3 = {c["id"]: c for c in mu_claims(cfg.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
+    assert m3.startswith("not supported at this budget: MU has significantly higher test perplexity than the matched "
+                         "baseline after 3 epoch(s)")
+    # where every cell was best at its last step, the models were still improving: the verdict says so
+    assert ("still improving at its last evaluation (6 of 6)" in m3) == last

@@ -191,6 +191,9 @@ def test_each_component_is_judged_against_its_parent_and_its_controls(smoke_run:
         "trainable_params"] == info["candidate_params"] > info["params"] * (info["rank"] - 1) / info["rank"]
     only = next(r for r in rows if r["config"] == "landmarks-only")  # the positive control trains landmarks alone
     assert only["params"]["trainable_params"] == only["details"]["components"]["landmarks"]
+    for row in rows:  # the "Trainable parameters by component" table adds up to each cell's trainable parameters
+        if row["details"].get("components"):
+            assert sum(row["details"]["components"].values()) == row["params"]["trainable_params"], row["config"]
 
 
 def test_position_resolved_perplexity_covers_the_same_tokens_in_every_cell(smoke_run: Path):
@@ -215,6 +218,9 @@ def test_the_report_has_positive_controls_an_ablation_and_ends_with_the_claims(s
     for heading in ("## Attribution", "## Positive controls", "## What the trained position components contribute",
                     "## Learning rate", "effective buckets", "step size alone"):
         assert heading in report
+    assert "so `rslora` vs `lora` compares step sizes" in report
+    # recall after fine-tuning is compared paired over the same queries, vs the base and vs the reference
+    assert "Paired over the same " in report and "| vs base, points [95% CI] (p) |" in report
     last = report.split("\n## ")[-1]
     assert last.startswith("Claims of the research notes vs this run")
     assert "| H3: rsLoRA: +17.07% over a 69.00-PPL baseline |" in last

@@ -32,12 +32,13 @@ def answer_matches(continuation: str, value: str) -> bool:
 @torch.no_grad()
 def retrieval_accuracy(model: nn.Module, tokenizer, docs: Sequence[LongDocument], max_length: int, *,
                        batch_size: int = 16) -> dict:
-    """Overall accuracy, accuracy and count per depth decile, and the number of queries."""
+    """Overall accuracy, accuracy and count per depth decile, the number of queries, and `outcomes`: 1 / 0 per query
+    in the documents' order (for paired comparisons of two models on the same queries)."""
     prefix = prefix_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     queries = [(doc.text[:fact.answer_offset].rstrip(), fact) for doc in docs for fact in doc.facts]
     if not queries:
-        return {"retrieval_acc": None, "by_depth": [None] * 10, "counts": [0] * 10, "queries": 0}
+        return {"retrieval_acc": None, "by_depth": [None] * 10, "counts": [0] * 10, "queries": 0, "outcomes": []}
     new_tokens = max(len(f.value) for _, f in queries) + 2
     budget = max_length - new_tokens  # the prompt plus the answer stay within the window
     encoded = tokenizer([p for p, _ in queries], add_special_tokens=False, verbose=False)["input_ids"]
@@ -68,4 +69,5 @@ def retrieval_accuracy(model: nn.Module, tokenizer, docs: Sequence[LongDocument]
         "by_depth": [h / c if c else None for h, c in zip(hits, counts, strict=True)],
         "counts": counts,
         "queries": len(queries),
+        "outcomes": [int(correct[i]) for i in range(len(queries))],
     }

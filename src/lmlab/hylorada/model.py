@@ -381,14 +381,15 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if component_of(n, state) is not None}
 
 
-def component_param_counts(model: nn.Module) -> dict[str, int]:
+def component_param_counts(model: nn.Module, trainable_only: bool = False) -> dict[str, int]:
     """Parameters per component: lora, dora_magnitude, position_bias, landmarks, bucket_boundaries, embeddings,
-    norms (all keys present, 0 when off)."""
+    norms (all keys present, 0 when off). `trainable_only` leaves out parameters frozen after `apply_hylorada`
+    (e.g. adapters held at 0 in a positive control)."""
     state = hylorada_state(model)
     counts = dict.fromkeys(COMPONENTS, 0)
     for name, param in model.named_parameters():
         kind = component_of(name, state)
-        if kind is not None:
+        if kind is not None and (param.requires_grad or not trainable_only):
             counts[kind] += param.numel()
     return counts
 

@@ -106,9 +106,10 @@ def significant_loss(effect: dict | None) -> bool:
 
 def decimals(effect: dict) -> int:
     """Decimals that show an interval's width (2 for intervals wider than 0.1 points, up to 6): an interval that
-    excludes 0 never prints as [-0.00, +0.00]."""
+    excludes 0 never prints as [-0.00, +0.00]. `effect` is an improvement or a change-table entry (`delta_pct`)."""
     ci = effect.get("ci95")
-    scales = [abs(ci[1] - ci[0])] if ci else [abs(effect["improvement_pct"])]
+    value = effect["improvement_pct"] if "improvement_pct" in effect else effect["delta_pct"]
+    scales = [abs(ci[1] - ci[0])] if ci else [abs(value)]
     if ci and (ci[0] > 0 or ci[1] < 0):
         scales.append(min(abs(ci[0]), abs(ci[1])))  # the end nearest 0 shows a digit, so it never reads -0.00
     scales = [v for v in scales if v > 0 and math.isfinite(v)]
@@ -286,6 +287,21 @@ def interval_verdict(interval: list[float] | None, claimed: float | None, claime
 
 
 
+def ablation_bound(values: dict, configs: list[str], metric: str, without: str) -> float | None:
+    """The most, in % of `metric`, that the parts an ablation removes carry in any of `configs`: per configuration
+    the paired change of `metric` with them vs `without` them (each cell evaluated both ways), taking the end of its
+    95% interval farthest from 0; None where a configuration has no ablation values."""
+    bounds = []
+    for config in configs:
+        change = stats.paired_relative_change(values.get(config, {}).get(metric, {}),
+                                              values.get(config, {}).get(without, {}))
+        if change is None:
+            return None
+        ends = change["ci95"] or [change["delta_pct"]]
+        bounds.append(max(abs(v) for v in ends))
+    return max(bounds)
+
+
 def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_better: bool) -> dict:
     """A claim (docs/studies.md, claims of the research notes) against this run: what was measured and a verdict.
 
@@ -296,6 +312,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     kind "credit": the claim credits the gain to a component: supported only when that comparison is credited.
     kind "null": "within noise": supported when no listed pair differs significantly.
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
+    `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
+    val_ppl_without_position) removes; where those parts carry less than the claimed size, the verdict says so.
     """
     row = {"id": spec["id"], "claim": spec["claim"], "setting": spec.get("setting", "")}
     kind = spec.get("kind", "effect")
@@ -345,6 +363,14 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     else:
         verdict = interval_verdict(effect["ci95"], claimed, claimed_text)
     out = {**row, "measured": measured, "verdict": verdict}
+    through = spec.get("through")  # the component acts only through parts an ablation removed: how much they carry
+    if through and claimed is not None:
+        bound = ablation_bound(values, [spec["candidate"], spec["parent"]], metric, through["without"])
+        if bound is not None and abs(claimed) > bound:
+            out["verdict"] += (f"; at this scale {through['what']} carry at most {bound:.2g}% of {metric} in "
+                               f"`{spec['candidate']}` and `{spec['parent']}` (removing them changes it by no more, "
+                               f"95% CI), less than the claimed {abs(claimed):.2f}%: the setting leaves the "
+                               "component little to change, so the verdict holds for this scale only")
     explanation = spec.get("explanation")
     if explanation:
         leak = improvement(values, explanation["candidate"], explanation["parent"], metric, lower_is_better)

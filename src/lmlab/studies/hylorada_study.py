@@ -62,6 +62,7 @@ from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
     MARKERS,
+    change_cell,
     config_styles,
     detail_curves,
     fmt,
@@ -95,6 +96,12 @@ LEAK_NOTE = "pools over future tokens, as the notes' code did"
 LR_SCALED_NOTE = ("LoRA at sqrt(r) times rsLoRA's learning rate, so its first updates move the output as much as "
                   "rsLoRA's: a larger learning rate without rsLoRA's scaling")
 
+
+
+# Bucket boundaries act only through the position components they route (the bias table and the landmarks), which
+# the ablation removes (`val_ppl_without_position`): how much those carry bounds what a bucketing scheme can change.
+THROUGH_POSITION = {"without": "val_ppl_without_position",
+                    "what": "the position components the buckets route (bias and landmarks)"}
 
 
 def h1_claims(candidate: str) -> list[dict]:
@@ -157,7 +164,8 @@ HYLORADA_CLAIMS = [
     {"id": "H6", "claim": "... credited to the landmarks", "setting": "same", "kind": "credit",
      "candidate": "rslora+bias+landmarks", "parent": "rslora", "total_parent": "lora"},
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)", "setting": "same",
-     "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks", "claimed_pct": -2.26},
+     "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks", "claimed_pct": -2.26,
+     "through": THROUGH_POSITION},
 ]
 
 LANDMARK_ARMS: dict[str, Arm] = {
@@ -212,9 +220,9 @@ BUCKETING_COMPARISONS = [
 BUCKETING_CLAIMS = [
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)",
      "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "learnable",
-     "parent": "fixed", "claimed_pct": -2.26},
+     "parent": "fixed", "claimed_pct": -2.26, "through": THROUGH_POSITION},
     {"id": "H7", "claim": "learnable bucketing expected +1-3% over fixed", "setting": "`000`/`001` expectations",
-     "candidate": "learnable", "parent": "fixed", "claimed_pct": 2.0},
+     "candidate": "learnable", "parent": "fixed", "claimed_pct": 2.0, "through": THROUGH_POSITION},
     {"id": "H8", "claim": "at 1 epoch / 200 samples all designs are within 0.1% (within noise)",
      "setting": "GPT-2, 4 landmarks", "kind": "null",
      "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
@@ -545,12 +553,10 @@ class HyloradaStudy(Study):
         if arm.adapter is not None:
             lr = self._lr(ctx, arm, config)
             model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir, display)
-            components = component_param_counts(model)
+            components = component_param_counts(model, trainable_only=True)
             params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                       "component_params": sum(v for k, v in components.items() if k != "lora"),
                       "base_params_trained": components["embeddings"] + components["norms"]}
-            if arm.freeze_lora:
-                params["component_params"] = params["trainable_params"]
             details.update(components=components, lr=lr, rank=adapter_cfg.r, dtypes=parameter_dtypes(model))
             metrics.update(train_time_s=result.train_time_s, peak_mem_mb=result.peak_mem_mb,
                            train_loss=result.final_loss,
@@ -603,6 +609,7 @@ class HyloradaStudy(Study):
             metrics[f"retrieval_acc{suffix}"] = ret["retrieval_acc"]
             details[f"retrieval_by_depth{suffix}"] = ret["by_depth"]
             details[f"retrieval_counts{suffix}"] = ret["counts"]
+            details[f"retrieval_outcomes{suffix}"] = ret["outcomes"]
         if data.retrieval_short:
             short = retrieval_accuracy(model, ctx.tokenizer, data.retrieval_short, ctx.pretrained_context,
                                        batch_size=batch)
@@ -620,7 +627,7 @@ class HyloradaStudy(Study):
         configs = [names[c] for c in configs]
         lines += _learning_rate_section(cfg, run, ok, summary)
         roles = {names[c]: e.get("role") for c, e in summary["configs"].items() if c in names}
-        lines += _positive_control_section(ok, configs, cfg)
+        lines += _positive_control_section(ok, configs, cfg, names.get(summary["reference"], summary["reference"]))
         lines += _ablation_section(ok, configs, roles)
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
@@ -749,10 +756,13 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: di
                                                                      for v in grid) + " |")
     else:
         others = f" (the control `lora-lr-scaled` at {scaled_lr}, below)" if scaled else ""
-        lines.append(f"Every configuration trains at lr = {train_lr:g}{others}. At one learning rate rsLoRA's update "
-                     f"(scaling alpha/sqrt(r)) is sqrt(r) = {math.sqrt(rank):.2f}x LoRA's (alpha/r) at r = {rank}, "
-                     "so `rslora` vs `lora` compares step sizes as well as scalings. `lr_grid=[...]` (on in the "
-                     "`paper` presets) chooses each configuration's learning rate on a tuning seed first.")
+        said = f"Every configuration trains at lr = {train_lr:g}{others}."
+        if {"lora", "rslora"} <= {r["config"] for r in rows}:  # only where the study compares the two scalings
+            said += (f" At one learning rate rsLoRA's update (scaling alpha/sqrt(r)) is sqrt(r) = "
+                     f"{math.sqrt(rank):.2f}x LoRA's (alpha/r) at r = {rank}, so `rslora` vs `lora` compares step "
+                     "sizes as well as scalings.")
+        lines.append(said + " `lr_grid=[...]` (on in the `paper` presets) chooses each configuration's learning rate "
+                     "on a tuning seed first.")
     lines += _lr_control_sentences(summary)
     lines.append("")
     return lines
@@ -777,8 +787,35 @@ def _lr_control_sentences(summary: dict) -> list[str]:
     return ["", said]
 
 
-def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
-    """Can long-context behaviour show at all here? The base within and beyond its pretraining context."""
+def _retrieval_change(rows: list[dict], first: str, second: str) -> dict | None:
+    """Recall of `first` minus `second` in points, paired over the same queries: each seed's retrieval documents are
+    the same for every configuration, so the (seed, query) pairs are the items (stats.paired_item_difference)."""
+    from lmlab import stats
+
+    per_seed = [{r["seed"]: r["details"].get("retrieval_outcomes") for r in rows if r["config"] == c}
+                for c in (first, second)]
+    seeds = sorted(s for s in per_seed[0] if per_seed[0][s] and per_seed[1].get(s)
+                   and len(per_seed[0][s]) == len(per_seed[1][s]))
+    if not seeds:
+        return None
+    a, b = ([v for s in seeds for v in outcomes[s]] for outcomes in per_seed)
+    return stats.paired_item_difference([a], [b])
+
+
+def _points(change: dict | None) -> str:
+    if change is None:
+        return "-"
+    lo, hi = change["ci95"]
+    return f"{100 * change['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (p={change['p_value']:.2g})"
+
+
+def _significant(change: dict | None) -> bool:
+    return change is not None and (change["ci95"][0] > 0 or change["ci95"][1] < 0)
+
+
+def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, reference: str) -> list[str]:
+    """Can long-context behaviour show at all here? The base within and beyond its pretraining context; then each
+    fine-tuned configuration's recall, paired over the same queries against the base and the reference."""
     base = [r for r in rows if r["config"] == "base"]
     short = _metric_mean(base, "base", "retrieval_acc_short_native")
     if short is None:
@@ -808,15 +845,43 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict) -
     fine_tuned = [c for c in configs if c != "base" and _metric_mean(rows, c, "retrieval_acc") is not None]
     if fine_tuned:
         after = {c: _metric_mean(rows, c, "retrieval_acc") for c in fine_tuned}
-        best = max(after, key=after.get)
+        highest = max(after, key=after.get)
+        vs_base = {c: _retrieval_change(rows, c, "base") for c in fine_tuned}
+        vs_ref = {c: _retrieval_change(rows, c, reference) if c != reference else None for c in fine_tuned}
         lines.append(f"After fine-tuning at {cfg['max_length']} tokens, recall at that length is "
-                     f"{min(after.values()):.0%}-{max(after.values()):.0%} across configurations (best: `{best}`), "
-                     f"against {start:.0%} before; the depth table below shows where it changed.")
-        lines += ["", f"| configuration | retrieval at {cfg['max_length']} tokens | retrieval within the pretraining "
-                  "context |", "|---|---|---|"]
+                     f"{min(after.values()):.0%}-{max(after.values()):.0%} across configurations (highest mean: "
+                     f"`{highest}`), against {start:.0%} before; the depth table below shows where it changed.")
+        tested = [c for c in fine_tuned if vs_base[c] is not None and not c.endswith("(INVALID)")]
+        if tested:
+            queries = vs_base[tested[0]]["items"]
+            up = [c for c in tested if _significant(vs_base[c]) and vs_base[c]["difference"] > 0]
+            down = [c for c in tested if _significant(vs_base[c]) and vs_base[c]["difference"] < 0]
+            apart = [c for c in tested if _significant(vs_ref[c])]
+            said = (f"Paired over the same {queries:,} queries (all seeds), {len(up)} of {len(tested)} fine-tuned "
+                    "configurations recall significantly more than the base" + (
+                        f" and {len(down)} significantly less ({', '.join(f'`{c}`' for c in down)})" if down else "")
+                    + "; ")
+            others = [c for c in tested if c != reference and vs_ref[c] is not None]
+            if others:
+                said += (f"{len(apart)} of {len(others)} differ significantly from `{reference}`"
+                         + (f" ({', '.join(f'`{c}`' for c in apart)})" if apart else
+                            ", so retrieval does not separate the configurations at this scale") + ".")
+            else:
+                said = said[:-2] + "."
+            lines.append(said)
+        columns = ["retrieval at " + f"{cfg['max_length']} tokens", "retrieval within the pretraining context"]
+        if any(vs_base.values()):
+            columns += ["vs base, points [95% CI] (p)", f"vs `{reference}`, points [95% CI] (p)"]
+        lines += ["", "| configuration | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
         for c in ["base", *fine_tuned]:
-            lines.append(f"| {c} | {fmt(_metric_mean(rows, c, 'retrieval_acc'))} | "
-                         f"{fmt(_metric_mean(rows, c, 'retrieval_acc_short'))} |")
+            cells = [fmt(_metric_mean(rows, c, "retrieval_acc")), fmt(_metric_mean(rows, c, "retrieval_acc_short"))]
+            if any(vs_base.values()):
+                cells += [_points(vs_base.get(c)), _points(vs_ref.get(c))]
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        if any(vs_base.values()):
+            lines += ["", "Points: recall of the configuration minus the other's, x 100, paired over the same queries "
+                      "(each seed's retrieval documents are shared by every configuration); 95% paired bootstrap "
+                      "interval over queries and a sign-flip permutation p-value."]
     lines.append("")
     return lines
 
@@ -840,11 +905,8 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
         with_ = {r["seed"]: r["metrics"]["val_ppl"] for r in cells}
         without = {r["seed"]: r["metrics"]["val_ppl_without_position"] for r in cells}
         change = changes[c] = stats.paired_relative_change(with_, without)
-        ci = change["ci95"] if change else None
-        text = "-" if change is None else f"{change['delta_pct']:+.3f}%" + (
-            f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + (
-            f" (p={change['p_value']:.2g})" if change.get("p_value") is not None else "")
-        lines.append(f"| {c} | {fmt(_mean(list(with_.values())))} | {fmt(_mean(list(without.values())))} | {text} |")
+        lines.append(f"| {c} | {fmt(_mean(list(with_.values())))} | {fmt(_mean(list(without.values())))} | "
+                     f"{change_cell(change)} |")
     adapted = [changes[c] for c in with_parts if roles.get(c) != "positive control" and changes[c]]
     alone = [(c, changes[c]) for c in with_parts if roles.get(c) == "positive control" and changes[c]]
     if adapted:

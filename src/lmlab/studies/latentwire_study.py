@@ -186,6 +186,31 @@ def reference_and_candidate(cfg: LatentWireStudyConfig) -> tuple[str, str]:
     return Arm(k, True, cfg.mode).name, Arm(k, True, cfg.mode, swapped=True).name
 
 
+def latentwire_comparisons(cfg: LatentWireStudyConfig) -> list[dict]:
+    """One factor per comparison, so an effect has one cause: the stability fixes at K; each smaller K against the
+    largest (fixes on in both); soft tokens only against soft tokens plus text; the swapped direction against the
+    forward one. The decision's pair is the headline."""
+    k, mode = cfg.num_queries, cfg.mode
+    specs: list[dict] = []
+    for ablation in cfg.ablation:
+        if ablation == "stability":
+            specs.append({"component": f"stability fixes at K = {k} (InfoNCE, best weights restored, early stopping)",
+                          "candidate": Arm(k, True, mode).name, "parent": Arm(k, False, mode).name})
+        elif ablation == "compression":
+            ks = sorted(set(cfg.compression_k))
+            specs += [{"component": f"K = {q} soft tokens instead of {ks[-1]}", "candidate": Arm(q, True, mode).name,
+                       "parent": Arm(ks[-1], True, mode).name} for q in ks[:-1]]
+        elif ablation == "mode":
+            specs.append({"component": "soft tokens only (no text)", "candidate": Arm(k, True, "soft_only").name,
+                          "parent": Arm(k, True, "soft_plus_text").name})
+        else:
+            specs.append({"component": "the swapped direction", "candidate": Arm(k, True, mode, swapped=True).name,
+                          "parent": Arm(k, True, mode).name})
+    reference, candidate = reference_and_candidate(cfg)
+    unique = {(spec["candidate"], spec["parent"]): spec for spec in specs}
+    return [{**spec, "headline": pair == (candidate, reference)} for pair, spec in unique.items()]
+
+
 def translator_shape(cfg: LatentWireStudyConfig, num_queries: int) -> TranslatorShape:
     for shape in cfg.translators:
         if shape.num_queries == num_queries:
@@ -353,6 +378,9 @@ class LatentWireStudy(Study):
     def candidate(self, cfg) -> str:
         return reference_and_candidate(cfg)[1]
 
+    def comparisons(self, cfg) -> list[dict]:
+        return latentwire_comparisons(cfg)
+
     def table_metrics(self, cfg) -> list[str]:
         return ["bridged/acc_flexible", "bridged/acc_strict", "zero_prefix/acc_flexible",
                 "shuffled_source/acc_flexible", "token_budget/acc_flexible", "target_text/acc_flexible",
@@ -458,7 +486,9 @@ class LatentWireStudy(Study):
         ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
         items = item_statistics(run, ok, record["configurations"])
         cfg = record["config"]
-        return {"paired_items": items, "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary)}
+        curves = {c: validation_curves(run, c) for c in record["configurations"]}
+        return {"paired_items": items,
+                "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary, curves)}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
@@ -477,8 +507,9 @@ class LatentWireStudy(Study):
         if _training_plot(configs, run):
             lines += ["## Bridged accuracy over training", "",
                       "Bridged flexible accuracy on held-out training items at every evaluation, mean over seeds, "
-                      "with (`stable_*`) and without (`baseline_*`) the stability fixes. Early stopping ends a "
-                      "`stable_*` curve early and restores its best point. See "
+                      "with (`stable_*`) and without (`baseline_*`) the stability fixes. A `stable_*` arm restores "
+                      "its best point's weights at the end (and early stopping ends its curve early where its "
+                      "patience allows); a `baseline_*` arm keeps its last weights. See "
                       "`plots/bridged_accuracy_over_training.png`.", ""]
         lines += _timing_section(ok, configs)
         return lines
@@ -579,7 +610,52 @@ def _points(test: dict, what: str) -> str:
     return f"{what} {_diff(test)} in accuracy points ({test['items']} items x {test['seeds'][0]} seeds)"
 
 
-def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict) -> list[dict]:
+def validation_curves(run: RunDir, config: str) -> dict[str, list[float]]:
+    """{seed: [val_acc at each evaluation, in step order]} from a configuration's cells (`metrics.jsonl`)."""
+    curves = {}
+    for path in sorted((run.root / "cells" / config).glob("seed-*/metrics.jsonl")):
+        by_step = {}
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            if rec.get("kind") == "eval" and rec.get("val_acc") is not None:
+                by_step[rec["step"]] = rec["val_acc"]  # a resumed cell may log a step again: the last one counts
+        if by_step:
+            curves[path.parent.name.removeprefix("seed-")] = [by_step[s] for s in sorted(by_step)]
+    return curves
+
+
+def collapse_check(curves: dict[str, list[float]], patience: int | None) -> dict | None:
+    """Did the configuration without the fixes collapse? Per seed, its validation accuracy's fall from its peak to
+    its last evaluation; and whether early stopping could end a run before its last evaluation at all (patience
+    below the evaluations after the first)."""
+    if not curves:
+        return None
+    drops = {seed: max(c) - c[-1] for seed, c in curves.items()}
+    evaluations = min(len(c) for c in curves.values())
+    return {"drops": drops, "collapsed": sum(d > 0 for d in drops.values()), "seeds": len(drops),
+            "largest_drop": max(drops.values()), "evaluations": evaluations, "patience": patience,
+            "can_stop_early": patience is not None and patience < evaluations - 1}
+
+
+def _l2_with_collapse(claim: dict, check: dict | None, baseline: str) -> dict:
+    """L2's verdict where the baseline's curve shows whether there was a collapse for the fixes to prevent."""
+    if check is None:
+        return claim
+    stop = ("" if check["can_stop_early"] else
+            f"; early stopping could not end a run early either (patience {check['patience']} with "
+            f"{check['evaluations']} evaluations)")
+    if not check["collapsed"]:
+        verdict = (f"not testable here: `{baseline}` did not collapse - its validation accuracy was at its peak at its "
+                   f"last evaluation on every seed ({check['seeds']} of {check['seeds']}), so the fixes had no "
+                   "collapse to prevent and the comparison measures InfoNCE and best-weight restoring only" + stop)
+        return {**claim, "verdict": verdict}
+    fell = (f"; `{baseline}`'s validation accuracy fell from its peak to its last evaluation on {check['collapsed']} "
+            f"of {check['seeds']} seeds (by up to {check['largest_drop']:.3f})" + stop)
+    return {**claim, "verdict": claim["verdict"] + fell}
+
+
+def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
+                      curves: dict[str, dict[str, list[float]]] | None = None) -> list[dict]:
     """L1-L6 against this run: each with what was measured and a verdict (`attribution.interval_verdict`).
 
     System comparisons within a configuration (L1, L5) are paired over items; effects between configurations (L2,
@@ -601,10 +677,15 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict) -> li
     claims.append(item_claim("L1", "bridged accuracy 81.5% above the 73% text baseline", main, "target_text",
                              NOTES_BRIDGED - NOTES_TEXT))
     lw = {"metric": PRIMARY, "setting": setting}
-    claims.append(judge_claim({**lw, "id": "L2", "candidate": main, "parent": Arm(k, False, mode).name,
-                               "claim": "with the stability fixes bridged accuracy stays > 70%; without them it "
-                                        "collapses to 36%", "claimed_pct": 100 * (NOTES_FIXED / NOTES_COLLAPSED - 1)},
-                              values, [], lower_is_better=False))
+    baseline = Arm(k, False, mode).name
+    l2 = judge_claim({**lw, "id": "L2", "candidate": main, "parent": baseline,
+                      "claim": "with the stability fixes bridged accuracy stays > 70%; without them it collapses to "
+                               "36%", "claimed_pct": 100 * (NOTES_FIXED / NOTES_COLLAPSED - 1)},
+                     values, [], lower_is_better=False)
+    if baseline in values:
+        patience = cfg.get("train", {}).get("early_stopping_patience")
+        l2 = _l2_with_collapse(l2, collapse_check((curves or {}).get(baseline, {}), patience), baseline)
+    claims.append(l2)
     ks = sorted(set(cfg["compression_k"]))
     if "compression" in cfg["ablation"] and len(ks) >= 2:
         claims.append(judge_claim({**lw, "id": "L3", "candidate": Arm(ks[0], True, mode).name,
@@ -660,7 +741,8 @@ def _between_claim(config: str, items: dict, setting: str) -> dict:
         verdict = "not supported: bridged is significantly outside the source-target range"
     else:
         verdict = "not testable at this scale: an interval holds 0"
-    verdict += ("; the peak-to-final drop cannot show here: early stopping restores the best validation weights")
+    verdict += ("; the peak-to-final drop cannot show here: the arms with the fixes restore their best-validation "
+                "weights")
     return {**row, "measured": measured, "verdict": verdict}
 
 

@@ -180,16 +180,18 @@ def _mean_std(desc: dict | None) -> str:
     return f"{fmt(desc['mean'])} ± {fmt(desc['std'], 2)}"
 
 
-def _change(change: dict | None) -> str:
-    """A change-table cell: '+1.23% [+0.50, +1.96] (p=0.012)', or the shared measurement without an interval."""
+def change_cell(change: dict | None) -> str:
+    """A change-table cell: '+1.23% [+0.50, +1.96] (p=0.012)', or the shared measurement without an interval; with
+    as many decimals as the interval's width needs (a change of -0.004% does not print as -0.00%)."""
     if not change:
         return "-"
+    digits = attribution.decimals(change)
     if change.get("constant"):
-        return f"{change['delta_pct']:+.2f}% (one shared measurement, no interval)"
+        return f"{change['delta_pct']:+.{digits}f}% (one shared measurement, no interval)"
     ci = change.get("ci95")
-    ci_text = f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else ""
+    ci_text = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ""
     p = change.get("p_value")
-    return f"{change['delta_pct']:+.2f}%{ci_text}" + (f" (p={p:.2g})" if p is not None else "")
+    return f"{change['delta_pct']:+.{digits}f}%{ci_text}" + (f" (p={p:.2g})" if p is not None else "")
 
 
 def config_label(name: str, entry: dict, summary: dict) -> str:
@@ -223,10 +225,19 @@ def change_table(summary: dict, metrics: list[str]) -> list[str]:
     ref = summary["reference"]
     header = ["configuration", *[f"{m} change vs {ref} [95% CI] (p)" for m in metrics]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    ref_metrics = summary["configs"].get(ref, {}).get("metrics", {})
     for name, entry in summary["configs"].items():
         if name == ref:
             continue
-        cells = [config_label(name, entry, summary)] + [_change(entry["vs_reference"].get(m)) for m in metrics]
+        cells = [config_label(name, entry, summary)]
+        for m in metrics:
+            change = entry["vs_reference"].get(m)
+            if change is None and entry["metrics"].get(m, {}).get("n") and \
+                    ref_metrics.get(m, {}).get("values") and not any(ref_metrics[m]["values"]):
+                both = not any(entry["metrics"][m]["values"])
+                cells.append("0 on both: no change" if both else f"undefined: `{ref}` is 0 on every seed")
+            else:
+                cells.append(change_cell(change))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -605,9 +616,8 @@ def with_declarations(study, record: dict) -> dict:
     # what the study decides on today (e.g. MU: test perplexity, where older runs recorded the optimistic val_ppl)
     current = {"primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
                "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg)}
-    if "comparisons" in record or "roles" in record:
-        return {**record, **current}
-    return {**record, **current, **registry.declarations(study, cfg, record["configurations"])}
+    # the record's own declarations win; what it predates (e.g. comparisons a study declares since) is filled in
+    return {**registry.declarations(study, cfg, record["configurations"]), **record, **current}
 
 
 def write_reports(run: RunDir) -> dict:
