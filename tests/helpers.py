@@ -157,6 +157,6 @@ def assert_close(actual, expected, path: str = "", rel: float = 1e-5) -> None:
         for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
             assert_close(a, e, f"{path}[{i}]", rel)
     elif isinstance(expected, float) and not isinstance(expected, bool):
-        assert actual == pytest.approx(expected, rel=rel, abs=1e-6), path
+        assert actual == pytest.approx(expected, rel=rel, abs=1e-6), f"{path}: {actual!r} vs {expected!r}"
     else:
         assert actual == expected, path

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LMLAB, assert_close, assert_run_layout, comparable_summary, run_cli, run_smoke_study
+from helpers import LMLAB, ONE_THREAD, assert_close, assert_run_layout, comparable_summary, run_cli, run_smoke_study
 from lmlab.engine.hooks import Display
 from lmlab.engine.state import complete_checkpoints
 from lmlab.studies.report import build_summary
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.xdist_group("studies")
 
 HYLORADA_CONFIGS = ["base", "lora", "rslora", "lora-lr-scaled", "rslora+dora", "rslora+bias", "rslora+landmarks",
                     "rslora+bias+landmarks", "rslora+bias+learnable_bucket", "rslora+constant", "rslora+bias+constant",
-                    "rslora-matched", "landmarks-only", "lora+embed+norm"]
+                    "rslora-matched", "landmarks-only", "rslora-frozen+bias", "lora+embed+norm"]
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +103,9 @@ def test_report_command_reproduces_the_summary_exactly(smoke_run: Path, tmp_path
 
 def sigterm_after_rows(out: Path, rows: int, *extra: str) -> None:
     """`lmlab run hylorada --preset smoke` into `out`, stopped by SIGTERM once `rows` cells are recorded."""
+    # one thread, as `run_cli` (and so the reference run) uses: the same kernels' reductions, the same digits
     proc = subprocess.Popen([*LMLAB, "run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
     results = out / "results.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -191,6 +192,14 @@ def test_each_component_is_judged_against_its_parent_and_its_controls(smoke_run:
         "trainable_params"] == info["candidate_params"] > info["params"] * (info["rank"] - 1) / info["rank"]
     only = next(r for r in rows if r["config"] == "landmarks-only")  # the positive control trains landmarks alone
     assert only["params"]["trainable_params"] == only["details"]["components"]["landmarks"]
+    # the bias's positive control trains rsLoRA as `rslora` does, freezes it, then trains the bias alone on top: with
+    # the bias removed it is exactly the `rslora` cell of its seed, and it trained both (LoRA, then the bias)
+    rslora = {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == "rslora"}
+    for r in (r for r in rows if r["config"] == "rslora-frozen+bias"):
+        assert r["metrics"]["val_ppl_without_position"] == pytest.approx(rslora[r["seed"]], rel=1e-6)
+        assert r["metrics"]["val_ppl"] != pytest.approx(rslora[r["seed"]], rel=1e-9)  # the bias did train
+        components = r["details"]["components"]
+        assert components["lora"] == configs["rslora"]["trainable_params"] and components["position_bias"] > 0
     for row in rows:  # the "Trainable parameters by component" table adds up to each cell's trainable parameters
         if row["details"].get("components"):
             assert sum(row["details"]["components"].values()) == row["params"]["trainable_params"], row["config"]
@@ -221,6 +230,9 @@ def test_the_report_has_positive_controls_an_ablation_and_ends_with_the_claims(s
     assert "so `rslora` vs `lora` compares step sizes" in report
     # recall after fine-tuning is compared paired over the same queries, vs the base and vs the reference
     assert "Paired over the same " in report and "| vs base, points [95% CI] (p) |" in report
+    queries = next(line for line in report.splitlines() if line.startswith("| queries ("))
+    total = sum(len(r["details"]["retrieval_outcomes"]) for r in rows if r["config"] == "lora")
+    assert sum(int(v.replace(",", "")) for v in queries.split("|")[2:-1]) == total  # per decile, over the seeds
     last = report.split("\n## ")[-1]
     assert last.startswith("Claims of the research notes vs this run")
     assert "| H3: rsLoRA: +17.07% over a 69.00-PPL baseline |" in last

@@ -23,6 +23,7 @@ What makes a conclusion here attributable (see `lmlab.studies.attribution`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -56,6 +57,7 @@ from lmlab.hylorada import (
     save_adapter,
 )
 from lmlab.hylorada.layers import HyLoRADALinear
+from lmlab.hylorada.model import component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.studies.attribution import effect_text
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
@@ -84,6 +86,10 @@ class Arm:
     note: str = ""
     invalid: bool = False
     freeze_lora: bool = False  # the adapters' B stays 0: only the position components train (a positive control)
+    # rsLoRA trained first as its parent is (the position components held at their identity start), then frozen,
+    # and the position components trained alone on top for the same budget: a positive control for a component
+    # that acts through the LoRA update (the bias scales it per position, so on a frozen base it can do nothing)
+    position_after_lora: bool = False
     matched_rank: bool = False  # rank raised until its trainable parameters reach the headline candidate's
     lr_scaled: bool = False  # trains at rsLoRA's learning rate x sqrt(r) (a control for rsLoRA's larger step)
 
@@ -131,6 +137,10 @@ HYLORADA_ARMS: dict[str, Arm] = {
     "landmarks-only": Arm({**RSLORA, "landmarks": "position_adaptive"}, "positive control",
                           "landmarks trained alone on the frozen base (LoRA held at 0): can they move the metric?",
                           freeze_lora=True),
+    "rslora-frozen+bias": Arm({**RSLORA, "position_bias": True}, "positive control",
+                              "rsLoRA trained as `rslora` is, then frozen, and the position bias trained alone on "
+                              "top (the bias scales the LoRA update, so it needs one to act on): can it move the "
+                              "metric?", position_after_lora=True),
     "lora+embed+norm": Arm({**LORA, "train_embeddings": True, "train_norms": True}, "peer",
                            "LongLoRA-style: also trains the (tied) embeddings and the norms"),
 }
@@ -146,6 +156,8 @@ HYLORADA_COMPARISONS = [
      "controls": ["rslora+bias+constant"]},
     {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks"},
     {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
+    {"component": "position bias alone on a trained rsLoRA (positive control)", "candidate": "rslora-frozen+bias",
+     "parent": "rslora"},
     {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora",
      "unmatched": True},
 ]
@@ -492,15 +504,40 @@ class HyloradaStudy(Study):
         model = self._load_base(ctx)
         D.seed_everything(seed)  # the adapter's initialisation depends on the seed
         model = apply_hylorada(model, adapter_cfg, max_positions=cfg.max_length)
+        hooks = HyLoRADAHooks(adapter_cfg, ctx.tokenizer.pad_token_id)
+        train_cfg = cfg.train.model_copy(update={"lr": lr})
+        lora = [p for m in model.modules() if isinstance(m, HyLoRADALinear) for p in (m.lora_A, m.lora_B)]
         if arm.freeze_lora:
-            for module in model.modules():
-                if isinstance(module, HyLoRADALinear):
-                    module.lora_A.requires_grad_(False)
-                    module.lora_B.requires_grad_(False)
-        result = train(model, data.train, cfg.train.model_copy(update={"lr": lr}), seed=seed,
-                       hooks=HyLoRADAHooks(adapter_cfg, ctx.tokenizer.pad_token_id),
+            for param in lora:
+                param.requires_grad_(False)
+        first = None
+        if arm.position_after_lora:
+            # stage 1: everything but the position components (held at their start, where they are the identity),
+            # i.e. the parent rsLoRA; stage 2 below: the position components alone on the frozen result
+            state = hylorada_state(model)
+            position = [p for n, p in model.named_parameters() if p.requires_grad and component_of(n, state) not in
+                        (None, "lora", "dora_magnitude", "embeddings", "norms")]
+            trained = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in position)]
+            for param in position:
+                param.requires_grad_(False)
+            first = train(model, data.train, train_cfg, seed=seed, hooks=hooks,
+                          checkpoint_dir=None if cell_dir is None else cell_dir / "lora-stage" / TRAIN_STATE,
+                          metrics_path=None if cell_dir is None else cell_dir / "lora-stage" / "metrics.jsonl",
+                          display=display.named(f"{display.desc} (rsLoRA stage)"))
+            for param in trained:
+                param.requires_grad_(False)
+            for param in position:
+                param.requires_grad_(True)
+        result = train(model, data.train, train_cfg, seed=seed, hooks=hooks,
                        checkpoint_dir=None if cell_dir is None else cell_dir / TRAIN_STATE,
                        metrics_path=None if cell_dir is None else cell_dir / "metrics.jsonl", display=display)
+        if first is not None:  # what the cell cost and trained: both stages
+            for param in trained:
+                param.requires_grad_(True)
+            result = dataclasses.replace(result, train_time_s=first.train_time_s + result.train_time_s,
+                                         peak_mem_mb=max(first.peak_mem_mb, result.peak_mem_mb),
+                                         steps=first.steps + result.steps, examples=first.examples + result.examples,
+                                         tokens=first.tokens + result.tokens)
         return model, adapter_cfg, result
 
     def _lr(self, ctx: _Context, arm: Arm, config: str) -> float:
@@ -628,7 +665,9 @@ class HyloradaStudy(Study):
         lines += _learning_rate_section(cfg, run, ok, summary)
         roles = {names[c]: e.get("role") for c, e in summary["configs"].items() if c in names}
         lines += _positive_control_section(ok, configs, cfg, names.get(summary["reference"], summary["reference"]))
-        lines += _ablation_section(ok, configs, roles)
+        arms = {names[c]: self.arms[c] for c in record["configurations"] if c in self.arms}
+        lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
+                                   {c: _how_alone(a) for c, a in arms.items()})
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
             lim = next((r["details"].get("lim_tokens") for r in ok if r["details"].get("lim_tokens")), None)
@@ -718,7 +757,22 @@ def step_size_scale(cfg: HyloradaStudyConfig, adapter: HyLoRADAConfig, steps: in
 
 
 def _has_position_parts(adapter: dict) -> bool:
-    return bool(adapter.get("position_bias")) or adapter.get("landmarks", "none") != "none"
+    return bool(_position_parts(adapter))
+
+
+def _position_parts(adapter: dict | None) -> set[str]:
+    """The position components an arm trains: "bias" and / or "landmarks"."""
+    if adapter is None:
+        return set()
+    return ({"bias"} if adapter.get("position_bias") else set()) | (
+        {"landmarks"} if adapter.get("landmarks", "none") != "none" else set())
+
+
+def _how_alone(arm: Arm) -> str:
+    """How a positive control trains its position components alone (for the ablation's sentence)."""
+    if arm.position_after_lora:
+        return "trained alone on a trained, frozen rsLoRA"
+    return "trained alone on the frozen base" if arm.freeze_lora else "trained with the rest"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -886,10 +940,18 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
     return lines
 
 
-def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str]) -> list[str]:
-    """What the trained position components contribute: each cell evaluated with them removed."""
+NEGLIGIBLE_PCT = 0.1  # a change of val_ppl below this (in %) is negligible in the ablation's sentences
+
+
+def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str],
+                      parts: dict[str, set[str]] | None = None, how: dict[str, str] | None = None) -> list[str]:
+    """What the trained position components contribute: each cell evaluated with them removed. `parts` names each
+    configuration's position components ("bias", "landmarks"), so that a positive control speaks for the
+    configurations that train the same ones; `how` says how each positive control trained them."""
     from lmlab import stats
 
+    parts = parts or {}
+    how = how or {}
     with_parts = [c for c in configs if _metric_mean(rows, c, "val_ppl_without_position") is not None]
     if not with_parts:
         return []
@@ -907,20 +969,35 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
         change = changes[c] = stats.paired_relative_change(with_, without)
         lines.append(f"| {c} | {fmt(_mean(list(with_.values())))} | {fmt(_mean(list(without.values())))} | "
                      f"{change_cell(change)} |")
-    adapted = [changes[c] for c in with_parts if roles.get(c) != "positive control" and changes[c]]
+    adapted = [c for c in with_parts if roles.get(c) != "positive control" and changes[c]]
     alone = [(c, changes[c]) for c in with_parts if roles.get(c) == "positive control" and changes[c]]
     if adapted:
-        largest = max(abs(ch["delta_pct"]) for ch in adapted)
+        largest = max(abs(changes[c]["delta_pct"]) for c in adapted)
         lines += ["", f"In the configurations that also train LoRA, removing the trained position components changes "
                   f"val_ppl by at most {largest:.3f}% (mean over seeds)."]
         for c, ch in alone:
             ci = ch["ci95"]
             moved = ci is not None and (ci[0] > 0 or ci[1] < 0)
-            lines[-1] += (f" Trained alone on the frozen base (`{c}`), they change it by {ch['delta_pct']:+.3f}%"
-                          + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + ": "
-                          + ("the components can move the metric, so their near-zero share in the fine-tuned models is "
-                             "a finding, not a blind spot of the metric." if moved else
-                             "even alone they do not move the metric measurably."))
+            what = " and ".join({"bias": "the position bias"}.get(x, x) for x in sorted(parts.get(c, set()))) or (
+                "position components")
+            # the fine-tuned configurations that train the same components: what this control speaks for
+            peers = [a for a in adapted if not parts.get(c) or parts.get(a, set()) & parts[c]]
+            share = max((abs(changes[a]["delta_pct"]) for a in peers), default=None)
+            text = (f" `{c}` ({what} {how.get(c, 'trained alone')}): the trained components change val_ppl by "
+                    f"{change_cell(ch)}")
+            if not moved:
+                text += (": even alone they do not move the metric measurably, so a null result for them here may be "
+                         "a blind spot of this setting rather than a finding.")
+            elif abs(ch["delta_pct"]) < NEGLIGIBLE_PCT:
+                text += (f": measurable, but even alone they move it by less than {NEGLIGIBLE_PCT:g}%, so at this "
+                         "budget the component has little room either way: a null result for it here bounds its "
+                         "effect at this scale rather than showing it has none.")
+            elif share is not None and share < NEGLIGIBLE_PCT:
+                text += (f": they can move the metric, so their near-zero share ({share:.3f}% at most) in the "
+                         "fine-tuned models is a finding, not a blind spot of the metric.")
+            else:
+                text += ": they can move the metric."
+            lines[-1] += text
     lines.append("")
     return lines
 
@@ -964,6 +1041,15 @@ def _retrieval_table(rows, configs) -> list[str]:
     native = _by_config(rows, ["base"], "retrieval_by_depth_native")
     for c, values in [*(("base (as pretrained, no extension)", v) for v in native.values()), *curves.items()]:
         lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
+    # every configuration answers the same queries: their count per decile (over the seeds) says how far a mean can be
+    # trusted (a decile with a handful of queries swings by whole tenths)
+    counts = {}
+    for r in rows:
+        if r["config"] == next(iter(curves)) and r["details"].get("retrieval_counts"):
+            counts[r["seed"]] = r["details"]["retrieval_counts"]
+    if counts:
+        total = [sum(col) for col in zip(*counts.values(), strict=True)]
+        lines.append(f"| queries ({len(counts)} seeds) | " + " | ".join(f"{n:,}" for n in total) + " |")
     return lines
 
 
