@@ -111,6 +111,33 @@ def test_a_study_killed_mid_step_mid_checkpoint_and_mid_evaluation_resumes_to_th
     assert_same_run(reference, out)
 
 
+def test_a_two_stage_cell_killed_in_each_stage_resumes_to_the_same_run(tmp_path):
+    """`rslora-frozen+bias` trains rsLoRA (12 steps here), then the bias alone on it (12 more): killed in the first
+    stage, then in the second, it resumes each stage from its own checkpoint to the results of a run never stopped,
+    and its recorded cell keeps neither stage's checkpoints."""
+    args = ["only=[rslora-frozen+bias]", "train.epochs=4", "train.checkpoint_every=2"]
+    reference = tmp_path / "reference"
+    finish(["run", "hylorada", "--preset", "smoke", "--seeds", "1", "--quiet", "--out", str(reference), *args])
+    out = tmp_path / "killed"
+    cell = out / "cells" / "rslora-frozen+bias" / "seed-42"
+    # before step 5 of the first stage (after the 12 steps of the reference cell `lora`); then, resumed from its
+    # step 4, before step 5 of the second stage (8 + 5 steps later)
+    for i, point in enumerate(["step:17", "step:13"]):
+        run = (["run", "hylorada", "--preset", "smoke", "--seeds", "1", "--quiet", "--out", str(out), *args] if i == 0
+               else resume_args("hylorada", out))
+        done = killed(run, point)
+        assert done.returncode == -signal.SIGKILL, (point, done.returncode, done.stderr[-3000:])
+        stage = cell / "train_state" / ("lora-stage" if i == 0 else "")
+        assert sorted(p.name for p in stage.glob("step-*")) == ["step-00000004"], point  # where it resumes
+    finish(resume_args("hylorada", out))
+    assert_same_run(reference, out)
+    for run in (reference, out):
+        first = read_jsonl(run / "cells" / "rslora-frozen+bias" / "seed-42" / "metrics-lora-stage.jsonl")
+        assert [r["step"] for r in first if r["kind"] == "train"] == list(range(1, 13))
+    assert without_speed(reference / cell.relative_to(out) / "metrics-lora-stage.jsonl") == without_speed(
+        cell / "metrics-lora-stage.jsonl")
+
+
 def test_sigterm_checkpoints_the_running_cell_and_resume_continues_it(tmp_path):
     args = ["train.epochs=24", "train.checkpoint_every=1000", "train.eval_every=20"]
     reference = tmp_path / "reference"

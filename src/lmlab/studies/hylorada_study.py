@@ -104,6 +104,8 @@ LR_SCALED_NOTE = ("LoRA at sqrt(r) times rsLoRA's learning rate, so its first up
 
 
 
+LORA_STAGE = "lora-stage"  # a two-stage cell's first stage (`Arm.position_after_lora`): its checkpoints and curve
+
 # Bucket boundaries act only through the position components they route (the bias table and the landmarks), which
 # the ablation removes (`val_ppl_without_position`): how much those carry bounds what a bucketing scheme can change.
 THROUGH_POSITION = {"without": "val_ppl_without_position",
@@ -520,9 +522,11 @@ class HyloradaStudy(Study):
             trained = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in position)]
             for param in position:
                 param.requires_grad_(False)
+            # its checkpoints inside the cell's TRAIN_STATE: a cell stopped in either stage resumes where it stopped,
+            # and a recorded cell keeps neither stage's checkpoints (lmlab.studies.rundir)
             first = train(model, data.train, train_cfg, seed=seed, hooks=hooks,
-                          checkpoint_dir=None if cell_dir is None else cell_dir / "lora-stage" / TRAIN_STATE,
-                          metrics_path=None if cell_dir is None else cell_dir / "lora-stage" / "metrics.jsonl",
+                          checkpoint_dir=None if cell_dir is None else cell_dir / TRAIN_STATE / LORA_STAGE,
+                          metrics_path=None if cell_dir is None else cell_dir / f"metrics-{LORA_STAGE}.jsonl",
                           display=display.named(f"{display.desc} (rsLoRA stage)"))
             for param in trained:
                 param.requires_grad_(False)

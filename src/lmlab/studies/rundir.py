@@ -278,11 +278,15 @@ class RunDir:
 
     def discard_cell(self, config: str, seed: int, keep_checkpoint: bool = False) -> None:
         """Remove a partial cell's directory - or, with `keep_checkpoint`, leave it as it is when it holds a
-        complete training checkpoint: the resumed cell continues from it (its training rewrites the files it
-        appends to back to the checkpoint's state)."""
+        complete training checkpoint (of its training, or of one of its stages in a folder inside TRAIN_STATE): the
+        resumed cell continues from it (its training rewrites the files it appends to back to the checkpoint's
+        state)."""
         if not D.is_main():
             return
-        if keep_checkpoint and complete_checkpoints(self.cell_dir(config, seed) / TRAIN_STATE):
+        state = self.cell_dir(config, seed) / TRAIN_STATE
+        # a cell that trains in stages checkpoints each in a folder of its own inside TRAIN_STATE
+        stages = [state, *(p for p in state.iterdir() if p.is_dir())] if state.is_dir() else []
+        if keep_checkpoint and any(complete_checkpoints(stage) for stage in stages):
             return
         shutil.rmtree(self.cell_dir(config, seed), ignore_errors=True)
 
