@@ -200,6 +200,13 @@ def test_each_component_is_judged_against_its_parent_and_its_controls(smoke_run:
         assert r["metrics"]["val_ppl"] != pytest.approx(rslora[r["seed"]], rel=1e-9)  # the bias did train
         components = r["details"]["components"]
         assert components["lora"] == configs["rslora"]["trainable_params"] and components["position_bias"] > 0
+    # its training curve is both stages: `rslora`'s steps (the same losses), then the bias stage's after them
+    from lmlab.studies.report import cell_curves
+    curves = cell_curves(RunDir(smoke_run), ["rslora", "rslora-frozen+bias"], "train", "loss")
+    steps = sorted(curves["rslora"])
+    assert sorted(curves["rslora-frozen+bias"]) == [*steps, *(steps[-1] + s for s in steps)]
+    for s in steps:
+        assert curves["rslora-frozen+bias"][s] == pytest.approx(curves["rslora"][s], rel=1e-6)
     for row in rows:  # the "Trainable parameters by component" table adds up to each cell's trainable parameters
         if row["details"].get("components"):
             assert sum(row["details"]["components"].values()) == row["params"]["trainable_params"], row["config"]

@@ -395,14 +395,23 @@ def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
 
 
 def cell_curves(run: RunDir, configs: list[str], kind: str, key: str) -> dict[str, dict[int, list[float]]]:
-    """{config: {step: [value per seed]}} of `key` in the cells' metrics.jsonl records of `kind`."""
+    """{config: {step: [value per seed]}} of `key` in the cells' metrics.jsonl records of `kind`. A cell that trained
+    in stages keeps its earlier stages' curves in `metrics-<stage>.jsonl` (name order): they come first, and each
+    later stage's steps continue after the steps before it, so the curve shows the whole training of the cell."""
     curves: dict[str, dict[int, list[float]]] = {}
     for config in configs:
-        for metrics_file in sorted((run.root / "cells" / config).glob("seed-*/metrics.jsonl")):
-            for line in metrics_file.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line) if line.strip() else {}
-                if rec.get("kind") == kind and rec.get(key) is not None:
-                    curves.setdefault(config, {}).setdefault(rec["step"], []).append(rec[key])
+        for cell in sorted((run.root / "cells" / config).glob("seed-*")):
+            offset = 0
+            for metrics_file in [*sorted(cell.glob("metrics-*.jsonl")), cell / "metrics.jsonl"]:
+                if not metrics_file.is_file():
+                    continue
+                last = 0
+                for line in metrics_file.read_text(encoding="utf-8").splitlines():
+                    rec = json.loads(line) if line.strip() else {}
+                    last = max(last, rec.get("step") or 0)
+                    if rec.get("kind") == kind and rec.get(key) is not None:
+                        curves.setdefault(config, {}).setdefault(offset + rec["step"], []).append(rec[key])
+                offset += last
     return curves
 
 
