@@ -129,7 +129,11 @@ def test_a_two_stage_cell_killed_in_each_stage_resumes_to_the_same_run(tmp_path)
         assert done.returncode == -signal.SIGKILL, (point, done.returncode, done.stderr[-3000:])
         stage = cell / "train_state" / ("lora-stage" if i == 0 else "")
         assert sorted(p.name for p in stage.glob("step-*")) == ["step-00000004"], point  # where it resumes
-    finish(resume_args("hylorada", out))
+    # the finished first stage's final checkpoint is kept: resumed, that stage restores it and trains no step again,
+    # so the run finishes within the second stage's 8 remaining steps (a 9th step would kill it)
+    assert sorted(p.name for p in (cell / "train_state" / "lora-stage").glob("step-*")) == ["step-00000012"]
+    done = killed(resume_args("hylorada", out), "step:9")
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
     assert_same_run(reference, out)
     for run in (reference, out):
         first = read_jsonl(run / "cells" / "rslora-frozen+bias" / "seed-42" / "metrics-lora-stage.jsonl")

@@ -235,8 +235,8 @@ def test_the_report_has_positive_controls_an_ablation_and_ends_with_the_claims(s
                     "## Learning rate", "effective buckets", "step size alone"):
         assert heading in report
     assert "so `rslora` vs `lora` compares step sizes" in report
-    # recall after fine-tuning is compared paired over the same queries, vs the base and vs the reference
-    assert "Paired over the same " in report and "| vs base, points [95% CI] (p) |" in report
+    # recall after fine-tuning is compared paired by seed (over the same queries), vs the base and vs the reference
+    assert "Paired by seed (" in report and "| vs base, points [95% CI] (p); queries p |" in report
     queries = next(line for line in report.splitlines() if line.startswith("| queries ("))
     total = sum(len(r["details"]["retrieval_outcomes"]) for r in rows if r["config"] == "lora")
     assert sum(int(v.replace(",", "")) for v in queries.split("|")[2:-1]) == total  # per decile, over the seeds

@@ -416,8 +416,10 @@ class HyloradaStudy(Study):
             ctx.matched_rank, ctx.matched_params = self._matched_rank(ctx)
         if cfg.lr_grid is not None:
             tuned = [c for c in configs if self.arms[c].adapter is not None and not self.arms[c].lr_scaled]
-            if any(self.arms[c].lr_scaled for c in configs) and "rslora" not in tuned:
-                tuned.append("rslora")  # the learning rate an lr-scaled control derives its own from
+            if any(self.arms[c].lr_scaled or self.arms[c].position_after_lora for c in configs):
+                # the learning rate an lr-scaled control derives its own from, and a two-stage arm's first stage
+                # trains at (as `rslora` itself): tuned first
+                tuned = ["rslora", *(c for c in tuned if c != "rslora")]
             ctx.lrs = self._tune_learning_rates(ctx, run, tuned, display)
         return ctx
 
@@ -498,9 +500,10 @@ class HyloradaStudy(Study):
                               trust_remote_code=cfg.trust_remote_code)
 
     def _fine_tune(self, ctx: _Context, arm: Arm, data: SeedData, seed: int, lr: float,
-                   cell_dir: Path | None, display: Display):
+                   cell_dir: Path | None, display: Display, lora_lr: float | None = None):
         """The extended base with this arm's adapter, trained on `data` (checkpointed into `cell_dir` when given);
-        returns (model, adapter config, result)."""
+        returns (model, adapter config, result). A two-stage arm (`position_after_lora`) trains its rsLoRA stage at
+        `lora_lr` (`rslora`'s learning rate, so that stage is the `rslora` cell) and its position components at `lr`."""
         cfg = ctx.cfg
         adapter_cfg = self._adapter_config(ctx, arm)
         model = self._load_base(ctx)
@@ -524,7 +527,8 @@ class HyloradaStudy(Study):
                 param.requires_grad_(False)
             # its checkpoints inside the cell's TRAIN_STATE: a cell stopped in either stage resumes where it stopped,
             # and a recorded cell keeps neither stage's checkpoints (lmlab.studies.rundir)
-            first = train(model, data.train, train_cfg, seed=seed, hooks=hooks,
+            first = train(model, data.train, cfg.train.model_copy(update={"lr": lr if lora_lr is None else lora_lr}),
+                          seed=seed, hooks=hooks,
                           checkpoint_dir=None if cell_dir is None else cell_dir / TRAIN_STATE / LORA_STAGE,
                           metrics_path=None if cell_dir is None else cell_dir / f"metrics-{LORA_STAGE}.jsonl",
                           display=display.named(f"{display.desc} (rsLoRA stage)"))
@@ -572,7 +576,8 @@ class HyloradaStudy(Study):
             scores = {}
             for lr in cfg.lr_grid:
                 model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None,
-                                              display.named(f"lr search {config} lr {lr:g}"))
+                                              display.named(f"lr search {config} lr {lr:g}"),
+                                              lora_lr=record["configs"].get("rslora", {}).get("lr"))
                 model.to(D.device())
                 scores[f"{lr:g}"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
             best = min(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
@@ -593,7 +598,8 @@ class HyloradaStudy(Study):
         metrics: dict = {}
         if arm.adapter is not None:
             lr = self._lr(ctx, arm, config)
-            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir, display)
+            model, adapter_cfg, result = self._fine_tune(ctx, arm, data, seed, lr, cell_dir, display,
+                                                         lora_lr=ctx.lrs.get("rslora", cfg.train.lr))
             components = component_param_counts(model, trainable_only=True)
             params = {"trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                       "component_params": sum(v for k, v in components.items() if k != "lora"),
@@ -846,8 +852,14 @@ def _lr_control_sentences(summary: dict) -> list[str]:
 
 
 def _retrieval_change(rows: list[dict], first: str, second: str) -> dict | None:
-    """Recall of `first` minus `second` in points, paired over the same queries: each seed's retrieval documents are
-    the same for every configuration, so the (seed, query) pairs are the items (stats.paired_item_difference)."""
+    """Recall of `first` minus `second`, paired. Each seed's retrieval documents are the same for every
+    configuration, so two comparisons are possible:
+    - over seeds (the test the report decides on, as for val_ppl): each seed's recall difference over its queries,
+      a 95% t-interval and a paired t-test over the seeds - whether training the two again would differ;
+    - over queries (`queries`: stats.paired_item_difference on the (seed, query) pairs): whether these trained models
+      differ on these queries, the models taken as fixed - narrower, and not a statement about the training."""
+    from scipy import stats as scipy_stats
+
     from lmlab import stats
 
     per_seed = [{r["seed"]: r["details"].get("retrieval_outcomes") for r in rows if r["config"] == c}
@@ -856,19 +868,39 @@ def _retrieval_change(rows: list[dict], first: str, second: str) -> dict | None:
                    and len(per_seed[0][s]) == len(per_seed[1][s]))
     if not seeds:
         return None
+    diffs = [sum(per_seed[0][s]) / len(per_seed[0][s]) - sum(per_seed[1][s]) / len(per_seed[1][s]) for s in seeds]
+    shared = max(diffs) - min(diffs) < 1e-12  # the same on every seed: one measurement, no interval
+    ci = None if shared else stats.t_interval(diffs)
+    p_value = None if shared or len(diffs) < 2 else float(scipy_stats.ttest_1samp(diffs, 0.0).pvalue)
     a, b = ([v for s in seeds for v in outcomes[s]] for outcomes in per_seed)
-    return stats.paired_item_difference([a], [b])
+    return {"difference": sum(diffs) / len(diffs), "ci95": ci, "p_value": p_value, "seeds": len(seeds),
+            "queries_per_seed": sorted({len(per_seed[0][s]) for s in seeds}),
+            "queries": stats.paired_item_difference([a], [b])}
 
 
-def _points(change: dict | None) -> str:
+def _pts(value: float) -> str:
+    """Points (x 100) with one decimal - or two where one would print a bound that is not 0 as 0.0."""
+    points = 100 * value
+    return f"{points:+.2f}" if points != 0 and abs(points) < 0.05 else f"{points:+.1f}"
+
+
+def _points(change: dict | None, all_seeds: int | None = None) -> str:
     if change is None:
         return "-"
-    lo, hi = change["ci95"]
-    return f"{100 * change['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] (p={change['p_value']:.2g})"
+    d = change["difference"]
+    if change["ci95"] is None:
+        said = (f"{_pts(d)}, the same on every seed" if change["seeds"] > 1 else f"{_pts(d)} (one seed)")
+    else:
+        lo, hi = change["ci95"]
+        said = f"{_pts(d)} [{_pts(lo)}, {_pts(hi)}] (p={change['p_value']:.2g})"
+    if all_seeds is not None and change["seeds"] < all_seeds:
+        said += f" ({change['seeds']} seeds)"
+    return said + f"; queries p={change['queries']['p_value']:.2g}"
 
 
 def _significant(change: dict | None) -> bool:
-    return change is not None and (change["ci95"][0] > 0 or change["ci95"][1] < 0)
+    """Significant over seeds: the 95% t-interval of the per-seed differences excludes 0."""
+    return change is not None and change["ci95"] is not None and (change["ci95"][0] > 0 or change["ci95"][1] < 0)
 
 
 def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, reference: str) -> list[str]:
@@ -910,13 +942,16 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                      f"{min(after.values()):.0%}-{max(after.values()):.0%} across configurations (highest mean: "
                      f"`{highest}`), against {start:.0%} before; the depth table below shows where it changed.")
         tested = [c for c in fine_tuned if vs_base[c] is not None and not c.endswith("(INVALID)")]
+        seeds = max((vs_base[c]["seeds"] for c in tested), default=0)
         if tested:
-            queries = vs_base[tested[0]]["items"]
+            sizes = sorted({n for c in tested for n in vs_base[c]["queries_per_seed"]})
+            queries = f"{sizes[0]:,}" if len(sizes) == 1 else f"{sizes[0]:,}-{sizes[-1]:,}"
             up = [c for c in tested if _significant(vs_base[c]) and vs_base[c]["difference"] > 0]
             down = [c for c in tested if _significant(vs_base[c]) and vs_base[c]["difference"] < 0]
             apart = [c for c in tested if _significant(vs_ref[c])]
-            said = (f"Paired over the same {queries:,} queries (all seeds), {len(up)} of {len(tested)} fine-tuned "
-                    "configurations recall significantly more than the base" + (
+            said = (f"Paired by seed (each seed's recall over its {queries} queries, the same queries for every "
+                    f"configuration; a 95% t-interval over the {seeds} seeds, as for val_ppl), {len(up)} of "
+                    f"{len(tested)} fine-tuned configurations recall significantly more than the base" + (
                         f" and {len(down)} significantly less ({', '.join(f'`{c}`' for c in down)})" if down else "")
                     + "; ")
             others = [c for c in tested if c != reference and vs_ref[c] is not None]
@@ -926,20 +961,31 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                             ", so retrieval does not separate the configurations at this scale") + ".")
             else:
                 said = said[:-2] + "."
+            if not up:
+                fixed = [c for c in tested if vs_base[c]["queries"]["p_value"] < 0.05
+                         and vs_base[c]["queries"]["difference"] > 0]
+                said += (f" Over {seeds} seed{'s' if seeds != 1 else ''}, then, this run does not show that "
+                         f"fine-tuning at {cfg['max_length']} tokens recovers recall"
+                         + (f" (over the pooled queries, {len(fixed)} of these trained models recall more than the "
+                            "base, but the gain varies too much from seed to seed to be told from 0: more seeds "
+                            "would tell)" if fixed else "") + ".")
             lines.append(said)
         columns = ["retrieval at " + f"{cfg['max_length']} tokens", "retrieval within the pretraining context"]
         if any(vs_base.values()):
-            columns += ["vs base, points [95% CI] (p)", f"vs `{reference}`, points [95% CI] (p)"]
+            columns += ["vs base, points [95% CI] (p); queries p", f"vs `{reference}`, points [95% CI] (p); queries p"]
         lines += ["", "| configuration | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
         for c in ["base", *fine_tuned]:
             cells = [fmt(_metric_mean(rows, c, "retrieval_acc")), fmt(_metric_mean(rows, c, "retrieval_acc_short"))]
             if any(vs_base.values()):
-                cells += [_points(vs_base.get(c)), _points(vs_ref.get(c))]
+                cells += [_points(vs_base.get(c), seeds), _points(vs_ref.get(c), seeds)]
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         if any(vs_base.values()):
-            lines += ["", "Points: recall of the configuration minus the other's, x 100, paired over the same queries "
-                      "(each seed's retrieval documents are shared by every configuration); 95% paired bootstrap "
-                      "interval over queries and a sign-flip permutation p-value."]
+            lines += ["", "Points: recall of the configuration minus the other's, x 100, the mean of the per-seed "
+                      "differences (each seed's retrieval documents are shared by every configuration) with a 95% "
+                      "t-interval and a paired t-test over the seeds: whether training the two again would differ, "
+                      "the test the sentences above count. `queries p`: a sign-flip permutation test over the "
+                      "pooled (seed, query) pairs, the trained models taken as fixed - whether these models differ "
+                      "on these queries, which says nothing about seed-to-seed variation of the training."]
     lines.append("")
     return lines
 
@@ -973,12 +1019,14 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
         change = changes[c] = stats.paired_relative_change(with_, without)
         lines.append(f"| {c} | {fmt(_mean(list(with_.values())))} | {fmt(_mean(list(without.values())))} | "
                      f"{change_cell(change)} |")
-    adapted = [c for c in with_parts if roles.get(c) != "positive control" and changes[c]]
+    # the fine-tuned configurations a conclusion may use: positive controls and diagnostics (INVALID) aside
+    adapted = [c for c in with_parts if roles.get(c) != "positive control" and not c.endswith("(INVALID)")
+               and changes[c]]
     alone = [(c, changes[c]) for c in with_parts if roles.get(c) == "positive control" and changes[c]]
     if adapted:
         largest = max(abs(changes[c]["delta_pct"]) for c in adapted)
-        lines += ["", f"In the configurations that also train LoRA, removing the trained position components changes "
-                  f"val_ppl by at most {largest:.3f}% (mean over seeds)."]
+        lines += ["", "In the fine-tuned configurations (positive controls and diagnostics aside), removing the "
+                  f"trained position components changes val_ppl by at most {largest:.3f}% (mean over seeds)."]
         for c, ch in alone:
             ci = ch["ci95"]
             moved = ci is not None and (ci[0] > 0 or ci[1] < 0)
@@ -992,8 +1040,13 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             if not moved:
                 text += (": even alone they do not move the metric measurably, so a null result for them here may be "
                          "a blind spot of this setting rather than a finding.")
+            elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
+                text += (": the metric sees them, but for the worse (trained alone they raise val_ppl"
+                         + (f", by less than {NEGLIGIBLE_PCT:g}%" if ch["delta_pct"] < NEGLIGIBLE_PCT else "")
+                         + "), so nothing here shows that the component can help: a null or a loss for it in the "
+                         "fine-tuned models is what it does at this scale, not a blind spot of the metric.")
             elif abs(ch["delta_pct"]) < NEGLIGIBLE_PCT:
-                text += (f": measurable, but even alone they move it by less than {NEGLIGIBLE_PCT:g}%, so at this "
+                text += (f": measurable, but even alone they lower it by less than {NEGLIGIBLE_PCT:g}%, so at this "
                          "budget the component has little room either way: a null result for it here bounds its "
                          "effect at this scale rather than showing it has none.")
             elif share is not None and share < NEGLIGIBLE_PCT:
