@@ -511,10 +511,11 @@ class HyloradaStudy(Study):
         model = apply_hylorada(model, adapter_cfg, max_positions=cfg.max_length)
         hooks = HyLoRADAHooks(adapter_cfg, ctx.tokenizer.pad_token_id)
         train_cfg = cfg.train.model_copy(update={"lr": lr})
-        lora = [p for m in model.modules() if isinstance(m, HyLoRADALinear) for p in (m.lora_A, m.lora_B)]
         if arm.freeze_lora:
-            for param in lora:
-                param.requires_grad_(False)
+            for module in model.modules():
+                if isinstance(module, HyLoRADALinear):
+                    module.lora_A.requires_grad_(False)
+                    module.lora_B.requires_grad_(False)
         first = None
         if arm.position_after_lora:
             # stage 1: everything but the position components (held at their start, where they are the identity),
@@ -625,7 +626,7 @@ class HyloradaStudy(Study):
             metrics["lim_ppl"] = pos["lim_ppl"]
             details.update(decile_ppl=pos["decile_ppl"], decile_tokens=pos["decile_tokens"],
                            lim_tokens=pos["lim_tokens"])
-        if arm.adapter is not None and cfg.ablate_position and _has_position_parts(arm.adapter):
+        if arm.adapter is not None and cfg.ablate_position and _position_parts(arm.adapter):
             with position_components_removed(model):
                 metrics["val_ppl_without_position"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
         self._retrieval(ctx, model, data, metrics, details, "")
@@ -764,10 +765,6 @@ def step_size_scale(cfg: HyloradaStudyConfig, adapter: HyLoRADAConfig, steps: in
              for s in range(adapter.boundary_freeze_steps, steps)]
     scale = adapter.max_positions or cfg.max_length
     return {"drift_consistent": sum(rates) * scale, "drift_random": math.sqrt(sum(r * r for r in rates)) * scale}
-
-
-def _has_position_parts(adapter: dict) -> bool:
-    return bool(_position_parts(adapter))
 
 
 def _position_parts(adapter: dict | None) -> set[str]:
@@ -1100,9 +1097,9 @@ def _retrieval_table(rows, configs) -> list[str]:
         lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     # every configuration answers the same queries: their count per decile (over the seeds) says how far a mean can be
     # trusted (a decile with a handful of queries swings by whole tenths)
-    counts = {}
+    counts, first = {}, next(iter(curves))
     for r in rows:
-        if r["config"] == next(iter(curves)) and r["details"].get("retrieval_counts"):
+        if r["config"] == first and r["details"].get("retrieval_counts"):
             counts[r["seed"]] = r["details"]["retrieval_counts"]
     if counts:
         total = [sum(col) for col in zip(*counts.values(), strict=True)]
