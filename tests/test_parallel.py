@@ -4,14 +4,18 @@ cell (the end-to-end runs are in test_studies.py, beside the sequential run they
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import time
 from pathlib import Path
 
 import pytest
 
 from helpers import run_cli
 from lmlab.errors import ConfigError
-from lmlab.studies.parallel import CellJob, ExecutorOptions, make_executor, plan_slots, resolve_parallel
+from lmlab.engine.hooks import Display
+from lmlab.studies.parallel import (CellJob, ExecutorOptions, Slot, _worker, make_executor, plan_slots,
+                                     resolve_parallel)
 from lmlab.studies.rundir import RunDir
 
 
@@ -108,3 +112,42 @@ def test_executor_options_are_checked():
         ExecutorOptions(kind="local", time_min=0)
     with pytest.raises(ConfigError, match="--slurm-cpus-per-cell"):
         ExecutorOptions(kind="slurm", cpus_per_cell=0)
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler installed for `signum` (Linux: the SigCgt mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc")
+def test_a_worker_stopped_while_it_waits_for_a_cell_ends_cleanly(tmp_path: Path):
+    """SIGTERM reaching a --parallel worker between cells (waiting on its task queue) once raised a
+    KeyboardInterrupt out of the wait: a traceback on stderr and a dead worker. It must mark the worker stopping,
+    report the cell it is handed next as stopped without computing it, and exit 0."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    tasks, events = context.Queue(), context.Queue()
+    slot = Slot(0, None, tuple(sorted(os.sched_getaffinity(0)))[:1], 1)
+    worker = context.Process(target=_worker, args=(slot, str(tmp_path / "no-run"), Display(progress=False),
+                                                   tasks, events))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not _catches(worker.pid, signal.SIGTERM):  # its handler is installed: it now waits on `tasks`
+            assert worker.is_alive() and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.05)
+        time.sleep(0.2)
+        os.kill(worker.pid, signal.SIGTERM)
+        time.sleep(0.2)
+        assert worker.is_alive()  # the signal did not end it while it waited
+        tasks.put(("lora", 1))  # no run directory exists: computing this cell would fail
+        assert events.get(timeout=60) == ("stopped", 0, "lora", 1, None)
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    finally:
+        if worker.is_alive():
+            worker.kill()

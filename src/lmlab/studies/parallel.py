@@ -220,15 +220,26 @@ def _stop_cell(signum, frame) -> None:
 
 def _worker(slot: Slot, run_root: str, shown: Display, tasks, events) -> None:
     """A worker process: its own process group (signals reach it once, from the coordinator), pinned to its
-    slot; computes the cells it is handed until it is handed None."""
+    slot; computes the cells it is handed until it is handed None. A stop signal while it computes a cell goes
+    to `_stop_cell`; one while it waits between cells only marks it stopping: a cell it is handed after that it
+    reports as stopped (nothing computed) and ends - a KeyboardInterrupt raised out of the wait would print a
+    traceback and kill the process."""
     os.setpgrp()
     _pin(slot)
     quiet_libraries()
     from lmlab import progress as bars
     from lmlab.studies.cell import log_line
 
+    state = {"in_cell": False, "stop": None}
+
+    def on_signal(signum, frame):
+        if state["in_cell"]:
+            _stop_cell(signum, frame)
+        else:
+            state["stop"] = signum
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _stop_cell)
+        signal.signal(sig, on_signal)
     display = Display(shown.progress, "cell", log_line, position=slot.index, trackers=shown.trackers)
     with bars.enabled(shown.progress):
         while True:
@@ -236,15 +247,21 @@ def _worker(slot: Slot, run_root: str, shown: Display, tasks, events) -> None:
             if task is None:
                 return
             config, seed = task
-            events.put(("start", slot.index, config, seed, None))
+            state["in_cell"] = True  # from here a signal stops the cell: before it starts, or as training does
             try:
+                if state["stop"] is not None:
+                    raise KeyboardInterrupt(state["stop"])
+                events.put(("start", slot.index, config, seed, None))
                 row = compute_cell(run_root, config, seed, display)
             except LmlabError as exc:
+                state["in_cell"] = False
                 events.put(("error", slot.index, config, seed, str(exc)))
                 return
             except KeyboardInterrupt:
+                state["in_cell"] = False
                 events.put(("stopped", slot.index, config, seed, None))
                 return
+            state["in_cell"] = False
             events.put(("done", slot.index, config, seed, row))
 
 
