@@ -334,3 +334,45 @@ def test_a_claim_about_buckets_says_how_little_the_parts_they_route_carry(share:
         bound = ablation_bound(values, ["learnable", "fixed"], "val_ppl", "val_ppl_without_position")
         assert bound == max(ends) and 0.005 < bound < 0.02
         assert f"carry at most {bound:.2g}% of val_ppl" in verdict
+
+
+@pytest.mark.parametrize("matched_factor", [0.90, 1.0])
+def test_a_claimed_gain_a_control_explains_is_not_read_as_the_component_s(matched_factor):
+    """H1's trap: landmarks beat rsLoRA (supported in direction), but a rank-matched rsLoRA gains as much. The claim's
+    verdict must say that the study does not credit the gain to the component; where the control gains nothing, it
+    must not."""
+    configs = ["rslora", "landmarks", "rslora-matched"]
+    comparisons = [{"component": "landmarks", "candidate": "landmarks", "parent": "rslora",
+                    "controls": ["rslora-matched"], "headline": True}]
+    ppl = {"rslora": scaled(10, 1.0), "landmarks": scaled(10, 0.9, (0.002, -0.003, 0.001)),
+           "rslora-matched": scaled(10, matched_factor, (-0.002, 0.003, 0.0))}
+    claims = [{"id": "H1", "claim": "landmarks +9%", "setting": "s", "candidate": "landmarks", "parent": "rslora",
+               "claimed_pct": 9.19}]
+    summary = build_summary(record(configs, comparisons, claims=claims, reference="rslora", candidate="landmarks"),
+                            rows(ppl, params={"rslora": 1000, "landmarks": 1100, "rslora-matched": 1100}))
+    verdict = summary["claims"][0]["verdict"]
+    assert verdict.startswith("supported in direction")
+    explained = "does not beat its control (`rslora-matched`"
+    if matched_factor < 1:
+        assert explained in verdict and "does not credit the gain to the component" in verdict
+        assert summary["decision"]["scenario"] == "explained-by-control"
+    else:
+        assert explained not in verdict and summary["decision"]["scenario"] in "ABCD"
+
+
+@pytest.mark.parametrize(("factor", "verdict"), [
+    (1.0, "supported: no pair differs significantly, and every difference is within 0.1%"),
+    (0.9999, "partly supported: every difference is within 0.1% as claimed"),
+    (0.99, "not supported: a difference may exceed 0.1%"),
+])
+def test_a_within_a_bound_claim_is_judged_on_its_size_and_its_noise(factor, verdict):
+    """H8 claims two things: every design within 0.1%, and within noise. A consistent 0.01% difference meets the
+    first and not the second; the verdict says which."""
+    configs = ["rslora", "fixed"]
+    ppl = {"rslora": scaled(8, 1.0), "fixed": scaled(8, factor, (1e-6, -1e-6, 0.0))}
+    claims = [{"id": "H8", "claim": "within 0.1%", "setting": "s", "kind": "null", "within_pct": 0.1,
+               "pairs": [["fixed", "rslora"]]}]
+    summary = build_summary(record(configs, [], claims=claims), rows(ppl))
+    got = summary["claims"][0]["verdict"]
+    assert got.startswith(verdict), got
+    assert ("`fixed` vs `rslora` differ significantly" in got) == (factor != 1.0)

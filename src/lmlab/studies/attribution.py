@@ -302,6 +302,25 @@ def ablation_bound(values: dict, configs: list[str], metric: str, without: str) 
     return max(bounds)
 
 
+def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool) -> str:
+    """For a claimed gain the run reproduces: the controls of the study's own comparison of the same pair (judged
+    again on the claim's metric) that the candidate does not beat - a gain in the claimed direction that a control
+    explains is not the component's, and the verdict must not read as if it were. A control that the claim's own
+    `explanation` already measures is left to that sentence."""
+    comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]),
+                None)
+    named = (spec.get("explanation") or {}).get("candidate")
+    unbeaten = []
+    for control in (comp or {}).get("controls", []):
+        vs = improvement(values, spec["candidate"], control["config"], metric, lower_is_better)
+        if control["config"] != named and vs is not None and not significant_gain(vs):
+            unbeaten.append(f"`{control['config']}` {effect_text(vs)}")
+    if not unbeaten:
+        return ""
+    return (f"; but `{spec['candidate']}` does not beat its control{'s' if len(unbeaten) > 1 else ''} "
+            f"({'; '.join(unbeaten)}), so the study does not credit the gain to the component")
+
+
 def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_better: bool) -> dict:
     """A claim (docs/studies.md, claims of the research notes) against this run: what was measured and a verdict.
 
@@ -310,7 +329,9 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     excludes 0 on the other side, or contains 0 but excludes the claimed size; not testable at this scale when it
     holds both 0 and the claimed size (the run cannot resolve an effect that large).
     kind "credit": the claim credits the gain to a component: supported only when that comparison is credited.
-    kind "null": "within noise": supported when no listed pair differs significantly.
+    kind "null": "within noise": supported when no listed pair differs significantly; with `within_pct` the claim
+    also bounds the differences' size, judged on their 95% intervals ("partly supported" where every interval lies
+    within the bound but a pair differs significantly).
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
     `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
     val_ppl_without_position) removes; where those parts carry less than the claimed size, the verdict says so.
@@ -344,8 +365,21 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             return {**row, "measured": "not run", "verdict": "not testable here: the configurations were not run"}
         measured = "; ".join(f"`{a}` vs `{b}` {effect_text(e)}" for a, b, e in ran)
         differ = [(a, b) for a, b, e in ran if significant_gain(e) or significant_loss(e)]
-        verdict = ("supported: no pair differs significantly" if not differ else
-                   "not supported: " + ", ".join(f"`{a}` vs `{b}`" for a, b in differ) + " differ significantly")
+        named = ", ".join(f"`{a}` vs `{b}`" for a, b in differ)
+        within = spec.get("within_pct")  # the claim also bounds the differences' size ("within 0.1%")
+        reach = max((max(abs(v) for v in (e["ci95"] or [e["improvement_pct"]])) for _, _, e in ran), default=0.0)
+        if within is None:
+            verdict = ("supported: no pair differs significantly" if not differ else
+                       f"not supported: {named} differ significantly")
+        elif reach > within:
+            verdict = (f"not supported: a difference may exceed {within:g}% (the 95% intervals reach {reach:.2g}%)"
+                       + (f"; {named} differ significantly" if differ else ""))
+        elif not differ:
+            verdict = (f"supported: no pair differs significantly, and every difference is within {within:g}% (the "
+                       f"95% intervals reach {reach:.2g}%)")
+        else:
+            verdict = (f"partly supported: every difference is within {within:g}% as claimed (the 95% intervals "
+                       f"reach {reach:.2g}%), but not within noise: {named} differ significantly")
         return {**row, "measured": measured, "verdict": verdict}
     effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     if effect is None:
@@ -372,6 +406,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                                f"95% CI), less than the claimed {abs(claimed):.2f}%: the setting leaves the "
                                "component little to change, so the verdict holds for this scale only")
     explanation = spec.get("explanation")
+    if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
+        out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better)
     if explanation:
         leak = improvement(values, explanation["candidate"], explanation["parent"], metric, lower_is_better)
         if leak is None:

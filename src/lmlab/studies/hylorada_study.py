@@ -155,7 +155,7 @@ HYLORADA_COMPARISONS = [
     {"component": "bias + landmarks (HyLoRADA's new components)", "candidate": "rslora+bias+landmarks",
      "parent": "rslora", "controls": ["rslora+bias+constant", "rslora-matched"], "headline": True},
     {"component": "landmarks over the bias", "candidate": "rslora+bias+landmarks", "parent": "rslora+bias",
-     "controls": ["rslora+bias+constant"]},
+     "controls": ["rslora+bias+constant", "rslora-matched"]},  # as many trainable parameters: the same control
     {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks"},
     {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
     {"component": "position bias alone on a trained rsLoRA (positive control)", "candidate": "rslora-frozen+bias",
@@ -225,11 +225,13 @@ BUCKETING_ARMS: dict[str, Arm] = {
     "learnable_notes": Arm({**RSLORA, "landmarks": "learnable_bucket", "boundary_assignment": "absolute"},
                            "ablation", "the notes' soft assignment: temperature 0.1 on p / max_positions"),
     "constant": Arm({**RSLORA, "landmarks": "constant"}, "control", CONSTANT_NOTE),
+    "rslora-matched": Arm(RSLORA, "control", MATCHED_NOTE, matched_rank=True),
 }
 BUCKETING_COMPARISONS = [
     {"component": "learnable buckets", "candidate": "learnable", "parent": "fixed", "headline": True},
     {"component": "learnable buckets at the notes' temperature", "candidate": "learnable_notes", "parent": "fixed"},
-    {"component": "landmarks with fixed buckets", "candidate": "fixed", "parent": "rslora", "controls": ["constant"]},
+    {"component": "landmarks with fixed buckets", "candidate": "fixed", "parent": "rslora",
+     "controls": ["constant", "rslora-matched"]},
 ]
 BUCKETING_CLAIMS = [
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)",
@@ -238,7 +240,7 @@ BUCKETING_CLAIMS = [
     {"id": "H7", "claim": "learnable bucketing expected +1-3% over fixed", "setting": "`000`/`001` expectations",
      "candidate": "learnable", "parent": "fixed", "claimed_pct": 2.0, "through": THROUGH_POSITION},
     {"id": "H8", "claim": "at 1 epoch / 200 samples all designs are within 0.1% (within noise)",
-     "setting": "GPT-2, 4 landmarks", "kind": "null",
+     "setting": "GPT-2, 4 landmarks", "kind": "null", "within_pct": 0.1,
      "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
 ]
 
