@@ -376,3 +376,29 @@ def test_a_within_a_bound_claim_is_judged_on_its_size_and_its_noise(factor, verd
     got = summary["claims"][0]["verdict"]
     assert got.startswith(verdict), got
     assert ("`fixed` vs `rslora` differ significantly" in got) == (factor != 1.0)
+
+
+def test_a_consistent_difference_of_float_rounding_is_not_an_effect():
+    """Two configurations computing the same function along different float paths differ by ~1e-8 relative on every
+    seed: a paired t-test calls that significant. The comparison must not credit it, and the claim must not read
+    it as a measured effect. A consistent difference of 1e-4 relative, above the resolution, still counts."""
+    from lmlab.studies.attribution import RESOLUTION_PCT
+
+    comparisons = [{"component": "learnable buckets", "candidate": "learnable", "parent": "fixed", "headline": True}]
+    claims = [{"id": "H7", "claim": "buckets", "setting": "s", "candidate": "learnable", "parent": "fixed",
+               "claimed_pct": 2.26}]
+    for relative, credited in ((1e-8, False), (1e-4, True)):
+        ppl = {"fixed": scaled(8, 1.0), "learnable": scaled(8, 1 - relative, (1e-10, -1e-10, 0.0))}
+        summary = build_summary(record(["fixed", "learnable"], comparisons, claims=claims, reference="fixed",
+                                       candidate="learnable"), rows(ppl, params={"fixed": 1000, "learnable": 1000}))
+        comp = summary["comparisons"][0]
+        ci = comp["ci95"]
+        assert ci[0] > 0  # the paired test alone would call it a gain
+        assert comp["credited"] is credited
+        verdict = summary["claims"][0]["verdict"]
+        if credited:
+            assert max(abs(v) for v in ci) > RESOLUTION_PCT and verdict.startswith("supported in direction")
+        else:
+            assert comp["scenario"] == "not-significant" and "not an effect" in comp["text"]
+            assert "below the metric's resolution" in comp["text"]
+            assert verdict.startswith("not supported: no significant effect")

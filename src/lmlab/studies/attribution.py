@@ -96,12 +96,26 @@ def no_effect_reason(values: dict, candidate: str, parent: str, metric: str) -> 
     return f"no paired {metric} values (missing or failed cells)"
 
 
+# The smallest relative change (in %) a study's metric resolves: 1e-6 relative. The same cell computed on 1 and on 2
+# CPU threads (float sums rounded in another order) gave val_ppl and lim_ppl up to 6e-8 apart, relative; two
+# configurations that compute the same function along different float paths (learnable buckets at their fixed
+# initial edges) differ by that much on every seed, consistently - a paired test then calls rounding significant.
+# An interval that lies wholly within +-RESOLUTION_PCT is no evidence of an effect, whatever its p-value.
+RESOLUTION_PCT = 1e-4
+
+
+def below_resolution(effect: dict | None) -> bool:
+    """Whether an effect's 95% interval lies wholly within +-RESOLUTION_PCT (module constant)."""
+    ci = (effect or {}).get("ci95")
+    return bool(ci) and max(abs(ci[0]), abs(ci[1])) < RESOLUTION_PCT
+
+
 def significant_gain(effect: dict | None) -> bool:
-    return bool(effect and effect["ci95"] and effect["ci95"][0] > 0)
+    return bool(effect and effect["ci95"] and effect["ci95"][0] > 0) and not below_resolution(effect)
 
 
 def significant_loss(effect: dict | None) -> bool:
-    return bool(effect and effect["ci95"] and effect["ci95"][1] < 0)
+    return bool(effect and effect["ci95"] and effect["ci95"][1] < 0) and not below_resolution(effect)
 
 
 def decimals(effect: dict) -> int:
@@ -123,6 +137,8 @@ def direction(effect: dict) -> str:
     difference', or with no interval (one seed, a shared measurement) the sign of the one value."""
     imp = effect["improvement_pct"]
     if effect.get("ci95"):
+        if below_resolution(effect) and (effect["ci95"][0] > 0 or effect["ci95"][1] < 0):
+            return "below the metric's resolution"
         return "better" if significant_gain(effect) else "worse" if significant_loss(effect) else \
             "no significant difference"
     return "better" if imp > 0 else "worse" if imp < 0 else "no change"
@@ -206,6 +222,10 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     said = (f"{head}: {c['metric']} {effect['delta_pct']:+.{digits}f}% vs `{c['parent']}`, {direction(effect)} "
             f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
+    if scenario == "not-significant" and below_resolution(effect) and effect["ci95"][0] * effect["ci95"][1] > 0:
+        return (f"{said}: not an effect - the whole interval lies within +-{RESOLUTION_PCT:g}% (1e-6 relative), the "
+                "size of float rounding (the same cell computed on 1 and on 2 CPU threads differs by up to 6e-8), so "
+                "the data cannot tell the two apart.")
     if scenario == "not-significant":
         return f"{said}: not significant - the interval contains 0, so the data cannot tell the two apart."
     if scenario == "worse":
@@ -269,9 +289,10 @@ def interval_verdict(interval: list[float] | None, claimed: float | None, claime
     """A claim's verdict from the 95% interval of its effect (oriented so that positive = the claimed direction
     when `claimed` > 0): supported when it excludes 0 on the claimed side; not supported when it excludes 0 on the
     other side, or holds 0 but excludes the claimed size; not testable at this scale when it holds both. A claim
-    of direction only (`claimed` None) holding 0 is not supported: no significant effect."""
+    of direction only (`claimed` None) holding 0 is not supported: no significant effect. An interval within
+    +-RESOLUTION_PCT counts as holding 0."""
     lo, hi = interval if interval else (-math.inf, math.inf)
-    if lo > 0 or hi < 0:
+    if (lo > 0 or hi < 0) and max(abs(lo), abs(hi)) >= RESOLUTION_PCT:  # an interval below resolution holds no effect
         if claimed is None or (lo > 0) == (claimed > 0):
             if claimed is None:
                 return f"{'supported' if lo > 0 else 'not supported'}: significantly {'better' if lo > 0 else 'worse'}"
