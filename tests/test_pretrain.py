@@ -3,6 +3,7 @@ lowers on a loaded machine, and which differs from machine to machine) must not 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -37,8 +38,7 @@ def _build(cache: Path, threads: int, monkeypatch) -> tuple[dict, dict]:
 @pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned-reference"])
 def test_a_base_pretrained_on_two_threads_is_the_base_pretrained_on_one(pinned, tmp_path: Path, monkeypatch):
     if not pinned:  # the check can fail: with the caller's threads the two bases differ
-        monkeypatch.setattr(pretrain, "PRETRAIN_THREADS", None)
-        monkeypatch.setattr(pretrain, "_threads", lambda n: _same_threads())
+        monkeypatch.setattr(pretrain, "torch_threads", lambda n: contextlib.nullcontext())
     one, info = _build(tmp_path / "one", 1, monkeypatch)
     two, _ = _build(tmp_path / "two", 2, monkeypatch)
     assert one.keys() == two.keys()
@@ -49,10 +49,3 @@ def test_a_base_pretrained_on_two_threads_is_the_base_pretrained_on_one(pinned, 
     elif same:  # the reference: what the pinned case guards against must happen without the pin
         pytest.skip("on this machine 1 and 2 threads round this model's sums alike: the pinned check cannot fail here")
 
-
-class _same_threads:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -21,6 +21,7 @@ check off. The choice is made once, when the command starts: load that arrives l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -92,3 +93,17 @@ def share_cpu(threads_given: bool, environ: MutableMapping[str, str] | None = No
     environ.update(chosen["env"])
     NOTE.append(chosen["message"])
     return chosen["message"]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Torch on `n` intra-op threads inside; the process's own count again after (a benchmark's fixed count, the one
+    thread a built-in base is pretrained on)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

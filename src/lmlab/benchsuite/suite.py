@@ -57,6 +57,7 @@ import yaml
 from torch import nn
 
 from lmlab.benchsuite import busy_cpu, source_checkout, write_results
+from lmlab.cpu_share import torch_threads
 from lmlab.stats import median_interval, paired_ratio
 
 REPO = source_checkout()  # None outside a source checkout: the children then run in the current directory
@@ -595,15 +596,14 @@ def run(settings: Settings, only: list[str] | None, out: Path, log: Callable[[st
     """Run the benchmarks (all, or `only`), write `<date>.json` and `<date>.md` into `out` (`<date>T<time>.*` when
     that day already has a run); returns the JSON path."""
     names = list(only) if only else list(BENCHMARKS)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)  # the same on both sides of every comparison
-    started = datetime.now()
-    results: dict = {"date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
-                     "machine": machine(settings.threads),
-                     "settings": {"quick": settings.quick, "seed": settings.seed, "sizes": asdict(settings.sizes),
-                                  "dtype": "float32", "lr": LR, "memory": settings.memory},
-                     "benchmarks": {}, "rows": []}
-    try:
+    with torch_threads(settings.threads):  # the same on both sides of every comparison
+        started = datetime.now()
+        results: dict = {"date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
+                         "machine": machine(settings.threads),
+                         "settings": {"quick": settings.quick, "seed": settings.seed,
+                                      "sizes": asdict(settings.sizes), "dtype": "float32", "lr": LR,
+                                      "memory": settings.memory},
+                         "benchmarks": {}, "rows": []}
         for name in names:
             log(f"bench {name} ...")
             begun = time.perf_counter()
@@ -613,8 +613,6 @@ def run(settings: Settings, only: list[str] | None, out: Path, log: Callable[[st
             results["rows"] += [asdict(r) for r in rows]
             for r in rows:
                 log(f"  {format_row(r)}")
-    finally:
-        torch.set_num_threads(previous_threads)
     results["machine"]["load_average_end"] = os.getloadavg()
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     suffix = "-quick" if settings.quick else "" if only is None else "-" + "-".join(names)

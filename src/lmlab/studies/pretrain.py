@@ -13,7 +13,6 @@ this is a recipe: it runs the training loop.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from filelock import FileLock
 from pydantic import Field
 
 from lmlab.config import Section
+from lmlab.cpu_share import torch_threads
 from lmlab.data import generators
 from lmlab.data.batching import chunk_examples, recall_examples, tokenize_documents
 from lmlab.data.tokenizer import train_bpe_tokenizer
@@ -136,7 +136,7 @@ def pretrained_tiny(cfg: PretrainConfig, *, display: Display | None = None) -> P
     try:
         ready = D.broadcast_object((target / "lmlab_pretrain.json").exists())
         if not ready and D.is_main():
-            with D.alone(), _threads(PRETRAIN_THREADS):
+            with D.alone(), torch_threads(PRETRAIN_THREADS):
                 _pretrain_into(cfg, target, display or Display())
         D.barrier()
     finally:
@@ -145,22 +145,12 @@ def pretrained_tiny(cfg: PretrainConfig, *, display: Display | None = None) -> P
     return target
 
 
-@contextlib.contextmanager
-def _threads(n: int):
-    """Torch on `n` intra-op threads inside; the process's own count again after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
+    """Pretrain and save into `target` - in one process (rank 0 alone under torchrun, `pretrained_tiny`)."""
     started = time.perf_counter()
-    if D.is_main():
-        display.line(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
-            f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data; cached at {target}")
+    display.line(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
+                 f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data, on the CPU with "
+                 f"{PRETRAIN_THREADS} thread (the same base on every machine); cached at {target}")
     tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
     docs = _training_documents(cfg, tokenizer)
     texts = [getattr(d, "text", d) for d in docs]  # a LongDocument's text, or the text itself
@@ -178,19 +168,18 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
     result = train(model, examples, cfg.train, seed=cfg.init_seed, hooks=PaddedLM(tokenizer.pad_token_id),
                    display=display.named(f"pretrain {cfg.name}"), device=PRETRAIN_DEVICE)
     val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
-    if D.is_main():
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        info = {"config": cfg.model_dump(), "key": cfg.key(), "final_train_loss": result.final_loss,
-                "val_ppl": val["ppl"], "steps": result.steps, "train_time_s": result.train_time_s,
-                "recall_phase": None if recall is None else {"steps": recall.steps, "final_loss": recall.final_loss,
-                                                             "train_time_s": recall.train_time_s},
-                "wall_time_s": time.perf_counter() - started, "device": PRETRAIN_DEVICE,
-                "threads": torch.get_num_threads(), "versions": library_versions()}
-        (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-        display.line(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
-            f"({result.steps} steps, {info['wall_time_s']:.0f}s)")
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    info = {"config": cfg.model_dump(), "key": cfg.key(), "final_train_loss": result.final_loss,
+            "val_ppl": val["ppl"], "steps": result.steps, "train_time_s": result.train_time_s,
+            "recall_phase": None if recall is None else {"steps": recall.steps, "final_loss": recall.final_loss,
+                                                         "train_time_s": recall.train_time_s},
+            "wall_time_s": time.perf_counter() - started, "device": PRETRAIN_DEVICE,
+            "threads": torch.get_num_threads(), "versions": library_versions()}
+    (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    display.line(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
+                 f"({result.steps} steps, {info['wall_time_s']:.0f}s)")
