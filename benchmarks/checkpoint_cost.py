@@ -26,6 +26,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from lmlab.benchsuite import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "off": ["train.checkpoint_every=null", "train.checkpoint_minutes=null"],
@@ -89,7 +91,7 @@ def main() -> None:
     parser.add_argument("--config", default="rslora+bias+landmarks")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
-    started = datetime.now().isoformat(timespec="seconds")
+    started = datetime.now()
     size = checkpoint_size(args.config)
     print(f"checkpoint: {size['bytes']} bytes, {size['model_tensors']} model tensors", file=sys.stderr)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
@@ -100,20 +102,17 @@ def main() -> None:
             print(f"round {r + 1} {name}: {times[name][-1]:.1f} s of cells", file=sys.stderr)
     ratios = {name: statistics.median(a / b for a, b in zip(times[name], times["off"], strict=True))
               for name in names}
-    result = {"started": started, "config": args.config, "rounds": args.rounds, "cell_seconds": times,
-              "ratio_to_off": ratios, "checkpoint": size, "cores": os.cpu_count()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{started[:10]}-checkpoint_cost"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"started": started.isoformat(timespec="seconds"), "config": args.config, "rounds": args.rounds,
+              "cell_seconds": times, "ratio_to_off": ratios, "checkpoint": size, "cores": os.cpu_count()}
     lines = [f"Checkpoint cost of a `default` HyLoRADA run, `only=[{args.config}]` (2 cells, seed 42), "
-             f"{args.rounds} interleaved rounds, 1 torch thread, {started}. Time: sum of the cells' time_s.", "",
+             f"{args.rounds} interleaved rounds, 1 torch thread, {result['started']}. Time: sum of the cells' time_s.",
+             "",
              "| variant | cells (s, median) | ratio to off (median over rounds) |", "|---|---:|---:|"]
     lines += [f"| {n} | {statistics.median(times[n]):.1f} | {ratios[n]:.3f} |" for n in names]
     lines += ["", f"One checkpoint of the `{args.config}` cell: {size['bytes'] / 1024:.0f} KiB "
               f"({', '.join(f'{k} {v / 1024:.0f} KiB' for k, v in size['files'].items())}); "
               f"{size['model_tensors']} model tensors, {size['model_values']:,} trained values (the adapter only)."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(Path(args.out), started, "-checkpoint_cost", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -20,6 +20,8 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from lmlab.benchsuite import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = "lora,rslora,rslora+landmarks,rslora-matched"
 METRICS = ("val_ppl", "lim_ppl", "val_bpb")
@@ -45,22 +47,18 @@ def main() -> None:
     parser.add_argument("--configs", default=CONFIGS)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
-    started = datetime.now().isoformat(timespec="seconds")
+    started = datetime.now()
     a, b = (cells(t, args.configs) for t in args.threads)
     diffs = {m: {c: abs(a[c][m] - b[c][m]) / abs(b[c][m]) for c in a if c in b and b[c].get(m)} for m in METRICS}
-    result = {"started": started, "threads": args.threads, "configs": sorted(a), "relative_difference": diffs,
-              "largest": {m: max(d.values()) for m, d in diffs.items() if d}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"{started[:10]}-thread_rounding"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    result = {"started": started.isoformat(timespec="seconds"), "threads": args.threads, "configs": sorted(a),
+              "relative_difference": diffs, "largest": {m: max(d.values()) for m, d in diffs.items() if d}}
     lines = [f"`default` HyLoRADA cells (seed 42) computed on {args.threads[0]} and on {args.threads[1]} torch "
-             f"threads, {started}: |difference| / value per metric.", "",
+             f"threads, {result['started']}: |difference| / value per metric.", "",
              "| configuration | " + " | ".join(METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
     lines += [f"| {c} | " + " | ".join(f"{diffs[m].get(c, float('nan')):.1e}" for m in METRICS) + " |"
               for c in sorted(a)]
     lines += ["", "Largest: " + ", ".join(f"{m} {v:.1e}" for m, v in result["largest"].items()) + "."]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(Path(args.out), started, "-thread_rounding", result, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
