@@ -31,10 +31,10 @@ VOCAB_SIZE = 384
 def one_thread():
     """Torch on one thread for a module's in-process work (requested with pytest.mark.usefixtures): on tiny
     models more intra-op threads only add synchronisation, seconds per step on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    from lmlab.cpu_share import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmlab.cpu_share import torch_threads
 from lmlab.engine.hooks import Display
 from lmlab.engine.train import TrainConfig
 from lmlab.models.tiny import TinyModelConfig
@@ -25,13 +26,9 @@ SMALL = PretrainConfig(name="threads-test", model=TinyModelConfig(hidden_size=12
 
 def _build(cache: Path, threads: int, monkeypatch) -> tuple[dict, dict]:
     monkeypatch.setenv("LMLAB_CACHE", str(cache))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         path = pretrained_tiny(SMALL, display=Display(progress=False))
         assert torch.get_num_threads() == threads  # the caller's thread count is left as it was
-    finally:
-        torch.set_num_threads(before)
     return load_file(path / "model.safetensors"), json.loads((path / "lmlab_pretrain.json").read_text())
 
 

@@ -110,6 +110,12 @@ def below_resolution(effect: dict | None) -> bool:
     return bool(ci) and max(abs(ci[0]), abs(ci[1])) < RESOLUTION_PCT
 
 
+def rounding_only(effect: dict | None) -> bool:
+    """An interval that excludes 0 but lies below resolution: a paired test's "significant" float rounding."""
+    ci = (effect or {}).get("ci95")
+    return below_resolution(effect) and (ci[0] > 0 or ci[1] < 0)
+
+
 def significant_gain(effect: dict | None) -> bool:
     return bool(effect and effect["ci95"] and effect["ci95"][0] > 0) and not below_resolution(effect)
 
@@ -137,7 +143,7 @@ def direction(effect: dict) -> str:
     difference', or with no interval (one seed, a shared measurement) the sign of the one value."""
     imp = effect["improvement_pct"]
     if effect.get("ci95"):
-        if below_resolution(effect) and (effect["ci95"][0] > 0 or effect["ci95"][1] < 0):
+        if rounding_only(effect):
             return "below the metric's resolution"
         return "better" if significant_gain(effect) else "worse" if significant_loss(effect) else \
             "no significant difference"
@@ -222,7 +228,7 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     said = (f"{head}: {c['metric']} {effect['delta_pct']:+.{digits}f}% vs `{c['parent']}`, {direction(effect)} "
             f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
-    if scenario == "not-significant" and below_resolution(effect) and effect["ci95"][0] * effect["ci95"][1] > 0:
+    if scenario == "not-significant" and rounding_only(effect):
         return (f"{said}: not an effect - the whole interval lies within +-{RESOLUTION_PCT:g}% (1e-6 relative), the "
                 "size of float rounding (the same cell computed on 1 and on 2 CPU threads differs by up to 6e-8), so "
                 "the data cannot tell the two apart.")
