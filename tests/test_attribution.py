@@ -402,3 +402,29 @@ def test_a_consistent_difference_of_float_rounding_is_not_an_effect():
             assert comp["scenario"] == "not-significant" and "not an effect" in comp["text"]
             assert "below the metric's resolution" in comp["text"]
             assert verdict.startswith("not supported: no significant effect")
+
+
+@pytest.mark.parametrize(("moved", "bounded"), [(1.1, True), (0.3, False), (None, None)])
+def test_a_null_claim_says_whether_the_step_size_or_the_gradient_held_the_component(moved, bounded):
+    """H5's bias barely trains: where it moved more than half of what its step size allowed (planted: 1.1% of 1.3%)
+    the verdict says the learning rate bounds it and the verdict holds for that learning rate only; where it moved
+    less (0.3%), that its gradient held it; where the cells did not record it, nothing is added."""
+    out = rows({"rslora": scaled(8, 1.0), "rslora+bias": scaled(8, 1.0, (0.001, -0.002, 0.0005))})
+    for r in out:
+        if r["config"] == "rslora+bias" and moved is not None:
+            r["metrics"].update(bias_rescale_pct=moved * {42: 1.0, 123: 0.9, 456: 0.8}[r["seed"]],
+                                bias_rescale_allowed_pct=1.3)
+    reach = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
+             "what": "the position bias rescales the adapters' update"}
+    claims = [{"id": "H5", "claim": "position bias: +2.11%", "candidate": "rslora+bias", "parent": "rslora",
+               "claimed_pct": 2.11, "reach": reach}]
+    verdict = build_summary(record(["rslora", "rslora+bias"], [], claims=claims), out)["claims"][0]["verdict"]
+    assert verdict.startswith("not supported: no significant effect")
+    if bounded is None:
+        assert "step size" not in verdict
+        return
+    share = f"{moved / 1.3:.0%}"  # the largest seed's, of the allowed
+    assert (f"as trained in `rslora+bias`, the position bias rescales the adapters' update by at most {moved:.2g}%, "
+            f"{share} of the 1.3% its step size allowed") in verdict
+    assert ("so the verdict holds for this learning rate and budget only" in verdict) == bounded
+    assert ("its gradient, not the step size, held it there" in verdict) == (not bounded)

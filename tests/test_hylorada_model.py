@@ -609,3 +609,48 @@ def test_dora_uses_the_norm_of_the_current_weights_after_every_optimizer_step(fu
             assert torch.allclose(layer.row_norm(), expected_norm, rtol=1e-5, atol=1e-6)
             assert torch.allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
     assert layer.lora_B.abs().sum() > 0  # the steps moved B: the norm had to change
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_position_bias_reach_is_how_far_the_layers_rescale_their_update(arch):
+    """position_bias_reach's largest |factor - 1| is measured independently: in a forward pass, each adapter's update
+    (its output minus the frozen layer's on the same input) over s B A x computed here, token by token, over a
+    sequence that covers every bucket."""
+    from lmlab.hylorada import HyLoRADALinear, position_bias_reach
+
+    assert position_bias_reach(apply_hylorada(BUILDERS[arch](), hy_config(position_bias=False))) is None
+    model = apply_hylorada(BUILDERS[arch](), hy_config(position_bias=True))
+    assert position_bias_reach(model)["max_pct"] == 0.0  # at initialisation the bias is the identity
+    perturb(model, std=0.5)
+    layers = [m for m in model.modules() if isinstance(m, HyLoRADALinear)]
+    with torch.no_grad():  # one gate far from the others, so the largest factor belongs to one adapter
+        layers[1].position_gate.fill_(2.0)
+    updates = []
+
+    def keep(module, args, output):
+        x = args[0].reshape(-1, module.in_features)
+        plain = module.scaling * x @ module.lora_A.t() @ module.lora_B.t()  # s B A x, no position factor
+        updates.append((output.reshape(-1, module.out_features) - module.base_layer(args[0]).reshape(plain.shape),
+                        plain))
+
+    handles = [m.register_forward_hook(keep) for m in layers]
+    ids = token_batch(batch=1, length=CONTEXT)
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in handles:
+        h.remove()
+    state = hylorada_state(model)
+    buckets = bucketize(torch.arange(CONTEXT), state.bucket_edges)  # one unpadded sequence: positions 0..T-1
+    assert set(buckets.tolist()) == set(range(hy_config().num_buckets))  # every bucket's factor was seen
+    ratios = []
+    for with_bias, without in updates:
+        ratio = (with_bias * without).sum(-1) / (without * without).sum(-1)  # per token: the factor
+        assert torch.allclose(with_bias, ratio[:, None] * without, rtol=1e-4, atol=1e-3)  # one factor per token
+        ratios.append(ratio)
+    ratios = torch.cat(ratios)
+    largest = float((ratios - 1).abs().max())
+    assert largest > 0.3  # the perturbed bias rescales some update by far more than rounding
+    reach = position_bias_reach(model)
+    assert reach["max_pct"] == pytest.approx(100 * largest, rel=1e-4)
+    assert reach["factor_range"] == pytest.approx([float(ratios.min()), float(ratios.max())], rel=1e-4)
+    assert reach["adapters"] == len(layers)

@@ -20,6 +20,7 @@ from lmlab.hylorada.model import (
     landmark_modules,
     learned_boundaries,
     optimizer_rules,
+    position_bias_reach,
     position_components_removed,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "load_adapter",
     "merge_adapter",
     "optimizer_rules",
+    "position_bias_reach",
     "position_components_removed",
     "rope_scaling",
     "save_adapter",

@@ -405,6 +405,23 @@ def learned_boundaries(model: nn.Module) -> dict[str, list]:
             "assignment": buckets.assignment, "temperature": buckets.temperature}
 
 
+def position_bias_reach(model: nn.Module) -> dict | None:
+    """How far the trained position bias rescales the adapters' low-rank updates: each adapter (gate w) scales its
+    update at a token in bucket b by 1 + sigmoid(w) tanh(bias[b]), which is 1 at initialisation. `max_pct` is the
+    largest distance of that factor from 1 over every adapter and bucket, in %; `factor_range` its smallest and
+    largest value; `table_max` the largest |bias[b]|. None when the model has no position bias."""
+    state = hylorada_state(model)
+    if state.position_bias is None:
+        return None
+    gates = [torch.sigmoid(m.position_gate.detach().float().cpu()) for m in model.modules()
+             if isinstance(m, HyLoRADALinear) and m.position_gate is not None]
+    table = state.position_bias.table.detach().float().cpu()
+    factor = 1 + torch.cat(gates)[:, None] * torch.tanh(table)[None, :]  # [adapters, buckets]
+    return {"max_pct": float((factor - 1).abs().max()) * 100,
+            "factor_range": [float(factor.min()), float(factor.max())], "table_max": float(table.abs().max()),
+            "adapters": len(gates)}
+
+
 def landmark_modules(model: nn.Module) -> list[nn.Module]:
     """The model's landmark modules (one after the final norm, or one per block for `per_layer`)."""
     state = hylorada_state(model)

@@ -329,6 +329,37 @@ def ablation_bound(values: dict, configs: list[str], metric: str, without: str) 
     return max(bounds)
 
 
+# A component whose parameters moved at least this share of what the optimizer's step size allowed in the run kept
+# one gradient direction: the learning rate and the budget, not the gradient, bound how far it trained.
+REACH_FRACTION = 0.5
+
+
+def step_bound(moved: float, allowed: float) -> bool:
+    """Whether a component moved so far (`moved`) of what its step size allowed (`allowed`) that the learning
+    rate, not the gradient, bounded it."""
+    return allowed > 0 and moved >= REACH_FRACTION * allowed
+
+
+def reach_clause(values: dict, config: str, reach: dict, bound_note: str = "") -> str:
+    """How far `config`'s component trained next to how far its learning rate let it, from two metrics in %
+    (`reach` {moved, allowed, what}: e.g. the most the position bias rescales the adapters' update, as trained and
+    as the step size allowed), `bound_note` added where the step size bounded it; "" where the cells did not record
+    them."""
+    def largest(metric: str) -> float | None:
+        vals = [v for v in values.get(config, {}).get(metric, {}).values() if v is not None]
+        return max(vals) if vals else None
+
+    moved, allowed = largest(reach["moved"]), largest(reach["allowed"])
+    if moved is None or allowed is None:
+        return ""
+    text = (f"as trained in `{config}`, {reach['what']} by at most {moved:.2g}%, {moved / allowed:.0%} of the "
+            f"{allowed:.2g}% its step size allowed")
+    if step_bound(moved, allowed):
+        return text + (": it moved about as far as its learning rate let it, so the learning rate and the budget, "
+                       "not the gradient, bound it here" + bound_note)
+    return text + ": its gradient, not the step size, held it there"
+
+
 def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool) -> str:
     """For a claimed gain the run reproduces: the controls of the study's own comparison of the same pair (judged
     again on the claim's metric) that the candidate does not beat - a gain in the claimed direction that a control
@@ -362,6 +393,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
     `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
     val_ppl_without_position) removes; where those parts carry less than the claimed size, the verdict says so.
+    `reach` {moved, allowed, what}: how far the component trained next to how far its step size allowed (two
+    metrics in %); a verdict that is not "supported" says which of the two held the component where it ended.
     """
     row = {"id": spec["id"], "claim": spec["claim"], "setting": spec.get("setting", "")}
     kind = spec.get("kind", "effect")
@@ -432,6 +465,12 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                                f"`{spec['candidate']}` and `{spec['parent']}` (removing them changes it by no more, "
                                f"95% CI), less than the claimed {abs(claimed):.2f}%: the setting leaves the "
                                "component little to change, so the verdict holds for this scale only")
+    reach = spec.get("reach")  # how far the component trained, next to how far its learning rate let it
+    if reach and not out["verdict"].startswith("supported"):
+        clause = reach_clause(values, spec["candidate"], reach,
+                              ", so the verdict holds for this learning rate and budget only")
+        if clause:
+            out["verdict"] += "; " + clause
     explanation = spec.get("explanation")
     if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
         out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better)

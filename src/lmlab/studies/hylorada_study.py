@@ -52,6 +52,7 @@ from lmlab.hylorada import (
     apply_hylorada,
     component_param_counts,
     learned_boundaries,
+    position_bias_reach,
     position_components_removed,
     rope_scaling,
     save_adapter,
@@ -59,7 +60,7 @@ from lmlab.hylorada import (
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
-from lmlab.studies.attribution import effect_text
+from lmlab.studies.attribution import effect_text, reach_clause, step_bound
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -110,6 +111,9 @@ LORA_STAGE = "lora-stage"  # a two-stage cell's first stage (`Arm.position_after
 # the ablation removes (`val_ppl_without_position`): how much those carry bounds what a bucketing scheme can change.
 THROUGH_POSITION = {"without": "val_ppl_without_position",
                     "what": "the position components the buckets route (bias and landmarks)"}
+# How far the position bias trained (the most it rescales the adapters' update) next to how far its step size let it
+BIAS_REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
+              "what": "the position bias rescales the adapters' update"}
 
 
 def h1_claims(candidate: str) -> list[dict]:
@@ -172,7 +176,7 @@ HYLORADA_CLAIMS = [
     {"id": "H4", "claim": "DoRA: -5.62% (57.22 -> 60.44 PPL), degrades performance", "setting": "same",
      "candidate": "rslora+dora", "parent": "rslora", "claimed_pct": -5.62},
     {"id": "H5", "claim": "position bias: +2.11% with 64 parameters", "setting": "same",
-     "candidate": "rslora+bias", "parent": "rslora", "claimed_pct": 2.11},
+     "candidate": "rslora+bias", "parent": "rslora", "claimed_pct": 2.11, "reach": BIAS_REACH},
     {"id": "H6", "claim": "rsLoRA + position bias + position-adaptive landmarks: +18.37% over baseline",
      "setting": "same", "candidate": "rslora+bias+landmarks", "parent": "lora", "claimed_pct": 18.37},
     {"id": "H6", "claim": "... credited to the landmarks", "setting": "same", "kind": "credit",
@@ -611,6 +615,11 @@ class HyloradaStudy(Study):
             metrics.update(train_time_s=result.train_time_s, peak_mem_mb=result.peak_mem_mb,
                            train_loss=result.final_loss,
                            train_tokens_per_s=result.tokens / max(result.train_time_s, 1e-9))
+            reach = position_bias_reach(model)
+            if reach is not None:  # how far the bias moved, next to how far its step size let it
+                metrics.update(bias_rescale_pct=reach["max_pct"],
+                               bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train), lr))
+                details["position_bias"] = reach
             if adapter_cfg.landmarks == "learnable_bucket":
                 details["boundaries"] = {**learned_boundaries(model), **step_size_scale(cfg, adapter_cfg, result.steps,
                                                                                           len(data.train), lr)}
@@ -681,6 +690,7 @@ class HyloradaStudy(Study):
         arms = {names[c]: self.arms[c] for c in record["configurations"] if c in self.arms}
         lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
                                    {c: _how_alone(a) for c, a in arms.items()})
+        lines += _bias_reach_section(ok, configs)
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
             lim = next((r["details"].get("lim_tokens") for r in ok if r["details"].get("lim_tokens")), None)
@@ -759,14 +769,26 @@ def step_size_scale(cfg: HyloradaStudyConfig, adapter: HyLoRADAConfig, steps: in
     """How far the boundaries could move from the optimizer's step size alone, in token positions: AdamW moves a
     parameter by about its learning rate per step, so sum(lr_t) is the drift of a gradient that always points the
     same way and sqrt(sum(lr_t^2)) that of a gradient of random sign (noise)."""
+    rates = _learning_rates(cfg, num_examples, adapter.boundary_lr or lr, adapter.boundary_freeze_steps, steps)
+    scale = adapter.max_positions or cfg.max_length
+    return {"drift_consistent": sum(rates) * scale, "drift_random": math.sqrt(sum(r * r for r in rates)) * scale}
+
+
+def _learning_rates(cfg: HyloradaStudyConfig, num_examples: int, lr: float, first: int, steps: int) -> list[float]:
+    """The learning rate of optimizer steps first..steps-1 of a cell's schedule (peak `lr`)."""
     planned = total_steps(num_examples, cfg.train)
     warmup = cfg.train.warmup_steps if cfg.train.warmup_steps is not None else \
         int(round(cfg.train.warmup_ratio * planned))
-    base_lr = adapter.boundary_lr or lr
-    rates = [base_lr * lr_factor(s, warmup, planned, cfg.train.schedule, cfg.train.min_lr_ratio)
-             for s in range(adapter.boundary_freeze_steps, steps)]
-    scale = adapter.max_positions or cfg.max_length
-    return {"drift_consistent": sum(rates) * scale, "drift_random": math.sqrt(sum(r * r for r in rates)) * scale}
+    return [lr * lr_factor(s, warmup, planned, cfg.train.schedule, cfg.train.min_lr_ratio) for s in range(first, steps)]
+
+
+def bias_rescale_allowed(cfg: HyloradaStudyConfig, num_examples: int, lr: float) -> float:
+    """The most, in %, that AdamW's step size lets the position bias rescale an adapter's update over one training
+    run: it moves the gate w and each table entry by about the learning rate per step, so both stay within S, the
+    sum of the run's learning rates (a gradient that keeps one direction), and |sigmoid(w) tanh(bias)| within
+    sigmoid(S) tanh(S)."""
+    total = sum(_learning_rates(cfg, num_examples, lr, 0, total_steps(num_examples, cfg.train)))
+    return 100 * (1 / (1 + math.exp(-total))) * math.tanh(total)
 
 
 def _position_parts(adapter: dict | None) -> set[str]:
@@ -1037,8 +1059,10 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             text = (f" `{c}` ({what} {how.get(c, 'trained alone')}): the trained components change val_ppl by "
                     f"{change_cell(ch)}")
             if not moved:
-                text += (": even alone they do not move the metric measurably, so a null result for them here may be "
-                         "a blind spot of this setting rather than a finding.")
+                text += ": even alone they do not move the metric measurably"
+                reach = reach_clause(_values(rows, c, BIAS_REACH), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
+                text += f" ({reach})" if reach else ""
+                text += ", so a null result for them here may be a blind spot of this setting rather than a finding."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
                 text += (": the metric sees them, but for the worse (trained alone they raise val_ppl"
                          + (f", by less than {NEGLIGIBLE_PCT:g}%" if ch["delta_pct"] < NEGLIGIBLE_PCT else "")
@@ -1054,6 +1078,50 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             else:
                 text += ": they can move the metric."
             lines[-1] += text
+    lines.append("")
+    return lines
+
+
+def _values(rows: list[dict], config: str, reach: dict) -> dict:
+    """{config: {metric: {seed: value}}} of `reach`'s two metrics, as attribution.reach_clause reads them."""
+    return {config: {m: {r["seed"]: r["metrics"].get(m) for r in rows if r["config"] == config}
+                     for m in (reach["moved"], reach["allowed"])}}
+
+
+def _bias_reach_section(rows: list[dict], configs: list[str]) -> list[str]:
+    """How far each configuration's position bias trained, next to how far its learning rate let it."""
+    with_bias = [c for c in configs if _metric_mean(rows, c, BIAS_REACH["moved"]) is not None]
+    if not with_bias:
+        return []
+    lines = ["## How far the position bias trained", "",
+             "The position bias rescales each adapter's low-rank update at a token in bucket b by "
+             "1 + sigmoid(w) tanh(bias[b]) (w: the adapter's gate), which is 1 at initialisation. `rescales the update "
+             "by at most`: the largest distance of that factor from 1 over every adapter and bucket after training "
+             "(mean over seeds / largest seed). `step size allowed`: the most AdamW's step size could give it in the "
+             "run - the gate and the table each move by about the learning rate per step, so by at most S, the sum "
+             "of the run's learning rates, and the factor stays within 1 +- sigmoid(S) tanh(S).", "",
+             "| configuration | rescales the update by at most (mean / largest seed) | step size allowed | "
+             "share of the allowed (largest seed) |", "|---|---|---|---|"]
+    bound = []
+    for c in with_bias:
+        cells = [r["metrics"] for r in rows if r["config"] == c and r["metrics"].get(BIAS_REACH["moved"]) is not None]
+        moved = [m[BIAS_REACH["moved"]] for m in cells]
+        allowed = max(m[BIAS_REACH["allowed"]] for m in cells)
+        lines.append(f"| {c} | {sum(moved) / len(moved):.3g}% / {max(moved):.3g}% | {allowed:.3g}% | "
+                     f"{max(moved) / allowed:.0%} |")
+        bound.append(step_bound(max(moved), allowed))
+    lines.append("")
+    if all(bound):
+        lines.append("In every configuration the bias moved at least half as far as its step size allowed: its "
+                     "gradient kept one direction, so the learning rate and the budget, not the gradient, bound how "
+                     "much it changes the update here; a null result for the bias holds for this learning rate only.")
+    elif not any(bound):
+        lines.append("In every configuration the bias stopped short of half of what its step size allowed: its "
+                     "gradient, not the learning rate, held it near the identity.")
+    else:
+        lines.append("The step size bounded the bias in "
+                     + ", ".join(f"`{c}`" for c, b in zip(with_bias, bound, strict=True) if b)
+                     + " (it moved at least half as far as allowed); its gradient held it in the others.")
     lines.append("")
     return lines
 
