@@ -426,5 +426,5 @@ def test_a_null_claim_says_whether_the_step_size_or_the_gradient_held_the_compon
     share = f"{moved / 1.3:.0%}"  # the largest seed's, of the allowed
     assert (f"as trained in `rslora+bias`, the position bias rescales the adapters' update by at most {moved:.2g}%, "
             f"{share} of the 1.3% its step size allowed") in verdict
-    assert ("so the verdict holds for this learning rate and budget only" in verdict) == bounded
+    assert ("(the verdict holds for this learning rate and budget only)" in verdict) == bounded
     assert ("its gradient, not the step size, held it there" in verdict) == (not bounded)

@@ -192,10 +192,9 @@ def test_config_validation_names_the_problem(field, value, message):
 def test_config_defaults_are_the_spec_defaults():
     assert HyLoRADAConfig().model_dump() == dict(
         r=8, alpha=16, dropout=0.05, use_rslora=True, use_dora=False, init_a="kaiming", target_modules=None,
-        position_bias=True, landmarks="position_adaptive", num_landmarks=8, num_buckets=32, bucket_spacing="log",
-        max_positions=None, boundary_temperature=0.1, boundary_assignment="relative", boundary_lr=None,
-        boundary_diversity=0.0,
-        boundary_freeze_steps=0, train_embeddings=False, train_norms=False)
+        position_bias=True, bias_lr=None, landmarks="position_adaptive", num_landmarks=8, num_buckets=32,
+        bucket_spacing="log", max_positions=None, boundary_temperature=0.1, boundary_assignment="relative",
+        boundary_lr=None, boundary_diversity=0.0, boundary_freeze_steps=0, train_embeddings=False, train_norms=False)
     assert HyLoRADAConfig(landmarks="none", num_landmarks=0).num_landmarks == 0
 
 

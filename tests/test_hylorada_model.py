@@ -654,3 +654,17 @@ def test_position_bias_reach_is_how_far_the_layers_rescale_their_update(arch):
     assert reach["max_pct"] == pytest.approx(100 * largest, rel=1e-4)
     assert reach["factor_range"] == pytest.approx([float(ratios.min()), float(ratios.max())], rel=1e-4)
     assert reach["adapters"] == len(layers)
+
+
+def test_bias_lr_gives_the_table_and_every_gate_their_own_group():
+    from lmlab.hylorada import HyLoRADALinear
+
+    model = apply_hylorada(tiny_llama(), hy_config(position_bias=True, bias_lr=0.05))
+    bias = [model.hylorada.position_bias.table] + [m.position_gate for m in model.modules()
+                                                  if isinstance(m, HyLoRADALinear)]
+    groups = param_groups(model, lr=1e-3, weight_decay=0.1, rules=optimizer_rules(model.hylorada.config))
+    own = [g for g in groups if g["lr"] == 0.05]
+    assert len(own) == 1 and own[0]["weight_decay"] == 0.0
+    assert {id(p) for p in own[0]["params"]} == {id(p) for p in bias}
+    assert all(g["lr"] == 1e-3 for g in groups if g is not own[0])  # LoRA and the landmarks keep the run's
+    assert optimizer_rules(hy_config(position_bias=False, bias_lr=0.05)) == []  # nothing to apply it to

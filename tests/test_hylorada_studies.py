@@ -337,8 +337,8 @@ def test_the_report_says_how_far_the_position_bias_trained_and_what_held_it():
     text = "\n".join(_bias_reach_section(rows, ["rslora+bias", "rslora-frozen+bias"]))
     assert "| rslora+bias | 0.45% / 0.5% | 1.27% | 39% |" in text
     assert "| rslora-frozen+bias | 1.05% / 1.1% | 1.27% | 87% |" in text
-    assert ("The step size bounded the bias in `rslora-frozen+bias` (it moved at least half as far as allowed); its "
-            "gradient held it in the others.") in text
+    assert ("The step size bounded the bias in `rslora-frozen+bias` (it moved at least half as far as allowed; "
+            "`adapter.bias_lr` gives the bias a learning rate of its own); its gradient held it in the others.") in text
     roles = {"rslora+bias": None, "rslora-frozen+bias": "positive control"}
     parts = {"rslora+bias": {"bias"}, "rslora-frozen+bias": {"bias"}}
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, {}))
@@ -354,3 +354,21 @@ def test_the_report_says_how_far_the_position_bias_trained_and_what_held_it():
     assert "its gradient, not the learning rate, held it near the identity" in "\n".join(
         _bias_reach_section(rows, ["rslora+bias"]))
     assert _bias_reach_section(_ablation_cells("rslora+landmarks", [6.0] * 3, [6.0] * 3), ["rslora+landmarks"]) == []
+
+
+def test_bias_lr_trains_the_position_bias_at_its_own_learning_rate(tmp_path: Path):
+    """`bias_lr` (alias of adapter.bias_lr) reaches the optimizer: the cell's bias moves farther than the run's
+    learning rate would let it, and the report's bound is computed at bias_lr."""
+    from lmlab.studies.hylorada_study import bias_rescale_allowed
+
+    out = tmp_path / "run"
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
+                   "only=[rslora+bias]", "bias_lr=0.2")
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), ["bias_lr=0.2"])
+    assert cfg.adapter.bias_lr == 0.2
+    metrics = next(r for r in read_jsonl(out / "results.jsonl") if r["config"] == "rslora+bias")["metrics"]
+    assert metrics["bias_rescale_allowed_pct"] == pytest.approx(bias_rescale_allowed(cfg, cfg.num_train, 0.2))
+    assert metrics["bias_rescale_pct"] > bias_rescale_allowed(cfg, cfg.num_train, cfg.train.lr)
+    assert metrics["bias_rescale_pct"] <= 1.02 * metrics["bias_rescale_allowed_pct"]
+    assert "## How far the position bias trained" in (out / "report.md").read_text()

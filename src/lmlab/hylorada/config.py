@@ -30,6 +30,8 @@ class HyLoRADAConfig(Section):
 
     # Position bias and landmarks (sections 3-4)
     position_bias: bool = True
+    bias_lr: float | None = Field(None, gt=0, description="learning rate of the position bias (table and gates); "
+                                  "None: the run's")
     landmarks: LandmarkDesign = "position_adaptive"
     num_landmarks: int = Field(8, ge=0)
     num_buckets: int = Field(32, ge=2)

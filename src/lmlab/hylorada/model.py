@@ -473,10 +473,15 @@ def drop_frozen_boundary_grads(model: nn.Module, step: int) -> bool:
 
 
 def optimizer_rules(config: HyLoRADAConfig) -> list[GroupRule]:
-    """Optimizer-group rules: the boundaries get `boundary_lr` (no weight decay) when it is set."""
-    if config.boundary_lr is None:
-        return []
-    return [GroupRule(pattern=r"\.buckets\.boundaries$", lr=config.boundary_lr, weight_decay=0.0)]
+    """Optimizer-group rules: the boundaries get `boundary_lr` and the position bias (its table and every adapter's
+    gate) `bias_lr`, each without weight decay, where set."""
+    rules = []
+    if config.boundary_lr is not None:
+        rules.append(GroupRule(pattern=r"\.buckets\.boundaries$", lr=config.boundary_lr, weight_decay=0.0))
+    if config.bias_lr is not None and config.position_bias:
+        rules.append(GroupRule(pattern=r"(\.position_gate|(^|\.)hylorada\.position_bias\.table)$", lr=config.bias_lr,
+                               weight_decay=0.0))
+    return rules
 
 
 def auxiliary_loss(model: nn.Module) -> torch.Tensor:

@@ -468,7 +468,7 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     reach = spec.get("reach")  # how far the component trained, next to how far its learning rate let it
     if reach and not out["verdict"].startswith("supported"):
         clause = reach_clause(values, spec["candidate"], reach,
-                              ", so the verdict holds for this learning rate and budget only")
+                              " (the verdict holds for this learning rate and budget only)")
         if clause:
             out["verdict"] += "; " + clause
     explanation = spec.get("explanation")

@@ -269,6 +269,7 @@ class HyloradaStudyConfig(StudyConfig):
         "epochs": "train.epochs", "lr": "train.lr", "learning_rate": "train.lr", "batch_size": "train.batch_size",
         "grad_accum": "train.grad_accum", "num_landmarks": "adapter.num_landmarks", "r": "adapter.r",
         "alpha": "adapter.alpha", "num_buckets": "adapter.num_buckets", "boundary_lr": "adapter.boundary_lr",
+        "bias_lr": "adapter.bias_lr",
         "boundary_temperature": "adapter.boundary_temperature", "boundary_diversity": "adapter.boundary_diversity",
         "boundary_freeze_steps": "adapter.boundary_freeze_steps",
         "boundary_assignment": "adapter.boundary_assignment",
@@ -618,7 +619,8 @@ class HyloradaStudy(Study):
             reach = position_bias_reach(model)
             if reach is not None:  # how far the bias moved, next to how far its step size let it
                 metrics.update(bias_rescale_pct=reach["max_pct"],
-                               bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train), lr))
+                               bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train),
+                                                                             adapter_cfg.bias_lr or lr))
                 details["position_bias"] = reach
             if adapter_cfg.landmarks == "learnable_bucket":
                 details["boundaries"] = {**learned_boundaries(model), **step_size_scale(cfg, adapter_cfg, result.steps,
@@ -1114,14 +1116,16 @@ def _bias_reach_section(rows: list[dict], configs: list[str]) -> list[str]:
     if all(bound):
         lines.append("In every configuration the bias moved at least half as far as its step size allowed: its "
                      "gradient kept one direction, so the learning rate and the budget, not the gradient, bound how "
-                     "much it changes the update here; a null result for the bias holds for this learning rate only.")
+                     "much it changes the update here; a null result for the bias holds for this learning rate only "
+                     "(`adapter.bias_lr` gives the bias a learning rate of its own).")
     elif not any(bound):
         lines.append("In every configuration the bias stopped short of half of what its step size allowed: its "
                      "gradient, not the learning rate, held it near the identity.")
     else:
         lines.append("The step size bounded the bias in "
                      + ", ".join(f"`{c}`" for c, b in zip(with_bias, bound, strict=True) if b)
-                     + " (it moved at least half as far as allowed); its gradient held it in the others.")
+                     + " (it moved at least half as far as allowed; `adapter.bias_lr` gives the bias a learning rate "
+                     "of its own); its gradient held it in the others.")
     lines.append("")
     return lines
 
