@@ -428,3 +428,25 @@ def test_a_null_claim_says_whether_the_step_size_or_the_gradient_held_the_compon
             f"{share} of the 1.3% its step size allowed") in verdict
     assert ("(the verdict holds for this learning rate and budget only)" in verdict) == bounded
     assert ("its gradient, not the step size, held it there" in verdict) == (not bounded)
+
+
+def test_a_null_claim_quotes_what_the_component_did_at_a_larger_learning_rate():
+    """Where the configuration that trains the bias faster ran, H5's verdict says what moving further changed instead
+    of "holds for this learning rate only" (planted: the faster bias rescales the update by 32% and gains nothing)."""
+    out = rows({"rslora": scaled(8, 1.0), "rslora+bias": scaled(8, 1.0, (0.001, -0.002, 0.0005)),
+                "rslora+bias-fast": scaled(8, 1.0, (0.002, -0.001, 0.0))})
+    for r in out:
+        if r["config"] != "rslora":
+            fast = r["config"] == "rslora+bias-fast"
+            r["metrics"].update(bias_rescale_pct=32.0 if fast else 1.1, bias_rescale_allowed_pct=45.0 if fast else 1.3)
+    reach = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct", "faster": "rslora+bias-fast",
+             "what": "the position bias rescales the adapters' update"}
+    claims = [{"id": "H5", "claim": "position bias: +2.11%", "candidate": "rslora+bias", "parent": "rslora",
+               "claimed_pct": 2.11, "reach": reach}]
+    verdict = build_summary(record(["rslora", "rslora+bias", "rslora+bias-fast"], [], claims=claims),
+                            out)["claims"][0]["verdict"]
+    assert "holds for this learning rate and budget only" not in verdict
+    assert ("; at a larger learning rate (`rslora+bias-fast`) the position bias rescales the adapters' update by up to "
+            "32% and val_ppl changes by ") in verdict
+    fast_part = verdict.split("(`rslora+bias-fast`)")[1]
+    assert "no significant difference" in fast_part and fast_part.endswith(": moving further does not help either")

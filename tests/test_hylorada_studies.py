@@ -372,3 +372,35 @@ def test_bias_lr_trains_the_position_bias_at_its_own_learning_rate(tmp_path: Pat
     assert metrics["bias_rescale_pct"] > bias_rescale_allowed(cfg, cfg.num_train, cfg.train.lr)
     assert metrics["bias_rescale_pct"] <= 1.02 * metrics["bias_rescale_allowed_pct"]
     assert "## How far the position bias trained" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("fast_gain", [False, True])
+def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
+    """With an arm that trains the bias at a larger learning rate, the section no longer stops at "a null holds for
+    this learning rate only": it quotes that arm's comparison and reads it (planted: no gain, or a clear gain)."""
+    from lmlab.studies.attribution import improvement, per_seed_values
+    from lmlab.studies.hylorada_study import _bias_reach_section
+
+    def cells(config, ppl, moved, allowed, lr):
+        return [{"config": config, "seed": s, "metrics": {"val_ppl": v, "bias_rescale_pct": m,
+                                                          "bias_rescale_allowed_pct": allowed},
+                 "details": {"position_bias": {"lr": lr}}} for s, v, m in zip((1, 2, 3), ppl, moved, strict=True)]
+
+    base = [6.00, 6.10, 5.90]
+    fast_ppl = [v * (0.97 if fast_gain else 1.0) + d for v, d in zip(base, (0.001, -0.001, 0.0), strict=True)]
+    rows = ([{"config": "rslora", "seed": s, "metrics": {"val_ppl": v}, "details": {}}
+             for s, v in zip((1, 2, 3), base, strict=True)]
+            + cells("rslora+bias", base, [1.0, 0.9, 0.8], 1.3, 1e-3)
+            + cells("rslora+bias-fast", fast_ppl, [30.0, 32.0, 28.0], 45.0, 0.03))
+    # the summary's comparison, as attribution computes it
+    effect = improvement(per_seed_values([{**r, "status": "ok"} for r in rows]), "rslora+bias-fast", "rslora",
+                         "val_ppl", True)
+    comparison = {**effect, "candidate": "rslora+bias-fast", "parent": "rslora", "slow": "rslora+bias"}
+    text = "\n".join(_bias_reach_section(rows, ["rslora", "rslora+bias", "rslora+bias-fast"], [comparison]))
+    assert "| rslora+bias-fast | 0.03 | 30% / 32% | 45% | 71% |" in text
+    assert "holds for this learning rate only" not in text
+    assert ("`rslora+bias-fast` trains the bias at a larger learning rate: it rescales the update by up to 32% (32x "
+            "as far as `rslora+bias`), and val_ppl changes by ") in text
+    assert ("the learning rate held the bias back at the run's rate" in text) == fast_gain
+    assert ("a bias that moves further does not help either, so the null result is not its learning rate's" in text) \
+        == (not fast_gain)

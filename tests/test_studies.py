@@ -20,9 +20,9 @@ from lmlab.studies.rundir import TRAIN_STATE, RunDir
 
 pytestmark = pytest.mark.xdist_group("studies")
 
-HYLORADA_CONFIGS = ["base", "lora", "rslora", "lora-lr-scaled", "rslora+dora", "rslora+bias", "rslora+landmarks",
-                    "rslora+bias+landmarks", "rslora+bias+learnable_bucket", "rslora+constant", "rslora+bias+constant",
-                    "rslora-matched", "landmarks-only", "rslora-frozen+bias", "lora+embed+norm"]
+HYLORADA_CONFIGS = ["base", "lora", "rslora", "lora-lr-scaled", "rslora+dora", "rslora+bias", "rslora+bias-fast",
+                    "rslora+landmarks", "rslora+bias+landmarks", "rslora+bias+learnable_bucket", "rslora+constant",
+                    "rslora+bias+constant", "rslora-matched", "landmarks-only", "rslora-frozen+bias", "lora+embed+norm"]
 
 
 @pytest.fixture(scope="module")

@@ -393,8 +393,9 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
     `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
     val_ppl_without_position) removes; where those parts carry less than the claimed size, the verdict says so.
-    `reach` {moved, allowed, what}: how far the component trained next to how far its step size allowed (two
-    metrics in %); a verdict that is not "supported" says which of the two held the component where it ended.
+    `reach` {moved, allowed, what, faster}: how far the component trained next to how far its step size allowed (two
+    metrics in %); a verdict that is not "supported" says which of the two held the component where it ended, and,
+    where `faster` (the configuration training it at a larger learning rate) ran, what moving further changed.
     """
     row = {"id": spec["id"], "claim": spec["claim"], "setting": spec.get("setting", "")}
     kind = spec.get("kind", "effect")
@@ -467,10 +468,18 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                                "component little to change, so the verdict holds for this scale only")
     reach = spec.get("reach")  # how far the component trained, next to how far its learning rate let it
     if reach and not out["verdict"].startswith("supported"):
+        faster = reach.get("faster")  # the same component trained at a larger learning rate, where it ran
+        fast = improvement(values, faster, spec["parent"], metric, lower_is_better) if faster else None
         clause = reach_clause(values, spec["candidate"], reach,
-                              " (the verdict holds for this learning rate and budget only)")
+                              "" if fast else " (the verdict holds for this learning rate and budget only)")
         if clause:
             out["verdict"] += "; " + clause
+        moved = [v for v in values.get(faster, {}).get(reach["moved"], {}).values() if v is not None]
+        if clause and fast and moved:
+            out["verdict"] += (f"; at a larger learning rate (`{faster}`) {reach['what']} by up to {max(moved):.2g}% "
+                               f"and {metric} changes by {effect_text(fast)}"
+                               + (": the learning rate held it back" if significant_gain(fast) else
+                                  ": moving further does not help either"))
     explanation = spec.get("explanation")
     if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
         out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better)

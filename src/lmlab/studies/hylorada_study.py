@@ -60,7 +60,7 @@ from lmlab.hylorada import (
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
-from lmlab.studies.attribution import effect_text, reach_clause, step_bound
+from lmlab.studies.attribution import effect_text, reach_clause, significant_gain, step_bound
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -93,6 +93,7 @@ class Arm:
     position_after_lora: bool = False
     matched_rank: bool = False  # rank raised until its trainable parameters reach the headline candidate's
     lr_scaled: bool = False  # trains at rsLoRA's learning rate x sqrt(r) (a control for rsLoRA's larger step)
+    bias_lr_scale: float | None = None  # the position bias trains at this times the arm's learning rate (bias_lr)
 
 
 LORA = {"use_rslora": False, "use_dora": False, "position_bias": False, "landmarks": "none"}
@@ -100,6 +101,12 @@ RSLORA = {**LORA, "use_rslora": True}
 CONSTANT_NOTE = "the same landmark vectors mixed by a learned constant: a constant vector, no position or content"
 MATCHED_NOTE = "rsLoRA with its rank raised until its trainable parameters reach the headline candidate's"
 LEAK_NOTE = "pools over future tokens, as the notes' code did"
+# The position bias moves about as far as its learning rate lets it (the reports' "How far the position bias
+# trained"): an arm trains it at this many times the run's learning rate, so a null result at the run's rate can be
+# told from one that a larger rate would not change either.
+BIAS_FAST = 30
+FAST_NOTE = (f"the position bias at {BIAS_FAST}x the learning rate (`bias_lr`), everything else as `rslora+bias`: does "
+             "a bias that moves further help?")
 LR_SCALED_NOTE = ("LoRA at sqrt(r) times rsLoRA's learning rate, so its first updates move the output as much as "
                   "rsLoRA's: a larger learning rate without rsLoRA's scaling")
 
@@ -132,6 +139,7 @@ HYLORADA_ARMS: dict[str, Arm] = {
     "lora-lr-scaled": Arm(LORA, "control", LR_SCALED_NOTE, lr_scaled=True),
     "rslora+dora": Arm({**RSLORA, "use_dora": True}),
     "rslora+bias": Arm({**RSLORA, "position_bias": True}),
+    "rslora+bias-fast": Arm({**RSLORA, "position_bias": True}, note=FAST_NOTE, bias_lr_scale=BIAS_FAST),
     "rslora+landmarks": Arm({**RSLORA, "landmarks": "position_adaptive"}),
     "rslora+bias+landmarks": Arm({**RSLORA, "position_bias": True, "landmarks": "position_adaptive"}, "candidate",
                                  "HyLoRADA as recommended"),
@@ -154,6 +162,8 @@ HYLORADA_COMPARISONS = [
     {"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora", "controls": ["lora-lr-scaled"]},
     {"component": "DoRA", "candidate": "rslora+dora", "parent": "rslora"},
     {"component": "position bias", "candidate": "rslora+bias", "parent": "rslora"},
+    {"component": f"position bias at {BIAS_FAST}x the learning rate", "candidate": "rslora+bias-fast",
+     "parent": "rslora"},
     {"component": "landmarks", "candidate": "rslora+landmarks", "parent": "rslora",
      "controls": ["rslora+constant", "rslora-matched"]},
     {"component": "bias + landmarks (HyLoRADA's new components)", "candidate": "rslora+bias+landmarks",
@@ -176,7 +186,8 @@ HYLORADA_CLAIMS = [
     {"id": "H4", "claim": "DoRA: -5.62% (57.22 -> 60.44 PPL), degrades performance", "setting": "same",
      "candidate": "rslora+dora", "parent": "rslora", "claimed_pct": -5.62},
     {"id": "H5", "claim": "position bias: +2.11% with 64 parameters", "setting": "same",
-     "candidate": "rslora+bias", "parent": "rslora", "claimed_pct": 2.11, "reach": BIAS_REACH},
+     "candidate": "rslora+bias", "parent": "rslora", "claimed_pct": 2.11,
+     "reach": {**BIAS_REACH, "faster": "rslora+bias-fast"}},
     {"id": "H6", "claim": "rsLoRA + position bias + position-adaptive landmarks: +18.37% over baseline",
      "setting": "same", "candidate": "rslora+bias+landmarks", "parent": "lora", "claimed_pct": 18.37},
     {"id": "H6", "claim": "... credited to the landmarks", "setting": "same", "kind": "credit",
@@ -430,10 +441,13 @@ class HyloradaStudy(Study):
             ctx.lrs = self._tune_learning_rates(ctx, run, tuned, display)
         return ctx
 
-    def _adapter_config(self, ctx: _Context, arm: Arm) -> HyLoRADAConfig:
+    def _adapter_config(self, ctx: _Context, arm: Arm, lr: float | None = None) -> HyLoRADAConfig:
+        """The arm's adapter settings over the study's; `lr`: the arm's learning rate (its bias_lr follows it)."""
         update = dict(arm.adapter)
         if arm.matched_rank:
             update["r"] = ctx.matched_rank
+        if arm.bias_lr_scale is not None:
+            update["bias_lr"] = arm.bias_lr_scale * (ctx.cfg.train.lr if lr is None else lr)
         return HyLoRADAConfig.model_validate(ctx.cfg.adapter.model_copy(update=update).model_dump())
 
     def _matched_rank(self, ctx: _Context) -> tuple[int, dict]:
@@ -512,7 +526,7 @@ class HyloradaStudy(Study):
         returns (model, adapter config, result). A two-stage arm (`position_after_lora`) trains its rsLoRA stage at
         `lora_lr` (`rslora`'s learning rate, so that stage is the `rslora` cell) and its position components at `lr`."""
         cfg = ctx.cfg
-        adapter_cfg = self._adapter_config(ctx, arm)
+        adapter_cfg = self._adapter_config(ctx, arm, lr)
         model = self._load_base(ctx)
         D.seed_everything(seed)  # the adapter's initialisation depends on the seed
         model = apply_hylorada(model, adapter_cfg, max_positions=cfg.max_length)
@@ -621,7 +635,7 @@ class HyloradaStudy(Study):
                 metrics.update(bias_rescale_pct=reach["max_pct"],
                                bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train),
                                                                              adapter_cfg.bias_lr or lr))
-                details["position_bias"] = reach
+                details["position_bias"] = {**reach, "lr": adapter_cfg.bias_lr or lr}
             if adapter_cfg.landmarks == "learnable_bucket":
                 details["boundaries"] = {**learned_boundaries(model), **step_size_scale(cfg, adapter_cfg, result.steps,
                                                                                           len(data.train), lr)}
@@ -692,7 +706,12 @@ class HyloradaStudy(Study):
         arms = {names[c]: self.arms[c] for c in record["configurations"] if c in self.arms}
         lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
                                    {c: _how_alone(a) for c, a in arms.items()})
-        lines += _bias_reach_section(ok, configs)
+        # an arm that trains the bias faster, with the arm that trains it as fast as everything else
+        faster = [{**c, "slow": next((n for n, a in self.arms.items() if a == dataclasses.replace(
+                      self.arms[c["candidate"]], bias_lr_scale=None, note=a.note, role=a.role)), None)}
+                  for c in summary.get("comparisons", [])
+                  if c["candidate"] in self.arms and self.arms[c["candidate"]].bias_lr_scale is not None]
+        lines += _bias_reach_section(ok, configs, faster)
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
             lim = next((r["details"].get("lim_tokens") for r in ok if r["details"].get("lim_tokens")), None)
@@ -850,6 +869,15 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: di
                      "sizes as well as scalings.")
         lines.append(said + " `lr_grid=[...]` (on in the `paper` presets) chooses each configuration's learning rate "
                      "on a tuning seed first.")
+    own = {}  # configurations whose position bias trains at a learning rate of its own (`bias_lr`)
+    for r in rows:
+        bias_lr = r["details"].get("position_bias", {}).get("lr")
+        if bias_lr is not None and bias_lr != r["details"].get("lr"):
+            own.setdefault(r["config"], set()).add(bias_lr)
+    if own:
+        lines.append("The position bias trains at a learning rate of its own (`bias_lr`) in "
+                     + ", ".join(f"`{c}` ({', '.join(f'{v:.3g}' for v in sorted(v))})" for c, v in own.items())
+                     + "; everything else in those configurations at theirs.")
     lines += _lr_control_sentences(summary)
     lines.append("")
     return lines
@@ -1090,8 +1118,10 @@ def _values(rows: list[dict], config: str, reach: dict) -> dict:
                      for m in (reach["moved"], reach["allowed"])}}
 
 
-def _bias_reach_section(rows: list[dict], configs: list[str]) -> list[str]:
-    """How far each configuration's position bias trained, next to how far its learning rate let it."""
+def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict] = ()) -> list[str]:
+    """How far each configuration's position bias trained, next to how far its learning rate let it; `faster`: the
+    comparisons of configurations that train the bias at a multiple of their learning rate (summary entries), each
+    with `slow`, the configuration that trains it at the run's."""
     with_bias = [c for c in configs if _metric_mean(rows, c, BIAS_REACH["moved"]) is not None]
     if not with_bias:
         return []
@@ -1102,31 +1132,45 @@ def _bias_reach_section(rows: list[dict], configs: list[str]) -> list[str]:
              "(mean over seeds / largest seed). `step size allowed`: the most AdamW's step size could give it in the "
              "run - the gate and the table each move by about the learning rate per step, so by at most S, the sum "
              "of the run's learning rates, and the factor stays within 1 +- sigmoid(S) tanh(S).", "",
-             "| configuration | rescales the update by at most (mean / largest seed) | step size allowed | "
-             "share of the allowed (largest seed) |", "|---|---|---|---|"]
-    bound = []
+             "| configuration | bias learning rate | rescales the update by at most (mean / largest seed) | "
+             "step size allowed | share of the allowed (largest seed) |", "|---|---|---|---|---|"]
+    bound, largest = [], {}
     for c in with_bias:
-        cells = [r["metrics"] for r in rows if r["config"] == c and r["metrics"].get(BIAS_REACH["moved"]) is not None]
-        moved = [m[BIAS_REACH["moved"]] for m in cells]
-        allowed = max(m[BIAS_REACH["allowed"]] for m in cells)
-        lines.append(f"| {c} | {sum(moved) / len(moved):.3g}% / {max(moved):.3g}% | {allowed:.3g}% | "
-                     f"{max(moved) / allowed:.0%} |")
+        cells = [r for r in rows if r["config"] == c and r["metrics"].get(BIAS_REACH["moved"]) is not None]
+        moved = [r["metrics"][BIAS_REACH["moved"]] for r in cells]
+        allowed = max(r["metrics"][BIAS_REACH["allowed"]] for r in cells)
+        rates = sorted({r["details"].get("position_bias", {}).get("lr") for r in cells} - {None})
+        largest[c] = max(moved)
+        lines.append(f"| {c} | {', '.join(f'{v:.3g}' for v in rates) or '-'} | {sum(moved) / len(moved):.3g}% / "
+                     f"{max(moved):.3g}% | {allowed:.3g}% | {max(moved) / allowed:.0%} |")
         bound.append(step_bound(max(moved), allowed))
     lines.append("")
+    fast = [f for f in faster if f["candidate"] in largest and f["n"]]
     if all(bound):
-        lines.append("In every configuration the bias moved at least half as far as its step size allowed: its "
-                     "gradient kept one direction, so the learning rate and the budget, not the gradient, bound how "
-                     "much it changes the update here; a null result for the bias holds for this learning rate only "
-                     "(`adapter.bias_lr` gives the bias a learning rate of its own).")
+        said = ("In every configuration the bias moved at least half as far as its step size allowed: its gradient "
+                "kept one direction, so the learning rate and the budget, not the gradient, bound how much it "
+                "changes the update.")
+        if not fast:
+            said += (" A null result for the bias holds for this learning rate only (`adapter.bias_lr` gives the "
+                     "bias a learning rate of its own).")
     elif not any(bound):
-        lines.append("In every configuration the bias stopped short of half of what its step size allowed: its "
-                     "gradient, not the learning rate, held it near the identity.")
+        said = ("In every configuration the bias stopped short of half of what its step size allowed: its gradient, "
+                "not the learning rate, held it near the identity.")
     else:
-        lines.append("The step size bounded the bias in "
-                     + ", ".join(f"`{c}`" for c, b in zip(with_bias, bound, strict=True) if b)
-                     + " (it moved at least half as far as allowed; `adapter.bias_lr` gives the bias a learning rate "
-                     "of its own); its gradient held it in the others.")
-    lines.append("")
+        said = ("The step size bounded the bias in " + ", ".join(f"`{c}`" for c, b in zip(with_bias, bound, strict=True)
+                                                                   if b)
+                + " (it moved at least half as far as allowed; `adapter.bias_lr` gives the bias a learning rate "
+                "of its own); its gradient held it in the others.")
+    for f in fast:
+        slow = largest.get(f.get("slow"))
+        said += (f" `{f['candidate']}` trains the bias at a larger learning rate: it rescales the update by up to "
+                 f"{largest[f['candidate']]:.2g}%"
+                 + (f" ({largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`)" if slow else "")
+                 + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`"
+                 + (": the learning rate held the bias back at the run's rate." if significant_gain(f) else
+                    ": a bias that moves further does not help either, so the null result is not its learning "
+                    "rate's."))
+    lines += [said, ""]
     return lines
 
 
