@@ -479,7 +479,7 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             out["verdict"] += (f"; at a larger learning rate (`{faster}`) {reach['what']} by up to {max(moved):.2g}% "
                                f"and {metric} changes by {effect_text(fast)}"
                                + (": the learning rate held it back" if significant_gain(fast) else
-                                  ": moving further does not help either"))
+                                  ": moving further, it shows no significant gain either"))
     explanation = spec.get("explanation")
     if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
         out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better)

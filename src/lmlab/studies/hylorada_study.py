@@ -1168,10 +1168,16 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
                  + (f" ({largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`)" if slow else "")
                  + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`"
                  + (": the learning rate held the bias back at the run's rate." if significant_gain(f) else
-                    ": a bias that moves further does not help either, so the null result is not its learning "
-                    "rate's."))
+                    ": moving further, it shows no significant gain either" + _gain_bound(f)
+                    + ", so the learning rate does not explain a null result for the bias."))
     lines += [said, ""]
     return lines
+
+
+def _gain_bound(effect: dict) -> str:
+    """' (a gain of at most x% within its 95% interval)' for an effect with an interval that allows a gain."""
+    ci = effect.get("ci95")
+    return f" (a gain of at most {ci[1]:.2g}% within its 95% interval)" if ci and ci[1] > 0 else ""
 
 
 def _mean_lists(lists: list[list]) -> list:
