@@ -335,8 +335,8 @@ def test_the_report_says_how_far_the_position_bias_trained_and_what_held_it():
     # jointly trained, the bias moved 0.4-0.5% of 1.27%; trained alone on a frozen rsLoRA, 1.1%
     rows = cells("rslora+bias", [0.45, 0.50, 0.40]) + cells("rslora-frozen+bias", [1.10, 1.05, 1.00])
     text = "\n".join(_bias_reach_section(rows, ["rslora+bias", "rslora-frozen+bias"]))
-    assert "| rslora+bias | 0.45% / 0.5% | 1.27% | 39% |" in text
-    assert "| rslora-frozen+bias | 1.05% / 1.1% | 1.27% | 87% |" in text
+    assert "| rslora+bias | - | 0.45% / 0.5% | 1.27% | 39% |" in text
+    assert "| rslora-frozen+bias | - | 1.05% / 1.1% | 1.27% | 87% |" in text
     assert ("The step size bounded the bias in `rslora-frozen+bias` (it moved at least half as far as allowed; "
             "`adapter.bias_lr` gives the bias a learning rate of its own); its gradient held it in the others.") in text
     roles = {"rslora+bias": None, "rslora-frozen+bias": "positive control"}
@@ -349,7 +349,7 @@ def test_the_report_says_how_far_the_position_bias_trained_and_what_held_it():
 
     rows = cells("rslora+bias", [1.2, 1.1, 1.0]) + cells("rslora-frozen+bias", [1.10, 1.05, 1.00])
     text = "\n".join(_bias_reach_section(rows, ["rslora+bias", "rslora-frozen+bias"]))
-    assert "a null result for the bias holds for this learning rate only" in text
+    assert "A null result for the bias holds for this learning rate only" in text
     rows = cells("rslora+bias", [0.2, 0.1, 0.1])
     assert "its gradient, not the learning rate, held it near the identity" in "\n".join(
         _bias_reach_section(rows, ["rslora+bias"]))

@@ -345,7 +345,7 @@ def test_presets_hold_the_notes_recipe_and_bad_values_are_config_errors():
         "wikitext-2-raw-v1", "gpt2", 192, 4, 8, 1e-4, 2000, 30)
     assert (paper.success_ppl, paper.partial_ppl) == (200, 300)
     default = load_config(MUStudyConfig, preset_path("mu", "default"))
-    assert default.seeds == [42, 123, 456] and default.dataset == "builtin"
+    assert default.seeds == [42, 123, 456, 789, 1011] and default.dataset == "builtin"
     wt103 = load_config(MUStudyConfig, preset_path("mu", "paper"), ["dataset=wikitext-103-raw-v1", "patience=5"])
     assert wt103.dataset == "wikitext-103-raw-v1" and wt103.monitor.patience == 5
     with pytest.raises(ConfigError, match=r"^partial_ppl = 200: must be >= success_ppl \(300\)"):
