@@ -379,7 +379,7 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
     """With an arm that trains the bias at a larger learning rate, the section no longer stops at "a null holds for
     this learning rate only": it quotes that arm's comparison and reads it (planted: no gain, or a clear gain)."""
     from lmlab.studies.attribution import improvement, per_seed_values
-    from lmlab.studies.hylorada_study import _bias_reach_section
+    from lmlab.studies.hylorada_study import HYLORADA_ARMS, _bias_reach_section, _slow_twin
 
     def cells(config, ppl, moved, allowed, lr):
         return [{"config": config, "seed": s, "metrics": {"val_ppl": v, "bias_rescale_pct": m,
@@ -392,7 +392,8 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
              for s, v in zip((1, 2, 3), base, strict=True)]
             + cells("rslora+bias", base, [1.0, 0.9, 0.8], 1.3, 1e-3)
             + cells("rslora+bias-fast", fast_ppl, [30.0, 32.0, 28.0], 45.0, 0.03))
-    # the summary's comparison, as attribution computes it
+    # the summary's comparison, as attribution computes it, with the arm it is read against
+    assert _slow_twin(HYLORADA_ARMS, "rslora+bias-fast") == "rslora+bias"
     effect = improvement(per_seed_values([{**r, "status": "ok"} for r in rows]), "rslora+bias-fast", "rslora",
                          "val_ppl", True)
     comparison = {**effect, "candidate": "rslora+bias-fast", "parent": "rslora", "slow": "rslora+bias"}

@@ -706,10 +706,7 @@ class HyloradaStudy(Study):
         arms = {names[c]: self.arms[c] for c in record["configurations"] if c in self.arms}
         lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
                                    {c: _how_alone(a) for c, a in arms.items()})
-        # an arm that trains the bias faster, with the arm that trains it as fast as everything else
-        faster = [{**c, "slow": next((n for n, a in self.arms.items() if a == dataclasses.replace(
-                      self.arms[c["candidate"]], bias_lr_scale=None, note=a.note, role=a.role)), None)}
-                  for c in summary.get("comparisons", [])
+        faster = [{**c, "slow": _slow_twin(self.arms, c["candidate"])} for c in summary.get("comparisons", [])
                   if c["candidate"] in self.arms and self.arms[c["candidate"]].bias_lr_scale is not None]
         lines += _bias_reach_section(ok, configs, faster)
         if _decile_plot(ok, configs, run):
@@ -1110,6 +1107,14 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             lines[-1] += text
     lines.append("")
     return lines
+
+
+def _slow_twin(arms: dict[str, Arm], fast: str) -> str | None:
+    """The arm that trains what `fast` trains, with the position bias at the arm's own learning rate (its note and
+    role aside): what a faster bias is compared with."""
+    plain = dataclasses.replace(arms[fast], bias_lr_scale=None)
+    return next((name for name, arm in arms.items()
+                 if dataclasses.replace(arm, note=plain.note, role=plain.role) == plain), None)
 
 
 def _values(rows: list[dict], config: str, reach: dict) -> dict:
