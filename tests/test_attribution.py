@@ -404,50 +404,52 @@ def test_a_consistent_difference_of_float_rounding_is_not_an_effect():
             assert verdict.startswith("not supported: no significant effect")
 
 
-@pytest.mark.parametrize(("moved", "bounded"), [(1.1, True), (0.3, False), (None, None)])
-def test_a_null_claim_says_whether_the_step_size_or_the_gradient_held_the_component(moved, bounded):
-    """H5's bias barely trains: where it moved more than half of what its step size allowed (planted: 1.1% of 1.3%)
-    the verdict says the learning rate bounds it and the verdict holds for that learning rate only; where it moved
-    less (0.3%), that its gradient held it; where the cells did not record it, nothing is added."""
+@pytest.mark.parametrize("moved", [1.1, None])
+def test_a_null_claim_says_how_far_the_component_trained(moved):
+    """H5's bias barely trains: the verdict says how far it got (planted: at most 1.1% of the update, where a
+    gradient of one sign would have taken it to 1.3%) and, with no faster arm, that the verdict holds for this
+    learning rate only; where the cells did not record it, nothing is added."""
     out = rows({"rslora": scaled(8, 1.0), "rslora+bias": scaled(8, 1.0, (0.001, -0.002, 0.0005))})
     for r in out:
         if r["config"] == "rslora+bias" and moved is not None:
             r["metrics"].update(bias_rescale_pct=moved * {42: 1.0, 123: 0.9, 456: 0.8}[r["seed"]],
                                 bias_rescale_allowed_pct=1.3)
-    reach = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
-             "what": "the position bias rescales the adapters' update"}
     claims = [{"id": "H5", "claim": "position bias: +2.11%", "candidate": "rslora+bias", "parent": "rslora",
-               "claimed_pct": 2.11, "reach": reach}]
+               "claimed_pct": 2.11, "reach": {**REACH, "faster": "rslora+bias-fast"}}]  # the faster arm did not run
     verdict = build_summary(record(["rslora", "rslora+bias"], [], claims=claims), out)["claims"][0]["verdict"]
     assert verdict.startswith("not supported: no significant effect")
-    if bounded is None:
-        assert "step size" not in verdict
+    if moved is None:
+        assert "gradient of one sign" not in verdict and "learning rate" not in verdict
         return
-    share = f"{moved / 1.3:.0%}"  # the largest seed's, of the allowed
-    assert (f"as trained in `rslora+bias`, the position bias rescales the adapters' update by at most {moved:.2g}%, "
-            f"{share} of the 1.3% its step size allowed") in verdict
-    assert ("(the verdict holds for this learning rate and budget only)" in verdict) == bounded
-    assert ("its gradient, not the step size, held it there" in verdict) == (not bounded)
+    assert verdict.endswith("; as trained in `rslora+bias`, the position bias rescales the adapters' update by at most "
+                            "1.1% (a gradient of one sign would take it to about 1.3% at this learning rate): the "
+                            "verdict holds for this learning rate and budget only")
 
 
-def test_a_null_claim_quotes_what_the_component_did_at_a_larger_learning_rate():
-    """Where the configuration that trains the bias faster ran, H5's verdict says what moving further changed instead
-    of "holds for this learning rate only" (planted: the faster bias rescales the update by 32% and gains nothing)."""
+REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
+         "what": "the position bias rescales the adapters' update"}
+
+
+@pytest.mark.parametrize(("fast_factor", "seeds", "reading"), [
+    (1.0, 3, ": up to that learning rate, a gain of at most "),
+    (0.97, 3, ": the run's learning rate held the component back"),
+    (1.0, 1, ": no interval, so nothing follows about the learning rate")])
+def test_a_null_claim_quotes_what_the_component_did_at_a_larger_learning_rate(fast_factor, seeds, reading):
+    """Where the configuration that trains the bias faster ran, H5's verdict says what it changed instead of "holds
+    for this learning rate only", and reads it: a gain bounded by its interval, a gain the run's learning rate held
+    back, or (one seed, no interval) nothing."""
     out = rows({"rslora": scaled(8, 1.0), "rslora+bias": scaled(8, 1.0, (0.001, -0.002, 0.0005)),
-                "rslora+bias-fast": scaled(8, 1.0, (0.002, -0.001, 0.0))})
+                "rslora+bias-fast": scaled(8, fast_factor, (0.002, -0.001, 0.0))})
+    out = [r for r in out if r["seed"] in (42, 123, 456)[:seeds]]
     for r in out:
         if r["config"] != "rslora":
             fast = r["config"] == "rslora+bias-fast"
             r["metrics"].update(bias_rescale_pct=32.0 if fast else 1.1, bias_rescale_allowed_pct=45.0 if fast else 1.3)
-    reach = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct", "faster": "rslora+bias-fast",
-             "what": "the position bias rescales the adapters' update"}
     claims = [{"id": "H5", "claim": "position bias: +2.11%", "candidate": "rslora+bias", "parent": "rslora",
-               "claimed_pct": 2.11, "reach": reach}]
+               "claimed_pct": 2.11, "reach": {**REACH, "faster": "rslora+bias-fast"}}]
     verdict = build_summary(record(["rslora", "rslora+bias", "rslora+bias-fast"], [], claims=claims),
                             out)["claims"][0]["verdict"]
     assert "holds for this learning rate and budget only" not in verdict
     assert ("; at a larger learning rate (`rslora+bias-fast`) the position bias rescales the adapters' update by up to "
             "32% and val_ppl changes by ") in verdict
-    fast_part = verdict.split("(`rslora+bias-fast`)")[1]
-    assert "no significant difference" in fast_part
-    assert fast_part.endswith(": moving further, it shows no significant gain either")
+    assert reading in verdict.split("(`rslora+bias-fast`)")[1]

@@ -650,8 +650,12 @@ def test_position_bias_reach_is_how_far_the_layers_rescale_their_update(arch):
     ratios = torch.cat(ratios)
     largest = float((ratios - 1).abs().max())
     assert largest > 0.3  # the perturbed bias rescales some update by far more than rounding
+    # per adapter, the largest difference between two tokens' factors: every bucket occurs, so every bucket pair
+    spread = max(float(r.max() - r.min()) for r in ratios.split(CONTEXT))
+    assert spread > 0.1
     reach = position_bias_reach(model)
     assert reach["max_pct"] == pytest.approx(100 * largest, rel=1e-4)
+    assert reach["spread_pct"] == pytest.approx(100 * spread, rel=1e-4)
     assert reach["factor_range"] == pytest.approx([float(ratios.min()), float(ratios.max())], rel=1e-4)
     assert reach["adapters"] == len(layers)
 

@@ -278,10 +278,11 @@ def test_a_positive_control_that_moves_the_metric_only_negligibly_bounds_the_nul
     assert "they can move the metric" not in text and "bounds its effect" not in text
 
 
-def test_the_bias_step_size_bound_is_what_the_training_loop_reaches_under_a_one_signed_gradient():
-    """bias_rescale_allowed, the most the study says AdamW's step size lets the position bias rescale an update in one
+def test_the_bias_one_sign_reference_is_what_the_training_loop_reaches_under_a_one_signed_gradient():
+    """bias_rescale_allowed, where the study says a gradient of one sign takes the position bias's rescaling in one
     run, against the real training loop: a loss whose gradient pushes every gate and table entry up on every step
-    (the most consistent gradient there is) takes the factor to about that bound, and not past it."""
+    takes the factor to about that reference (this gradient shrinks as tanh saturates, so Adam's steps stay at or
+    below the learning rate; a growing one could go past it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lmlab.engine.hooks import Hooks
@@ -323,42 +324,36 @@ def test_the_bias_step_size_bound_is_what_the_training_loop_reaches_under_a_one_
                                                                       rel=1e-9)
 
 
-def test_the_report_says_how_far_the_position_bias_trained_and_what_held_it():
+def test_the_report_says_how_far_the_position_bias_trained():
     from lmlab.studies.hylorada_study import _ablation_section, _bias_reach_section
 
     def cells(config, moved, allowed=1.27):
         out = _ablation_cells(config, [6.1940, 6.1950, 6.1930], [6.1941, 6.1949, 6.1930])
         for r, m in zip(out, moved, strict=True):
-            r["metrics"].update(bias_rescale_pct=m, bias_rescale_allowed_pct=allowed)
+            r["metrics"].update(bias_rescale_pct=m, bias_spread_pct=m / 2, bias_rescale_allowed_pct=allowed)
         return out
 
-    # jointly trained, the bias moved 0.4-0.5% of 1.27%; trained alone on a frozen rsLoRA, 1.1%
+    # jointly trained, the bias rescales the update by 0.4-0.5%; trained alone on a frozen rsLoRA, 1.0-1.1%
     rows = cells("rslora+bias", [0.45, 0.50, 0.40]) + cells("rslora-frozen+bias", [1.10, 1.05, 1.00])
     text = "\n".join(_bias_reach_section(rows, ["rslora+bias", "rslora-frozen+bias"]))
-    assert "| rslora+bias | - | 0.45% / 0.5% | 1.27% | 39% |" in text
-    assert "| rslora-frozen+bias | - | 1.05% / 1.1% | 1.27% | 87% |" in text
-    assert ("The step size bounded the bias in `rslora-frozen+bias` (it moved at least half as far as allowed; "
-            "`adapter.bias_lr` gives the bias a learning rate of its own); its gradient held it in the others.") in text
+    assert "| rslora+bias | - | 0.45% / 0.5% | 0.25% | 1.27% |" in text
+    assert "| rslora-frozen+bias | - | 1.05% / 1.1% | 0.55% | 1.27% |" in text
+    assert ("At the run's learning rate the bias rescales the adapters' update by at most 1.1% in any configuration "
+            "here. A null result for the bias holds for this learning rate only (`adapter.bias_lr` gives the bias a "
+            "learning rate of its own).") in text
+    assert "gradient kept" not in text and "bound" not in text  # how far it got, not why it stopped there
     roles = {"rslora+bias": None, "rslora-frozen+bias": "positive control"}
     parts = {"rslora+bias": {"bias"}, "rslora-frozen+bias": {"bias"}}
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, {}))
     assert ("even alone they do not move the metric measurably (as trained in `rslora-frozen+bias`, the position bias "
-            "rescales the adapters' update by at most 1.1%, 87% of the 1.3% its step size allowed: it moved about as "
-            "far as its learning rate let it, so the learning rate and the budget, not the gradient, bound it here), "
-            "so a null result for them here may be a blind spot") in text
-
-    rows = cells("rslora+bias", [1.2, 1.1, 1.0]) + cells("rslora-frozen+bias", [1.10, 1.05, 1.00])
-    text = "\n".join(_bias_reach_section(rows, ["rslora+bias", "rslora-frozen+bias"]))
-    assert "A null result for the bias holds for this learning rate only" in text
-    rows = cells("rslora+bias", [0.2, 0.1, 0.1])
-    assert "its gradient, not the learning rate, held it near the identity" in "\n".join(
-        _bias_reach_section(rows, ["rslora+bias"]))
+            "rescales the adapters' update by at most 1.1% (a gradient of one sign would take it to about 1.27% at "
+            "this learning rate)), so a null result for them here may be a blind spot") in text
     assert _bias_reach_section(_ablation_cells("rslora+landmarks", [6.0] * 3, [6.0] * 3), ["rslora+landmarks"]) == []
 
 
 def test_bias_lr_trains_the_position_bias_at_its_own_learning_rate(tmp_path: Path):
-    """`bias_lr` (alias of adapter.bias_lr) reaches the optimizer: the cell's bias moves farther than the run's
-    learning rate would let it, and the report's bound is computed at bias_lr."""
+    """`bias_lr` (alias of adapter.bias_lr) reaches the optimizer: the cell's bias moves farther than a gradient of one
+    sign could take it at the run's learning rate, and the report's reference is computed at bias_lr."""
     from lmlab.studies.hylorada_study import bias_rescale_allowed
 
     out = tmp_path / "run"
@@ -370,14 +365,15 @@ def test_bias_lr_trains_the_position_bias_at_its_own_learning_rate(tmp_path: Pat
     metrics = next(r for r in read_jsonl(out / "results.jsonl") if r["config"] == "rslora+bias")["metrics"]
     assert metrics["bias_rescale_allowed_pct"] == pytest.approx(bias_rescale_allowed(cfg, cfg.num_train, 0.2))
     assert metrics["bias_rescale_pct"] > bias_rescale_allowed(cfg, cfg.num_train, cfg.train.lr)
-    assert metrics["bias_rescale_pct"] <= 1.02 * metrics["bias_rescale_allowed_pct"]
+    assert 0 < metrics["bias_spread_pct"] <= 2 * metrics["bias_rescale_pct"]
     assert "## How far the position bias trained" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("fast_gain", [False, True])
 def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
     """With an arm that trains the bias at a larger learning rate, the section no longer stops at "a null holds for
-    this learning rate only": it quotes that arm's comparison and reads it (planted: no gain, or a clear gain)."""
+    this learning rate only": it quotes that arm's comparison and reads it (planted: no gain, whose interval bounds
+    the gain, or a clear gain)."""
     from lmlab.studies.attribution import improvement, per_seed_values
     from lmlab.studies.hylorada_study import HYLORADA_ARMS, _bias_reach_section, _slow_twin
 
@@ -398,10 +394,12 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
                          "val_ppl", True)
     comparison = {**effect, "candidate": "rslora+bias-fast", "parent": "rslora", "slow": "rslora+bias"}
     text = "\n".join(_bias_reach_section(rows, ["rslora", "rslora+bias", "rslora+bias-fast"], [comparison]))
-    assert "| rslora+bias-fast | 0.03 | 30% / 32% | 45% | 71% |" in text
+    assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 45% |" in text
+    assert "At the run's learning rate the bias rescales the adapters' update by at most 1% in any" in text
     assert "holds for this learning rate only" not in text
     assert ("`rslora+bias-fast` trains the bias at a larger learning rate: it rescales the update by up to 32% (32x "
             "as far as `rslora+bias`), and val_ppl changes by ") in text
-    assert ("the learning rate held the bias back at the run's rate" in text) == fast_gain
-    assert ("moving further, it shows no significant gain either (a gain of at most " in text) == (not fast_gain)
-    assert ("so the learning rate does not explain a null result for the bias." in text) == (not fast_gain)
+    assert ("vs `rslora`: the run's learning rate held the component back." in text) == fast_gain
+    ci = effect["ci95"]  # improvement orientation: its upper end is the largest gain the interval allows
+    assert (f"vs `rslora`: up to that learning rate, a gain of at most {ci[1]:.2g}% (95% CI)." in text) == (
+        not fast_gain)

@@ -329,22 +329,11 @@ def ablation_bound(values: dict, configs: list[str], metric: str, without: str) 
     return max(bounds)
 
 
-# A component whose parameters moved at least this share of what the optimizer's step size allowed in the run kept
-# one gradient direction: the learning rate and the budget, not the gradient, bound how far it trained.
-REACH_FRACTION = 0.5
-
-
-def step_bound(moved: float, allowed: float) -> bool:
-    """Whether a component moved so far (`moved`) of what its step size allowed (`allowed`) that the learning
-    rate, not the gradient, bounded it."""
-    return allowed > 0 and moved >= REACH_FRACTION * allowed
-
-
-def reach_clause(values: dict, config: str, reach: dict, bound_note: str = "") -> str:
-    """How far `config`'s component trained next to how far its learning rate let it, from two metrics in %
-    (`reach` {moved, allowed, what}: e.g. the most the position bias rescales the adapters' update, as trained and
-    as the step size allowed), `bound_note` added where the step size bounded it; "" where the cells did not record
-    them."""
+def reach_clause(values: dict, config: str, reach: dict) -> str:
+    """How far `config`'s component trained, from two metrics in % (`reach` {moved, allowed, what}: e.g. the most the
+    position bias rescales the adapters' update as trained, and where a gradient of one sign would have taken it at
+    the run's learning rate); "" where the cells did not record them. Descriptive: the largest of many parameters
+    over seeds says how far the component got, not why it stopped there."""
     def largest(metric: str) -> float | None:
         vals = [v for v in values.get(config, {}).get(metric, {}).values() if v is not None]
         return max(vals) if vals else None
@@ -352,12 +341,33 @@ def reach_clause(values: dict, config: str, reach: dict, bound_note: str = "") -
     moved, allowed = largest(reach["moved"]), largest(reach["allowed"])
     if moved is None or allowed is None:
         return ""
-    text = (f"as trained in `{config}`, {reach['what']} by at most {moved:.2g}%, {moved / allowed:.0%} of the "
-            f"{allowed:.2g}% its step size allowed")
-    if step_bound(moved, allowed):
-        return text + (": it moved about as far as its learning rate let it, so the learning rate and the budget, "
-                       "not the gradient, bound it here" + bound_note)
-    return text + ": its gradient, not the step size, held it there"
+    return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}% (a gradient of one sign would take it "
+            f"to about {allowed:.3g}% at this learning rate)")
+
+
+def faster_clause(values: dict, reach: dict, parent: str, metric: str, lower_is_better: bool) -> str:
+    """What the same component did at a larger learning rate (`reach['faster']`, a configuration compared with
+    `parent`): how far it moved, the change of `metric`, and what that change allows; "" where it did not run."""
+    faster = reach.get("faster")
+    fast = improvement(values, faster, parent, metric, lower_is_better) if faster else None
+    moved = [v for v in values.get(faster, {}).get(reach["moved"], {}).values() if v is not None]
+    if fast is None or not moved:
+        return ""
+    return (f"at a larger learning rate (`{faster}`) {reach['what']} by up to {max(moved):.3g}% and {metric} changes "
+            f"by {effect_text(fast)}" + faster_reading(fast))
+
+
+def faster_reading(effect: dict) -> str:
+    """What a component's change at a larger learning rate allows (an improvement, positive = better): that the run's
+    learning rate held it back, or a gain of at most so much; nothing without an interval."""
+    ci = effect.get("ci95")
+    if not ci:
+        return ": no interval, so nothing follows about the learning rate"
+    if significant_gain(effect):
+        return ": the run's learning rate held the component back"
+    if ci[1] > 0:
+        return f": up to that learning rate, a gain of at most {ci[1]:.2g}% (95% CI)"
+    return ": up to that learning rate, no gain (the 95% interval excludes one)"
 
 
 def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool) -> str:
@@ -393,9 +403,10 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
     `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
     val_ppl_without_position) removes; where those parts carry less than the claimed size, the verdict says so.
-    `reach` {moved, allowed, what, faster}: how far the component trained next to how far its step size allowed (two
-    metrics in %); a verdict that is not "supported" says which of the two held the component where it ended, and,
-    where `faster` (the configuration training it at a larger learning rate) ran, what moving further changed.
+    `reach` {moved, allowed, what, faster}: how far the component trained, next to where a gradient of one sign would
+    have taken it (two metrics in %); a verdict that is not "supported" says so, and what the component changed at a
+    larger learning rate where `faster` (the configuration that trains it so) ran - else that the verdict holds for
+    this learning rate only.
     """
     row = {"id": spec["id"], "claim": spec["claim"], "setting": spec.get("setting", "")}
     kind = spec.get("kind", "effect")
@@ -466,20 +477,16 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                                f"`{spec['candidate']}` and `{spec['parent']}` (removing them changes it by no more, "
                                f"95% CI), less than the claimed {abs(claimed):.2f}%: the setting leaves the "
                                "component little to change, so the verdict holds for this scale only")
-    reach = spec.get("reach")  # how far the component trained, next to how far its learning rate let it
+    reach = spec.get("reach")  # how far the component trained, and what it did at a larger learning rate
     if reach and not out["verdict"].startswith("supported"):
-        faster = reach.get("faster")  # the same component trained at a larger learning rate, where it ran
-        fast = improvement(values, faster, spec["parent"], metric, lower_is_better) if faster else None
-        clause = reach_clause(values, spec["candidate"], reach,
-                              "" if fast else " (the verdict holds for this learning rate and budget only)")
+        clause = reach_clause(values, spec["candidate"], reach)
+        faster = faster_clause(values, reach, spec["parent"], metric, lower_is_better)
         if clause:
             out["verdict"] += "; " + clause
-        moved = [v for v in values.get(faster, {}).get(reach["moved"], {}).values() if v is not None]
-        if clause and fast and moved:
-            out["verdict"] += (f"; at a larger learning rate (`{faster}`) {reach['what']} by up to {max(moved):.2g}% "
-                               f"and {metric} changes by {effect_text(fast)}"
-                               + (": the learning rate held it back" if significant_gain(fast) else
-                                  ": moving further, it shows no significant gain either"))
+        if faster:
+            out["verdict"] += "; " + faster
+        elif clause:
+            out["verdict"] += ": the verdict holds for this learning rate and budget only"
     explanation = spec.get("explanation")
     if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
         out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better)

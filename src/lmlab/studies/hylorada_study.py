@@ -60,7 +60,7 @@ from lmlab.hylorada import (
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
-from lmlab.studies.attribution import effect_text, reach_clause, significant_gain, step_bound
+from lmlab.studies.attribution import effect_text, faster_reading, reach_clause
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -632,7 +632,7 @@ class HyloradaStudy(Study):
                            train_tokens_per_s=result.tokens / max(result.train_time_s, 1e-9))
             reach = position_bias_reach(model)
             if reach is not None:  # how far the bias moved, next to how far its step size let it
-                metrics.update(bias_rescale_pct=reach["max_pct"],
+                metrics.update(bias_rescale_pct=reach["max_pct"], bias_spread_pct=reach["spread_pct"],
                                bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train),
                                                                              adapter_cfg.bias_lr or lr))
                 details["position_bias"] = {**reach, "lr": adapter_cfg.bias_lr or lr}
@@ -706,7 +706,8 @@ class HyloradaStudy(Study):
         arms = {names[c]: self.arms[c] for c in record["configurations"] if c in self.arms}
         lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
                                    {c: _how_alone(a) for c, a in arms.items()})
-        faster = [{**c, "slow": _slow_twin(self.arms, c["candidate"])} for c in summary.get("comparisons", [])
+        faster = [{**c, "candidate": names.get(c["candidate"], c["candidate"]),
+                   "slow": names.get(_slow_twin(self.arms, c["candidate"]))} for c in summary.get("comparisons", [])
                   if c["candidate"] in self.arms and self.arms[c["candidate"]].bias_lr_scale is not None]
         lines += _bias_reach_section(ok, configs, faster)
         if _decile_plot(ok, configs, run):
@@ -801,10 +802,11 @@ def _learning_rates(cfg: HyloradaStudyConfig, num_examples: int, lr: float, firs
 
 
 def bias_rescale_allowed(cfg: HyloradaStudyConfig, num_examples: int, lr: float) -> float:
-    """The most, in %, that AdamW's step size lets the position bias rescale an adapter's update over one training
-    run: it moves the gate w and each table entry by about the learning rate per step, so both stay within S, the
-    sum of the run's learning rates (a gradient that keeps one direction), and |sigmoid(w) tanh(bias)| within
-    sigmoid(S) tanh(S)."""
+    """Where a gradient of one sign would take the position bias's rescaling of an adapter's update over one training
+    run, in %: AdamW moves the gate w and each table entry (both 0 at the start) by about the learning rate per step
+    whatever the gradient's size, so by S, the sum of the run's learning rates, and |sigmoid(w) tanh(bias)| to
+    sigmoid(S) tanh(S). A reference, not a ceiling: where the gradient grows from step to step Adam's step exceeds
+    the learning rate (up to about 3x)."""
     total = sum(_learning_rates(cfg, num_examples, lr, 0, total_steps(num_examples, cfg.train)))
     return 100 * (1 / (1 + math.exp(-total))) * math.tanh(total)
 
@@ -1087,7 +1089,7 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                     f"{change_cell(ch)}")
             if not moved:
                 text += ": even alone they do not move the metric measurably"
-                reach = reach_clause(_values(rows, c, BIAS_REACH), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
+                reach = reach_clause(_bias_values(rows, c), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
                 text += f" ({reach})" if reach else ""
                 text += ", so a null result for them here may be a blind spot of this setting rather than a finding."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
@@ -1117,16 +1119,16 @@ def _slow_twin(arms: dict[str, Arm], fast: str) -> str | None:
                  if dataclasses.replace(arm, note=plain.note, role=plain.role) == plain), None)
 
 
-def _values(rows: list[dict], config: str, reach: dict) -> dict:
-    """{config: {metric: {seed: value}}} of `reach`'s two metrics, as attribution.reach_clause reads them."""
+def _bias_values(rows: list[dict], config: str) -> dict:
+    """{config: {metric: {seed: value}}} of the bias's two reach metrics, as attribution.reach_clause reads them."""
     return {config: {m: {r["seed"]: r["metrics"].get(m) for r in rows if r["config"] == config}
-                     for m in (reach["moved"], reach["allowed"])}}
+                     for m in (BIAS_REACH["moved"], BIAS_REACH["allowed"])}}
 
 
 def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict] = ()) -> list[str]:
-    """How far each configuration's position bias trained, next to how far its learning rate let it; `faster`: the
-    comparisons of configurations that train the bias at a multiple of their learning rate (summary entries), each
-    with `slow`, the configuration that trains it at the run's."""
+    """How far each configuration's position bias trained, next to where a gradient of one sign would have taken it;
+    `faster`: the comparisons of configurations that train the bias at a multiple of their learning rate (summary
+    entries), each with `slow`, the configuration that trains it at the run's."""
     with_bias = [c for c in configs if _metric_mean(rows, c, BIAS_REACH["moved"]) is not None]
     if not with_bias:
         return []
@@ -1134,55 +1136,43 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
              "The position bias rescales each adapter's low-rank update at a token in bucket b by "
              "1 + sigmoid(w) tanh(bias[b]) (w: the adapter's gate), which is 1 at initialisation. `rescales the update "
              "by at most`: the largest distance of that factor from 1 over every adapter and bucket after training "
-             "(mean over seeds / largest seed). `step size allowed`: the most AdamW's step size could give it in the "
-             "run - the gate and the table each move by about the learning rate per step, so by at most S, the sum "
-             "of the run's learning rates, and the factor stays within 1 +- sigmoid(S) tanh(S).", "",
+             "(mean over seeds / largest seed); `across positions`: the largest difference between two buckets' "
+             "factors of one adapter (the part that depends on position; a rescaling the same at every position is "
+             "one the LoRA update can learn itself). `one-sign reference`: where a gradient of one sign would have "
+             "taken it - AdamW moves the gate and each table entry by about the learning rate per step, so by S, the "
+             "sum of the run's learning rates, and the factor to 1 +- sigmoid(S) tanh(S) (a reference, not a "
+             "ceiling: a growing gradient moves Adam further).", "",
              "| configuration | bias learning rate | rescales the update by at most (mean / largest seed) | "
-             "step size allowed | share of the allowed (largest seed) |", "|---|---|---|---|---|"]
-    bound, largest = [], {}
+             "across positions (largest seed) | one-sign reference |", "|---|---|---|---|---|"]
+    largest = {}
     for c in with_bias:
         cells = [r for r in rows if r["config"] == c and r["metrics"].get(BIAS_REACH["moved"]) is not None]
         moved = [r["metrics"][BIAS_REACH["moved"]] for r in cells]
+        spread = [r["metrics"]["bias_spread_pct"] for r in cells if r["metrics"].get("bias_spread_pct") is not None]
         allowed = max(r["metrics"][BIAS_REACH["allowed"]] for r in cells)
         rates = sorted({r["details"].get("position_bias", {}).get("lr") for r in cells} - {None})
         largest[c] = max(moved)
         lines.append(f"| {c} | {', '.join(f'{v:.3g}' for v in rates) or '-'} | {sum(moved) / len(moved):.3g}% / "
-                     f"{max(moved):.3g}% | {allowed:.3g}% | {max(moved) / allowed:.0%} |")
-        bound.append(step_bound(max(moved), allowed))
+                     f"{max(moved):.3g}% | {f'{max(spread):.3g}%' if spread else '-'} | {allowed:.3g}% |")
     lines.append("")
     fast = [f for f in faster if f["candidate"] in largest and f["n"]]
-    if all(bound):
-        said = ("In every configuration the bias moved at least half as far as its step size allowed: its gradient "
-                "kept one direction, so the learning rate and the budget, not the gradient, bound how much it "
-                "changes the update.")
-        if not fast:
-            said += (" A null result for the bias holds for this learning rate only (`adapter.bias_lr` gives the "
-                     "bias a learning rate of its own).")
-    elif not any(bound):
-        said = ("In every configuration the bias stopped short of half of what its step size allowed: its gradient, "
-                "not the learning rate, held it near the identity.")
-    else:
-        said = ("The step size bounded the bias in " + ", ".join(f"`{c}`" for c, b in zip(with_bias, bound, strict=True)
-                                                                   if b)
-                + " (it moved at least half as far as allowed; `adapter.bias_lr` gives the bias a learning rate "
-                "of its own); its gradient held it in the others.")
+    fast_names = {f["candidate"] for f in fast}
+    at_run = [c for c in with_bias if c not in fast_names]
+    said = ""
+    if at_run:
+        said = (f"At the run's learning rate the bias rescales the adapters' update by at most "
+                f"{max(largest[c] for c in at_run):.3g}% in any configuration here.")
+    if not fast:
+        said += (" A null result for the bias holds for this learning rate only (`adapter.bias_lr` gives the bias a "
+                 "learning rate of its own).")
     for f in fast:
         slow = largest.get(f.get("slow"))
         said += (f" `{f['candidate']}` trains the bias at a larger learning rate: it rescales the update by up to "
-                 f"{largest[f['candidate']]:.2g}%"
+                 f"{largest[f['candidate']]:.3g}%"
                  + (f" ({largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`)" if slow else "")
-                 + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`"
-                 + (": the learning rate held the bias back at the run's rate." if significant_gain(f) else
-                    ": moving further, it shows no significant gain either" + _gain_bound(f)
-                    + ", so the learning rate does not explain a null result for the bias."))
-    lines += [said, ""]
+                 + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`" + faster_reading(f) + ".")
+    lines += [said.strip(), ""]
     return lines
-
-
-def _gain_bound(effect: dict) -> str:
-    """' (a gain of at most x% within its 95% interval)' for an effect with an interval that allows a gain."""
-    ci = effect.get("ci95")
-    return f" (a gain of at most {ci[1]:.2g}% within its 95% interval)" if ci and ci[1] > 0 else ""
 
 
 def _mean_lists(lists: list[list]) -> list:
