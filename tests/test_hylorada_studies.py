@@ -345,9 +345,10 @@ def test_the_report_says_how_far_the_position_bias_trained():
     roles = {"rslora+bias": None, "rslora-frozen+bias": "positive control"}
     parts = {"rslora+bias": {"bias"}, "rslora-frozen+bias": {"bias"}}
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, {}))
-    assert ("even alone they do not move the metric measurably (as trained in `rslora-frozen+bias`, the position bias "
-            "rescales the adapters' update by at most 1.1% (a gradient of one sign would take it to about 1.27% at "
-            "this learning rate)), so a null result for them here may be a blind spot") in text
+    assert ("even alone they do not move the metric measurably, so a null result for them here may be a blind spot of "
+            "this setting rather than a finding; as trained in `rslora-frozen+bias`, the position bias rescales the "
+            "adapters' update by at most 1.1% (a gradient of one sign would take it to about 1.27% at this learning "
+            "rate).") in text
     assert _bias_reach_section(_ablation_cells("rslora+landmarks", [6.0] * 3, [6.0] * 3), ["rslora+landmarks"]) == []
 
 

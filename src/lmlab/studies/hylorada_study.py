@@ -1088,10 +1088,10 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             text = (f" `{c}` ({what} {how.get(c, 'trained alone')}): the trained components change val_ppl by "
                     f"{change_cell(ch)}")
             if not moved:
-                text += ": even alone they do not move the metric measurably"
+                text += (": even alone they do not move the metric measurably, so a null result for them here may be "
+                         "a blind spot of this setting rather than a finding")
                 reach = reach_clause(_bias_values(rows, c), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
-                text += f" ({reach})" if reach else ""
-                text += ", so a null result for them here may be a blind spot of this setting rather than a finding."
+                text += f"; {reach}." if reach else "."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
                 text += (": the metric sees them, but for the worse (trained alone they raise val_ppl"
                          + (f", by less than {NEGLIGIBLE_PCT:g}%" if ch["delta_pct"] < NEGLIGIBLE_PCT else "")
