@@ -381,3 +381,49 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
                          "baseline after 3 epoch(s)")
     # where every cell was best at its last step, the models were still improving: the verdict says so
     assert ("still improving at its last evaluation (6 of 6)" in m3) == last
+
+
+@pytest.mark.parametrize(("late_gap", "reading"), [
+    ((1.20, 1.10), "it narrowed"), ((1.10, 1.20), "it widened"), ((1.15, 1.15), "no significant change")])
+def test_the_validation_gap_over_the_second_half_is_paired_by_seed_and_read_by_its_interval(tmp_path: Path, late_gap,
+                                                                                             reading):
+    """curve_gap on planted curves: mu-sota's validation perplexity is dense's times a factor per step (with a little
+    seed-specific noise); the change at each step and the trend over the second half are checked against a direct
+    computation on the log scale, and the sentence reads the trend's interval (planted: narrowing, widening, flat)."""
+    from types import SimpleNamespace
+
+    from scipy import stats as scipy_stats
+
+    from lmlab.studies.mu_study import _gap_lines, _trend_clause, curve_gap
+
+    steps = [10, 20, 30, 40]  # the second half: from step 20 (the first at or after 40 / 2) to step 40
+    factors = {10: 1.40, 20: late_gap[0], 30: (late_gap[0] + late_gap[1]) / 2, 40: late_gap[1]}
+    noise = {1: 1.002, 2: 0.998, 3: 1.001}
+    dense = {1: 9.0, 2: 10.0, 3: 11.0}
+    rows = []
+    for config in ("mu-sota", "dense"):
+        for seed in (1, 2, 3):
+            cell = tmp_path / "cells" / config / f"seed-{seed}"
+            cell.mkdir(parents=True)
+            records = [{"step": s, "kind": "train", "loss": 1.0} for s in steps]
+            records += [{"step": s, "kind": "eval", "val_ppl": dense[seed] * (
+                factors[s] * noise[seed] ** (s / 10) if config == "mu-sota" else 1.0)} for s in steps]
+            (cell / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            rows.append({"config": config, "seed": seed, "status": "ok"})
+    gap = curve_gap(SimpleNamespace(root=tmp_path), rows, "mu-sota", "dense")
+    assert gap["middle"] == 20 and [c["step"] for c in gap["changes"]] == steps
+    for c in gap["changes"]:  # the geometric mean over seeds of the per-seed ratio
+        logs = [math.log(factors[c["step"]] * noise[s] ** (c["step"] / 10)) for s in (1, 2, 3)]
+        assert c["delta_pct"] == pytest.approx(100 * math.expm1(sum(logs) / 3))
+    trend = [math.log(noise[s] ** 2 * factors[40] / factors[20]) for s in (1, 2, 3)]
+    half = scipy_stats.t.ppf(0.975, 2) * scipy_stats.sem(trend)
+    assert gap["trend"]["delta_pct"] == pytest.approx(100 * math.expm1(sum(trend) / 3))
+    assert gap["trend"]["ci95"] == pytest.approx([100 * math.expm1(sum(trend) / 3 - half),
+                                                  100 * math.expm1(sum(trend) / 3 + half)])
+    text = "\n".join(_gap_lines(gap))
+    assert "Over the second half of the run (step 20 to step 40;" in text and f": {reading} (" in text
+    clause = _trend_clause(gap)
+    assert f": {reading} (" in clause
+    assert ("whether it closes, this run cannot say" in clause) == (reading == "it narrowed")
+    assert curve_gap(SimpleNamespace(root=tmp_path), [r for r in rows if r["config"] == "dense"], "mu-sota",
+                     "dense") is None  # nothing to pair

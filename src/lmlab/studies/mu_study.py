@@ -485,7 +485,8 @@ class MUStudy(Study):
     # -----------------------------------------------------------------------------------------------
 
     def extra_summary(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> dict:
-        return {"claims": mu_claims(record["config"], summary, rows)}
+        gap = curve_gap(run, rows, CANDIDATE, REFERENCE)
+        return {"claims": mu_claims(record["config"], summary, rows, gap), "validation_gap": gap}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         cfg = record["config"]
@@ -497,6 +498,7 @@ class MUStudy(Study):
             lines += ["## Validation perplexity during training", "",
                       "Mean over seeds at each evaluation (MU vs the dense baseline): "
                       "`plots/validation_curves.png`.", ""]
+            lines += _gap_lines(summary.get("validation_gap"))
         lines += _red_flags(rows)
         lines += _samples(ok, configs, cfg)
         return lines
@@ -519,9 +521,10 @@ def _notes_scale(cfg: dict) -> str | None:
     return ", ".join(differs) or None
 
 
-def mu_claims(cfg: dict, summary: dict, rows: list[dict]) -> list[dict]:
+def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = None) -> list[dict]:
     """M1-M3 against this run. Absolute perplexities (M1, M2) are judged only at the notes' scale (WikiText-2 and
-    their depth); the architecture question (M3) is the matched comparison, judged at any scale."""
+    their depth); the architecture question (M3) is the matched comparison, judged at any scale, and where every cell
+    was still improving its verdict says how the gap moved over training (`gap`, from `curve_gap`)."""
     sota = summary["configs"].get(CANDIDATE, {}).get("metrics", {})
     test = sota.get("test_ppl")
     scale = _notes_scale(cfg)
@@ -582,7 +585,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict]) -> list[dict]:
         improving = still_improving(rows, (CANDIDATE, REFERENCE))
         if improving:
             budget += (f", with every cell still improving at its last evaluation ({improving} of {improving}): a "
-                       "finding about this budget, not about converged models")
+                       "finding about this budget, not about converged models" + _trend_clause(gap))
         verdict = (f"supported at this budget: MU has significantly lower test perplexity than the matched baseline "
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
@@ -590,6 +593,95 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict]) -> list[dict]:
                    "not testable at this scale: the interval holds 0")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
+
+
+def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> dict | None:
+    """`candidate`'s validation perplexity relative to `reference`'s at every evaluation step that every seed of both
+    made, paired by seed (`stats.paired_relative_change`: the geometric mean of the per-seed ratios, with a 95%
+    t-interval), and `trend`: how that ratio changed over the second half of the run - from the first evaluation at
+    or after half the last one's step (`middle`) to the last - paired by seed (negative: the candidate's perplexity
+    came closer to the reference's, or moved further below it). The first half is left out: early in training the
+    gap swings widely, and whether more training would change the verdict is a question about the end.
+    None with fewer than two shared evaluations."""
+    from lmlab import stats
+
+    seeds = sorted({r["seed"] for r in rows if r["config"] == candidate and r["status"] == "ok"}
+                   & {r["seed"] for r in rows if r["config"] == reference and r["status"] == "ok"})
+    curves = {c: {s: _eval_curve(run.root / "cells" / c / f"seed-{s}" / "metrics.jsonl") for s in seeds}
+              for c in (candidate, reference)}
+    steps = sorted(set.intersection(*(set(curve) for c in curves.values() for curve in c.values()))) if seeds else []
+    if len(steps) < 2:
+        return None
+    middle = next(step for step in steps if step >= steps[-1] / 2)
+    if middle == steps[-1]:
+        middle = steps[-2]
+    ratio = {step: {s: curves[candidate][s][step] / curves[reference][s][step] for s in seeds} for step in steps}
+    return {"candidate": candidate, "reference": reference, "seeds": seeds, "middle": middle,
+            "changes": [{"step": step, **stats.paired_relative_change(
+                {s: curves[candidate][s][step] for s in seeds}, {s: curves[reference][s][step] for s in seeds})}
+                for step in steps],
+            "trend": stats.paired_relative_change(ratio[steps[-1]], ratio[middle])}
+
+
+def _eval_curve(path: Path) -> dict[int, float]:
+    """{step: val_ppl} of a cell's evaluations (its metrics.jsonl records of kind "eval")."""
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {r["step"]: r["val_ppl"] for r in records if r.get("kind") == "eval" and r.get("val_ppl") is not None}
+
+
+def _gap_words(gap: dict) -> tuple[str, str, str]:
+    """(change at the middle of the run, at its end, what the trend says) of a `curve_gap`, in words."""
+    first = next(c for c in gap["changes"] if c["step"] == gap["middle"])
+    last, trend = gap["changes"][-1], gap["trend"]
+
+    def change(c: dict) -> str:
+        ci = c.get("ci95")
+        return f"{c['delta_pct']:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+
+    if trend is None or not trend.get("ci95"):
+        said = "no interval for its change (fewer than two seeds or one shared value)"
+    else:
+        ci = trend["ci95"]
+        moved = f"the ratio changed by {trend['delta_pct']:+.1f}% [{ci[0]:+.1f}, {ci[1]:+.1f}], paired by seed"
+        if ci[0] <= 0 <= ci[1]:
+            said = f"no significant change ({moved})"
+        elif first["delta_pct"] * last["delta_pct"] <= 0:
+            said = f"it changed sign ({moved})"
+        else:  # one sign throughout: the ratio moving towards 1 is the gap narrowing
+            said = ("it narrowed" if abs(last["delta_pct"]) < abs(first["delta_pct"]) else "it widened") + f" ({moved})"
+    return change(first), change(last), said
+
+
+def _trend_clause(gap: dict | None) -> str:
+    """For M3's verdict: how the validation gap moved over the second half of the run."""
+    if not gap:
+        return ""
+    first, last, said = _gap_words(gap)
+    text = (f"; over the second half of the run the validation gap went from {first} (step {gap['middle']}) to "
+            f"{last} (step {gap['changes'][-1]['step']}): {said}")
+    if said.startswith("it narrowed"):
+        text += ", so more training may shrink it further; whether it closes, this run cannot say"
+    return text
+
+
+def _gap_lines(gap: dict | None) -> list[str]:
+    """The report's table of the paired validation gap at every evaluation, and how it moved."""
+    if not gap:
+        return []
+    lines = [f"`{gap['candidate']}` vs `{gap['reference']}` at each evaluation every seed made (validation perplexity, "
+             f"candidate / reference - 1, geometric mean over {len(gap['seeds'])} paired seeds with a 95% t-interval):",
+             "", "| step | change [95% CI] (p) |", "|---|---|"]
+    for c in gap["changes"]:
+        ci, p = c.get("ci95"), c.get("p_value")
+        lines.append(f"| {c['step']} | {c['delta_pct']:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
+                     + (f" (p={p:.2g})" if p is not None else "") + " |")
+    first, last, said = _gap_words(gap)
+    lines += ["", f"Over the second half of the run (step {gap['middle']} to step {gap['changes'][-1]['step']}; "
+              "earlier in training the gap swings widely) it went from "
+              f"{first} to {last}: {said}.", ""]
+    return lines
 
 
 def still_improving(rows: list[dict], configs: tuple[str, ...]) -> int:
