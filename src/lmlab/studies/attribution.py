@@ -329,16 +329,18 @@ def ablation_bound(values: dict, configs: list[str], metric: str, without: str) 
     return max(bounds)
 
 
+def _largest(values: dict, config: str, metric: str) -> float | None:
+    """The largest of `config`'s per-seed values of `metric`, None where it has none."""
+    vals = [v for v in values.get(config, {}).get(metric, {}).values() if v is not None]
+    return max(vals) if vals else None
+
+
 def reach_clause(values: dict, config: str, reach: dict) -> str:
     """How far `config`'s component trained, from two metrics in % (`reach` {moved, allowed, what}: e.g. the most the
     position bias rescales the adapters' update as trained, and where a gradient of one sign would have taken it at
     the run's learning rate); "" where the cells did not record them. Descriptive: the largest of many parameters
     over seeds says how far the component got, not why it stopped there."""
-    def largest(metric: str) -> float | None:
-        vals = [v for v in values.get(config, {}).get(metric, {}).values() if v is not None]
-        return max(vals) if vals else None
-
-    moved, allowed = largest(reach["moved"]), largest(reach["allowed"])
+    moved, allowed = _largest(values, config, reach["moved"]), _largest(values, config, reach["allowed"])
     if moved is None or allowed is None:
         return ""
     return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}% (a gradient of one sign would take it "
@@ -350,10 +352,10 @@ def faster_clause(values: dict, reach: dict, parent: str, metric: str, lower_is_
     `parent`): how far it moved, the change of `metric`, and what that change allows; "" where it did not run."""
     faster = reach.get("faster")
     fast = improvement(values, faster, parent, metric, lower_is_better) if faster else None
-    moved = [v for v in values.get(faster, {}).get(reach["moved"], {}).values() if v is not None]
-    if fast is None or not moved:
+    moved = _largest(values, faster, reach["moved"]) if faster else None
+    if fast is None or moved is None:
         return ""
-    return (f"at a larger learning rate (`{faster}`) {reach['what']} by up to {max(moved):.3g}% and {metric} changes "
+    return (f"at a larger learning rate (`{faster}`) {reach['what']} by up to {moved:.3g}% and {metric} changes "
             f"by {effect_text(fast)}" + faster_reading(fast))
 
 

@@ -50,7 +50,7 @@ from lmlab.mu import (
 from lmlab.mu.config import PRESETS
 from lmlab.mu.matching import model_parameter_counts
 from lmlab.studies.attribution import effect_text
-from lmlab.studies.report import cell_curves, config_styles, fmt, line_plot, mean_over_seeds
+from lmlab.studies.report import cell_curves, change_cell, config_styles, fmt, line_plot, mean_over_seeds, seed_curves
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
@@ -607,8 +607,12 @@ def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> 
 
     seeds = sorted({r["seed"] for r in rows if r["config"] == candidate and r["status"] == "ok"}
                    & {r["seed"] for r in rows if r["config"] == reference and r["status"] == "ok"})
-    curves = {c: {s: _eval_curve(run.root / "cells" / c / f"seed-{s}" / "metrics.jsonl") for s in seeds}
+    # {config: {seed: {step: val_ppl}}}: one evaluation per step and cell (the last, were there two)
+    curves = {c: {s: {step: values[-1] for step, values in curve.items()}
+                  for s, curve in seed_curves(run, c, "eval", "val_ppl").items() if s in seeds}
               for c in (candidate, reference)}
+    if any(len(curves[c]) < len(seeds) for c in curves):  # a finished cell without its curve: nothing to pair
+        return None
     steps = sorted(set.intersection(*(set(curve) for c in curves.values() for curve in c.values()))) if seeds else []
     if len(steps) < 2:
         return None
@@ -623,35 +627,23 @@ def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> 
             "trend": stats.paired_relative_change(ratio[steps[-1]], ratio[middle])}
 
 
-def _eval_curve(path: Path) -> dict[int, float]:
-    """{step: val_ppl} of a cell's evaluations (its metrics.jsonl records of kind "eval")."""
-    if not path.is_file():
-        return {}
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {r["step"]: r["val_ppl"] for r in records if r.get("kind") == "eval" and r.get("val_ppl") is not None}
-
-
 def _gap_words(gap: dict) -> tuple[str, str, str]:
     """(change at the middle of the run, at its end, what the trend says) of a `curve_gap`, in words."""
     first = next(c for c in gap["changes"] if c["step"] == gap["middle"])
     last, trend = gap["changes"][-1], gap["trend"]
 
-    def change(c: dict) -> str:
-        ci = c.get("ci95")
-        return f"{c['delta_pct']:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
-
     if trend is None or not trend.get("ci95"):
         said = "no interval for its change (fewer than two seeds or one shared value)"
     else:
         ci = trend["ci95"]
-        moved = f"the ratio changed by {trend['delta_pct']:+.1f}% [{ci[0]:+.1f}, {ci[1]:+.1f}], paired by seed"
+        moved = f"the ratio changed by {change_cell(trend)}, paired by seed"
         if ci[0] <= 0 <= ci[1]:
             said = f"no significant change ({moved})"
         elif first["delta_pct"] * last["delta_pct"] <= 0:
             said = f"it changed sign ({moved})"
         else:  # one sign throughout: the ratio moving towards 1 is the gap narrowing
             said = ("it narrowed" if abs(last["delta_pct"]) < abs(first["delta_pct"]) else "it widened") + f" ({moved})"
-    return change(first), change(last), said
+    return change_cell(first), change_cell(last), said
 
 
 def _trend_clause(gap: dict | None) -> str:
@@ -659,8 +651,8 @@ def _trend_clause(gap: dict | None) -> str:
     if not gap:
         return ""
     first, last, said = _gap_words(gap)
-    text = (f"; over the second half of the run the validation gap went from {first} (step {gap['middle']}) to "
-            f"{last} (step {gap['changes'][-1]['step']}): {said}")
+    text = (f"; over the second half of the run the validation gap went from {first} at step {gap['middle']} to "
+            f"{last} at step {gap['changes'][-1]['step']}: {said}")
     if said.startswith("it narrowed"):
         text += ", so more training may shrink it further; whether it closes, this run cannot say"
     return text
@@ -673,10 +665,7 @@ def _gap_lines(gap: dict | None) -> list[str]:
     lines = [f"`{gap['candidate']}` vs `{gap['reference']}` at each evaluation every seed made (validation perplexity, "
              f"candidate / reference - 1, geometric mean over {len(gap['seeds'])} paired seeds with a 95% t-interval):",
              "", "| step | change [95% CI] (p) |", "|---|---|"]
-    for c in gap["changes"]:
-        ci, p = c.get("ci95"), c.get("p_value")
-        lines.append(f"| {c['step']} | {c['delta_pct']:+.1f}%" + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else "")
-                     + (f" (p={p:.2g})" if p is not None else "") + " |")
+    lines += [f"| {c['step']} | {change_cell(c)} |" for c in gap["changes"]]
     first, last, said = _gap_words(gap)
     lines += ["", f"Over the second half of the run (step {gap['middle']} to step {gap['changes'][-1]['step']}; "
               "earlier in training the gap swings widely) it went from "

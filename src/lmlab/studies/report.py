@@ -394,24 +394,34 @@ def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
     atomic_write_text(run.root / "report_standalone.tex", "\n".join([*preamble, *table, r"\end{document}", ""]))
 
 
+def seed_curves(run: RunDir, config: str, kind: str, key: str) -> dict[int, dict[int, list[float]]]:
+    """{seed: {step: [values]}} of `key` in one configuration's cells' metrics.jsonl records of `kind`. A cell that
+    trained in stages keeps its earlier stages' curves in `metrics-<stage>.jsonl` (name order): they come first, and
+    each later stage's steps continue after the steps before it, so the curve shows the whole training of the cell."""
+    curves: dict[int, dict[int, list[float]]] = {}
+    for cell in sorted((run.root / "cells" / config).glob("seed-*")):
+        offset = 0
+        for metrics_file in [*sorted(cell.glob("metrics-*.jsonl")), cell / "metrics.jsonl"]:
+            if not metrics_file.is_file():
+                continue
+            last = 0
+            for line in metrics_file.read_text(encoding="utf-8").splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                last = max(last, rec.get("step") or 0)
+                if rec.get("kind") == kind and rec.get(key) is not None:
+                    curves.setdefault(int(cell.name.removeprefix("seed-")), {}).setdefault(
+                        offset + rec["step"], []).append(rec[key])
+            offset += last
+    return curves
+
+
 def cell_curves(run: RunDir, configs: list[str], kind: str, key: str) -> dict[str, dict[int, list[float]]]:
-    """{config: {step: [value per seed]}} of `key` in the cells' metrics.jsonl records of `kind`. A cell that trained
-    in stages keeps its earlier stages' curves in `metrics-<stage>.jsonl` (name order): they come first, and each
-    later stage's steps continue after the steps before it, so the curve shows the whole training of the cell."""
+    """{config: {step: [value per seed]}} of `key` in the cells' metrics.jsonl records of `kind` (`seed_curves`)."""
     curves: dict[str, dict[int, list[float]]] = {}
     for config in configs:
-        for cell in sorted((run.root / "cells" / config).glob("seed-*")):
-            offset = 0
-            for metrics_file in [*sorted(cell.glob("metrics-*.jsonl")), cell / "metrics.jsonl"]:
-                if not metrics_file.is_file():
-                    continue
-                last = 0
-                for line in metrics_file.read_text(encoding="utf-8").splitlines():
-                    rec = json.loads(line) if line.strip() else {}
-                    last = max(last, rec.get("step") or 0)
-                    if rec.get("kind") == kind and rec.get(key) is not None:
-                        curves.setdefault(config, {}).setdefault(offset + rec["step"], []).append(rec[key])
-                offset += last
+        for curve in seed_curves(run, config, kind, key).values():
+            for step, values in curve.items():
+                curves.setdefault(config, {}).setdefault(step, []).extend(values)
     return curves
 
 
