@@ -217,9 +217,9 @@ def test_a_recall_gain_that_varies_across_seeds_is_not_significant_however_many_
 
 
 def _ablation_cells(config: str, with_: list[float], without: list[float]) -> list[dict]:
-    """Three seeds' cells with val_ppl with and without the position components."""
-    return [{"config": config, "seed": s, "metrics": {"val_ppl": a, "val_ppl_without_position": b}, "details": {}}
-            for s, a, b in zip((1, 2, 3), with_, without, strict=True)]
+    """Three finished seeds' cells with val_ppl with and without the position components."""
+    return [{"config": config, "seed": s, "status": "ok", "metrics": {"val_ppl": a, "val_ppl_without_position": b},
+             "details": {}} for s, a, b in zip((1, 2, 3), with_, without, strict=True)]
 
 
 def test_a_positive_control_that_cannot_move_the_metric_makes_the_null_a_possible_blind_spot():

@@ -60,7 +60,7 @@ from lmlab.hylorada import (
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
-from lmlab.studies.attribution import effect_text, faster_reading, reach_clause
+from lmlab.studies.attribution import effect_text, faster_reading, per_seed_values, reach_clause
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -632,10 +632,10 @@ class HyloradaStudy(Study):
                            train_tokens_per_s=result.tokens / max(result.train_time_s, 1e-9))
             reach = position_bias_reach(model)
             if reach is not None:  # how far the bias moved, next to how far its step size let it
+                bias_lr = adapter_cfg.bias_lr or lr
                 metrics.update(bias_rescale_pct=reach["max_pct"], bias_spread_pct=reach["spread_pct"],
-                               bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train),
-                                                                             adapter_cfg.bias_lr or lr))
-                details["position_bias"] = {**reach, "lr": adapter_cfg.bias_lr or lr}
+                               bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train), bias_lr))
+                details["position_bias"] = {**reach, "lr": bias_lr}
             if adapter_cfg.landmarks == "learnable_bucket":
                 details["boundaries"] = {**learned_boundaries(model), **step_size_scale(cfg, adapter_cfg, result.steps,
                                                                                           len(data.train), lr)}
@@ -1090,7 +1090,7 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             if not moved:
                 text += (": even alone they do not move the metric measurably, so a null result for them here may be "
                          "a blind spot of this setting rather than a finding")
-                reach = reach_clause(_bias_values(rows, c), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
+                reach = reach_clause(per_seed_values(rows), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
                 text += f"; {reach}." if reach else "."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
                 text += (": the metric sees them, but for the worse (trained alone they raise val_ppl"
@@ -1117,12 +1117,6 @@ def _slow_twin(arms: dict[str, Arm], fast: str) -> str | None:
     plain = dataclasses.replace(arms[fast], bias_lr_scale=None)
     return next((name for name, arm in arms.items()
                  if dataclasses.replace(arm, note=plain.note, role=plain.role) == plain), None)
-
-
-def _bias_values(rows: list[dict], config: str) -> dict:
-    """{config: {metric: {seed: value}}} of the bias's two reach metrics, as attribution.reach_clause reads them."""
-    return {config: {m: {r["seed"]: r["metrics"].get(m) for r in rows if r["config"] == config}
-                     for m in (BIAS_REACH["moved"], BIAS_REACH["allowed"])}}
 
 
 def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict] = ()) -> list[str]:
