@@ -13,6 +13,7 @@ import pytest
 
 from helpers import run_cli
 from lmlab.engine.hooks import Display
+from lmlab.config import build
 from lmlab.errors import ConfigError
 from lmlab.studies.parallel import CellJob, ExecutorOptions, Slot, _worker, make_executor, plan_slots, resolve_parallel
 from lmlab.studies.rundir import RunDir
@@ -24,6 +25,37 @@ def test_resolve_parallel_reads_numbers_and_auto():
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ConfigError, match="--parallel must be"):
             resolve_parallel(bad)
+
+
+def test_auto_on_cpu_gives_one_worker_per_pinned_threads_share_of_the_cores(monkeypatch):
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+    cores = len(os.sched_getaffinity(0))
+    assert resolve_parallel("auto") == 1  # a cell that may use every core: one at a time
+    assert resolve_parallel("auto", threads=1) == cores  # one-thread cells: one per core
+    assert resolve_parallel("auto", threads=2) == max(1, cores // 2)
+    assert resolve_parallel("auto", threads=cores + 1) == 1
+    assert resolve_parallel(1, threads=1) == 1  # a number is taken as given
+
+
+def test_a_configs_parallel_applies_without_the_flag_and_yields_to_nproc_and_executors(monkeypatch):
+    from lmlab.engine import distributed as D
+    from lmlab.studies.runner import StudyConfig, _workers
+
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+    cores = len(os.sched_getaffinity(0))
+    cfg = build(StudyConfig, {"parallel": "auto", "threads": 1})
+    assert _workers(None, cfg, None) == cores  # the preset's default
+    assert _workers("1", cfg, None) == 1  # the command's --parallel wins
+    assert _workers(None, cfg, ExecutorOptions(kind="local")) == 1  # an executor runs the cells: no conflict
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    assert _workers(None, cfg, None) == 1  # under DDP the preset's default yields
+    if cores > 1:
+        with pytest.raises(ConfigError, match="do not combine with --nproc"):
+            _workers("2", cfg, None)  # an explicit --parallel does not
+    assert build(StudyConfig, {"parallel": 2}).parallel == 2
+    for bad in (0, "two"):
+        with pytest.raises(ConfigError, match="parallel"):
+            build(StudyConfig, {"parallel": bad})
 
 
 def test_cpu_workers_get_disjoint_shares_of_the_cores(monkeypatch):

@@ -52,8 +52,10 @@ class Slot:
     threads: int
 
 
-def resolve_parallel(value: str | int | None) -> int:
-    """`--parallel N` (N >= 1) or `auto`: one cell per visible GPU (1 without a GPU)."""
+def resolve_parallel(value: str | int | None, threads: int | None = None) -> int:
+    """`--parallel N` (N >= 1) or `auto`: one cell per visible GPU; without a GPU, one cell per `threads` cores
+    this process may use where the study pins its cells' `threads` (a tiny model's cell on one thread leaves the
+    other cores idle), else 1 (a cell uses every core)."""
     if value is None:
         return 1
     text = str(value).strip()
@@ -62,10 +64,16 @@ def resolve_parallel(value: str | int | None) -> int:
 
         from lmlab.engine import distributed as D
 
-        return max(1, torch.cuda.device_count()) if D.uses_gpu() else 1
+        if D.uses_gpu():
+            return max(1, torch.cuda.device_count())
+        return max(1, len(_usable_cores()) // threads) if threads else 1
     if text.lstrip("+-").isdigit() and int(text) >= 1:
         return int(text)
     raise ConfigError(f"--parallel must be a positive integer or 'auto', got {value!r}")
+
+
+def _usable_cores() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def plan_slots(n: int, threads: int | None = None) -> list[Slot]:
@@ -74,7 +82,7 @@ def plan_slots(n: int, threads: int | None = None) -> list[Slot]:
     study's `threads` field) caps each worker's torch threads."""
     import torch
 
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = _usable_cores()
     from lmlab.engine import distributed as D
 
     gpus = torch.cuda.device_count() if D.uses_gpu() else 0  # LMLAB_DEVICE=cpu: CPU shares on a GPU machine

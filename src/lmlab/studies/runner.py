@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from lmlab import cpu_share
 from lmlab import progress as bars
@@ -65,6 +66,17 @@ class StudyConfig(Section):
     # A preset for tiny models may pin this: on a busy 2-core machine a tiny model's step is up to 20x slower on 2
     # threads than on 1.
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process (overrides --threads)")
+    # What `--parallel` does when the command gives none; a preset whose cells run on one thread sets 'auto' (on
+    # CPU: one cell per `threads` cores). It yields to --nproc and --executor instead of conflicting with them.
+    parallel: int | Literal["auto"] | None = Field(None, description="cells computed at once where the command "
+                                                   "gives no --parallel: a number >= 1 or 'auto'")
+
+    @field_validator("parallel")
+    @classmethod
+    def _parallel(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a number >= 1 or 'auto'")
+        return value
 
     @model_validator(mode="after")
     def _one_seed(self):
@@ -202,19 +214,13 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
               log: list[str] | tuple[str, ...] = ()) -> Path:
     """Run (or finish) every configuration x seed of study `name`; returns the run directory. `preset`: the
     `default` preset unless given (a new run only: `resume` continues with the run's own configuration).
-    `parallel`: cells computed at once on this machine (a number or 'auto': one per GPU); `executor`: one
+    `parallel`: cells computed at once on this machine (a number or 'auto': one per GPU, or on CPU one per
+    `threads` cores where the config pins `threads`; None: the config's `parallel`, else 1); `executor`: one
     submitit job per cell (SLURM, or submitit's local executor) - see lmlab.studies.parallel. `log`: experiment
     trackers each cell logs to (tensorboard, wandb, mlflow: lmlab.tracking)."""
     study = get_study(name)
     trackers = parse_trackers(log)
-    workers = resolve_parallel(parallel)
-    if (workers > 1 or executor is not None) and D.world_size() > 1:
-        raise ConfigError("--parallel and --executor run each cell in its own process; they do not combine with "
-                          "--nproc (DDP): drop one of them")
-    if workers > 1 and executor is not None:
-        raise ConfigError("--parallel runs cells on this machine, --executor as jobs; choose one")
-    if workers > 1:
-        plan_slots(workers)  # more workers than GPUs or cores: refused before any directory is made
+    resolve_parallel(parallel)  # a malformed --parallel: refused before anything is read
     if resume:
         run = RunDir(Path(resume))
         record = run.read_study()
@@ -227,6 +233,7 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
                               f"(study.yaml, preset '{record['preset']}'); drop {' and '.join(given)}, or start a "
                               "new run with --out")
         cfg = build(study.config_cls, record["config"], where=str(run.study_path))
+        workers = _workers(parallel, cfg, executor)
         seed_values = list(record["seeds"])
         if D.is_main():
             run.check_writable()
@@ -235,6 +242,7 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
         preset = preset or "default"
         cfg = load_config(study.config_cls, preset_path(name, preset), overrides)
         check_batch_split(cfg, D.world_size())  # the global batch splits across the processes, before any file
+        workers = _workers(parallel, cfg, executor)
         seed_values = seed_list(seeds) if seeds is not None else list(cfg.seeds)
         configs = selected_configurations(study, cfg)
         run = RunDir(Path(D.broadcast_object(str(out or _default_out(name)))))
@@ -267,6 +275,23 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
     finally:
         run.unlock()
     return run.root
+
+
+def _workers(parallel: int | str | None, cfg: StudyConfig, executor: ExecutorOptions | None) -> int:
+    """Worker processes for the cells: `--parallel` as given, else the config's `parallel` where neither DDP nor
+    an executor runs the cells (a preset's default yields to them); too many for the machine: refused here, before
+    any directory is made."""
+    if parallel is None and cfg.parallel is not None and executor is None and D.world_size() == 1:
+        parallel = cfg.parallel
+    workers = resolve_parallel(parallel, cfg.threads)
+    if (workers > 1 or executor is not None) and D.world_size() > 1:
+        raise ConfigError("--parallel and --executor run each cell in its own process; they do not combine with "
+                          "--nproc (DDP): drop one of them")
+    if workers > 1 and executor is not None:
+        raise ConfigError("--parallel runs cells on this machine, --executor as jobs; choose one")
+    if workers > 1:
+        plan_slots(workers)
+    return workers
 
 
 @dataclass
