@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from helpers import assert_run_layout, read_jsonl, run_smoke_study, save_tiny_model
 from lmlab.cli import main
@@ -28,10 +29,12 @@ from lmlab.studies.latentwire_study import (
     TEXT_SYSTEMS,
     LatentWireStudyConfig,
     collapse_check,
+    fall_noise,
     latentwire_claims,
     latentwire_comparisons,
     merge_evaluations,
     reference_and_candidate,
+    second_half_gain,
     study_arms,
     train_translator,
     validation_run,
@@ -219,29 +222,87 @@ def test_each_comparison_changes_one_factor_and_the_decision_pair_is_the_headlin
         ("stable_k16_swapped", "stable_k16"), ("stable_k16", "stable_k16_soft_plus_text")}
 
 
-def _l2(curves: dict, patience: int = 5) -> str:
-    cfg = {"num_queries": 16, "mode": "soft_only", "compression_k": [16], "ablation": ["stability"],
-           "train": {"early_stopping_patience": patience}}
-    values = {"stable_k16": {"bridged/acc_flexible": {1: 0.2, 2: 0.18}},
-              "baseline_k16": {"bridged/acc_flexible": {1: 0.19, 2: 0.17}}}
-    claims = latentwire_claims(cfg, {}, values, {"configs": {}}, {"baseline_k16": curves})
-    return next(c for c in claims if c["id"] == "L2")["verdict"]
+def _curves(values_by_seed: dict[int, list[float]], every: int = 150) -> dict[int, dict[int, float]]:
+    """{seed: {step: val_acc}} with an evaluation every `every` steps."""
+    return {seed: {every * (i + 1): v for i, v in enumerate(values)} for seed, values in values_by_seed.items()}
+
+
+def _claims(curves: dict, patience: int = 5, num_val: int = 96) -> dict[str, str]:
+    cfg = {"num_queries": 16, "mode": "soft_only", "compression_k": [8, 16], "ablation": ["compression", "stability"],
+           "num_val": num_val, "train": {"early_stopping_patience": patience}}
+    values = {"stable_k16": {"bridged/acc_flexible": {1: 0.2, 2: 0.18, 3: 0.19}},
+              "stable_k8": {"bridged/acc_flexible": {1: 0.15, 2: 0.17, 3: 0.12}},
+              "baseline_k16": {"bridged/acc_flexible": {1: 0.19, 2: 0.17, 3: 0.2}}}
+    claims = latentwire_claims(cfg, {}, values, {"configs": {}}, curves)
+    return {c["id"]: c["verdict"] for c in claims}
+
+
+def _l2(curves: dict, patience: int = 5, num_val: int = 96) -> str:
+    return _claims({"baseline_k16": _curves(curves)}, patience, num_val)["L2"]
 
 
 def test_the_collapse_claim_is_untestable_where_the_baseline_did_not_collapse():
-    rising = {"1": [0.05, 0.1, 0.15, 0.2, 0.21, 0.22], "2": [0.03, 0.08, 0.1, 0.15, 0.16, 0.17]}
+    rising = {1: [0.05, 0.1, 0.15, 0.2, 0.21, 0.22], 2: [0.03, 0.08, 0.1, 0.15, 0.16, 0.17]}
     verdict = _l2(rising)
     assert verdict.startswith("not testable here: `baseline_k16` did not collapse - its validation accuracy was at its "
                               "peak at its last evaluation on every seed (2 of 2)")
     assert "early stopping could not end a run early either (patience 5 with 6 evaluations)" in verdict
     assert "could not end a run early" not in _l2(rising, patience=2)
-    # a baseline that peaks and falls back: the verdict is the interval's, with how far it fell
-    collapsing = {"1": [0.05, 0.3, 0.35, 0.2, 0.15, 0.1], "2": rising["2"]}
+    # a baseline that peaks and falls back far: the verdict is the interval's, with how far it fell
+    collapsing = {1: [0.05, 0.3, 0.35, 0.2, 0.15, 0.1], 2: rising[2]}
     verdict = _l2(collapsing, patience=2)
-    assert not verdict.startswith("not testable here") and "fell from its peak to its last evaluation on 1 of 2 " \
-        "seeds (by up to 0.250)" in verdict
-    check = collapse_check(collapsing, 2)
-    assert check["drops"] == pytest.approx({"1": 0.25, "2": 0.0}) and check["can_stop_early"]
+    assert not verdict.startswith("not testable here") and "fell from its peak to its last evaluation by more than " \
+        "the sampling noise of 96 validation items on 1 of 2 seeds (by up to 0.250)" in verdict
+    check = collapse_check(_curves(collapsing), 2, 96)
+    assert check["drops"] == pytest.approx({1: 0.25, 2: 0.0}) and check["can_stop_early"]
+    assert (check["fell"], check["collapsed"]) == (1, 1)
+
+
+def test_a_fall_within_the_validation_items_noise_is_not_a_collapse():
+    # 0.35 -> 0.30 on 96 items: a Wald 95% bound of the difference of two such accuracies is 1.96 * sqrt((0.35 *
+    # 0.65 + 0.3 * 0.7) / 96) = 0.1325; the fall of 0.05 is below it, 0.15 is above
+    assert fall_noise(0.35, 0.3, 96) == pytest.approx(1.959964 * ((0.35 * 0.65 + 0.3 * 0.7) / 96) ** 0.5, rel=1e-6)
+    small = {1: [0.1, 0.2, 0.35, 0.3], 2: [0.1, 0.2, 0.3, 0.3]}
+    verdict = _l2(small)
+    assert verdict.startswith("not testable here: `baseline_k16` did not collapse - its validation accuracy fell from "
+                              "its peak to its last evaluation on 1 of 2 seeds, by at most 0.050, within the sampling "
+                              "noise of 96 validation items")
+    check = collapse_check(_curves(small), 5, 96)
+    assert (check["fell"], check["collapsed"]) == (1, 0)
+    # the same fall on 20x the items stands out: 0.1325 / sqrt(20) = 0.030 < 0.05
+    assert collapse_check(_curves(small), 5, 1920)["collapsed"] == 1
+    assert not _l2(small, num_val=1920).startswith("not testable here")
+
+
+def test_second_half_gain_is_the_paired_change_from_the_middle_evaluation_to_the_last():
+    curves = _curves({1: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5], 2: [0.0, 0.1, 0.1, 0.2, 0.3, 0.3],
+                      3: [0.1, 0.1, 0.2, 0.2, 0.3, 0.45]})
+    gain = second_half_gain(curves)
+    # half of the last step (900) is 450: from step 450 to step 900, per seed 0.3, 0.2, 0.25
+    assert (gain["middle"], gain["last"], gain["seeds"]) == (450, 900, 3)
+    assert gain["mean"] == pytest.approx(0.25)
+    half = scipy_stats.t.ppf(0.975, 2) * 0.05 / 3 ** 0.5  # the per-seed gains' sd is 0.05
+    assert gain["ci95"] == pytest.approx([0.25 - half, 0.25 + half])
+    # only the steps every seed evaluated count (a seed stopped early has fewer)
+    short = {**curves, 4: {150: 0.1, 300: 0.2, 450: 0.3}}
+    assert second_half_gain(short)["last"] == 450 and second_half_gain({1: {150: 0.1}}) is None
+
+
+def test_the_compression_claim_says_whether_its_arms_were_still_improving():
+    rising = {1: [0.0, 0.05, 0.1, 0.15, 0.2, 0.25], 2: [0.0, 0.04, 0.08, 0.14, 0.19, 0.22],
+              3: [0.01, 0.05, 0.1, 0.16, 0.21, 0.26]}
+    flat = {1: [0.1, 0.2, 0.2, 0.25, 0.2, 0.22], 2: [0.1, 0.2, 0.22, 0.18, 0.2, 0.2],
+            3: [0.1, 0.2, 0.2, 0.21, 0.24, 0.19]}
+    both = _claims({"stable_k8": _curves(rising), "stable_k16": _curves(rising)})["L3"]
+    assert "; both arms were still improving when training ended (bridged validation accuracy from step 450 to step " \
+           "900, paired over 3 seeds: `stable_k8` +0.150 [+0.125, +0.175]" in both
+    assert both.endswith("so this compares K at this training budget, not what K soft tokens can carry once trained")
+    one = _claims({"stable_k8": _curves(flat), "stable_k16": _curves(rising)})["L3"]
+    assert "; `stable_k16` was still improving when training ended" in one
+    neither = _claims({"stable_k8": _curves(flat), "stable_k16": _curves(flat)})["L3"]
+    assert "whether more training would change this comparison is open" in neither and "still improving when" \
+        not in neither
+    assert "training" not in _claims({})["L3"]  # no curves: no clause
 
 
 def test_bad_ablation_and_missing_translator_size_are_config_errors():

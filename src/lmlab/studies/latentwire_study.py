@@ -65,6 +65,7 @@ from lmlab.studies.report import (
     plain_number,
     same_values_notes,
     save_figure,
+    seed_curves,
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
@@ -610,30 +611,39 @@ def _points(test: dict, what: str) -> str:
     return f"{what} {_diff(test)} in accuracy points ({test['items']} items x {test['seeds'][0]} seeds)"
 
 
-def validation_curves(run: RunDir, config: str) -> dict[str, list[float]]:
-    """{seed: [val_acc at each evaluation, in step order]} from a configuration's cells (`metrics.jsonl`)."""
-    curves = {}
-    for path in sorted((run.root / "cells" / config).glob("seed-*/metrics.jsonl")):
-        by_step = {}
-        for line in path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line) if line.strip() else {}
-            if rec.get("kind") == "eval" and rec.get("val_acc") is not None:
-                by_step[rec["step"]] = rec["val_acc"]  # a resumed cell may log a step again: the last one counts
-        if by_step:
-            curves[path.parent.name.removeprefix("seed-")] = [by_step[s] for s in sorted(by_step)]
-    return curves
+def validation_curves(run: RunDir, config: str) -> dict[int, dict[int, float]]:
+    """{seed: {step: val_acc}} of a configuration's cells (`report.seed_curves`; a step logged twice, as a resumed
+    cell may, counts its last value)."""
+    return {seed: {step: values[-1] for step, values in curve.items()}
+            for seed, curve in seed_curves(run, config, "eval", "val_acc").items()}
 
 
-def collapse_check(curves: dict[str, list[float]], patience: int | None) -> dict | None:
+def fall_noise(peak: float, last: float, items: int) -> float:
+    """The 95% bound of the difference between two accuracies on `items` validation items each, as if
+    independent (Wald): a fall from the peak smaller than this is within the items' sampling noise. Both accuracies
+    are measured on the same items, which only makes their difference less noisy, so the bound errs towards calling
+    a fall noise."""
+    return stats.Z95 * (max(peak * (1 - peak) + last * (1 - last), 0.0) / items) ** 0.5
+
+
+def collapse_check(curves: dict[int, dict[int, float]], patience: int | None, items: int) -> dict | None:
     """Did the configuration without the fixes collapse? Per seed, its validation accuracy's fall from its peak to
-    its last evaluation; and whether early stopping could end a run before its last evaluation at all (patience
-    below the evaluations after the first)."""
+    its last evaluation, and whether that fall exceeds the sampling noise of the `items` validation items
+    (`fall_noise`) - the peak is the best of several noisy evaluations, so a small fall is expected without any
+    collapse; and whether early stopping could end a run before its last evaluation at all (patience below the
+    evaluations after the first)."""
     if not curves:
         return None
-    drops = {seed: max(c) - c[-1] for seed, c in curves.items()}
+    drops, beyond = {}, {}
+    for seed, curve in curves.items():
+        values = [curve[step] for step in sorted(curve)]
+        drops[seed] = max(values) - values[-1]
+        beyond[seed] = drops[seed] > fall_noise(max(values), values[-1], items)
     evaluations = min(len(c) for c in curves.values())
-    return {"drops": drops, "collapsed": sum(d > 0 for d in drops.values()), "seeds": len(drops),
-            "largest_drop": max(drops.values()), "evaluations": evaluations, "patience": patience,
+    return {"drops": drops, "fell": sum(d > 0 for d in drops.values()), "collapsed": sum(beyond.values()),
+            "seeds": len(drops), "largest_drop": max(drops.values()), "items": items,
+            "noise": min(fall_noise(max(c.values()), c[max(c)], items) for c in curves.values()),
+            "evaluations": evaluations, "patience": patience,
             "can_stop_early": patience is not None and patience < evaluations - 1}
 
 
@@ -645,13 +655,60 @@ def _l2_with_collapse(claim: dict, check: dict | None, baseline: str) -> dict:
             f"; early stopping could not end a run early either (patience {check['patience']} with "
             f"{check['evaluations']} evaluations)")
     if not check["collapsed"]:
-        verdict = (f"not testable here: `{baseline}` did not collapse - its validation accuracy was at its peak at its "
-                   f"last evaluation on every seed ({check['seeds']} of {check['seeds']}), so the fixes had no "
-                   "collapse to prevent and the comparison measures InfoNCE and best-weight restoring only" + stop)
+        if not check["fell"]:
+            how = (f"its validation accuracy was at its peak at its last evaluation on every seed ({check['seeds']} "
+                   f"of {check['seeds']})")
+        else:
+            how = (f"its validation accuracy fell from its peak to its last evaluation on {check['fell']} of "
+                   f"{check['seeds']} seeds, by at most {check['largest_drop']:.3f}, within the sampling noise of "
+                   f"{check['items']} validation items (a fall must exceed about {check['noise']:.2f} to stand out "
+                   "from it)")
+        verdict = (f"not testable here: `{baseline}` did not collapse - {how}, so the fixes had no collapse to prevent "
+                   "and the comparison measures InfoNCE and best-weight restoring only" + stop)
         return {**claim, "verdict": verdict}
-    fell = (f"; `{baseline}`'s validation accuracy fell from its peak to its last evaluation on {check['collapsed']} "
-            f"of {check['seeds']} seeds (by up to {check['largest_drop']:.3f})" + stop)
+    fell = (f"; `{baseline}`'s validation accuracy fell from its peak to its last evaluation by more than the "
+            f"sampling noise of {check['items']} validation items on {check['collapsed']} of {check['seeds']} seeds "
+            f"(by up to {check['largest_drop']:.3f})" + stop)
     return {**claim, "verdict": claim["verdict"] + fell}
+
+
+def second_half_gain(curves: dict[int, dict[int, float]]) -> dict | None:
+    """How much a configuration's validation accuracy rose over the second half of its training: per seed, the value
+    at its last evaluation minus the value at the first evaluation at or after half the last one's step (steps every
+    seed evaluated), and the mean over seeds with a 95% t-interval - paired by seed, so the items' and the seeds'
+    levels cancel. An interval above 0: the configuration was still improving when training ended. None without two
+    shared evaluations."""
+    if not curves:
+        return None
+    steps = sorted(set.intersection(*(set(c) for c in curves.values())))
+    if len(steps) < 2:
+        return None
+    middle = next(step for step in steps if step >= steps[-1] / 2)
+    if middle == steps[-1]:
+        middle = steps[-2]
+    gains = [c[steps[-1]] - c[middle] for c in curves.values()]
+    return {"middle": middle, "last": steps[-1], "seeds": len(gains), "mean": fmean(gains),
+            "ci95": stats.t_interval(gains)}
+
+
+def _improving(arms: dict[str, dict | None]) -> str:
+    """The clause L3 gets from its arms' `second_half_gain`: whether the compared configurations were still
+    improving, which makes the comparison one of K at this training budget."""
+    arms = {name: gain for name, gain in arms.items() if gain and gain["ci95"]}
+    if not arms:
+        return ""
+    first = next(iter(arms.values()))
+    parts = ", ".join(f"`{name}` {g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
+                      for name, g in arms.items())
+    rising = [name for name, g in arms.items() if g["ci95"][0] > 0]
+    span = (f"bridged validation accuracy from step {first['middle']} to step {first['last']}, paired over "
+            f"{first['seeds']} seeds: {parts} points")
+    if not rising:
+        return (f"; whether more training would change this comparison is open: {span}, no interval above 0, so "
+                "the run cannot tell whether the arms were still improving")
+    who = "both arms were" if len(rising) == len(arms) > 1 else " and ".join(f"`{n}`" for n in rising) + " was"
+    return (f"; {who} still improving when training ended ({span}), so this compares K at this training budget, "
+            "not what K soft tokens can carry once trained")
 
 
 def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
@@ -684,15 +741,18 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
                      values, [], lower_is_better=False)
     if baseline in values:
         patience = cfg.get("train", {}).get("early_stopping_patience")
-        l2 = _l2_with_collapse(l2, collapse_check((curves or {}).get(baseline, {}), patience), baseline)
+        l2 = _l2_with_collapse(l2, collapse_check((curves or {}).get(baseline, {}), patience, cfg["num_val"]),
+                               baseline)
     claims.append(l2)
     ks = sorted(set(cfg["compression_k"]))
     if "compression" in cfg["ablation"] and len(ks) >= 2:
-        claims.append(judge_claim({**lw, "id": "L3", "candidate": Arm(ks[0], True, mode).name,
-                                   "parent": Arm(ks[-1], True, mode).name,
-                                   "claim": "fewer soft tokens trade accuracy for compression (32 tokens ~55%, 64 "
-                                            "tokens ~75%)", "claimed_pct": 100 * (NOTES_K32 / NOTES_K64 - 1)},
-                                  values, [], lower_is_better=False))
+        fewer, more = Arm(ks[0], True, mode).name, Arm(ks[-1], True, mode).name
+        l3 = judge_claim({**lw, "id": "L3", "candidate": fewer, "parent": more,
+                          "claim": "fewer soft tokens trade accuracy for compression (32 tokens ~55%, 64 tokens ~75%)",
+                          "claimed_pct": 100 * (NOTES_K32 / NOTES_K64 - 1)}, values, [], lower_is_better=False)
+        if fewer in values and more in values:
+            l3["verdict"] += _improving({c: second_half_gain((curves or {}).get(c, {})) for c in (fewer, more)})
+        claims.append(l3)
     else:
         claims.append({"id": "L3", "claim": "fewer soft tokens trade accuracy for compression", "setting": setting,
                        "measured": "not run", "verdict": "not testable here: the compression ablation did not run "
