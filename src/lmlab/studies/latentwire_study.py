@@ -692,8 +692,10 @@ def second_half_gain(curves: dict[int, dict[int, float]]) -> dict | None:
 
 
 def _improving(arms: dict[str, dict | None]) -> str:
-    """The clause L3 gets from its arms' `second_half_gain`: whether the compared configurations were still
-    improving, which makes the comparison one of K at this training budget."""
+    """The clause L3 gets from its arms' `second_half_gain`: whether the compared configurations still improved
+    over the second half of their training, which makes the comparison one of K at this training budget. (A gain
+    over the second half does not say the curve was still rising at its very end; it says the run did not show a
+    converged arm.)"""
     arms = {name: gain for name, gain in arms.items() if gain and gain["ci95"]}
     if not arms:
         return ""
@@ -704,11 +706,12 @@ def _improving(arms: dict[str, dict | None]) -> str:
     span = (f"bridged validation accuracy from step {first['middle']} to step {first['last']}, paired over "
             f"{first['seeds']} seeds: {parts} points")
     if not rising:
-        return (f"; whether more training would change this comparison is open: {span}, no interval above 0, so "
-                "the run cannot tell whether the arms were still improving")
-    who = "both arms were" if len(rising) == len(arms) > 1 else " and ".join(f"`{n}`" for n in rising) + " was"
-    return (f"; {who} still improving when training ended ({span}), so this compares K at this training budget, "
-            "not what K soft tokens can carry once trained")
+        return (f"; neither arm improved significantly over the second half of training ({span}), which does not "
+                "show that they had stopped improving")
+    who = "both arms" if len(rising) == len(arms) > 1 else " and ".join(f"`{n}`" for n in rising)
+    return (f"; {who} still improved significantly over the second half of training ({span}), so more training "
+            "might change this comparison: it compares K at this training budget, not what K soft tokens can carry "
+            "once trained")
 
 
 def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
