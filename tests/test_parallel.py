@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli
-from lmlab.engine.hooks import Display
 from lmlab.config import build
+from lmlab.engine.hooks import Display
 from lmlab.errors import ConfigError
 from lmlab.studies.parallel import CellJob, ExecutorOptions, Slot, _worker, make_executor, plan_slots, resolve_parallel
 from lmlab.studies.rundir import RunDir

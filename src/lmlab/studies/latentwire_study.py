@@ -65,6 +65,7 @@ from lmlab.studies.report import (
     plain_number,
     same_values_notes,
     save_figure,
+    second_half_start,
     seed_curves,
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
@@ -676,16 +677,15 @@ def second_half_gain(curves: dict[int, dict[int, float]]) -> dict | None:
     """How much a configuration's validation accuracy rose over the second half of its training: per seed, the value
     at its last evaluation minus the value at the first evaluation at or after half the last one's step (steps every
     seed evaluated), and the mean over seeds with a 95% t-interval - paired by seed, so the items' and the seeds'
-    levels cancel. An interval above 0: the configuration was still improving when training ended. None without two
-    shared evaluations."""
+    levels cancel. An interval above 0: the configuration still improved over the second half, so the run shows no
+    converged configuration (it does not say the curve was still rising at its very end). None without two shared
+    evaluations."""
     if not curves:
         return None
     steps = sorted(set.intersection(*(set(c) for c in curves.values())))
     if len(steps) < 2:
         return None
-    middle = next(step for step in steps if step >= steps[-1] / 2)
-    if middle == steps[-1]:
-        middle = steps[-2]
+    middle = second_half_start(steps)
     gains = [c[steps[-1]] - c[middle] for c in curves.values()]
     return {"middle": middle, "last": steps[-1], "seeds": len(gains), "mean": fmean(gains),
             "ci95": stats.t_interval(gains)}
@@ -715,7 +715,7 @@ def _improving(arms: dict[str, dict | None]) -> str:
 
 
 def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
-                      curves: dict[str, dict[str, list[float]]] | None = None) -> list[dict]:
+                      curves: dict[str, dict[int, dict[int, float]]] | None = None) -> list[dict]:
     """L1-L6 against this run: each with what was measured and a verdict (`attribution.interval_verdict`).
 
     System comparisons within a configuration (L1, L5) are paired over items; effects between configurations (L2,

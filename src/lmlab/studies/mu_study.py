@@ -50,7 +50,16 @@ from lmlab.mu import (
 from lmlab.mu.config import PRESETS
 from lmlab.mu.matching import model_parameter_counts
 from lmlab.studies.attribution import effect_text
-from lmlab.studies.report import cell_curves, change_cell, config_styles, fmt, line_plot, mean_over_seeds, seed_curves
+from lmlab.studies.report import (
+    cell_curves,
+    change_cell,
+    config_styles,
+    fmt,
+    line_plot,
+    mean_over_seeds,
+    second_half_start,
+    seed_curves,
+)
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
 
@@ -616,9 +625,7 @@ def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> 
     steps = sorted(set.intersection(*(set(curve) for c in curves.values() for curve in c.values()))) if seeds else []
     if len(steps) < 2:
         return None
-    middle = next(step for step in steps if step >= steps[-1] / 2)
-    if middle == steps[-1]:
-        middle = steps[-2]
+    middle = second_half_start(steps)
     ratio = {step: {s: curves[candidate][s][step] / curves[reference][s][step] for s in seeds} for step in steps}
     return {"candidate": candidate, "reference": reference, "seeds": seeds, "middle": middle,
             "changes": [{"step": step, **stats.paired_relative_change(

@@ -394,6 +394,13 @@ def write_tex(run: RunDir, summary: dict, metrics: list[str]) -> None:
     atomic_write_text(run.root / "report_standalone.tex", "\n".join([*preamble, *table, r"\end{document}", ""]))
 
 
+def second_half_start(steps: list[int]) -> int:
+    """The first of `steps` (sorted, at least two) at or after half the last one: where "the second half of the run"
+    starts for a trend read from evaluations (the last step's predecessor if no other step qualifies)."""
+    middle = next(step for step in steps if step >= steps[-1] / 2)
+    return steps[-2] if middle == steps[-1] else middle
+
+
 def seed_curves(run: RunDir, config: str, kind: str, key: str) -> dict[int, dict[int, list[float]]]:
     """{seed: {step: [values]}} of `key` in one configuration's cells' metrics.jsonl records of `kind`. A cell that
     trained in stages keeps its earlier stages' curves in `metrics-<stage>.jsonl` (name order): they come first, and
