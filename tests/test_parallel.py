@@ -58,6 +58,15 @@ def test_a_configs_parallel_applies_without_the_flag_and_yields_to_nproc_and_exe
             build(StudyConfig, {"parallel": bad})
 
 
+def test_eta_of_parallel_workers_shares_the_cells_left_among_them():
+    from lmlab.studies.runner import workers_eta_text
+
+    # two cells of 80 s and 100 s done, six left, two workers: 90 s x 6 / 2 = 270 s
+    assert workers_eta_text([80.0, 100.0], 6, 2) == ", eta 4m30s"
+    assert workers_eta_text([80.0], 15, 2) == ", eta 10m00s"  # the first cell of sixteen, not 20 minutes
+    assert workers_eta_text([80.0], 0, 2) == "" and workers_eta_text([], 3, 2) == ""
+
+
 def test_cpu_workers_get_disjoint_shares_of_the_cores(monkeypatch):
     monkeypatch.setenv("LMLAB_DEVICE", "cpu")  # CPU placement also on a machine with GPUs
     cores = sorted(os.sched_getaffinity(0))

@@ -350,6 +350,8 @@ def _execute_elsewhere(study: Study, cfg, run: RunDir, todo: list, finished: set
     if not todo:
         return
     started = time.perf_counter()
+    cell_seconds: list[float] = []
+    workers = min(placement.workers, len(todo))
 
     def record(row: dict) -> None:
         with SIGNALS.recording():
@@ -357,7 +359,12 @@ def _execute_elsewhere(study: Study, cfg, run: RunDir, todo: list, finished: set
         run.drop_checkpoints(row["config"], row["seed"])
         finished.add((row["config"], row["seed"]))
         done = sum(1 for cell in todo if cell in finished)
-        _log_row(study, row, len(finished), total, partial(eta_text, started, done, len(todo) - done))
+        if placement.executor is None and isinstance(row.get("time_s"), (int, float)):
+            cell_seconds.append(row["time_s"])
+            eta = partial(workers_eta_text, cell_seconds, len(todo) - done, workers)
+        else:  # jobs: as many run at once as the scheduler allows
+            eta = partial(eta_text, started, done, len(todo) - done)
+        _log_row(study, row, len(finished), total, eta)
 
     if placement.executor is not None:
         unfinished = run_jobs(run, todo, placement.executor, record, log_line, cfg.threads, display.trackers)
@@ -390,6 +397,15 @@ def eta_text(started: float, done: int, remaining: int) -> str:
     if remaining <= 0 or done <= 0:
         return ""
     return f", eta {duration_text((time.perf_counter() - started) / done * remaining)}"
+
+
+def workers_eta_text(cell_seconds: list[float], remaining: int, workers: int) -> str:
+    """`eta_text` for cells computed `workers` at a time: the finished cells' mean duration times the cells left,
+    shared by the workers. (Wall clock since the start over the cells done would count the cells still in flight
+    as not started: the first cell to finish would predict twice the time with two workers.)"""
+    if remaining <= 0 or not cell_seconds:
+        return ""
+    return f", eta {duration_text(sum(cell_seconds) / len(cell_seconds) * remaining / max(1, workers))}"
 
 
 def _run_cell(study: Study, ctx, run: RunDir, config: str, seed: int, display: Display, index: int,
