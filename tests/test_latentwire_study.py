@@ -30,6 +30,7 @@ from lmlab.studies.latentwire_study import (
     LatentWireStudyConfig,
     collapse_check,
     fall_noise,
+    fixes_without_collapse,
     latentwire_claims,
     latentwire_comparisons,
     merge_evaluations,
@@ -272,6 +273,23 @@ def test_a_fall_within_the_validation_items_noise_is_not_a_collapse():
     # the same fall on 20x the items stands out: 0.1325 / sqrt(20) = 0.030 < 0.05
     assert collapse_check(_curves(small), 5, 1920)["collapsed"] == 1
     assert not _l2(small, num_val=1920).startswith("not testable here")
+
+
+def test_the_fixes_sentences_say_when_their_baseline_did_not_collapse():
+    cfg = {"num_queries": 16, "mode": "soft_only", "num_val": 96, "train": {"early_stopping_patience": 5}}
+    summary = {"decision": {"candidate": "stable_k16", "reference": "baseline_k16", "text": "D."},
+               "comparisons": [{"candidate": "stable_k16", "parent": "baseline_k16", "text": "S."},
+                               {"candidate": "stable_k8", "parent": "stable_k16", "text": "K."}]}
+    rising = {"baseline_k16": _curves({1: [0.1, 0.2, 0.3], 2: [0.1, 0.25, 0.3]})}
+    out = fixes_without_collapse(summary, cfg, rising)
+    note = (" `baseline_k16` did not collapse in this run (claim L2 below), so the fixes had no collapse to prevent: "
+            "this measures what they do to a run that does not collapse.")
+    assert out["decision"]["text"] == "D." + note
+    assert [c["text"] for c in out["comparisons"]] == ["S." + note, "K."]  # the K comparison is left alone
+    assert summary["decision"]["text"] == "D."  # the summary it read is not changed in place
+    collapsed = {"baseline_k16": _curves({1: [0.1, 0.6, 0.1], 2: [0.1, 0.25, 0.3]})}
+    assert fixes_without_collapse(summary, cfg, collapsed) == {}
+    assert fixes_without_collapse(summary, cfg, {}) == {}  # no curves: nothing to say
 
 
 def test_second_half_gain_is_the_paired_change_from_the_middle_evaluation_to_the_last():

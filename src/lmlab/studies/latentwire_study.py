@@ -489,8 +489,8 @@ class LatentWireStudy(Study):
         items = item_statistics(run, ok, record["configurations"])
         cfg = record["config"]
         curves = {c: validation_curves(run, c) for c in record["configurations"]}
-        return {"paired_items": items,
-                "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary, curves)}
+        extra = {"paired_items": items, "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary, curves)}
+        return {**extra, **fixes_without_collapse(summary, cfg, curves)}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
@@ -665,12 +665,36 @@ def _l2_with_collapse(claim: dict, check: dict | None, baseline: str) -> dict:
                    f"{check['items']} validation items (a fall must exceed about {check['noise']:.2f} to stand out "
                    "from it)")
         verdict = (f"not testable here: `{baseline}` did not collapse - {how}, so the fixes had no collapse to prevent "
-                   "and the comparison measures InfoNCE and best-weight restoring only" + stop)
+                   "and the comparison measures what the fixes do to a run that does not collapse (InfoNCE, "
+                   "best-weight restoring, and early stopping where it fired)" + stop)
         return {**claim, "verdict": verdict}
     fell = (f"; `{baseline}`'s validation accuracy fell from its peak to its last evaluation by more than the "
             f"sampling noise of {check['items']} validation items on {check['collapsed']} of {check['seeds']} seeds "
             f"(by up to {check['largest_drop']:.3f})" + stop)
     return {**claim, "verdict": claim["verdict"] + fell}
+
+
+def fixes_without_collapse(summary: dict, cfg: dict, curves: dict[str, dict[int, dict[int, float]]]) -> dict:
+    """The stability fixes' sentences (the decision's, the attribution's) where their baseline did not collapse:
+    the fixes had nothing to prevent, so the comparison cannot speak to the notes' claim (L2). Returns the summary
+    entries to replace (`decision`, `comparisons`), or nothing."""
+    stable, baseline = Arm(cfg["num_queries"], True, cfg["mode"]).name, Arm(cfg["num_queries"], False, cfg["mode"]).name
+    check = collapse_check(curves.get(baseline, {}), cfg.get("train", {}).get("early_stopping_patience"),
+                           cfg["num_val"])
+    if check is None or check["collapsed"]:
+        return {}
+    note = (f" `{baseline}` did not collapse in this run (claim L2 below), so the fixes had no collapse to prevent: "
+            "this measures what they do to a run that does not collapse.")
+
+    def noted(entry: dict) -> dict:
+        if (entry.get("candidate"), entry.get("parent", entry.get("reference"))) != (stable, baseline):
+            return entry
+        return {**entry, "text": entry["text"] + note}
+
+    out = {"comparisons": [noted(c) for c in summary.get("comparisons", [])]}
+    if summary.get("decision"):
+        out["decision"] = noted(summary["decision"])
+    return out
 
 
 def second_half_gain(curves: dict[int, dict[int, float]]) -> dict | None:
