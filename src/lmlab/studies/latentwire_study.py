@@ -635,15 +635,15 @@ def collapse_check(curves: dict[int, dict[int, float]], patience: int | None, it
     evaluations after the first)."""
     if not curves:
         return None
-    drops, beyond = {}, {}
+    drops, noise = {}, {}
     for seed, curve in curves.items():
         values = [curve[step] for step in sorted(curve)]
         drops[seed] = max(values) - values[-1]
-        beyond[seed] = drops[seed] > fall_noise(max(values), values[-1], items)
+        noise[seed] = fall_noise(max(values), values[-1], items)
     evaluations = min(len(c) for c in curves.values())
-    return {"drops": drops, "fell": sum(d > 0 for d in drops.values()), "collapsed": sum(beyond.values()),
-            "seeds": len(drops), "largest_drop": max(drops.values()), "items": items,
-            "noise": min(fall_noise(max(c.values()), c[max(c)], items) for c in curves.values()),
+    return {"drops": drops, "fell": sum(d > 0 for d in drops.values()),
+            "collapsed": sum(drops[seed] > noise[seed] for seed in drops), "seeds": len(drops),
+            "largest_drop": max(drops.values()), "items": items, "noise": min(noise.values()),
             "evaluations": evaluations, "patience": patience,
             "can_stop_early": patience is not None and patience < evaluations - 1}
 
@@ -674,13 +674,20 @@ def _l2_with_collapse(claim: dict, check: dict | None, baseline: str) -> dict:
     return {**claim, "verdict": claim["verdict"] + fell}
 
 
+def baseline_collapse(cfg: dict, curves: dict[str, dict[int, dict[int, float]]] | None) -> tuple[str, dict | None]:
+    """(the stability baseline's name, `collapse_check` of its validation curves under the run's patience and
+    validation items): what L2's verdict and the fixes' sentences read."""
+    baseline = Arm(cfg["num_queries"], False, cfg["mode"]).name
+    patience = cfg.get("train", {}).get("early_stopping_patience")
+    return baseline, collapse_check((curves or {}).get(baseline, {}), patience, cfg["num_val"])
+
+
 def fixes_without_collapse(summary: dict, cfg: dict, curves: dict[str, dict[int, dict[int, float]]]) -> dict:
     """The stability fixes' sentences (the decision's, the attribution's) where their baseline did not collapse:
     the fixes had nothing to prevent, so the comparison cannot speak to the notes' claim (L2). Returns the summary
     entries to replace (`decision`, `comparisons`), or nothing."""
-    stable, baseline = Arm(cfg["num_queries"], True, cfg["mode"]).name, Arm(cfg["num_queries"], False, cfg["mode"]).name
-    check = collapse_check(curves.get(baseline, {}), cfg.get("train", {}).get("early_stopping_patience"),
-                           cfg["num_val"])
+    stable = Arm(cfg["num_queries"], True, cfg["mode"]).name
+    baseline, check = baseline_collapse(cfg, curves)
     if check is None or check["collapsed"]:
         return {}
     note = (f" `{baseline}` did not collapse in this run (claim L2 below), so the fixes had no collapse to prevent: "
@@ -761,15 +768,13 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
     claims.append(item_claim("L1", "bridged accuracy 81.5% above the 73% text baseline", main, "target_text",
                              NOTES_BRIDGED - NOTES_TEXT))
     lw = {"metric": PRIMARY, "setting": setting}
-    baseline = Arm(k, False, mode).name
+    baseline, collapse = baseline_collapse(cfg, curves)
     l2 = judge_claim({**lw, "id": "L2", "candidate": main, "parent": baseline,
                       "claim": "with the stability fixes bridged accuracy stays > 70%; without them it collapses to "
                                "36%", "claimed_pct": 100 * (NOTES_FIXED / NOTES_COLLAPSED - 1)},
                      values, [], lower_is_better=False)
     if baseline in values:
-        patience = cfg.get("train", {}).get("early_stopping_patience")
-        l2 = _l2_with_collapse(l2, collapse_check((curves or {}).get(baseline, {}), patience, cfg["num_val"]),
-                               baseline)
+        l2 = _l2_with_collapse(l2, collapse, baseline)
     claims.append(l2)
     ks = sorted(set(cfg["compression_k"]))
     if "compression" in cfg["ablation"] and len(ks) >= 2:
