@@ -121,6 +121,22 @@ def test_labels_cover_only_answer_tokens(parts, mode):
     assert enc.student_text(ITEMS[0]) == expected_prompt
 
 
+def test_remembered_token_ids_are_the_tokenizers_and_callers_cannot_change_them(parts):
+    """The encoder tokenizes each question and answer once; what it returns is still the tokenizer's own ids."""
+    enc = make_bridge(parts).encoder
+    source_tok, target_tok = parts[2], parts[3]
+    for item in ITEMS[:3]:
+        for side, tok in (("source", source_tok), ("target", target_tok)):
+            direct = tok(GSM8KPrompt.question(item), add_special_tokens=False)["input_ids"]
+            assert enc.question_ids(item, side) == direct
+            enc.question_ids(item, side).append(-1)  # a caller's edit of the list it was given
+            assert enc.question_ids(item, side) == direct
+        answer = target_tok(GSM8KPrompt.answer(item), add_special_tokens=False)["input_ids"]
+        assert enc.answer_ids(item) == answer + [target_tok.eos_token_id]
+    first, again = enc(ITEMS[:3]), enc(ITEMS[:3])
+    assert all(torch.equal(first[key], again[key]) for key in first)
+
+
 def unpadded_losses(bridge, item):
     """NLL and KL of one item computed without the bridge's batching: HF's own loss and a per-token loop."""
     enc, target = bridge.encoder, bridge.target

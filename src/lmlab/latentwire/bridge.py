@@ -73,12 +73,22 @@ class PromptEncoder:
         self.append_eos = append_eos
         self._context = {side: _ids(tok, prompt.context) for side, tok in self.tokenizers.items()}
         self._cue = {side: _ids(tok, prompt.cue()) for side, tok in self.tokenizers.items()}
+        # Token ids of each question and answer text, per side: every epoch and every validation pass reads
+        # the same items again, and one item's question is read by several inputs of a batch.
+        self._memo: dict[str, dict[str, tuple[int, ...]]] = {side: {} for side in self.tokenizers}
+
+    def _text_ids(self, side: str, text: str) -> list[int]:
+        memo = self._memo[side]
+        ids = memo.get(text)
+        if ids is None:
+            ids = memo[text] = tuple(_ids(self.tokenizers[side], text))
+        return list(ids)
 
     def pad_id(self, side: str = "target") -> int:
         return pad_token_id(self.tokenizers[side])
 
     def question_ids(self, item: dict, side: str = "target") -> list[int]:
-        return _ids(self.tokenizers[side], self.prompt.question(item))
+        return self._text_ids(side, self.prompt.question(item))
 
     def cue_ids(self, side: str = "target") -> list[int]:
         return list(self._cue[side])
@@ -109,7 +119,7 @@ class PromptEncoder:
         """The teacher-forced answer (" " + rationale + "#### n") and EOS, so the target learns to stop."""
         tok = self.tokenizers["target"]
         eos = [tok.eos_token_id] if self.append_eos and tok.eos_token_id is not None else []
-        return _ids(tok, self.prompt.answer(item)) + eos
+        return self._text_ids("target", self.prompt.answer(item)) + eos
 
     def source_batch(self, items: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """The source reads the same text prompt as `source_text`: (ids, mask) [B, T], left-padded."""
