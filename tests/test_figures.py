@@ -266,6 +266,26 @@ def test_identical_series_stay_distinguishable(run: RunDir, plots: dict, figures
     assert "shuffled_source (soft_only) [same values as zero_prefix (soft_only)]" in labels
 
 
+def test_the_decile_plot_zooms_on_the_change_vs_the_reference_paired_by_seed(plots: dict):
+    """Top: every configuration, log axis, a labelled tick at or below the lowest curve. Bottom: the change vs the
+    reference (lora) in %, per seed then averaged; buckets (+27% at the first decile) is beyond the zoom's +-25% and
+    named instead, and rslora and its twin are named as drawn on top of one another."""
+    fig = plots["decile"]
+    assert len(fig.axes) == 2
+    top, bottom = fig.axes
+    assert top.get_yscale() == "log" and bottom.get_yscale() == "linear"
+    assert min(_visible_ticks(top, "y")) <= 50 <= min(min(line.get_ydata()) for line in top.get_lines())
+    lines = {_config_of(line.get_label()): line for line in bottom.get_lines()}
+    assert set(lines) == {"base", "lora", "rslora", "twin"}
+    assert list(lines["lora"].get_ydata()) == [0.0] * 10
+    # decile d: lora 55 + 10d + 20 off, rslora 60 + 10d + 20 off (seed offsets off = 0, 0.05)
+    expected = [sum(100 * 5 / (55 + 10 * d + 20 * off) for off in (0, 0.05)) / 2 for d in range(10)]
+    assert list(lines["rslora"].get_ydata()) == pytest.approx(expected)
+    text = " ".join(t.get_text().replace("\n", " ") for t in bottom.texts)
+    assert "Not in this panel (beyond ±25% of lora at some decile; see the top panel): buckets." in text
+    assert "of rslora's at every decile): rslora, twin." in text
+
+
 def test_every_plot_is_saved_as_png_and_vector_pdf(run: RunDir, plots: dict):
     assert plots  # drawn into run.plots
     pngs = sorted(p.stem for p in run.plots.glob("*.png"))

@@ -26,6 +26,8 @@ from lmlab.studies.mu_study import (
     MUStudyConfig,
     OutOfMemory,
     RedFlagMonitor,
+    band_cell,
+    beside_thresholds,
     documents,
     generate_samples,
     model_configs,
@@ -202,8 +204,8 @@ def test_report_shows_models_side_by_side_bands_curves_flags_and_samples(smoke_r
         bands = [ppl_band(r["metrics"][cfg.band_metric], cfg.success_ppl, cfg.partial_ppl)
                  for r in rows if r["config"] == config]
         counts = ", ".join(f"{b} {bands.count(b)}" for b in ("success", "partial", "failure") if b in bands)
-        assert (f"| {config} | {mean:.4g} | {ppl_band(mean, cfg.success_ppl, cfg.partial_ppl)} | {counts} of "
-                f"{len(bands)} |") in report
+        assert (f"| {config} | {beside_thresholds(mean, (cfg.success_ppl, cfg.partial_ppl))} | "
+                f"{band_cell(mean, bands, cfg.success_ppl, cfg.partial_ppl)} | {counts} of {len(bands)} |") in report
         row = next(r for r in rows if r["config"] == config)
         assert f"{row['metrics']['params_total']:,} | {row['metrics']['params_non_embedding']:,}" in report
 
@@ -321,6 +323,52 @@ def test_ppl_bands_follow_the_notes_rule():
         "success", "success", "partial", "partial", "failure", "failure", "failure"]
 
 
+def test_a_value_beside_a_band_threshold_is_printed_on_its_side_of_it():
+    """4 significant digits unless they would round a value onto or across a threshold: then to the first significant
+    digit of its distance to it (or further, until the printed number is on the right side)."""
+    cases = {10.000874: "10.0009", 9.99996: "9.99996", 13.99999: "13.99999", 14.00004: "14.00004",
+             9.9996: "9.9996", 10.99: "10.99", 10.0: "10", 12.5: "12.5", 1234.5: "1234", None: "-"}
+    for value, text in cases.items():
+        assert beside_thresholds(value, (10.0, 14.0)) == text, value
+        if value is not None and value != 10.0:
+            printed = float(text.replace(",", ""))
+            assert ppl_band(printed, 10, 14) == ppl_band(value, 10, 14) and printed not in (10.0, 14.0)
+    assert beside_thresholds(200.00004, (200.0, 300.0)) == "200.00004"
+    assert beside_thresholds(1999.96, (2000.0, 3000.0)) == "1999.96"
+    assert beside_thresholds(19999.6, (20000.0, 30000.0)) == "19,999.6"
+    assert band_cell(10.0009, ["success", "success", "partial"], 10, 14) == "partial (2 of 3 seeds < 10)"
+    assert band_cell(9.9, ["success", "partial", "failure"], 10, 14) == (
+        "success (1 of 3 seeds in 10-14, 1 of 3 seeds > 14)")
+    assert band_cell(11.0, ["partial", "partial"], 10, 14) == "partial"
+
+
+def test_the_bands_table_shows_a_mean_that_straddles_a_threshold_and_the_seeds_on_either_side():
+    """Planted means: dense 10.000875 (2 of 3 seeds below 10: success; the mean: partial), mu-simple 9.99996 (the
+    mean: success; one seed partial), mu-sota 11.23 (far from either threshold: printed as everywhere else)."""
+    from lmlab.studies.mu_study import MU, _bands
+    from lmlab.studies.report import build_summary
+
+    cfg = load_config(MUStudyConfig, preset_path("mu", "default"), [])
+    assert (cfg.success_ppl, cfg.partial_ppl) == (10, 14)
+    rows = _mu_rows({"mu-sota": [11.0, 11.5, 11.2], "mu-simple": [9.9, 10.1, 9.99988],
+                     "dense": [9.8, 9.9, 10.302625]})
+    record = {"study": "mu", "preset": "default", "configurations": list(CONFIGS), "reference": "dense",
+              "candidate": "mu-sota", "primary_metric": "test_ppl", "lower_is_better": True, "seeds": [1, 2, 3],
+              "comparisons": MU.comparisons(cfg), "roles": {}, "claims": [], "param_match_ratio": None}
+    summary = build_summary(record, rows)
+    assert summary["configs"]["dense"]["metrics"]["test_ppl"]["mean"] == pytest.approx(10.000875)
+    text = "\n".join(_bands(summary, rows, list(CONFIGS), cfg.model_dump(mode="json")))
+    assert "| mu-sota | 11.23 | partial | partial 3 of 3 |" in text
+    assert "| mu-simple | 9.99996 | success (1 of 3 seeds in 10-14) | success 2, partial 1 of 3 |" in text
+    assert "| dense | 10.0009 | partial (2 of 3 seeds < 10) | success 2, partial 1 of 3 |" in text
+    assert ("`dense`'s mean test_ppl is printed here to more digits than elsewhere in the report (10): it lies "
+            "0.0009 above the threshold 10, so its band of the mean turns on that margin, far less than the spread "
+            "over seeds (std 0.27).") in text
+    assert "`mu-simple`'s mean test_ppl is printed here to more digits than elsewhere in the report (10): it lies " \
+           "4e-05 below the threshold 10" in text
+    assert "`mu-sota`'s" not in text
+
+
 @pytest.mark.parametrize("count", ["total", "non_embedding"])
 def test_dense_is_matched_by_the_configured_count_and_tying(count: str):
     cfg = MUStudyConfig(max_seq_len=64, mu_sota={"n_layers": 3}, match={"count": count, "tie_embeddings": False})
@@ -378,7 +426,12 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
     assert summary["decision"]["scenario"] == "worse"
     m3 = {c["id"]: c for c in mu_claims(cfg.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
     assert m3.startswith("not supported at this budget: MU has significantly higher test perplexity than the matched "
-                         "baseline after 3 epoch(s)")
+                         f"baseline after 3 epoch(s) at one learning rate shared by both and tuned for neither "
+                         f"(train.lr = {cfg.train.lr:g}; this study searches no learning rate")
+    assert not hasattr(cfg, "lr_grid")  # were a learning-rate search added, the sentence above would have to change
+    lower = load_config(MUStudyConfig, preset_path("mu", "default"), ["train.lr=0.0007"])
+    m3 = {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
+    assert "(train.lr = 0.0007; this study searches no learning rate" in m3  # read from the config
     # where every cell was best at its last step, the models were still improving: the verdict says so
     assert ("still improving at its last evaluation (6 of 6)" in m3) == last
 

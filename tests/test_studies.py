@@ -51,7 +51,7 @@ def test_summary_follows_the_contract(smoke_run: Path):
     assert summary["study"] == "hylorada" and summary["preset"] == "smoke"
     assert summary["reference"] == "lora" and summary["seeds"] == [42, 123]
     assert summary["decision"]["scenario"] in {"A", "B", "C", "D", "not-significant", "worse",
-                                               "explained-by-control", "uncontrolled"}
+                                               "explained-by-control", "control-unresolved", "uncontrolled"}
     assert summary["decision"]["text"]
     # The headline is HyLoRADA's new components over rsLoRA, not over LoRA (whose gap is rsLoRA's scaling).
     assert summary["decision"]["candidate"] == "rslora+bias+landmarks"

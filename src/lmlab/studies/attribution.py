@@ -6,8 +6,12 @@ with as many trainable parameters). Each comparison is judged on the primary met
 
 - `worse`: the candidate is significantly worse than its parent;
 - `not-significant`: the 95% interval of its change vs the parent contains 0;
-- `explained-by-control`: it beats its parent, but not every control (an interval vs a control contains 0 or
-  favours the control): the control explains the gain, and the component is not credited;
+- `explained-by-control`: it beats its parent, but not a control, and the interval vs that control excludes a gain
+  as large as the one over the parent (the candidate's edge over the control is smaller than its gain over the
+  parent): the control explains the gain, and the component is not credited;
+- `control-unresolved`: it beats its parent, but the interval vs a control holds both 0 and the whole gain over the
+  parent: the comparison is too noisy to tell whether the control would gain as much, so the component is not
+  credited - and the control is not said to explain anything;
 - `uncontrolled`: it beats its parent, but a control it needs was not run (or, for a comparison marked
   `unmatched`, no parameter-matched control exists): not credited;
 - `A` / `B` / `C` / `D`: it beats its parent and every control - credited, with the notes' size rule on the
@@ -38,8 +42,12 @@ LEGEND = [
     "improvement).",
     "- `not-significant`: the 95% interval of the change vs the parent contains 0: the data cannot tell them apart.",
     "- `worse`: the candidate is significantly worse than its parent.",
-    "- `explained-by-control`: the candidate beats its parent but not a control (the interval vs that control contains "
-    "0 or favours the control), so the control's trivial explanation accounts for the gain; not credited.",
+    "- `explained-by-control`: the candidate beats its parent but not a control, and the interval vs that control "
+    "excludes a gain as large as the one over the parent, so the control's trivial explanation accounts for the gain; "
+    "not credited.",
+    "- `control-unresolved`: the candidate beats its parent, but the interval vs a control holds both 0 and the whole "
+    "gain over the parent: the comparison cannot tell whether the control would gain as much, so the component is not "
+    "credited (nor is the control said to explain the gain).",
     "- `uncontrolled`: the candidate beats its parent but a control it needs was not run (for a configuration that is "
     "not parameter-matched: a control with as many trainable parameters); not credited.",
     "- Changes are relative changes of the metric itself (candidate / other - 1, in %), paired by seed: for a "
@@ -167,24 +175,41 @@ def effect_text(effect: dict | None) -> str:
     return f"{delta} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}], {direction(effect)} ({p_text}, {effect['n']} seeds)"
 
 
+def control_explains(vs: dict | None, gain: float) -> bool:
+    """Whether an unbeaten control accounts for a candidate's `gain` over its parent (an improvement in %): the
+    candidate's edge over the control is shown to be smaller than that gain - the upper end of its 95% interval (the
+    value itself where there is no interval) lies below it. Where the interval reaches the gain, the comparison
+    cannot tell whether the control would gain as much: it explains nothing (`control-unresolved`)."""
+    if vs is None or vs.get("improvement_pct") is None:
+        return False
+    ci = vs.get("ci95")
+    return (ci[1] if ci else vs["improvement_pct"]) < gain
+
+
 def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric: str,
                      lower_is_better: bool) -> dict:
     """One comparison's effect vs its parent and its controls, its label and its sentence (module docstring)."""
     candidate, parent = spec["candidate"], spec["parent"]
     effect = improvement(values, candidate, parent, metric, lower_is_better)
+    gain = effect["improvement_pct"] if effect else 0.0
     controls = []
     for control in spec.get("controls", []):
         vs = improvement(values, candidate, control, metric, lower_is_better)
-        controls.append({"config": control, "ran": control in values, "beaten": significant_gain(vs),
+        beaten = significant_gain(vs)
+        controls.append({"config": control, "ran": control in values, "beaten": beaten,
+                         "explains": not beaten and control_explains(vs, gain),
                          "what": roles.get(control, {}).get("note", ""), **(vs or {"improvement_pct": None})})
+    unbeaten = [c for c in controls if c["ran"] and not c["beaten"]]
     if effect is None:
         scenario = "not-significant"
     elif significant_loss(effect):
         scenario = "worse"
     elif not significant_gain(effect):
         scenario = "not-significant"
-    elif any(c["ran"] and not c["beaten"] for c in controls):
+    elif any(c["explains"] for c in unbeaten):
         scenario = "explained-by-control"
+    elif unbeaten:
+        scenario = "control-unresolved"
     elif any(not c["ran"] for c in controls) or spec.get("unmatched"):
         scenario = "uncontrolled"
     else:
@@ -237,12 +262,17 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     if scenario == "worse":
         size = " - by less than 0.5%, a negligible amount" if imp > -0.5 else ""
         return f"{said}: significantly worse than `{c['parent']}`{size}."
-    if scenario == "explained-by-control":
-        failed = [k for k in c["controls"] if k["ran"] and not k["beaten"]]
+    if scenario in ("explained-by-control", "control-unresolved"):
+        explains = scenario == "explained-by-control"
+        failed = [k for k in c["controls"] if k["ran"] and not k["beaten"] and k["explains"] == explains]
         parts = [f"`{k['config']}`" + (f" ({k['what']})" if k["what"] else "") + ": "
                  + (effect_text(k) if k["improvement_pct"] is not None else "no paired values") for k in failed]
-        return (f"{said}, but not better than its control " + "; ".join(parts) +
-                " - the control explains the gain, so the component is not credited.")
+        if explains:
+            return (f"{said}, but not better than its control " + "; ".join(parts) +
+                    " - the control explains the gain, so the component is not credited.")
+        return (f"{said}, but not separated from its control " + "; ".join(parts) + " - that interval holds both 0 "
+                f"and the whole gain over `{c['parent']}`, so the data cannot tell whether the control would gain as "
+                "much: the component is not credited, and the control is not shown to explain the gain either.")
     if scenario == "uncontrolled":
         missing = ", ".join(f"`{k['config']}`" for k in c["controls"] if not k["ran"])
         if missing:
@@ -292,26 +322,32 @@ def parameter_match(trainable: int | None, base_trained: int | None, reference: 
 
 
 def interval_verdict(interval: list[float] | None, claimed: float | None, claimed_text: str = "") -> str:
-    """A claim's verdict from the 95% interval of its effect (oriented so that positive = the claimed direction
-    when `claimed` > 0): supported when it excludes 0 on the claimed side; not supported when it excludes 0 on the
-    other side, or holds 0 but excludes the claimed size; not testable at this scale when it holds both. A claim
-    of direction only (`claimed` None) holding 0 is not supported: no significant effect. An interval within
-    +-RESOLUTION_PCT counts as holding 0."""
+    """A claim's verdict from the 95% interval of its effect (an improvement: positive = better; `claimed` in the same
+    orientation, negative for a claimed loss): supported when it excludes 0 on the claimed side and holds the claimed
+    size or lies beyond it; partly supported when it excludes 0 on the claimed side but falls short of the claimed
+    size (the direction holds, the size does not); not supported when it excludes 0 on the other side, or holds 0 but
+    excludes the claimed size; not testable at this scale when it holds both. A claim of direction only (`claimed`
+    None) holding 0 is not supported: no significant effect. An interval within +-RESOLUTION_PCT counts as holding
+    0."""
     lo, hi = interval if interval else (-math.inf, math.inf)
     if (lo > 0 or hi < 0) and max(abs(lo), abs(hi)) >= RESOLUTION_PCT:  # an interval below resolution holds no effect
-        if claimed is None or (lo > 0) == (claimed > 0):
-            if claimed is None:
-                return f"{'supported' if lo > 0 else 'not supported'}: significantly {'better' if lo > 0 else 'worse'}"
-            size = "the claimed size lies inside the interval" if lo <= claimed <= hi else \
-                f"{claimed_text} lies outside the interval"
-            return f"supported in direction ({size})"
-        return f"not supported: significantly {'better' if lo > 0 else 'worse'}, against the claim"
+        way = "better" if lo > 0 else "worse"
+        if claimed is None:
+            return f"{'supported' if lo > 0 else 'not supported'}: significantly {way}"
+        if (lo > 0) != (claimed > 0):
+            return f"not supported: significantly {way}, against the claim"
+        near, far, size = min(abs(lo), abs(hi)), max(abs(lo), abs(hi)), abs(claimed)
+        if size < near:
+            return f"supported: significantly {way}, by more than {claimed_text}"
+        if size <= far:
+            return f"supported: significantly {way}, and the interval holds {claimed_text}"
+        return (f"partly supported: significantly {way} as claimed, but the interval excludes {claimed_text}: the "
+                f"effect is at most {far / size:.2g} times the claimed size")
     if claimed is None:
         return "not supported: no significant difference (the interval holds 0)"
     if lo <= claimed <= hi:
         return "not testable at this scale: the interval holds both 0 and the claimed size"
     return f"not supported: no significant effect, and the interval excludes {claimed_text}"
-
 
 
 def ablation_bound(values: dict, configs: list[str], metric: str, without: str) -> float | None:
@@ -380,31 +416,62 @@ def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: 
     comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]),
                 None)
     named = (spec.get("explanation") or {}).get("candidate")
-    unbeaten = []
+    effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
+    explains, unresolved = [], []
     for control in (comp or {}).get("controls", []):
         vs = improvement(values, spec["candidate"], control["config"], metric, lower_is_better)
         if control["config"] != named and vs is not None and not significant_gain(vs):
-            unbeaten.append(f"`{control['config']}` {effect_text(vs)}")
-    if not unbeaten:
-        return ""
-    return (f"; but `{spec['candidate']}` does not beat its control{'s' if len(unbeaten) > 1 else ''} "
-            f"({'; '.join(unbeaten)}), so the study does not credit the gain to the component")
+            (explains if control_explains(vs, effect["improvement_pct"]) else unresolved).append(
+                f"`{control['config']}` {effect_text(vs)}")
+    if explains:
+        return (f"; but `{spec['candidate']}` does not beat its control{'s' if len(explains) > 1 else ''} "
+                f"({'; '.join(explains)}), so the study does not credit the gain to the component")
+    if unresolved:
+        return (f"; but `{spec['candidate']}` is not separated from its control{'s' if len(unresolved) > 1 else ''} "
+                f"({'; '.join(unresolved)}: the interval holds both 0 and the whole gain), so the study cannot credit "
+                "the gain to the component")
+    return ""
+
+
+def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict) -> str:
+    """What a claim's known explanation (`leak`: its improvement, e.g. pooling over future tokens, or a larger learning
+    rate) accounts for: nothing where it gains nothing significant; else whether its gain reaches the claimed size
+    and, for an alternative to the candidate (the same parent), the candidate's measured gain - each judged by the
+    upper end of its 95% interval."""
+    if not significant_gain(leak):
+        return "gives no significant gain here, so it does not explain the claim at this scale"
+    reach = leak["ci95"][1]
+    said = []
+    if explanation["parent"] == spec["parent"] and effect is not None:
+        enough = reach >= effect["improvement_pct"]
+        said.append(f"gains {'as much as' if enough else 'less than'} `{spec['candidate']}` does here, so it accounts "
+                    f"for {'the' if enough else 'part of the'} measured gain")
+    claimed = spec.get("claimed_pct")
+    if claimed is not None:
+        said.append("can account for a gain of the claimed size" if reach >= abs(claimed) else
+                    f"gains at most {reach:.2g}%, less than the claimed {abs(claimed):.2f}%, so it cannot account "
+                    "for the claimed size at this scale")
+    return "; it ".join(said) or "gains significantly"
 
 
 def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_better: bool) -> dict:
     """A claim (docs/studies.md, claims of the research notes) against this run: what was measured and a verdict.
 
     kind "effect" (default): the claimed improvement of `candidate` over `parent` on `metric` (`claimed_pct`,
-    positive = better). Supported when the 95% interval excludes 0 on the claimed side; not supported when it
-    excludes 0 on the other side, or contains 0 but excludes the claimed size; not testable at this scale when it
-    holds both 0 and the claimed size (the run cannot resolve an effect that large).
+    positive = better), judged by `interval_verdict`: supported, partly supported (the direction holds, the size
+    does not), not supported, or not testable at this scale (the run cannot resolve an effect that large).
     kind "credit": the claim credits the gain to a component: supported only when that comparison is credited.
     kind "null": "within noise": supported when no listed pair differs significantly; with `within_pct` the claim
     also bounds the differences' size, judged on their 95% intervals ("partly supported" where every interval lies
     within the bound but a pair differs significantly).
+    `claimed_text` names the claimed size where the notes gave a range (default: "the claimed -2.00% val_ppl").
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
     `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
-    val_ppl_without_position) removes; where those parts carry less than the claimed size, the verdict says so.
+    val_ppl_without_position) removes; where those parts carry less than the claimed size, the setting cannot show
+    it: not testable at this scale.
+    `positive_control` {candidate, parent, what}: the component alone where it should move the metric if anything
+    does; where that does not move it significantly, a verdict that is not "supported" is not testable at this scale
+    (the setting may be blind to the component).
     `reach` {moved, allowed, what, faster}: how far the component trained, next to where a gradient of one sign would
     have taken it (two metrics in %); a verdict that is not "supported" says so, and what the component changed at a
     larger learning rate where `faster` (the configuration that trains it so) ran - else that the verdict holds for
@@ -463,7 +530,7 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                     "verdict": "not testable here: no relative change"}
         return {**row, "measured": "not run", "verdict": "not testable here: the configurations were not run"}
     claimed = spec.get("claimed_pct")  # improvement orientation: positive = better; None: direction only
-    claimed_text = "" if claimed is None else \
+    claimed_text = "" if claimed is None else spec.get("claimed_text") or \
         f"the claimed {-claimed if lower_is_better else claimed:+.2f}% {metric}"  # as the change reads
     measured = f"`{spec['candidate']}` vs `{spec['parent']}` on {metric}: {effect_text(effect)}"
     if effect.get("constant"):
@@ -472,13 +539,23 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         verdict = interval_verdict(effect["ci95"], claimed, claimed_text)
     out = {**row, "measured": measured, "verdict": verdict}
     through = spec.get("through")  # the component acts only through parts an ablation removed: how much they carry
-    if through and claimed is not None:
-        bound = ablation_bound(values, [spec["candidate"], spec["parent"]], metric, through["without"])
+    if through and claimed is not None and through["without"].startswith(f"{metric}_"):
+        carriers = [c for c in (spec["candidate"], spec["parent"]) if values.get(c, {}).get(through["without"])]
+        bound = ablation_bound(values, carriers, metric, through["without"]) if carriers else None
         if bound is not None and abs(claimed) > bound:
-            out["verdict"] += (f"; at this scale {through['what']} carry at most {bound:.2g}% of {metric} in "
-                               f"`{spec['candidate']}` and `{spec['parent']}` (removing them changes it by no more, "
-                               f"95% CI), less than the claimed {abs(claimed):.2f}%: the setting leaves the "
-                               "component little to change, so the verdict holds for this scale only")
+            where = " and ".join(f"`{c}`" for c in carriers)
+            out["verdict"] = (f"not testable at this scale: {through['what']} carry at most {bound:.2g}% of {metric} "
+                              f"in {where} (removing them changes it by no more, "
+                              f"95% CI), less than the claimed {abs(claimed):.2f}%, so the setting cannot show an "
+                              f"effect of the claimed size; the interval alone reads: {out['verdict']}")
+    blind = spec.get("positive_control")  # the component alone, where it should move the metric if anything does
+    if blind and claimed is not None and not out["verdict"].startswith(("supported", "not testable")):
+        alone = improvement(values, blind["candidate"], blind["parent"], metric, lower_is_better)
+        if alone is not None and alone.get("ci95") and not (significant_gain(alone) or significant_loss(alone)):
+            out["verdict"] = (f"not testable at this scale: its positive control, {blind['what']} "
+                              f"(`{blind['candidate']}` vs `{blind['parent']}`), does not move {metric} either "
+                              f"({effect_text(alone)}), so the setting may be blind to the component; the interval "
+                              f"alone reads: {out['verdict']}")
     reach = spec.get("reach")  # how far the component trained, and what it did at a larger learning rate
     if reach and not out["verdict"].startswith("supported"):
         clause = reach_clause(values, spec["candidate"], reach)
@@ -497,8 +574,6 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         if leak is None:
             out["explanation"] = f"{explanation['what']}: not measured (`{explanation['candidate']}` not run)"
         else:
-            accounts = ("can account for a gain of this kind" if significant_gain(leak) else
-                        "gives no significant gain here, so it does not explain the claim at this scale")
             out["explanation"] = (f"{explanation['what']}: `{explanation['candidate']}` vs `{explanation['parent']}` "
-                                  f"{effect_text(leak)} - it {accounts}")
+                                  f"{effect_text(leak)} - it {explanation_reading(leak, effect, spec, explanation)}")
     return out

@@ -503,9 +503,10 @@ class LatentWireStudy(Study):
         lines += _systems_section(ok, configs, items)
         if _compression_plot(ok, run):
             lines += ["## Accuracy and KV cache vs compression", "",
-                      "Bridged and token-budget accuracy (pooled over seeds, 95% Wilson interval) against compression "
-                      "(text context tokens / context positions), and KV-cache bytes saved per item against "
-                      "`target_text`. See `plots/accuracy_vs_compression.png`.", ""]
+                      "Accuracy of bridged, its two controls and token_budget (mean over seeds, 95% Wilson interval "
+                      "over the items) against compression (text context tokens / context positions), with "
+                      "target_text (the question as text, compression 1) as a horizontal line; and KV-cache bytes "
+                      "saved per item against `target_text`. See `plots/accuracy_vs_compression.png`.", ""]
         if _training_plot(configs, run):
             lines += ["## Bridged accuracy over training", "",
                       "Bridged flexible accuracy on held-out training items at every evaluation, mean over seeds, "
@@ -581,9 +582,18 @@ def paired_tests(outcomes: dict, seeds: list[int]) -> dict:
     return tests
 
 
+def configuration_statistics(flexible: dict, strict: dict, seeds: list[int]) -> dict:
+    """One configuration's entry of summary["paired_items"] from its `cell_outcomes` (flexible and strict): each
+    system's accuracy with an interval over items, and bridged's paired tests against the controls and the text
+    baselines."""
+    return {"seeds": seeds, "items": int(flexible["bridged"].shape[1]),
+            "accuracy": {s: stats.item_accuracy_interval(m) for s, m in flexible.items()},
+            "accuracy_strict": {s: stats.item_accuracy_interval(m) for s, m in strict.items()},
+            "bridged_vs": paired_tests(flexible, seeds)}
+
+
 def item_statistics(run: RunDir, rows: list[dict], configs: list[str]) -> dict:
-    """summary["paired_items"]: per configuration, each system's accuracy (flexible and strict) with an interval
-    over items, and bridged's paired tests against the controls and the text baselines."""
+    """summary["paired_items"]: `configuration_statistics` of each configuration whose cells' samples are on disk."""
     out = {}
     for config in configs:
         flexible = cell_outcomes(run, rows, config)
@@ -591,12 +601,7 @@ def item_statistics(run: RunDir, rows: list[dict], configs: list[str]) -> dict:
             continue
         strict = cell_outcomes(run, rows, config, key="correct_strict") or {}
         seeds = sorted(r["seed"] for r in rows if r["config"] == config and r["status"] == "ok")
-        out[config] = {
-            "seeds": seeds, "items": int(flexible["bridged"].shape[1]),
-            "accuracy": {s: stats.item_accuracy_interval(m) for s, m in flexible.items()},
-            "accuracy_strict": {s: stats.item_accuracy_interval(m) for s, m in strict.items()},
-            "bridged_vs": paired_tests(flexible, seeds),
-        }
+        out[config] = configuration_statistics(flexible, strict, seeds)
     return out
 
 
@@ -606,10 +611,13 @@ def item_statistics(run: RunDir, rows: list[dict], configs: list[str]) -> dict:
 NOTES_BRIDGED, NOTES_TEXT, NOTES_COLLAPSED, NOTES_FIXED = 0.815, 0.73, 0.36, 0.70  # L1, L2 (GSM8K, 64 tokens)
 NOTES_K32, NOTES_K64 = 0.55, 0.75  # L3: accuracy with 32 and 64 soft tokens
 NOTES_SWAPPED, NOTES_FORWARD_FINAL = 0.005, 0.645  # L6 (soft only) and L5's final forward accuracy
+NOTES_SOURCE = 0.540  # L5: the source reading the text
 
 
 def _points(test: dict, what: str) -> str:
-    return f"{what} {_diff(test)} in accuracy points ({test['items']} items x {test['seeds'][0]} seeds)"
+    """'bridged - x -14.5 [-19.2, -9.8] percentage points (p <= 0.0001; 200 items x 3 seeds)'."""
+    return (f"{what} {pp_interval(test['difference'], test['ci95'])} percentage points ({p_text(test['p_value'])}; "
+            f"{test['items']} items x {test['seeds'][0]} seeds)")
 
 
 def validation_curves(run: RunDir, config: str) -> dict[int, dict[int, float]]:
@@ -731,11 +739,10 @@ def _improving(arms: dict[str, dict | None]) -> str:
     if not arms:
         return ""
     first = next(iter(arms.values()))
-    parts = ", ".join(f"`{name}` {g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]"
-                      for name, g in arms.items())
+    parts = ", ".join(f"`{name}` {pp_interval(g['mean'], g['ci95'])}" for name, g in arms.items())
     rising = [name for name, g in arms.items() if g["ci95"][0] > 0]
     span = (f"bridged validation accuracy from step {first['middle']} to step {first['last']}, paired over "
-            f"{first['seeds']} seeds: {parts} points")
+            f"{first['seeds']} seeds: {parts} percentage points")
     if not rising:
         return (f"; neither arm improved significantly over the second half of training ({span}), which does not "
                 "show that they had stopped improving")
@@ -762,8 +769,10 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
         row = {"id": cid, "claim": claim, "setting": setting}
         if test is None:
             return {**row, "measured": "not run", "verdict": f"not testable here: `{config}` did not run"}
+        claimed_pp = 100 * claimed
         return {**row, "measured": _points(test, f"`{config}` bridged - {other}"),
-                "verdict": interval_verdict(test["ci95"], claimed, f"the claimed {claimed:+.3f}")}
+                "verdict": interval_verdict([100 * b for b in test["ci95"]], claimed_pp,
+                                            f"the claimed {claimed_pp:+.1f} percentage points")}
 
     claims.append(item_claim("L1", "bridged accuracy 81.5% above the 73% text baseline", main, "target_text",
                              NOTES_BRIDGED - NOTES_TEXT))
@@ -819,20 +828,43 @@ def _kv_claim(config: str, summary: dict, setting: str) -> dict:
     return {**row, "measured": measured, "verdict": verdict}
 
 
+FLOOR_CONTROLS = ("zero_prefix", "shuffled_source")  # the target given nothing about the item: the task's floor
+
+
+def source_at_floor(entry: dict) -> str | None:
+    """Why "bridged above the source" says nothing here, or None: the source reading the text is not clearly above
+    the floor where its 95% interval (Wilson over items) overlaps a floor control's (`FLOOR_CONTROLS`). Two
+    non-overlapping 95% intervals are a stricter standard than a paired test excluding 0, which a source solving a
+    few more items than the controls passes; token_budget, which reads part of the question, is no floor."""
+    accuracy = entry.get("accuracy", {})
+    source = accuracy.get("source_text")
+    overlapping = [c for c in FLOOR_CONTROLS if source and c in accuracy and
+                   accuracy[c]["ci95"][1] >= source["ci95"][0]]
+    if not overlapping:
+        return None
+    controls = " and ".join(f"{c}'s {_acc(accuracy[c])}" for c in overlapping)
+    return (f"the source barely solves the task here: source_text {_acc(source)} is not clearly above the controls "
+            f"that carry nothing about the item (its 95% interval overlaps {controls}), unlike the notes' source at "
+            f"{NOTES_SOURCE:.3f}")
+
+
 def _between_claim(config: str, items: dict, setting: str) -> dict:
-    row = {"id": "L5", "claim": "bridged 0.645 final (0.680 peak) lies between source 0.540 and target 0.770",
-           "setting": setting}
+    row = {"id": "L5", "claim": f"bridged 0.645 final (0.680 peak) lies between source {NOTES_SOURCE:.3f} and "
+                                "target 0.770", "setting": setting}
     vs = items.get(config, {}).get("bridged_vs", {})
     if "source_text" not in vs or "target_text" not in vs:
         return {**row, "measured": "not run", "verdict": f"not testable here: `{config}` did not run"}
     src, tgt = vs["source_text"], vs["target_text"]
     measured = f"{_points(src, 'bridged - source_text')}; {_points(tgt, 'bridged - target_text')}"
+    floor = source_at_floor(items[config])
     if src["ci95"][0] > 0 and tgt["ci95"][1] < 0:
-        verdict = "supported: bridged is significantly above the source and below the target"
+        verdict = ("supported: bridged is significantly above the source and below the target" if floor is None else
+                   "not testable at this scale: bridged is significantly below the target, but \"above the source\" "
+                   f"is trivially met - {floor}")
     elif src["ci95"][1] < 0 or tgt["ci95"][0] > 0:
         verdict = "not supported: bridged is significantly outside the source-target range"
     else:
-        verdict = "not testable at this scale: an interval holds 0"
+        verdict = "not testable at this scale: an interval holds 0" + ("" if floor is None else f"; {floor}")
     verdict += ("; the peak-to-final drop cannot show here: the arms with the fixes restore their best-validation "
                 "weights")
     return {**row, "measured": measured, "verdict": verdict}
@@ -846,10 +878,14 @@ def _acc(entry: dict | None) -> str:
     return f"{entry['accuracy']:.3f} [{low:.3f}, {high:.3f}]" + (" (shared)" if entry["seeds"] == 1 else "")
 
 
+def pp_interval(difference: float, ci95: list[float]) -> str:
+    """'+25.5 [+19.0, +32.0]': a difference of two accuracies (fractions) and its interval, in percentage points."""
+    return f"{100 * difference:+.1f} [{100 * ci95[0]:+.1f}, {100 * ci95[1]:+.1f}]"
+
+
 def _diff(test: dict) -> str:
-    """'+0.255 [+0.190, +0.320] (p = 0.0001)': bridged minus the other system, in accuracy points."""
-    low, high = test["ci95"]
-    return f"{test['difference']:+.3f} [{low:+.3f}, {high:+.3f}] ({p_text(test['p_value'])})"
+    """'+25.5 [+19.0, +32.0] (p = 0.0001)': bridged minus the other system, in percentage points."""
+    return f"{pp_interval(test['difference'], test['ci95'])} ({p_text(test['p_value'])})"
 
 
 def p_text(p: float) -> str:
@@ -866,9 +902,9 @@ def _bridge_section(items: dict, configs: list[str]) -> list[str]:
     lines = ["## Does information cross the bridge?", "",
              "Bridged accuracy against its two controls (zero soft tokens; the source reading another item) on the "
              "same items. Accuracy: mean over seeds, 95% Wilson interval over the items (an item counts once however "
-             "many seeds evaluated it). Difference: bridged minus control in accuracy points, paired per item (each "
-             "item's outcomes averaged over seeds), 95% paired-bootstrap "
-             "interval and sign-flip permutation p-value. Per cell: exact McNemar test on the cell's discordant items. "
+             "many seeds evaluated it). Difference: bridged minus control in percentage points of accuracy, paired "
+             "per item (each item's outcomes averaged over seeds), 95% paired-bootstrap interval and sign-flip "
+             "permutation p-value. Per cell: exact McNemar test on the cell's discordant items. "
              "Information crossed the bridge only where the difference's interval lies above 0 for both controls.", "",
              "| configuration | items x seeds | bridged | zero_prefix | bridged - zero_prefix | shuffled_source | "
              "bridged - shuffled_source | above both controls | cells above both (McNemar p < 0.05) |",
@@ -901,8 +937,8 @@ def _baselines_section(items: dict, configs: list[str]) -> list[str]:
     lines = ["## Bridged vs the text baselines", "",
              "The text-only systems do not involve the translator: each is one evaluation shared by every cell of a "
              "direction (token_budget: one per K), counted once (its interval is Wilson over items). Difference: "
-             "bridged minus the baseline in accuracy points, paired per item as above; per cell: bridged-only correct "
-             "items / baseline-only correct items and the exact McNemar p-value.", "",
+             "bridged minus the baseline in percentage points of accuracy, paired per item as above; per cell: "
+             "bridged-only correct items / baseline-only correct items and the exact McNemar p-value.", "",
              "| configuration | baseline | baseline accuracy | bridged | bridged - baseline [95% CI] (p) | per cell |",
              "|---|---|---|---|---|---|"]
     for config in configs:
@@ -967,7 +1003,8 @@ def _timing_section(rows: list[dict], configs: list[str]) -> list[str]:
 def _compression_plot(rows: list[dict], run: RunDir) -> bool:
     """Accuracy and KV bytes saved vs compression over the forward `stable` arms of one mode (K varies). The systems
     are not configurations, so they have colours and markers of their own (the same in every run); a mode has its
-    line style."""
+    line style. The text systems are no arm of a mode (one evaluation per K, or one in all): each is drawn once,
+    labelled by what its prompt holds."""
     groups: dict[str, dict[int, list[dict]]] = {}  # mode -> K -> cells
     for r in rows:
         arm = r["details"]["arm"]
@@ -984,35 +1021,44 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
 
     systems = {"bridged": ("#1b9e77", "o"), "token_budget": ("#d95f02", "s"), "zero_prefix": ("#7570b3", "^"),
                "shuffled_source": ("#e7298a", "D")}  # Dark2: apart from the configurations' tab10
+    series = [(f"{system} ({mode})", system, by_k, style)
+              for style, (mode, by_k) in zip(LINE_STYLES, groups.items(), strict=False) for system in BRIDGE_SYSTEMS]
+    every_k: dict[int, list[dict]] = {}  # token_budget: one evaluation per K whatever the mode
+    for by_k in groups.values():
+        for k, cells in by_k.items():
+            every_k.setdefault(k, []).extend(cells)
+    series.append(("token_budget (the question's first K tokens as text)", "token_budget", every_k, LINE_STYLES[0]))
     fig, (acc_ax, kv_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
     accuracy: dict[str, tuple] = {}
-    for style, (mode, by_k) in zip(LINE_STYLES, groups.items(), strict=False):
+    outcomes = {cells[0]["config"]: cell_outcomes(run, cells, cells[0]["config"])
+                for by_k in groups.values() for cells in by_k.values()}  # one configuration per mode and K
+    for label, system, by_k, style in series:
+        colour, marker = systems[system]
         ks = sorted(by_k)
-        outcomes = {k: cell_outcomes(run, by_k[k], by_k[k][0]["config"]) for k in ks}
-        for system, (colour, marker) in systems.items():
-            xs = [fmean([r["metrics"][f"{system}/compression"] for r in by_k[k]]) for k in ks]
-            # mean over seeds, Wilson over the items (seeds share the items; a text system is one evaluation)
-            intervals = [stats.item_accuracy_interval(outcomes[k][system]) if outcomes[k] else
-                         dict(zip(("accuracy", "ci95"), _wilson_pooled(by_k[k], system), strict=True)) for k in ks]
-            ys = [iv["accuracy"] for iv in intervals]
-            bounds = [iv["ci95"] for iv in intervals]
-            accuracy[f"{system} ({mode})"] = (xs, ys, bounds, colour, marker, style)
-            if system == "bridged":
-                for x, y, k in zip(xs, ys, ks, strict=True):
-                    acc_ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
-            if system in ("bridged", "token_budget"):  # in soft_only mode both prompts have 1 + K + cue positions
-                saved = [[r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]] for k in ks]
-                means = [fmean(v) for v in saved]
-                kv_ax.errorbar(xs, means, yerr=[[m - min(v) for m, v in zip(means, saved, strict=True)],
-                                                [max(v) - m for m, v in zip(means, saved, strict=True)]],
-                               color=colour, marker=marker, fillstyle="none", linestyle=style, capsize=3,
-                               # bridged drawn wide under token_budget, which often saves exactly as much
-                               linewidth=4 if system == "bridged" else 1.5, markersize=10 if system == "bridged" else 6,
-                               alpha=0.6 if system == "bridged" else 1.0)
-        every = [r for k in ks for r in by_k[k]]
-        text = _pooled(every, "target_text")
-        acc_ax.axhline(text[0] / text[1], color="grey", linestyle=style, linewidth=1,
-                       label=f"target_text ({mode}, compression 1)")
+        xs = [fmean([r["metrics"][f"{system}/compression"] for r in by_k[k]]) for k in ks]
+        found = [outcomes[by_k[k][0]["config"]] for k in ks]
+        # mean over seeds, Wilson over the items (seeds share the items; a text system is one evaluation)
+        intervals = [stats.item_accuracy_interval(o[system]) if o else
+                     dict(zip(("accuracy", "ci95"), _wilson_pooled(by_k[k], system), strict=True))
+                     for k, o in zip(ks, found, strict=True)]
+        ys = [iv["accuracy"] for iv in intervals]
+        bounds = [iv["ci95"] for iv in intervals]
+        accuracy[label] = (xs, ys, bounds, colour, marker, style)
+        if system == "bridged":
+            for x, y, k in zip(xs, ys, ks, strict=True):
+                acc_ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
+        if system in ("bridged", "token_budget"):  # in soft_only mode both prompts have 1 + K + cue positions
+            saved = [[r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]] for k in ks]
+            means = [fmean(v) for v in saved]
+            kv_ax.errorbar(xs, means, yerr=[[m - min(v) for m, v in zip(means, saved, strict=True)],
+                                            [max(v) - m for m, v in zip(means, saved, strict=True)]],
+                           color=colour, marker=marker, fillstyle="none", linestyle=style, capsize=3,
+                           # bridged drawn wide under token_budget, which often saves exactly as much
+                           linewidth=4 if system == "bridged" else 1.5, markersize=10 if system == "bridged" else 6,
+                           alpha=0.6 if system == "bridged" else 1.0)
+    text = _pooled([r for cells in every_k.values() for r in cells], "target_text")
+    acc_ax.axhline(text[0] / text[1], color="grey", linestyle=LINE_STYLES[0], linewidth=1,
+                   label="target_text (the question as text, compression 1)")
     notes = same_values_notes({label: (xs, ys) for label, (xs, ys, *_) in accuracy.items()})
     every_x = [x for xs, *_ in accuracy.values() for x in xs]
     step = 0.01 * ((max(every_x) - min(every_x)) or max(every_x))  # 1% of the axis between neighbouring systems

@@ -590,7 +590,9 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
     else:
         measured = f"`{CANDIDATE}` vs `{REFERENCE}` on test_ppl: {effect_text(comparison)}"
         lo, hi = comparison["ci95"] or (-math.inf, math.inf)
-        budget = f"after {epochs:g} epoch(s)"
+        budget = (f"after {epochs:g} epoch(s) at one learning rate shared by both and tuned for neither (train.lr = "
+                  f"{cfg['train']['lr']:g}; this study searches no learning rate, and one suited to either model "
+                  "could change the gap)")
         improving = still_improving(rows, (CANDIDATE, REFERENCE))
         if improving:
             budget += (f", with every cell still improving at its last evaluation ({improving} of {improving}): a "
@@ -744,6 +746,37 @@ def _side_by_side(summary: dict, rows: list[dict], configs: list[str], cfg: dict
 NOTES_BANDS = (200.0, 300.0)  # the notes' success / partial thresholds, for WikiText-2
 
 
+def beside_thresholds(value: float | None, thresholds: tuple[float, ...]) -> str:
+    """`value` as the report prints it (`fmt`, 4 significant digits) or, where that rounding would hide which side of a
+    threshold it lies on (10.0009 printed as 10 against success < 10), to the decimal place of the first significant
+    digit of its distance to that threshold (10.0009), or further until the printed number is on the value's side of
+    every threshold."""
+    text = fmt(value)
+    if value is None or not math.isfinite(value):
+        return text
+
+    def sides(x: float) -> list[int]:
+        return [(x > t) - (x < t) for t in thresholds]
+
+    if sides(float(text.replace(",", ""))) == sides(value):
+        return text
+    distances = [abs(value - t) for t in thresholds if value != t]
+    places = max(0, -math.floor(math.log10(min(distances)) + 1e-9)) if distances else 0  # 1e-9: 14 - 13.99999
+    while sides(round(value, places)) != sides(value) and places < 17:
+        places += 1
+    return f"{value:,.{places}f}" if abs(value) >= 1e4 else f"{value:.{places}f}"  # fmt's thousands separators
+
+
+def band_cell(value: float | None, seed_bands: list[str], success: float, partial: float) -> str:
+    """The band of the mean over seeds and, where seeds fall in other bands, how many of them and by which rule:
+    'partial (3 of 5 seeds < 10)'."""
+    band = ppl_band(value, success, partial)
+    rules = {"success": f"< {success:g}", "partial": f"in {success:g}-{partial:g}", "failure": f"> {partial:g}"}
+    other = [f"{seed_bands.count(b)} of {len(seed_bands)} seeds {rules[b]}" for b in rules
+             if b != band and b in seed_bands]
+    return f"{band} ({', '.join(other)})" if other else band
+
+
 def _bands(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     metric, success, partial = cfg["band_metric"], cfg["success_ppl"], cfg["partial_ppl"]
     whose = ("the notes' thresholds" if (success, partial) == NOTES_BANDS else
@@ -751,17 +784,30 @@ def _bands(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> li
              "bands describe the run, they test nothing: the paired comparison above decides")
     lines = ["## Perplexity bands", "",
              f"The notes' rule on {metric}: success < {success:g}, partial {success:g}-{partial:g}, failure > "
-             f"{partial:g} (`success_ppl`, `partial_ppl`: {whose}). The band of the mean over seeds, and how many "
-             "seeds fall in each band.", "",
+             f"{partial:g} (`success_ppl`, `partial_ppl`: {whose}). The band of the mean over seeds (where seeds fall "
+             "in other bands, how many), and how many seeds fall in each band.", "",
              f"| configuration | mean {metric} | band of the mean | seeds per band |", "|---|---|---|---|"]
+    close = []
     for name in configs:
         value = _mean(summary, name, metric)
         if value is not None:
             bands = [ppl_band(r["metrics"].get(metric), success, partial) for r in rows
                      if r["config"] == name and r["status"] == "ok"]
             counts = ", ".join(f"{b} {bands.count(b)}" for b in ("success", "partial", "failure") if b in bands)
-            lines.append(f"| {name} | {fmt(value)} | {ppl_band(value, success, partial)} | {counts} of "
+            shown = beside_thresholds(value, (success, partial))
+            lines.append(f"| {name} | {shown} | {band_cell(value, bands, success, partial)} | {counts} of "
                          f"{len(bands)} |")
+            if shown != fmt(value):
+                threshold = min((success, partial), key=lambda t: abs(value - t))
+                std = summary["configs"][name]["metrics"][metric].get("std")
+                close.append(f"`{name}`'s mean {metric} is printed here to more digits than elsewhere in the report "
+                             f"({fmt(value)}): it lies {abs(value - threshold):.1g} "
+                             f"{'above' if value > threshold else 'below'} the threshold {threshold:g}, so its band "
+                             "of the mean turns on that margin" +
+                             (f", far less than the spread over seeds (std {fmt(std, 2)})" if std and
+                              std > 10 * abs(value - threshold) else "") + ".")
+    if close:
+        lines += ["", *close]
     return lines + [""]
 
 

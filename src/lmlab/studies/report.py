@@ -728,9 +728,12 @@ def write_reports(run: RunDir) -> dict:
         lines += ["## Claims of the research notes vs this run", "",
                   "Each claim as the notes made it, what this run measured with its 95% interval (a relative change "
                   "of the metric in % over seeds, better / worse saying which way, or a paired difference over items "
-                  "where the row says so) and a verdict: supported (the interval excludes 0 on the claimed side), "
-                  "not supported (it excludes 0 on the other side, or excludes the claimed size), or not testable at "
-                  "this scale (it holds both 0 and the claimed size).", "", *claims_table(summary), ""]
+                  "where the row says so) and a verdict: supported (the interval excludes 0 on the claimed side and "
+                  "holds the claimed size or lies beyond it), partly supported (it excludes 0 on the claimed side but "
+                  "falls short of the claimed size: the direction holds, the size does not), not supported (it "
+                  "excludes 0 on the other side, or holds 0 but excludes the claimed size), or not testable at this "
+                  "scale (it holds both 0 and the claimed size, or the setting cannot show an effect of that size: "
+                  "the row says why).", "", *claims_table(summary), ""]
     atomic_write_text(run.root / "report.md", "\n".join(lines))
     return summary
 
