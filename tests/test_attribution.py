@@ -398,7 +398,7 @@ def test_a_claim_about_buckets_says_how_little_the_parts_they_route_carry(share:
 
 @pytest.mark.parametrize("matched_factor", [0.90, 1.0])
 def test_a_claimed_gain_a_control_explains_is_not_read_as_the_component_s(matched_factor):
-    """H1's trap: landmarks beat rsLoRA (supported in direction), but a rank-matched rsLoRA gains as much. The claim's
+    """H1's trap: landmarks beat rsLoRA (the claimed direction), but a rank-matched rsLoRA gains as much. The claim's
     verdict must say that the study does not credit the gain to the component; where the control gains nothing, it
     must not."""
     configs = ["rslora", "landmarks", "rslora-matched"]
