@@ -53,6 +53,12 @@ def test_a_configs_parallel_applies_without_the_flag_and_yields_to_nproc_and_exe
         with pytest.raises(ConfigError, match="do not combine with --nproc"):
             _workers("2", cfg, None)  # an explicit --parallel does not
     assert build(StudyConfig, {"parallel": 2}).parallel == 2
+    monkeypatch.setattr(D, "world_size", lambda: 1)
+    too_many = cores + 1  # a refusal names what the user wrote: the config field or the flag
+    with pytest.raises(ConfigError, match=rf"^parallel={too_many} needs {too_many} CPU cores.*use parallel={cores} "):
+        _workers(None, build(StudyConfig, {"parallel": too_many}), None)
+    with pytest.raises(ConfigError, match=rf"^--parallel {too_many} needs"):
+        _workers(str(too_many), cfg, None)
     for bad in (0, "two"):
         with pytest.raises(ConfigError, match="parallel"):
             build(StudyConfig, {"parallel": bad})

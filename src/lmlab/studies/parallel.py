@@ -76,10 +76,11 @@ def _usable_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
-def plan_slots(n: int, threads: int | None = None) -> list[Slot]:
+def plan_slots(n: int, threads: int | None = None, asked: str = "--parallel {}") -> list[Slot]:
     """N workers: on a machine with GPUs, worker i on GPU i (N above the visible GPUs is refused); on CPU, the
     cores this process may use split into N contiguous shares (N above the cores is refused). `threads` (the
-    study's `threads` field) caps each worker's torch threads."""
+    study's `threads` field) caps each worker's torch threads; `asked` names where N came from in a refusal
+    ("--parallel {}" for the flag, "parallel={}" for the config field)."""
     import torch
 
     cores = _usable_cores()
@@ -87,10 +88,10 @@ def plan_slots(n: int, threads: int | None = None) -> list[Slot]:
 
     gpus = torch.cuda.device_count() if D.uses_gpu() else 0  # LMLAB_DEVICE=cpu: CPU shares on a GPU machine
     if gpus and n > gpus:
-        raise ConfigError(f"--parallel {n} needs {n} GPUs, {gpus} visible; use --parallel {gpus} (or auto)")
+        raise ConfigError(f"{asked.format(n)} needs {n} GPUs, {gpus} visible; use {asked.format(gpus)} (or auto)")
     if not gpus and n > len(cores):
-        raise ConfigError(f"--parallel {n} needs {n} CPU cores, this process may use {len(cores)}; "
-                          f"use --parallel {len(cores)} or fewer")
+        raise ConfigError(f"{asked.format(n)} needs {n} CPU cores, this process may use {len(cores)}; "
+                          f"use {asked.format(len(cores))} or fewer (or auto)")
     slots = []
     for i in range(n):
         share = tuple(cores[i * len(cores) // n:(i + 1) * len(cores) // n])

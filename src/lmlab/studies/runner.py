@@ -281,8 +281,9 @@ def _workers(parallel: int | str | None, cfg: StudyConfig, executor: ExecutorOpt
     """Worker processes for the cells: `--parallel` as given, else the config's `parallel` where neither DDP nor
     an executor runs the cells (a preset's default yields to them); too many for the machine: refused here, before
     any directory is made."""
+    asked = "--parallel {}"
     if parallel is None and cfg.parallel is not None and executor is None and D.world_size() == 1:
-        parallel = cfg.parallel
+        parallel, asked = cfg.parallel, "parallel={}"
     workers = resolve_parallel(parallel, cfg.threads)
     if (workers > 1 or executor is not None) and D.world_size() > 1:
         raise ConfigError("--parallel and --executor run each cell in its own process; they do not combine with "
@@ -290,7 +291,7 @@ def _workers(parallel: int | str | None, cfg: StudyConfig, executor: ExecutorOpt
     if workers > 1 and executor is not None:
         raise ConfigError("--parallel runs cells on this machine, --executor as jobs; choose one")
     if workers > 1:
-        plan_slots(workers)
+        plan_slots(workers, asked=asked)
     return workers
 
 
