@@ -96,7 +96,7 @@ def test_the_learning_rate_search_picks_each_configurations_rate_on_the_tuning_s
         rows["rslora"]["metrics"]["val_ppl"], rel=1e-6)
     report = (out / "report.md").read_text()
     assert "chosen from 0.0005, 0.005 by the validation perplexity of one run on the tuning seed 7" in report
-    assert "the control `lora-lr-scaled` trains at `rslora`'s times sqrt(r)" in report
+    assert "The control `lora-lr-scaled` trains at `rslora`'s times sqrt(r)" in report
 
 
 def test_the_tuning_seed_must_not_be_a_study_seed():

@@ -427,13 +427,53 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
     m3 = {c["id"]: c for c in mu_claims(cfg.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
     assert m3.startswith("not supported at this budget: MU has significantly higher test perplexity than the matched "
                          f"baseline after 3 epoch(s) at one learning rate shared by both and tuned for neither "
-                         f"(train.lr = {cfg.train.lr:g}; this study searches no learning rate")
-    assert not hasattr(cfg, "lr_grid")  # were a learning-rate search added, the sentence above would have to change
+                         f"(train.lr = {cfg.train.lr:g}; `lr_grid=[...]` chooses each model's on a tuning seed")
+    assert cfg.lr_grid is None  # the default searches no learning rate
     lower = load_config(MUStudyConfig, preset_path("mu", "default"), ["train.lr=0.0007"])
     m3 = {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
-    assert "(train.lr = 0.0007; this study searches no learning rate" in m3  # read from the config
+    assert "(train.lr = 0.0007; `lr_grid=[...]`" in m3  # read from the config
     # where every cell was best at its last step, the models were still improving: the verdict says so
     assert ("still improving at its last evaluation (6 of 6)" in m3) == last
+    # with a search, each model's chosen rate (read from its cells) is named, and a choice at the grid's end flagged
+    searched = load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0.003,0.01]"])
+    for r in rows:
+        r["details"]["lr"] = {"mu-sota": 0.003, "dense": 0.01, "mu-simple": 0.003}[r["config"]]
+    m3 = {c["id"]: c for c in mu_claims(searched.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
+    assert ("at each model's own learning rate, chosen from 0.001, 0.003, 0.01 by validation perplexity on the "
+            "tuning seed (`mu-sota` 0.003, `dense` 0.01); `dense` chose an end of the grid, so a better rate may lie "
+            "beyond it") in m3
+    assert "tuned for neither" not in m3
+
+
+def test_a_learning_rate_grid_is_validated_and_keeps_the_tuning_seed_apart():
+    with pytest.raises(ConfigError, match="holds a learning rate <= 0"):
+        load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0]"])
+    with pytest.raises(ConfigError, match="tuning_seed=42 is one of the study's seeds"):
+        load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0.01]", "tuning_seed=42"])
+
+
+def test_the_learning_rate_search_trains_each_model_at_every_grid_value_and_its_cells_at_the_best(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = run_cli("run", "mu", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
+                   "lr_grid=[0.0003,0.003]")
+    assert proc.returncode == 0, proc.stderr
+    tuning = json.loads((out / "lr_tuning.json").read_text())
+    assert tuning["grid"] == [0.0003, 0.003] and tuning["seed"] == 7
+    rows = {r["config"]: r for r in read_jsonl(out / "results.jsonl")}
+    assert set(tuning["configs"]) == set(rows)
+    for config, entry in tuning["configs"].items():
+        # each score is the best validation perplexity of that search run, as its own curve recorded it
+        for lr in (0.0003, 0.003):
+            curve = [r["val_ppl"] for r in read_jsonl(out / "lr_search" / config / f"lr-{lr:g}" / "metrics.jsonl")
+                     if "val_ppl" in r]
+            assert entry["val_ppl"][f"{lr:g}"] == pytest.approx(min(curve))
+        assert entry["lr"] == min((0.0003, 0.003), key=lambda lr: entry["val_ppl"][f"{lr:g}"])
+        assert rows[config]["details"]["lr"] == entry["lr"]
+        trained = [r["lr"] for r in read_jsonl(out / "cells" / config / "seed-42" / "metrics.jsonl") if "lr" in r]
+        assert max(trained) == pytest.approx(entry["lr"])  # the cell's schedule peaks at the chosen rate
+    report = (out / "report.md").read_text()
+    assert "## Learning rate" in report and "chosen from 0.0003, 0.003 by the validation perplexity of one run on " \
+        "the tuning seed 7" in report
 
 
 @pytest.mark.parametrize(("late_gap", "reading"), [

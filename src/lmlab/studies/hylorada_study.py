@@ -24,7 +24,6 @@ What makes a conclusion here attributable (see `lmlab.studies.attribution`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from lmlab.hylorada import (
 from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
+from lmlab.studies import lr_search
 from lmlab.studies.attribution import effect_text, faster_reading, per_seed_values, reach_clause
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
@@ -73,7 +73,7 @@ from lmlab.studies.report import (
     line_plot,
     save_figure,
 )
-from lmlab.studies.rundir import TRAIN_STATE, RunDir, atomic_write_text
+from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
 
 
@@ -331,12 +331,7 @@ class HyloradaStudyConfig(StudyConfig):
                 check_extension(self.max_length, self.base.model.context, "the tiny base (base.model.context)")
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
-        if self.lr_grid is not None:
-            if any(lr <= 0 for lr in self.lr_grid):
-                raise ValueError(f"lr_grid={self.lr_grid} holds a learning rate <= 0")
-            if self.tuning_seed in self.seeds:
-                raise ValueError(f"tuning_seed={self.tuning_seed} is one of the study's seeds; choose another so "
-                                 "the learning rate is not chosen on the data it is evaluated on")
+        lr_search.check_grid(self.lr_grid, self.tuning_seed, self.seeds)
         return self
 
 
@@ -590,32 +585,19 @@ class HyloradaStudy(Study):
 
     def _tune_learning_rates(self, ctx: _Context, run: RunDir, configs: list[str], display: Display) -> dict:
         """Each configuration's learning rate: the grid value with the lowest validation perplexity on the tuning
-        seed (its own training sample, initialisation and validation documents). Saved to `lr_tuning.json` as it
-        goes, so an interrupted search resumes where it stopped."""
+        seed (its own training sample, initialisation and validation documents), by `lr_search.search`."""
         cfg = ctx.cfg
-        path = run.root / "lr_tuning.json"
-        record = json.loads(path.read_text()) if path.exists() else {}
-        if record.get("grid") != cfg.lr_grid or record.get("seed") != cfg.tuning_seed:
-            record = {"grid": cfg.lr_grid, "seed": cfg.tuning_seed, "configs": {}}
         data = self._data(ctx, cfg.tuning_seed)
-        for config in configs:
-            if config in record["configs"]:
-                continue
-            scores = {}
-            for lr in cfg.lr_grid:
-                model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None,
-                                              display.named(f"lr search {config} lr {lr:g}"),
-                                              lora_lr=record["configs"].get("rslora", {}).get("lr"))
-                model.to(D.device())
-                scores[f"{lr:g}"] = self._val_ppl(ctx, model, data.val_docs)["ppl"]
-            best = min(cfg.lr_grid, key=lambda lr: scores[f"{lr:g}"])
-            record["configs"][config] = {"lr": best, "val_ppl": scores}
-            tried = ", ".join(f"{k}: {v:.4g}" for k, v in scores.items())
-            display.line(f"lr search: {config} -> lr {best:g} ({tried})")
-            if D.is_main():
-                atomic_write_text(path, json.dumps(record, indent=2))
+
+        def score(config: str, lr: float, chosen: dict[str, float]) -> float:
+            model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None,
+                                          display.named(f"lr search {config} lr {lr:g}"), lora_lr=chosen.get("rslora"))
+            model.to(D.device())
+            return self._val_ppl(ctx, model, data.val_docs)["ppl"]
+
+        chosen = lr_search.search(run.root, cfg.lr_grid, cfg.tuning_seed, configs, score, display)
         ctx.data.clear()
-        return {c: v["lr"] for c, v in record["configs"].items()}
+        return chosen
 
     def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         cfg = ctx.cfg
@@ -849,22 +831,14 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: di
     lines = ["## Learning rate", ""]
     train_lr = cfg.get("train", {}).get("lr")
     rank = cfg.get("adapter", {}).get("r", 8)
-    path = run.root / "lr_tuning.json"
     scaled = sorted({r["details"]["lr"] for r in rows if r["config"] == "lora-lr-scaled" and "lr" in r["details"]})
     scaled_lr = f"{scaled[0]:.3g}" if len(scaled) == 1 else "-"
-    if cfg.get("lr_grid") and path.exists():
-        tuning = json.loads(path.read_text())
-        grid = tuning["grid"]
-        lines += [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by the "
-                  f"validation perplexity of one run on the tuning seed {tuning['seed']} (its own training sample, "
-                  "initialisation and validation documents, none of them a study seed's), before the seeds ran"
-                  + (f"; the control `lora-lr-scaled` trains at `rslora`'s times sqrt(r): {scaled_lr}." if scaled
-                     else "."), "",
-                  "| configuration | chosen lr | " + " | ".join(f"val_ppl at {v:g}" for v in grid) + " |",
-                  "|" + "---|" * (len(grid) + 2)]
-        for name, entry in tuning["configs"].items():
-            lines.append(f"| {name} | {entry['lr']:g} | " + " | ".join(fmt(entry["val_ppl"].get(f"{v:g}"))
-                                                                     for v in grid) + " |")
+    searched = lr_search.search_lines(run.root, "its own training sample, initialisation and validation documents, "
+                                      "none of them a study seed's") if cfg.get("lr_grid") else []
+    if searched:
+        if scaled:
+            searched[0] += f" The control `lora-lr-scaled` trains at `rslora`'s times sqrt(r): {scaled_lr}."
+        lines += searched
     else:
         others = f" (the control `lora-lr-scaled` at {scaled_lr}, below)" if scaled else ""
         said = f"Every configuration trains at lr = {train_lr:g}{others}."

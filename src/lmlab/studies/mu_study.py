@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lmlab.config import Section
 from lmlab.data import generators
@@ -49,6 +49,7 @@ from lmlab.mu import (
 )
 from lmlab.mu.config import PRESETS
 from lmlab.mu.matching import model_parameter_counts
+from lmlab.studies import lr_search
 from lmlab.studies.attribution import effect_text
 from lmlab.studies.report import (
     cell_curves,
@@ -142,6 +143,9 @@ class MUStudyConfig(StudyConfig):
     mu_simple: MUShape = MUShape()
     match: MatchConfig = MatchConfig()
     train: TrainConfig = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_ratio=0.05)
+    lr_grid: list[float] | None = Field(None, min_length=2, description="choose each model's learning rate from "
+                                        "these by validation perplexity on a tuning seed before the seeds run")
+    tuning_seed: int = Field(7, description="initialisation and data-order seed of the learning-rate search")
     eval_batch_size: int = Field(16, ge=1)
     monitor: MonitorConfig = MonitorConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -160,6 +164,11 @@ class MUStudyConfig(StudyConfig):
         except ValidationError as exc:
             raise ValueError(f"{preset}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
         return shape
+
+    @model_validator(mode="after")
+    def _check_grid(self):
+        lr_search.check_grid(self.lr_grid, self.tuning_seed, self.seeds)
+        return self
 
     @field_validator("partial_ppl")
     @classmethod
@@ -299,6 +308,11 @@ class _Context:
     val_docs: list[str]
     test_docs: list[str]
     models: dict[str, MUConfig | DenseConfig]
+    lrs: dict[str, float] = field(default_factory=dict)  # each model's chosen learning rate (`lr_grid`)
+
+    def train_config(self, config: str) -> TrainConfig:
+        """The training settings of `config`'s cells: the study's, at the model's chosen learning rate."""
+        return self.cfg.train.model_copy(update={"lr": self.lrs.get(config, self.cfg.train.lr)})
 
 
 def documents(cfg: MUStudyConfig) -> tuple[list[str], list[str], list[str]]:
@@ -350,9 +364,9 @@ class _CellHooks(Hooks):
     select, restore_best = "val_ppl", True
     MONITOR_KEYS = ("best", "best_step", "since_best", "previous_loss", "rises", "flags")
 
-    def __init__(self, ctx: _Context, cell: str, seed: int, samples_path: Path):
+    def __init__(self, ctx: _Context, cell: str, seed: int, samples_path: Path, lr: float):
         self.ctx, self.cell, self.seed, self.samples_path = ctx, cell, seed, samples_path
-        self.monitor = RedFlagMonitor(ctx.cfg.monitor, ctx.cfg.train.lr)
+        self.monitor = RedFlagMonitor(ctx.cfg.monitor, lr)
         self.per_epoch = steps_per_epoch(len(ctx.examples), ctx.cfg.train)
         self.sampled_block = 0  # epochs // every_epochs at the last periodic samples
 
@@ -438,7 +452,30 @@ class MUStudy(Study):
         display.line(f"mu: {len(examples)} training windows of {cfg.max_seq_len} tokens, vocabulary {len(tokenizer)}, "
                  f"{len(val_docs)} validation / {len(test_docs)} test documents; parameters (total / non-embedding): "
                  + ", ".join(f"{n} {c['total']:,} / {c['non_embedding']:,}" for n, c in counts.items()))
-        return _Context(cfg, tokenizer, prefix, examples, val_docs, test_docs, models)
+        ctx = _Context(cfg, tokenizer, prefix, examples, val_docs, test_docs, models)
+        if cfg.lr_grid is not None:
+            ctx.lrs = self._search_learning_rates(ctx, run, display)
+        return ctx
+
+    def _search_learning_rates(self, ctx: _Context, run: RunDir, display: Display) -> dict[str, float]:
+        """Each model's learning rate from `lr_grid`: the best validation perplexity of one run on the tuning seed
+        (its own initialisation and data order; the decision is on the test split). `lr_search.search` saves it
+        as it goes; each run's curve and samples go to `lr_search/<config>/lr-<lr>/`."""
+        cfg = ctx.cfg
+
+        def score(config: str, lr: float, chosen: dict[str, float]) -> float:
+            where = run.root / "lr_search" / config / f"lr-{lr:g}"
+            where.mkdir(parents=True, exist_ok=True)
+            D.seed_everything(cfg.tuning_seed)
+            model = build_model(ctx.models[config])
+            hooks = _CellHooks(ctx, f"lr search {config} lr {lr:g}", cfg.tuning_seed, where / SAMPLES_FILE, lr)
+            result = train(model, ctx.examples, cfg.train.model_copy(update={"lr": lr}), seed=cfg.tuning_seed,
+                           hooks=hooks, metrics_path=where / "metrics.jsonl",
+                           display=display.named(f"lr search {config} lr {lr:g}"))
+            return result.best["val_ppl"]
+
+        return lr_search.search(run.root, cfg.lr_grid, cfg.tuning_seed, run.read_study()["configurations"], score,
+                                display)
 
     def run_cell(self, ctx: _Context, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         cfg = ctx.cfg
@@ -451,8 +488,9 @@ class MUStudy(Study):
         model = build_model(ctx.models[config])
         counts = count_parameters(model)
         samples_path = cell_dir / SAMPLES_FILE
-        hooks = _CellHooks(ctx, f"{config} seed {seed}", seed, samples_path)
-        result = train(model, ctx.examples, cfg.train, seed=seed, hooks=hooks, checkpoint_dir=cell_dir / TRAIN_STATE,
+        train_cfg = ctx.train_config(config)
+        hooks = _CellHooks(ctx, f"{config} seed {seed}", seed, samples_path, train_cfg.lr)
+        result = train(model, ctx.examples, train_cfg, seed=seed, hooks=hooks, checkpoint_dir=cell_dir / TRAIN_STATE,
                        metrics_path=cell_dir / "metrics.jsonl",
                        display=display)
         best = result.best
@@ -487,6 +525,7 @@ class MUStudy(Study):
             "checkpoint": str(checkpoint.relative_to(cell_dir.parents[2])),
             "steps": result.steps,
             "stopped_early": result.stopped_early,
+            "lr": train_cfg.lr,
             "ppl_band": ppl_band(metrics[cfg.band_metric], cfg.success_ppl, cfg.partial_ppl),
         }
         return CellOutput(metrics=metrics, details=details, params={"trainable_params": counts["total"]})
@@ -503,6 +542,7 @@ class MUStudy(Study):
         configs = record["configurations"]
         lines = _side_by_side(summary, ok, configs, cfg)
         lines += _bands(summary, ok, configs, cfg)
+        lines += _learning_rate_section(run, ok, configs, cfg)
         if _validation_curves_plot(run, configs):
             lines += ["## Validation perplexity during training", "",
                       "Mean over seeds at each evaluation (MU vs the dense baseline): "
@@ -590,9 +630,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
     else:
         measured = f"`{CANDIDATE}` vs `{REFERENCE}` on test_ppl: {effect_text(comparison)}"
         lo, hi = comparison["ci95"] or (-math.inf, math.inf)
-        budget = (f"after {epochs:g} epoch(s) at one learning rate shared by both and tuned for neither (train.lr = "
-                  f"{cfg['train']['lr']:g}; this study searches no learning rate, and one suited to either model "
-                  "could change the gap)")
+        budget = f"after {epochs:g} epoch(s) {learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))}"
         improving = still_improving(rows, (CANDIDATE, REFERENCE))
         if improving:
             budget += (f", with every cell still improving at its last evaluation ({improving} of {improving}): a "
@@ -604,6 +642,30 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                    "not testable at this scale: the interval holds 0")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
+
+
+def chosen_learning_rates(rows: list[dict], configs: tuple[str, ...]) -> dict[str, float]:
+    """{config: the learning rate its cells trained at} for the configurations whose cells agree on one."""
+    rates = {c: {r["details"].get("lr") for r in rows if r["config"] == c and r["status"] == "ok"} for c in configs}
+    return {c: next(iter(v)) for c, v in rates.items() if len(v) == 1 and None not in v}
+
+
+def learning_rate_clause(cfg: dict, rows: list[dict], configs: tuple[str, ...]) -> str:
+    """How the compared models' learning rates were set, for a verdict: chosen per model from `lr_grid` (and where a
+    choice is the grid's edge, that the best may lie beyond it), or one shared rate tuned for neither."""
+    grid = cfg.get("lr_grid")
+    chosen = chosen_learning_rates(rows, configs)
+    if not grid or len(chosen) < len(configs):
+        return (f"at one learning rate shared by both and tuned for neither (train.lr = {cfg['train']['lr']:g}; "
+                "`lr_grid=[...]` chooses each model's on a tuning seed first, and one suited to either model could "
+                "change the gap)")
+    said = (f"at each model's own learning rate, chosen from {', '.join(f'{v:g}' for v in grid)} by validation "
+            f"perplexity on the tuning seed ({', '.join(f'`{c}` {lr:g}' for c, lr in chosen.items())})")
+    edge = [c for c, lr in chosen.items() if lr in (min(grid), max(grid))]
+    if edge:
+        said += (f"; {' and '.join(f'`{c}`' for c in edge)} chose an end of the grid, so a better rate may lie "
+                 "beyond it")
+    return said
 
 
 def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> dict | None:
@@ -809,6 +871,23 @@ def _bands(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> li
     if close:
         lines += ["", *close]
     return lines + [""]
+
+
+def _learning_rate_section(run: RunDir, rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
+    """How each model's learning rate was set: the search (`lr_grid`), or the one rate every model shares."""
+    searched = lr_search.search_lines(run.root, "its own initialisation and data order; the validation split, which "
+                                      "also selects each cell's checkpoint, while the decision is on the test split")
+    if cfg.get("lr_grid") and searched:
+        edge = lr_search.edge_choices(run.root)
+        if edge:
+            searched[0] += (f" {', '.join(f'`{c}`' for c in edge)} chose an end of the grid: a better rate may lie "
+                            "beyond it.")
+        return ["## Learning rate", "", *searched, ""]
+    return ["## Learning rate", "",
+            f"Every model trains at lr = {cfg['train']['lr']:g}, tuned for none of them: a comparison at one shared "
+            "rate can favour whichever model it happens to suit. `lr_grid=[...]` chooses each model's rate by "
+            f"validation perplexity on a tuning seed (`tuning_seed`, {cfg.get('tuning_seed', 7)}) before the seeds "
+            "run.", ""]
 
 
 def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
