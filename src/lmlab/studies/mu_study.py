@@ -639,7 +639,8 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
                    f"baseline {budget}" if hi < 0 else
-                   "not testable at this scale: the interval holds 0")
+                   f"not testable at this scale: the interval holds 0 (after {epochs:g} epoch(s) "
+                   f"{learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))})")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
 
