@@ -1353,8 +1353,8 @@ def boundary_sentence(config: str, cells: list[dict]) -> str:
     many buckets stay distinguishable, and a boundary that fell below position 0 (its bucket holds no position)."""
     moves = [[abs(a - c) for a, c in zip(b["initial"], b["learned"], strict=True)] for b in cells]
     largest, mean = max(max(m) for m in moves), max(sum(m) / len(m) for m in moves)
-    ref = random_move_reference(max(b["drift_random"] for b in cells), len(cells[0]["initial"]))
     count = len(cells[0]["initial"])
+    ref = random_move_reference(max(b["drift_random"] for b in cells), count)
     said = (f"`{config}`: boundaries moved up to {largest:.1f} tokens, {mean:.2f} on average (largest seed); gradients "
             f"of random sign would move the farthest of {count} boundaries up to {ref['max']:.1f} (95%) and one by "
             f"{ref['mean']:.2f} on average: ")
