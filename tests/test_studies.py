@@ -195,8 +195,11 @@ def test_each_component_is_judged_against_its_parent_and_its_controls(smoke_run:
     # the bias's positive control trains rsLoRA as `rslora` does, freezes it, then trains the bias alone on top: with
     # the bias removed it is exactly the `rslora` cell of its seed, and it trained both (LoRA, then the bias)
     rslora = {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == "rslora"}
+    rslora_lim = {r["seed"]: r["metrics"]["lim_ppl"] for r in rows if r["config"] == "rslora"}
     for r in (r for r in rows if r["config"] == "rslora-frozen+bias"):
         assert r["metrics"]["val_ppl_without_position"] == pytest.approx(rslora[r["seed"]], rel=1e-6)
+        # the same on the shared long windows: LIM-PPL without the bias is `rslora`'s
+        assert r["metrics"]["lim_ppl_without_position"] == pytest.approx(rslora_lim[r["seed"]], rel=1e-6)
         assert r["metrics"]["val_ppl"] != pytest.approx(rslora[r["seed"]], rel=1e-9)  # the bias did train
         components = r["details"]["components"]
         assert components["lora"] == configs["rslora"]["trainable_params"] and components["position_bias"] > 0
@@ -230,6 +233,7 @@ def test_the_report_has_positive_controls_an_ablation_and_ends_with_the_claims(s
         has_parts = r["config"] not in ("base", "lora", "rslora", "lora-lr-scaled", "rslora+dora", "rslora-matched",
                                          "lora+embed+norm")
         assert ("val_ppl_without_position" in r["metrics"]) == has_parts, r["config"]
+        assert ("lim_ppl_without_position" in r["metrics"]) == has_parts, r["config"]
     report = (smoke_run / "report.md").read_text()
     for heading in ("## Attribution", "## Positive controls", "## What the trained position components contribute",
                     "## Learning rate", "effective buckets", "step size alone"):
