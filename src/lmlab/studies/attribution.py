@@ -408,15 +408,15 @@ def faster_reading(effect: dict) -> str:
     return ": up to that learning rate, no gain (the 95% interval excludes one)"
 
 
-def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool) -> str:
-    """For a claimed gain the run reproduces: the controls of the study's own comparison of the same pair (judged
-    again on the claim's metric) that the candidate does not beat - a gain in the claimed direction that a control
-    explains is not the component's, and the verdict must not read as if it were. A control that the claim's own
-    `explanation` already measures is left to that sentence."""
+def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool,
+                     effect: dict) -> str:
+    """For a claimed gain the run reproduces (`effect`: the candidate's improvement over its parent): the controls of
+    the study's own comparison of the same pair (judged again on the claim's metric) that the candidate does not beat
+    - a gain in the claimed direction that a control explains is not the component's, and the verdict must not read
+    as if it were. A control that the claim's own `explanation` already measures is left to that sentence."""
     comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]),
                 None)
     named = (spec.get("explanation") or {}).get("candidate")
-    effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     explains, unresolved = [], []
     for control in (comp or {}).get("controls", []):
         vs = improvement(values, spec["candidate"], control["config"], metric, lower_is_better)
@@ -568,7 +568,7 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             out["verdict"] += ": the verdict holds for this learning rate and budget only"
     explanation = spec.get("explanation")
     if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
-        out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better)
+        out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better, effect)
     if explanation:
         leak = improvement(values, explanation["candidate"], explanation["parent"], metric, lower_is_better)
         if leak is None:

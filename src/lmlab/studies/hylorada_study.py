@@ -841,8 +841,9 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: di
     rank = cfg.get("adapter", {}).get("r", 8)
     scaled = sorted({r["details"]["lr"] for r in rows if r["config"] == "lora-lr-scaled" and "lr" in r["details"]})
     scaled_lr = f"{scaled[0]:.3g}" if len(scaled) == 1 else "-"
-    searched = lr_search.search_lines(run.root, "its own training sample, initialisation and validation documents, "
-                                      "none of them a study seed's") if cfg.get("lr_grid") else []
+    tuning = lr_search.read_search(run.root) if cfg.get("lr_grid") else None
+    searched = lr_search.search_lines(tuning, "its own training sample, initialisation and validation documents, "
+                                      "none of them a study seed's") if tuning else []
     if searched:
         if scaled:
             searched[0] += f" The control `lora-lr-scaled` trains at `rslora`'s times sqrt(r): {scaled_lr}."

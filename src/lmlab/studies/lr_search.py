@@ -2,9 +2,9 @@
 
 One run per configuration and grid value on a tuning seed - its own initialisation and training order, never a
 study seed - scored on the validation split; the lowest score wins. The search is saved to `lr_tuning.json` as it
-goes, so an interrupted one resumes where it stopped, and the report prints it (`search_lines`). A study decides on
-other data (HyLoRADA: its seeds' validation documents, drawn apart from the tuning seed's where the split allows;
-MU: the test split), so the choice is not made on what it is judged on.
+goes, so an interrupted one resumes where it stopped, and the report prints it (`read_search`, `search_lines`). A
+study decides on other data (HyLoRADA: its seeds' validation documents, drawn apart from the tuning seed's where
+the split allows; MU: the test split), so the choice is not made on what it is judged on.
 """
 
 from __future__ import annotations
@@ -54,13 +54,15 @@ def search(root: Path, grid: list[float], tuning_seed: int, configs: list[str],
     return {c: v["lr"] for c, v in record["configs"].items()}
 
 
-def search_lines(root: Path, what: str) -> list[str]:
-    """The report's account of a run's search: how each learning rate was chosen (`what`: on which validation
-    data) and every score, or [] where the run searched none."""
+def read_search(root: Path) -> dict | None:
+    """A run's saved search ({grid, seed, configs: {config: {lr, val_ppl}}}), None where it searched none."""
     path = root / SEARCH_FILE
-    if not path.exists():
-        return []
-    tuning = json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def search_lines(tuning: dict, what: str) -> list[str]:
+    """The report's account of a search (`read_search`): how each learning rate was chosen (`what`: on which
+    validation data) and every score."""
     grid = tuning["grid"]
     lines = [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by the "
              f"validation perplexity of one run on the tuning seed {tuning['seed']} ({what}), before the seeds ran.",
@@ -72,11 +74,6 @@ def search_lines(root: Path, what: str) -> list[str]:
     return lines
 
 
-def edge_choices(root: Path) -> list[str]:
+def edge_choices(grid: list[float], chosen: dict[str, float]) -> list[str]:
     """The configurations whose chosen learning rate is the grid's smallest or largest: the best may lie beyond it."""
-    path = root / SEARCH_FILE
-    if not path.exists():
-        return []
-    tuning = json.loads(path.read_text())
-    ends = (min(tuning["grid"]), max(tuning["grid"]))
-    return [name for name, entry in tuning["configs"].items() if entry["lr"] in ends]
+    return [name for name, lr in chosen.items() if lr in (min(grid), max(grid))]

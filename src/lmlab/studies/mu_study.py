@@ -662,7 +662,7 @@ def learning_rate_clause(cfg: dict, rows: list[dict], configs: tuple[str, ...]) 
                 "change the gap)")
     said = (f"at each model's own learning rate, chosen from {', '.join(f'{v:g}' for v in grid)} by validation "
             f"perplexity on the tuning seed ({', '.join(f'`{c}` {lr:g}' for c, lr in chosen.items())})")
-    edge = [c for c, lr in chosen.items() if lr in (min(grid), max(grid))]
+    edge = lr_search.edge_choices(grid, chosen)
     if edge:
         said += (f"; {' and '.join(f'`{c}`' for c in edge)} chose an end of the grid, so a better rate may lie "
                  "beyond it")
@@ -876,10 +876,12 @@ def _bands(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> li
 
 def _learning_rate_section(run: RunDir, rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     """How each model's learning rate was set: the search (`lr_grid`), or the one rate every model shares."""
-    searched = lr_search.search_lines(run.root, "its own initialisation and data order; the validation split, which "
-                                      "also selects each cell's checkpoint, while the decision is on the test split")
-    if cfg.get("lr_grid") and searched:
-        edge = lr_search.edge_choices(run.root)
+    tuning = lr_search.read_search(run.root) if cfg.get("lr_grid") else None
+    if tuning:
+        searched = lr_search.search_lines(tuning, "its own initialisation and data order; the validation split, "
+                                          "which also selects each cell's checkpoint, while the decision is on the "
+                                          "test split")
+        edge = lr_search.edge_choices(tuning["grid"], {c: e["lr"] for c, e in tuning["configs"].items()})
         if edge:
             searched[0] += (f" {', '.join(f'`{c}`' for c in edge)} chose an end of the grid: a better rate may lie "
                             "beyond it.")
