@@ -324,6 +324,23 @@ def test_an_interval_is_printed_with_the_digits_that_show_it(interval):
     assert cell.split(" [")[1].split("]")[0] == text.split("[")[1].split("]")[0]
 
 
+@pytest.mark.parametrize("mean,std", [(10.0009, 0.53), (9.878, 0.62), (1.094, 0.03), (0.18, 0.0043), (656.0, 2.4),
+                                      (21652.0, 471.0), (5.893012, 1.2e-5)])
+def test_a_mean_is_printed_to_the_decimals_its_spread_shows(mean, std):
+    from lmlab.studies.report import mean_pm_std
+
+    mean_text, std_text = mean_pm_std(mean, std).split(" ± ")
+    spread = float(std_text)
+    assert abs(spread - std) <= 0.05 * std  # two significant figures of the spread
+    if "e" not in std_text and std < 10:
+        assert len(std_text.replace(".", "").lstrip("0")) == 2  # 0.030, not 0.03
+    shown = float(mean_text.replace(",", ""))
+    # the printed mean is the mean to within half a unit of the last decimal the spread shows
+    decimals = max(0, 1 - math.floor(math.log10(std)))
+    assert abs(shown - mean) <= 0.5 * 10 ** -min(decimals, 6) + 1e-12
+    assert mean_pm_std(10.0009, 0.53) == "10.00 ± 0.53"  # a band threshold of 10 is not met by printing '10'
+
+
 def test_a_headline_whose_parent_was_not_selected_says_so():
     configs = ["lora", "rslora+bias+landmarks"]  # only=[lora, rslora+bias+landmarks]: the parent rslora did not run
     summary = build_summary(record(configs, HEADLINE, reference="lora"),

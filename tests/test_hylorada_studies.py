@@ -435,3 +435,29 @@ def test_the_boundary_reference_is_what_random_sign_walks_give_and_the_sentence_
     said = boundary_sentence("learnable_notes", [noisy, far])
     assert "the gradient kept a direction for some boundaries" in said and "7-32 of 32 buckets" in said
     assert "a boundary fell to -4.0, below position 0" in said
+
+
+def test_the_report_states_the_run_s_setting_and_where_a_claim_s_scale_differs(bucketing_run: Path):
+    import yaml
+
+    config = yaml.safe_load((bucketing_run / "study.yaml").read_text())["config"]
+    report = (bucketing_run / "report.md").read_text()
+    setting = report.split("## Setting\n\n")[1].split("\n\n")[0]
+    train = config["train"]
+    for said in (f"{config['num_train']:,} training windows of {config['max_length']} tokens",
+                 f"{config['adapter']['num_landmarks']} landmarks over {config['adapter']['num_buckets']} position",
+                 f"batch {train['batch_size']}, learning rate {train['lr']:g}",
+                 f"{len(config['seeds'])} ({', '.join(map(str, config['seeds']))})"):
+        assert said in setting, said
+    summary = json.loads((bucketing_run / "summary.json").read_text())
+    assert summary["setting"] == [line[2:] for line in setting.splitlines()]
+    # H8 is a claim about a scale (1 epoch, 200 samples, 4 landmarks): its row says how this run's differs
+    h8 = next(c for c in summary["claims"] if c["id"] == "H8")
+    assert f"base model {config['model']} (the notes: gpt2)" in h8["setting_differs"]
+    if config["num_train"] != 200:
+        assert f"{config['num_train']:,} training samples (the notes: 200)" in h8["setting_differs"]
+    if config["adapter"]["num_landmarks"] != 4:
+        assert f"{config['adapter']['num_landmarks']} landmarks (the notes: 4)" in h8["setting_differs"]
+    assert not any(d.startswith("data ") for d in h8["setting_differs"])  # the note names no data for H8
+    row = next(line for line in report.splitlines() if line.startswith("| H8:"))
+    assert "this run differs: " + ", ".join(h8["setting_differs"]) in row

@@ -576,3 +576,18 @@ def test_a_prompt_longer_than_the_sources_positions_is_a_one_line_error(source_d
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "n_positions" in err and "lower n_shot" in err
+
+
+def test_the_report_states_both_models_the_items_and_the_translators(smoke_run: Path):
+    import yaml
+
+    config = yaml.safe_load((smoke_run / "study.yaml").read_text())["config"]
+    setting = (smoke_run / "report.md").read_text().split("## Setting\n\n")[1].split("\n\n")[0]
+    for said in (f"{config['num_eval']} test items every system answers",
+                 f"hidden states at layer {config['source_layer']}",
+                 f"{config['target']['model']['num_layers']} layers, width {config['target']['model']['hidden_size']}",
+                 f"learning rate {config['train']['lr']:g}"):
+        assert said in setting, said
+    translators = next(line for line in setting.splitlines() if line.startswith("- Translators ("))
+    for k in config["compression_k"]:  # every K's translator is described
+        assert f"K = {k}" in translators or f", {k}" in translators.split(":")[0], k

@@ -520,3 +520,18 @@ def test_the_validation_gap_over_the_second_half_is_paired_by_seed_and_read_by_i
     assert ("whether it closes, this run cannot say" in clause) == (reading == "it narrowed")
     assert curve_gap(SimpleNamespace(root=tmp_path), [r for r in rows if r["config"] == "dense"], "mu-sota",
                      "dense") is None  # nothing to pair
+
+
+def test_the_report_states_the_models_data_and_training_it_measured(smoke_run: Path):
+    import yaml
+
+    from lmlab.mu.config import PRESETS
+
+    config = yaml.safe_load((smoke_run / "study.yaml").read_text())["config"]
+    setting = (smoke_run / "report.md").read_text().split("## Setting\n\n")[1].split("\n\n")[0]
+    sota = {**PRESETS["mu-sota"], **{k: v for k, v in config["mu_sota"].items() if v is not None}}
+    for said in (f"packed windows of {config['max_seq_len']} tokens",
+                 f"mu-sota ({sota['n_layers']} layers, a state of {sota['grid']} x {sota['grid']}",
+                 f"matched to mu-sota's within {config['match']['tolerance']:.0%}",
+                 f"learning rate {config['train']['lr']:g}", f"Seeds: {len(config['seeds'])}"):
+        assert said in setting, said

@@ -57,7 +57,7 @@ from lmlab.hylorada import (
     save_adapter,
 )
 from lmlab.hylorada.layers import HyLoRADALinear
-from lmlab.hylorada.model import component_of, hylorada_state
+from lmlab.hylorada.model import DEFAULT_TARGETS, component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.studies import lr_search
 from lmlab.studies.attribution import effect_text, faster_reading, per_seed_values, reach_clause
@@ -75,6 +75,7 @@ from lmlab.studies.report import (
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
+from lmlab.studies.setting import describe_data, describe_model, plural
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,20 @@ BIAS_REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct"
               "what": "the position bias rescales the adapters' update"}
 
 
+def notes_scale(samples: int, epochs: float, landmarks: int, dataset: str | None = "wikitext-2-raw-v1") -> list[list]:
+    """A claim's scale in the notes, as `report.with_scale` compares it with a run's configuration (the data only
+    where the note names it)."""
+    return [["model", "gpt2", "base model"], *([["dataset", dataset, "data"]] if dataset else []),
+            ["num_train", samples, "training samples"], ["train.epochs", epochs, "epochs"],
+            ["adapter.num_landmarks", landmarks, "landmarks"]]
+
+
 def h1_claims(candidate: str) -> list[dict]:
     """Claim H1 (position-adaptive landmarks over no landmarks, PPL and LIM-PPL) for the study's landmark config."""
     setting = "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks"
     return [{"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
-             "setting": setting, "candidate": candidate, "parent": "rslora", "claimed_pct": 9.19},
+             "setting": setting, "candidate": candidate, "parent": "rslora", "claimed_pct": 9.19,
+             "scale": notes_scale(500, 1, 8)},
             {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
              "candidate": candidate, "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32}]
 
@@ -258,12 +268,12 @@ THROUGH_BUCKETED = {**THROUGH_POSITION, "what": "the landmarks the buckets route
 BUCKETING_CLAIMS = [
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)",
      "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "learnable",
-     "parent": "fixed", "claimed_pct": -2.26, "through": THROUGH_BUCKETED},
+     "parent": "fixed", "claimed_pct": -2.26, "through": THROUGH_BUCKETED, "scale": notes_scale(500, 1, 8)},
     {"id": "H7", "claim": "learnable bucketing expected +1-3% over fixed", "setting": "`000`/`001` expectations",
      "candidate": "learnable", "parent": "fixed", "claimed_pct": 2.0, "through": THROUGH_BUCKETED,
      "claimed_text": "the expected 1-3% improvement (its middle, -2.00% val_ppl)"},
     {"id": "H8", "claim": "at 1 epoch / 200 samples all designs are within 0.1% (within noise)",
-     "setting": "GPT-2, 4 landmarks", "kind": "null", "within_pct": 0.1,
+     "setting": "GPT-2, 4 landmarks", "kind": "null", "within_pct": 0.1, "scale": notes_scale(200, 1, 4, dataset=None),
      "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
 ]
 
@@ -402,6 +412,35 @@ class HyloradaStudy(Study):
 
     def claims(self, cfg) -> list[dict]:
         return self._claims
+
+    def setting(self, cfg) -> list[str]:
+        a = cfg.adapter
+        context = cfg.base.model.context if cfg.model == "builtin" else None
+        data = describe_data(cfg.dataset, f"built-in long documents, {plural(cfg.num_facts, 'planted fact')} of "
+                                          f"{plural(cfg.value_digits, 'digit')} each")
+        targets = a.target_modules or (", ".join(DEFAULT_TARGETS["llama" if cfg.base.model.arch == "llama" else
+                                                                 "gpt2"]) if cfg.model == "builtin" else
+                                       "the architecture's default attention projections")
+        lines = [f"Base model: {describe_model(cfg.model, cfg.base)}; its weights stay frozen "
+                 f"({cfg.dtype}).",
+                 f"Data: {data}; {cfg.num_train:,} training windows of {cfg.max_length} tokens (documents packed), "
+                 f"{cfg.num_val} validation documents, {cfg.positional_windows} fixed windows for perplexity by "
+                 f"position and LIM-PPL, {cfg.retrieval_docs} documents for retrieval by depth.",
+                 f"Context: {cfg.max_length} tokens"
+                 + (f", {cfg.max_length / context:g}x the base's {context}-token pretraining context"
+                    if context else "")
+                 + f" (RoPE scaling: {cfg.rope_scaling}).",
+                 f"Training: {cfg.train.describe()}.",
+                 f"Adapters: rank {a.r}, alpha {a.alpha:g} (scaling alpha/r for LoRA, alpha/sqrt(r) for rsLoRA), on "
+                 f"{targets}; {a.num_landmarks} landmarks over "
+                 f"{a.num_buckets} position buckets ({a.bucket_spacing} spacing).",
+                 f"Seeds: {len(cfg.seeds)} ({', '.join(map(str, cfg.seeds))}), the same data and initialisation "
+                 "for every configuration of a seed (paired)."]
+        if cfg.lr_grid:
+            grid = ", ".join(f"{v:g}" for v in cfg.lr_grid)
+            lines.insert(4, f"Learning rate: each configuration's chosen from {grid} on tuning seed "
+                            f"{cfg.tuning_seed} (see Learning rate).")
+        return lines
 
     def roles(self, cfg) -> dict[str, dict]:
         return {name: {"role": arm.role, "note": arm.note, "invalid": arm.invalid} for name, arm in self.arms.items()}

@@ -70,6 +70,7 @@ from lmlab.studies.report import (
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
+from lmlab.studies.setting import describe_data, describe_model
 
 BRIDGE_SYSTEMS = ("bridged", "zero_prefix", "shuffled_source")  # the systems that go through the translator
 TEXT_SYSTEMS = SHARED_SYSTEMS  # translator-free: generated once per direction (and K), shared by the cells
@@ -382,6 +383,29 @@ class LatentWireStudy(Study):
 
     def comparisons(self, cfg) -> list[dict]:
         return latentwire_comparisons(cfg)
+
+    def setting(self, cfg) -> list[str]:
+        data = describe_data(cfg.dataset, "built-in arithmetic word problems")
+        arms = study_arms(cfg)
+        by_shape: dict[tuple, list[int]] = {}
+        for k in sorted({a.num_queries for a in arms.values()}):
+            t = translator_shape(cfg, k)
+            by_shape.setdefault((t.bottleneck, t.depth, t.heads), []).append(k)
+        sizes = "; ".join(f"K = {', '.join(map(str, ks))}: width {b}, {d} blocks, {h} heads"
+                          for (b, d, h), ks in by_shape.items())
+        return [f"Source model (frozen): {describe_model(cfg.source_model, cfg.source)}; the translator reads its "
+                f"hidden states at layer {cfg.source_layer}.",
+                f"Target model (frozen): {describe_model(cfg.target_model, cfg.target)}.",
+                f"Data: {data}; at most {cfg.num_train:,} training items, {cfg.num_val} held-out items evaluated "
+                f"during training, {cfg.num_eval} test items every system answers ({cfg.n_shot}-shot text prompts).",
+                f"Translators ({sizes}), trained on the target's answer loss; {cfg.mode.replace('_', ' ')} unless "
+                "the arm's name says otherwise.",
+                f"Training: {cfg.train.describe()}. Without the stability fixes (`baseline_*` arms): no InfoNCE, no "
+                "early stopping, the last weights kept; with them: InfoNCE"
+                + (f" at weight {cfg.info_nce_weight:g}" if cfg.info_nce_weight else " (weight 0 here)")
+                + " and the weights of the best held-out accuracy restored.",
+                f"Seeds: {len(cfg.seeds)} ({', '.join(map(str, cfg.seeds))}); every system answers the same test items "
+                "(paired over items and seeds)."]
 
     def table_metrics(self, cfg) -> list[str]:
         return ["bridged/acc_flexible", "bridged/acc_strict", "zero_prefix/acc_flexible",

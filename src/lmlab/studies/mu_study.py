@@ -63,6 +63,7 @@ from lmlab.studies.report import (
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
+from lmlab.studies.setting import describe_data
 
 CONFIGURATIONS = ("mu-sota", "mu-simple", "dense")
 REFERENCE, CANDIDATE = "dense", "mu-sota"
@@ -431,6 +432,30 @@ class MUStudy(Study):
         return [{"component": "the MU architecture (mu-sota) vs the matched dense baseline", "candidate": CANDIDATE,
                  "parent": REFERENCE, "headline": True},
                 {"component": "mu-simple's simplification of mu-sota", "candidate": "mu-simple", "parent": CANDIDATE}]
+
+    def setting(self, cfg) -> list[str]:
+        data = describe_data(cfg.dataset, f"the built-in corpus ({cfg.num_train_docs} training, {cfg.num_val_docs} "
+                                          f"validation and {cfg.num_test_docs} test documents of "
+                                          f"{cfg.sentences_per_doc} sentences)")
+        tokenizer = (f"a BPE tokenizer of {cfg.vocab_size} tokens trained on the training split" if cfg.tokenizer ==
+                     "bpe" else f"the tokenizer of `{cfg.tokenizer}`")
+        shapes = []
+        for name in ("mu-sota", "mu-simple"):
+            m = mu_config(cfg, name, cfg.vocab_size)
+            shapes.append(f"{name} ({m.n_layers} layers, a state of {m.grid} x {m.grid} in blocks of "
+                          f"{m.block_shape[0]} x {m.block_shape[1]})")
+        lines = [f"Data: {data}, {tokenizer}, packed windows of {cfg.max_seq_len} tokens.",
+                 f"Models, trained from scratch: {shapes[0]}, {shapes[1]} and a dense transformer whose "
+                 f"{cfg.match.count.replace('_', '-')} parameter count is matched to mu-sota's within "
+                 f"{cfg.match.tolerance:.0%} (sizes under Models side by side).",
+                 f"Training: {cfg.train.describe()}; the checkpoint of best validation perplexity is kept, and test "
+                 "perplexity is measured on it, loaded back.",
+                 f"Seeds: {len(cfg.seeds)} ({', '.join(map(str, cfg.seeds))}), the same data order for every model of "
+                 "a seed (paired)."]
+        if cfg.lr_grid:
+            lines.insert(3, f"Learning rate: each model's chosen from {', '.join(f'{v:g}' for v in cfg.lr_grid)} on "
+                            f"tuning seed {cfg.tuning_seed} (see Learning rate).")
+        return lines
 
     def table_metrics(self, cfg) -> list[str]:
         return ["test_ppl", "val_ppl", "test_accuracy", "val_bpb", "tokens_per_s", "train_time_s"]

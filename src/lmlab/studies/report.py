@@ -20,6 +20,7 @@ from typing import NamedTuple
 from lmlab import stats
 from lmlab.studies import attribution, registry
 from lmlab.studies.rundir import RunDir, atomic_write_text, json_safe
+from lmlab.studies.setting import section as setting_section
 
 LOWER_IS_BETTER_HINTS = ("ppl", "bpb", "loss", "time", "mem", "latency", "invalid", "kv_bytes", "prompt_tokens")
 
@@ -71,6 +72,31 @@ def comparison_specs(record: dict) -> list[dict]:
         declared = [{"component": name, "candidate": name, "parent": record["reference"],
                      "headline": name == record["candidate"]} for name in configs if name != record["reference"]]
     return [c for c in declared if c["candidate"] in configs and c["parent"] in configs]
+
+
+def config_value(config: dict, path: str):
+    """A dotted path's value in a recorded configuration (None where it has none)."""
+    value = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def with_scale(row: dict, spec: dict, config: dict) -> dict:
+    """A claim row whose setting column also says where this run's scale differs from the notes': a claim spec's
+    `scale` lists [config path, the notes' value, what it counts] (e.g. ["num_train", 200, "training samples"])."""
+    differs = []
+    for path, notes, what in spec.get("scale", []):
+        ours = config_value(config, path)
+        if ours is not None and ours != notes:
+            differs.append(f"{what} {ours} (the notes: {notes})" if isinstance(notes, str) else
+                           f"{fmt(ours)} {what} (the notes: {fmt(notes)})")
+    if differs:
+        row = {**row, "setting": f"{row['setting']}; this run differs: {', '.join(differs)}",
+               "setting_differs": differs}
+    return row
 
 
 def build_summary(record: dict, rows: list[dict]) -> dict:
@@ -135,7 +161,8 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
     if headline is None and declared is not None:  # the headline's configurations were not all selected (only=)
         candidate, headline_parent = declared["candidate"], declared["parent"]
     missing = [c for c in (candidate, headline_parent) if c not in configs]
-    claims = [attribution.judge_claim(spec, values, comparisons, primary_lower) for spec in record.get("claims", [])]
+    claims = [with_scale(attribution.judge_claim(spec, values, comparisons, primary_lower), spec,
+                         record.get("config", {})) for spec in record.get("claims", [])]
     failed = [{"config": r["config"], "seed": r["seed"], "error": r.get("error")}
               for r in rows if r["status"] != "ok"]
     summary = {
@@ -177,7 +204,25 @@ def _mean_std(desc: dict | None) -> str:
         return fmt(desc["mean"])
     if desc["std"] == 0:  # a measurement every seed shares (a text-only baseline, a count): no spread to show
         return f"{fmt(desc['mean'])} (same on every seed)"
-    return f"{fmt(desc['mean'])} ± {fmt(desc['std'], 2)}"
+    return mean_pm_std(desc["mean"], desc["std"])
+
+
+def mean_pm_std(mean: float, std: float) -> str:
+    """'mean ± std' with the std to two significant figures (trailing zeros kept: 0.020, not 0.02) and the mean to at
+    least as many decimals as the std shows, so that 10.0009 ± 0.53 prints as 10.00 ± 0.53, not 10 ± 0.53."""
+    if not (math.isfinite(mean) and math.isfinite(std)) or std < 0:
+        return f"{fmt(mean)} ± {fmt(std, 2)}"
+    if std >= 10 or std < 1e-3:
+        std_text = fmt(std, 2)
+        decimals = 0 if std >= 10 else min(6, 1 - math.floor(math.log10(std)))
+    else:
+        std_text = f"{std:#.2g}".rstrip(".")
+        decimals = len(std_text.split(".")[1]) if "." in std_text else 0
+    mean_text = fmt(mean)
+    shown = len(mean_text.split(".")[1]) if "." in mean_text else 0
+    if "e" not in mean_text and shown < decimals:
+        mean_text = f"{mean:,.{decimals}f}"
+    return f"{mean_text} ± {std_text}"
 
 
 def change_cell(change: dict | None) -> str:
@@ -641,9 +686,16 @@ def with_declarations(study, record: dict) -> dict:
     cfg = build(study.config_cls, record["config"], where="study.yaml")
     # what the study decides on today (e.g. MU: test perplexity, where older runs recorded the optimistic val_ppl)
     current = {"primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
-               "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg)}
+               "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
+               "setting": study.setting(cfg)}
     # the record's own declarations win; what it predates (e.g. comparisons a study declares since) is filled in
-    return {**registry.declarations(study, cfg, record["configurations"]), **record, **current}
+    declared = registry.declarations(study, cfg, record["configurations"])
+    merged = {**declared, **record, **current}
+    if "claims" in record:  # a recorded claim the study now gives a scale (a description, not a rule) gets it
+        scales = {(c["id"], c["claim"]): c["scale"] for c in declared["claims"] if "scale" in c}
+        merged["claims"] = [c if "scale" in c or (c["id"], c["claim"]) not in scales else
+                            {**c, "scale": scales[(c["id"], c["claim"])]} for c in record["claims"]]
+    return merged
 
 
 def write_reports(run: RunDir) -> dict:
@@ -657,6 +709,8 @@ def write_reports(run: RunDir) -> dict:
     summary.update(extra)
     if claims:
         summary["claims"] = claims
+    if record.get("setting"):
+        summary["setting"] = record["setting"]
     run.write_json("summary.json", summary)
     write_csv(run, rows)
     metrics = [m for m in record.get("table_metrics", [record["primary_metric"]])
@@ -680,6 +734,7 @@ def write_reports(run: RunDir) -> dict:
         "",
         summary["decision"]["text"],
         "",
+        *setting_section(record.get("setting", [])),
     ]
     if summary["comparisons"]:
         lines += ["## Attribution: each component against the configuration it is added to, and its controls", "",
@@ -733,7 +788,9 @@ def write_reports(run: RunDir) -> dict:
                   "falls short of the claimed size: the direction holds, the size does not), not supported (it "
                   "excludes 0 on the other side, or holds 0 but excludes the claimed size), or not testable at this "
                   "scale (it holds both 0 and the claimed size, or the setting cannot show an effect of that size: "
-                  "the row says why).", "", *claims_table(summary), ""]
+                  "the row says why). The setting column gives the notes' setting, and where this run's scale "
+                  "differs from it, how (this run's whole setting is under Setting); a verdict speaks of this run's "
+                  "setting.", "", *claims_table(summary), ""]
     atomic_write_text(run.root / "report.md", "\n".join(lines))
     return summary
 

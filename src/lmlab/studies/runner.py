@@ -119,6 +119,11 @@ class Study:
         """Metrics whose paired change vs the reference the report tabulates."""
         return [self.primary_metric]
 
+    def setting(self, cfg) -> list[str]:
+        """The run's setting in words (models, data, context, training), one line each, for the report's
+        `## Setting` section (`lmlab.studies.setting`)."""
+        return []
+
     def comparisons(self, cfg) -> list[dict] | None:
         """Attribution (`lmlab.studies.attribution`): [{component, candidate, parent, controls, headline}], each a
         component judged against the configuration it is added to and its controls. None: every configuration
