@@ -432,8 +432,25 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
     lower = load_config(MUStudyConfig, preset_path("mu", "default"), ["train.lr=0.0007"])
     m3 = {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
     assert "(train.lr = 0.0007; `lr_grid=[...]`" in m3  # read from the config
-    # where every cell was best at its last step, the models were still improving: the verdict says so
-    assert ("still improving at its last evaluation (6 of 6)" in m3) == last
+    # best at the last step says little under a schedule that decays to 0; where val_ppl also still fell over the last
+    # quarter of training, the models were still improving: the verdict says so, with the measured fall
+    from lmlab import stats
+
+    def late(factor: float) -> dict:
+        start = {1: 10.0, 2: 10.4, 3: 10.2}
+        return {"from": 75, "to": 100, "changes": {c: stats.paired_relative_change(
+            {k: v * factor * (1 + 0.001 * k) for k, v in start.items()}, start) for c in CONFIGS}}
+
+    for factor, improving in ((0.98, True), (1.0, False)):
+        m3 = {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows, late=late(factor))}["M3"][
+            "verdict"]
+        assert "over the last quarter of training (evaluations at steps 75 and 100, as the cosine schedule takes the " \
+               "learning rate to 0) val_ppl changed by `mu-sota` " in m3
+        assert ("at its best at its last evaluation (6 of 6)" in m3) == (last and improving)
+        assert ("not about converged models" in m3) == (last and improving)
+        assert ("still falling in every one" in m3) == improving
+    assert "last quarter" not in {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows)}["M3"][
+        "verdict"]  # without the curves, nothing is said about them
     # with a search, each model's chosen rate (read from its cells) is named, and a choice at the grid's end flagged
     searched = load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0.003,0.01]"])
     for r in rows:
@@ -535,3 +552,20 @@ def test_the_report_states_the_models_data_and_training_it_measured(smoke_run: P
                  f"matched to mu-sota's within {config['match']['tolerance']:.0%}",
                  f"learning rate {config['train']['lr']:g}", f"Seeds: {len(config['seeds'])}"):
         assert said in setting, said
+
+
+def test_the_late_change_of_validation_perplexity_is_read_from_the_cells_curves(smoke_run: Path):
+    """summary.json's late_change: val_ppl at the last evaluation vs the first at or after 75% of its step, paired by
+    seed - recomputed here from the cells' metrics.jsonl as a geometric mean of the per-seed ratios."""
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    late = summary["late_change"]
+    assert late is not None and late["from"] < late["to"]
+    for config, change in late["changes"].items():
+        ratios = []
+        for cell in sorted((smoke_run / "cells" / config).glob("seed-*")):
+            evals = {r["step"]: r["val_ppl"] for r in read_jsonl(cell / "metrics.jsonl") if r.get("kind") == "eval"}
+            ratios.append(evals[late["to"]] / evals[late["from"]])
+        expected = 100 * (math.exp(sum(math.log(r) for r in ratios) / len(ratios)) - 1)
+        assert abs(change["delta_pct"] - expected) < 1e-9, config
+    side = (smoke_run / "report.md").read_text().split("## Models side by side")[1].split("\n\n")[1]
+    assert f"Over the last quarter of training (evaluations at steps {late['from']} and {late['to']}" in side

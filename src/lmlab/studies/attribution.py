@@ -48,6 +48,8 @@ LEGEND = [
     "- `control-unresolved`: the candidate beats its parent, but the interval vs a control holds both 0 and the whole "
     "gain over the parent: the comparison cannot tell whether the control would gain as much, so the component is not "
     "credited (nor is the control said to explain the gain).",
+    "- `moves-the-metric`: a positive control (a part trained alone) beats its parent: the metric can move in this "
+    "setting; it shows what the setting can detect, and is not credited as a component's gain.",
     "- `uncontrolled`: the candidate beats its parent but a control it needs was not run (for a configuration that is "
     "not parameter-matched: a control with as many trainable parameters); not credited.",
     "- Changes are relative changes of the metric itself (candidate / other - 1, in %), paired by seed: for a "
@@ -143,7 +145,13 @@ def decimals(effect: dict) -> int:
     scales = [v for v in scales if v > 0 and math.isfinite(v)]
     if not scales:
         return 2
-    return int(min(6, max(2, 1 - math.floor(math.log10(min(scales))))))
+    digits = int(min(6, max(2, 1 - math.floor(math.log10(min(scales))))))
+    # an interval that holds 0 with an end that would print as +0.0000 shows that end's first digit (up to 6), so it
+    # does not read as touching 0
+    ends = [abs(v) for v in (ci or []) if v != 0 and math.isfinite(v)]
+    while ends and digits < 6 and min(ends) < 0.5 * 10 ** -digits:
+        digits += 1
+    return digits
 
 
 def direction(effect: dict) -> str:
@@ -206,6 +214,8 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         scenario = "worse"
     elif not significant_gain(effect):
         scenario = "not-significant"
+    elif spec.get("positive_control"):  # it shows what the metric can do here; nothing to credit
+        scenario = "moves-the-metric"
     elif any(c["explains"] for c in unbeaten):
         scenario = "explained-by-control"
     elif unbeaten:
@@ -273,6 +283,10 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         return (f"{said}, but not separated from its control " + "; ".join(parts) + " - that interval holds both 0 "
                 f"and the whole gain over `{c['parent']}`, so the data cannot tell whether the control would gain as "
                 "much: the component is not credited, and the control is not shown to explain the gain either.")
+    if scenario == "moves-the-metric":
+        return (f"{said}: a positive control - the metric can move in this setting when this part trains; it is "
+                "not credited as a component's gain (it has no control of its own, so how much of the move needs "
+                "what the component adds, rather than any trainable vector, is not established).")
     if scenario == "uncontrolled":
         missing = ", ".join(f"`{k['config']}`" for k in c["controls"] if not k["ran"])
         if missing:
@@ -408,36 +422,72 @@ def faster_reading(effect: dict) -> str:
     return ": up to that learning rate, no gain (the 95% interval excludes one)"
 
 
-def _controls_clause(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool,
-                     effect: dict) -> str:
+def seed_spread(values: dict, configs: list[str], metric: str) -> float | None:
+    """How much `metric` varies from seed to seed, in % of its mean: the smallest over `configs` of the standard
+    deviation over seeds over the mean (None where no configuration has two seeds)."""
+    spreads = []
+    for config in dict.fromkeys(configs):
+        vals = [v for v in values.get(config, {}).get(metric, {}).values() if v is not None and math.isfinite(v)]
+        if len(vals) >= 2 and sum(vals) != 0:
+            mean = sum(vals) / len(vals)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+            spreads.append(abs(sd / mean) * 100)
+    return min(spreads) if spreads else None
+
+
+def _unbeaten_controls(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool,
+                       effect: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """For a claimed gain the run reproduces (`effect`: the candidate's improvement over its parent): the controls of
-    the study's own comparison of the same pair (judged again on the claim's metric) that the candidate does not beat
-    - a gain in the claimed direction that a control explains is not the component's, and the verdict must not read
-    as if it were. A control that the claim's own `explanation` already measures is left to that sentence."""
+    the study's own comparison of the same pair (judged again on the claim's metric), and the claim's `explanation`
+    where it is an alternative with the same parent (e.g. LoRA at a larger learning rate), that the candidate does
+    not beat - as (those that explain the gain, those that cannot be told from it: `control_explains`), each as
+    (its name and what it is, the candidate's change vs it)."""
     comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]),
                 None)
-    named = (spec.get("explanation") or {}).get("candidate")
+    others = [(control["config"], "") for control in (comp or {}).get("controls", [])]
+    explanation = spec.get("explanation")
+    if explanation and explanation["parent"] == spec["parent"]:
+        others = [(c, w) for c, w in others if c != explanation["candidate"]]
+        others.append((explanation["candidate"], f", {explanation['what']}"))
     explains, unresolved = [], []
-    for control in (comp or {}).get("controls", []):
-        vs = improvement(values, spec["candidate"], control["config"], metric, lower_is_better)
-        if control["config"] != named and vs is not None and not significant_gain(vs):
+    for config, what in others:
+        vs = improvement(values, spec["candidate"], config, metric, lower_is_better)
+        if vs is not None and not significant_gain(vs):
             (explains if control_explains(vs, effect["improvement_pct"]) else unresolved).append(
-                f"`{control['config']}` {effect_text(vs)}")
+                (f"`{config}`{what}", f"`{config}`: {effect_text(vs)}"))
+    return explains, unresolved
+
+
+def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str]],
+                         unresolved: list[tuple[str, str]]) -> str:
+    """A reproduced claimed gain that a control or an alternative accounts for is not the component's: the verdict
+    leads with that, and keeps what the interval alone reads."""
+    candidate = f"`{spec['candidate']}`"
     if explains:
-        return (f"; but `{spec['candidate']}` does not beat its control{'s' if len(explains) > 1 else ''} "
-                f"({'; '.join(explains)}), so the study does not credit the gain to the component")
-    if unresolved:
-        return (f"; but `{spec['candidate']}` is not separated from its control{'s' if len(unresolved) > 1 else ''} "
-                f"({'; '.join(unresolved)}: the interval holds both 0 and the whole gain), so the study cannot credit "
-                "the gain to the component")
-    return ""
+        names = " and ".join(name for name, _ in explains)
+        return (f"not supported as the component's effect: {names} gain{'' if len(explains) > 1 else 's'} as much "
+                f"without it ({candidate} does not beat {'them' if len(explains) > 1 else 'it'}: "
+                f"{'; '.join(vs for _, vs in explains)}), so the study does not credit the gain to the component; the "
+                f"interval alone reads: {verdict}")
+    many = "s" if len(unresolved) > 1 else ""
+    return (f"not testable at this scale: {candidate} is not separated from its control{many} "
+            f"({'; '.join(vs for _, vs in unresolved)}: the interval holds both 0 and the whole gain), so the study "
+            f"cannot credit the gain to the component; the interval alone reads: {verdict}")
 
 
-def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict) -> str:
+def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict, bound: float | None = None) -> str:
     """What a claim's known explanation (`leak`: its improvement, e.g. pooling over future tokens, or a larger learning
     rate) accounts for: nothing where it gains nothing significant; else whether its gain reaches the claimed size
     and, for an alternative to the candidate (the same parent), the candidate's measured gain - each judged by the
-    upper end of its 95% interval."""
+    upper end of its 95% interval. Where the setting cannot show the claimed size at all - the parts the component
+    acts through carry less (`bound`, from the claim's `through` ablation), or the candidate itself stays below it -
+    whether the explanation accounts for the claimed size is not testable here, and the reading says so."""
+    claimed = spec.get("claimed_pct")
+    size = abs(claimed) if claimed is not None else None
+    if bound is not None and size is not None and bound < size:
+        blind = (f"as the parts it acts through carry at most {bound:.2g}% here, this setting cannot show whether it "
+                 f"explains a gain of the claimed {size:.2f}%")
+        return ("gives no significant gain here; " if not significant_gain(leak) else "gains significantly; ") + blind
     if not significant_gain(leak):
         return "gives no significant gain here, so it does not explain the claim at this scale"
     reach = leak["ci95"][1]
@@ -446,11 +496,17 @@ def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict)
         enough = reach >= effect["improvement_pct"]
         said.append(f"gains {'as much as' if enough else 'less than'} `{spec['candidate']}` does here, so it accounts "
                     f"for {'the' if enough else 'part of the'} measured gain")
-    claimed = spec.get("claimed_pct")
-    if claimed is not None:
-        said.append("can account for a gain of the claimed size" if reach >= abs(claimed) else
-                    f"gains at most {reach:.2g}%, less than the claimed {abs(claimed):.2f}%, so it cannot account "
-                    "for the claimed size at this scale")
+    if size is not None:
+        top = effect["ci95"][1] if effect is not None and effect.get("ci95") else None
+        if reach >= size:
+            said.append("can account for a gain of the claimed size")
+        elif top is not None and top < size:
+            said.append(f"gains at most {reach:.2g}% and `{spec['candidate']}` itself at most {top:.2g}%, both less "
+                        f"than the claimed {size:.2f}%: nothing here reaches the claimed size, so whether it accounts "
+                        "for it is not testable at this scale")
+        else:
+            said.append(f"gains at most {reach:.2g}%, less than the claimed {size:.2f}%, so it cannot account for the "
+                        "claimed size at this scale")
     return "; it ".join(said) or "gains significantly"
 
 
@@ -509,18 +565,30 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         named = ", ".join(f"`{a}` vs `{b}`" for a, b in differ)
         within = spec.get("within_pct")  # the claim also bounds the differences' size ("within 0.1%")
         reach = max((max(abs(v) for v in (e["ci95"] or [e["improvement_pct"]])) for _, _, e in ran), default=0.0)
+        # "within noise" as the notes meant it: smaller than the metric varies from one run (seed) to another;
+        # pairing by seed can resolve differences far below that, which then differ consistently, not beyond noise
+        spread = seed_spread(values, [c for a, b, _ in ran for c in (a, b)], metric)
+        in_noise = differ and spread is not None and reach < spread
+        noise = (f"within the noise between seeds ({metric} varies by {spread:.2g}% from seed to seed, sd); paired "
+                 f"by seed, {named} differ consistently, by far less than that") if in_noise else ""
         if within is None:
             verdict = ("supported: no pair differs significantly" if not differ else
-                       f"not supported: {named} differ significantly")
+                       f"supported: every difference is {noise}" if in_noise
+                       else f"not supported: {named} differ significantly")
         elif reach > within:
             verdict = (f"not supported: a difference may exceed {within:g}% (the 95% intervals reach {reach:.2g}%)"
                        + (f"; {named} differ significantly" if differ else ""))
         elif not differ:
             verdict = (f"supported: no pair differs significantly, and every difference is within {within:g}% (the "
                        f"95% intervals reach {reach:.2g}%)")
+        elif in_noise:
+            verdict = (f"supported: every difference is within {within:g}% (the 95% intervals reach {reach:.2g}%) and "
+                       f"{noise}")
         else:
             verdict = (f"partly supported: every difference is within {within:g}% as claimed (the 95% intervals "
-                       f"reach {reach:.2g}%), but not within noise: {named} differ significantly")
+                       f"reach {reach:.2g}%), but not within noise: {named} differ significantly, by more than "
+                       + (f"{metric} varies from seed to seed ({spread:.2g}%, sd)" if spread is not None else
+                          "nothing (one seed: no spread between seeds to compare with)"))
         return {**row, "measured": measured, "verdict": verdict}
     effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     if effect is None:
@@ -531,7 +599,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         return {**row, "measured": "not run", "verdict": "not testable here: the configurations were not run"}
     claimed = spec.get("claimed_pct")  # improvement orientation: positive = better; None: direction only
     claimed_text = "" if claimed is None else spec.get("claimed_text") or \
-        f"the claimed {-claimed if lower_is_better else claimed:+.2f}% {metric}"  # as the change reads
+        (f"the claimed {abs(claimed):.2f}% {'improvement' if claimed > 0 else 'degradation'} "
+         f"({-claimed if lower_is_better else claimed:+.2f}% {metric}, as the change reads)")
     measured = f"`{spec['candidate']}` vs `{spec['parent']}` on {metric}: {effect_text(effect)}"
     if effect.get("constant"):
         verdict = "not testable here: one shared measurement, no interval"
@@ -539,6 +608,7 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         verdict = interval_verdict(effect["ci95"], claimed, claimed_text)
     out = {**row, "measured": measured, "verdict": verdict}
     through = spec.get("through")  # the component acts only through parts an ablation removed: how much they carry
+    bound = None
     if through and claimed is not None and through["without"].startswith(f"{metric}_"):
         carriers = [c for c in (spec["candidate"], spec["parent"]) if values.get(c, {}).get(through["without"])]
         bound = ablation_bound(values, carriers, metric, through["without"]) if carriers else None
@@ -567,13 +637,17 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         elif clause:
             out["verdict"] += ": the verdict holds for this learning rate and budget only"
     explanation = spec.get("explanation")
-    if significant_gain(effect) and (claimed is None or claimed > 0):  # a claimed gain, reproduced
-        out["verdict"] += _controls_clause(spec, values, comparisons, metric, lower_is_better, effect)
+    reproduced = significant_gain(effect) and (claimed is None or claimed > 0)  # a claimed gain, reproduced
+    if reproduced and out["verdict"].startswith(("supported", "partly supported")):
+        explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
+        if explains or unresolved:
+            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved)
     if explanation:
         leak = improvement(values, explanation["candidate"], explanation["parent"], metric, lower_is_better)
         if leak is None:
             out["explanation"] = f"{explanation['what']}: not measured (`{explanation['candidate']}` not run)"
         else:
+            reading = explanation_reading(leak, effect, spec, explanation, bound)
             out["explanation"] = (f"{explanation['what']}: `{explanation['candidate']}` vs `{explanation['parent']}` "
-                                  f"{effect_text(leak)} - it {explanation_reading(leak, effect, spec, explanation)}")
+                                  f"{effect_text(leak)} - it {reading}")
     return out

@@ -139,9 +139,10 @@ def h1_claims(candidate: str) -> list[dict]:
     setting = "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks"
     return [{"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
              "setting": setting, "candidate": candidate, "parent": "rslora", "claimed_pct": 9.19,
-             "scale": notes_scale(500, 1, 8)},
+             "scale": notes_scale(500, 1, 8), "through": THROUGH_LANDMARKS},
             {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
-             "candidate": candidate, "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32}]
+             "candidate": candidate, "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32,
+             "through": THROUGH_LANDMARKS_LIM}]
 
 
 HYLORADA_ARMS: dict[str, Arm] = {
@@ -183,18 +184,20 @@ HYLORADA_COMPARISONS = [
     {"component": "landmarks over the bias", "candidate": "rslora+bias+landmarks", "parent": "rslora+bias",
      "controls": ["rslora+bias+constant", "rslora-matched"]},  # as many trainable parameters: the same control
     {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks"},
-    {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
+    {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base",
+     "positive_control": True},
     {"component": "position bias alone on a trained rsLoRA (positive control)", "candidate": "rslora-frozen+bias",
-     "parent": "rslora"},
+     "parent": "rslora", "positive_control": True},
     {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora",
      "unmatched": True},
 ]
+# rsLoRA's scaling is LoRA's at sqrt(r) times the step size: a larger learning rate alone may give its gain
+LARGER_LR = {"candidate": "lora-lr-scaled", "parent": "lora",
+             "what": "a larger learning rate (LoRA at sqrt(r) times the learning rate, no rsLoRA scaling)"}
 HYLORADA_CLAIMS = [
     *h1_claims("rslora+landmarks"),
     {"id": "H3", "claim": "rsLoRA: +17.07% over a 69.00-PPL baseline", "setting": "comprehensive ablation",
-     "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07,
-     "explanation": {"candidate": "lora-lr-scaled", "parent": "lora",
-                     "what": "a larger learning rate (LoRA at sqrt(r) times the learning rate, no rsLoRA scaling)"}},
+     "candidate": "rslora", "parent": "lora", "claimed_pct": 17.07, "explanation": LARGER_LR},
     {"id": "H4", "claim": "DoRA: -5.62% (57.22 -> 60.44 PPL), degrades performance", "setting": "same",
      "candidate": "rslora+dora", "parent": "rslora", "claimed_pct": -5.62},
     {"id": "H5", "claim": "position bias: +2.11% with 64 parameters", "setting": "same",
@@ -203,7 +206,8 @@ HYLORADA_CLAIMS = [
      "positive_control": {"candidate": "rslora-frozen+bias", "parent": "rslora",
                           "what": "the position bias trained alone on a trained, frozen rsLoRA"}},
     {"id": "H6", "claim": "rsLoRA + position bias + position-adaptive landmarks: +18.37% over baseline",
-     "setting": "same", "candidate": "rslora+bias+landmarks", "parent": "lora", "claimed_pct": 18.37},
+     "setting": "same", "candidate": "rslora+bias+landmarks", "parent": "lora", "claimed_pct": 18.37,
+     "explanation": LARGER_LR},
     {"id": "H6", "claim": "... credited to the landmarks", "setting": "same", "kind": "credit",
      "candidate": "rslora+bias+landmarks", "parent": "rslora", "total_parent": "lora"},
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)", "setting": "same",
@@ -231,7 +235,8 @@ LANDMARK_COMPARISONS = [
      "controls": LANDMARK_CONTROLS},
     {"component": "per-layer landmarks (causal pooling)", "candidate": "per_layer", "parent": "rslora",
      "controls": LANDMARK_CONTROLS},
-    {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base"},
+    {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base",
+     "positive_control": True},
 ]
 LEAK = {"candidate": "original_leaky", "parent": "original", "what": "the leak (pooling over future tokens)"}
 LANDMARK_CLAIMS = [
@@ -269,11 +274,15 @@ BUCKETING_CLAIMS = [
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)",
      "setting": "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks", "candidate": "learnable",
      "parent": "fixed", "claimed_pct": -2.26, "through": THROUGH_BUCKETED, "scale": notes_scale(500, 1, 8)},
+    {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets, in the notes' own design (soft assignment, "
+     "temperature 0.1 on p / max_positions)", "setting": "same", "candidate": "learnable_notes", "parent": "fixed",
+     "claimed_pct": -2.26, "through": THROUGH_BUCKETED},
     {"id": "H7", "claim": "learnable bucketing expected +1-3% over fixed", "setting": "`000`/`001` expectations",
      "candidate": "learnable", "parent": "fixed", "claimed_pct": 2.0, "through": THROUGH_BUCKETED,
      "claimed_text": "the expected 1-3% improvement (its middle, -2.00% val_ppl)"},
     {"id": "H8", "claim": "at 1 epoch / 200 samples all designs are within 0.1% (within noise)",
-     "setting": "GPT-2, 4 landmarks", "kind": "null", "within_pct": 0.1, "scale": notes_scale(200, 1, 4, dataset=None),
+     "setting": "GPT-2, 4 landmarks", "kind": "null", "within_pct": 0.1,
+     "scale": notes_scale(200, 1, 4, dataset=None),
      "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
 ]
 

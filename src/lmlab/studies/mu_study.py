@@ -56,8 +56,10 @@ from lmlab.studies.report import (
     change_cell,
     config_styles,
     fmt,
+    interval_text,
     line_plot,
     mean_over_seeds,
+    mean_text,
     second_half_start,
     seed_curves,
 )
@@ -559,13 +561,15 @@ class MUStudy(Study):
 
     def extra_summary(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> dict:
         gap = curve_gap(run, rows, CANDIDATE, REFERENCE)
-        return {"claims": mu_claims(record["config"], summary, rows, gap), "validation_gap": gap}
+        late = late_change(run, rows, record["configurations"])
+        return {"claims": mu_claims(record["config"], summary, rows, gap, late), "validation_gap": gap,
+                "late_change": late}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         cfg = record["config"]
         ok = [r for r in rows if r["status"] == "ok"]
         configs = record["configurations"]
-        lines = _side_by_side(summary, ok, configs, cfg)
+        lines = _side_by_side(summary, ok, configs, cfg, summary.get("late_change"))
         lines += _bands(summary, ok, configs, cfg)
         lines += _learning_rate_section(run, ok, configs, cfg)
         if _validation_curves_plot(run, configs):
@@ -595,10 +599,12 @@ def _notes_scale(cfg: dict) -> str | None:
     return ", ".join(differs) or None
 
 
-def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = None) -> list[dict]:
+def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = None,
+              late: dict | None = None) -> list[dict]:
     """M1-M3 against this run. Absolute perplexities (M1, M2) are judged only at the notes' scale (WikiText-2 and
-    their depth); the architecture question (M3) is the matched comparison, judged at any scale, and where every cell
-    was still improving its verdict says how the gap moved over training (`gap`, from `curve_gap`)."""
+    their depth); the architecture question (M3) is the matched comparison, judged at any scale, and where the models
+    were still improving at the end (`late`, from `late_change`) its verdict says how the gap moved over training
+    (`gap`, from `curve_gap`)."""
     sota = summary["configs"].get(CANDIDATE, {}).get("metrics", {})
     test = sota.get("test_ppl")
     scale = _notes_scale(cfg)
@@ -615,8 +621,8 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
         claims.append({**m1, "measured": "not run", "verdict": f"not testable here: `{CANDIDATE}` did not run"})
     else:
         acc = sota.get("test_accuracy", {}).get("mean")
-        interval = f" [{fmt(test['ci95'][0])}, {fmt(test['ci95'][1])}]" if test.get("ci95") else ""
-        measured = (f"`{CANDIDATE}` test_ppl {fmt(test['mean'])}{interval}" +
+        interval = f" {interval_text(*test['ci95'])}" if test.get("ci95") else ""
+        measured = (f"`{CANDIDATE}` test_ppl {mean_text(test)}{interval}" +
                     (f", test accuracy {acc:.2%}" if acc is not None else "") +
                     plateau)
         if scale:
@@ -656,10 +662,14 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
         measured = f"`{CANDIDATE}` vs `{REFERENCE}` on test_ppl: {effect_text(comparison)}"
         lo, hi = comparison["ci95"] or (-math.inf, math.inf)
         budget = f"after {epochs:g} epoch(s) {learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))}"
-        improving = still_improving(rows, (CANDIDATE, REFERENCE))
-        if improving:
-            budget += (f", with every cell still improving at its last evaluation ({improving} of {improving}): a "
-                       "finding about this budget, not about converged models" + _trend_clause(gap))
+        at_last = best_at_last(rows, (CANDIDATE, REFERENCE))
+        words, falling = late_words(late, (CANDIDATE, REFERENCE), cfg["train"])
+        if at_last and falling:
+            budget += (f", with every cell of `{CANDIDATE}` and `{REFERENCE}` at its best at its last evaluation "
+                       f"({at_last} of {at_last}) and {words}: a finding about this budget, not about converged "
+                       "models" + _trend_clause(gap))
+        elif words:
+            budget += f"; {words}"
         verdict = (f"supported at this budget: MU has significantly lower test perplexity than the matched baseline "
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
@@ -770,12 +780,60 @@ def _gap_lines(gap: dict | None) -> list[str]:
     return lines
 
 
-def still_improving(rows: list[dict], configs: tuple[str, ...]) -> int:
+def best_at_last(rows: list[dict], configs: tuple[str, ...]) -> int:
     """The number of finished cells of `configs` when every one had its best validation perplexity at its last step
-    (no checkpoint selection took place: the models were still improving when training ended); 0 otherwise."""
+    (no checkpoint selection took place); 0 otherwise. Under a schedule that decays the learning rate to 0 this says
+    little about whether the models were still improving: `late_change` measures that."""
     cells = [r for r in rows if r["config"] in configs and r["status"] == "ok"]
     last = [r["metrics"].get("best_step") == r["details"].get("steps") for r in cells]
     return len(cells) if cells and all(last) else 0
+
+
+LATE_FRACTION = 0.75  # "the last quarter of training": from the first evaluation at or after 75% of the last step
+
+
+def late_change(run: RunDir, rows: list[dict], configs: list[str]) -> dict | None:
+    """How validation perplexity moved over the last quarter of training, per configuration: from the first
+    evaluation at or after LATE_FRACTION of the last evaluation's step (`from`) to the last (`to`), paired by seed
+    (`stats.paired_relative_change`; negative: still falling). Only steps every seed of every listed configuration
+    evaluated; None with fewer than two such steps."""
+    from lmlab import stats
+
+    curves = {}
+    for config in configs:
+        seeds = {r["seed"] for r in rows if r["config"] == config and r["status"] == "ok"}
+        by_seed = {s: {step: v[-1] for step, v in c.items()}
+                   for s, c in seed_curves(run, config, "eval", "val_ppl").items() if s in seeds}
+        if seeds and len(by_seed) == len(seeds):
+            curves[config] = by_seed
+    if not curves:
+        return None
+    steps = sorted(set.intersection(*(set(c) for by_seed in curves.values() for c in by_seed.values())))
+    if len(steps) < 2:
+        return None
+    start = next(step for step in steps if step >= LATE_FRACTION * steps[-1])
+    start = steps[-2] if start == steps[-1] else start
+    return {"from": start, "to": steps[-1],
+            "changes": {c: stats.paired_relative_change({s: v[steps[-1]] for s, v in by_seed.items()},
+                                                        {s: v[start] for s, v in by_seed.items()})
+                        for c, by_seed in curves.items()}}
+
+
+def late_words(late: dict | None, configs: tuple[str, ...] | list[str], train: dict) -> tuple[str, bool]:
+    """(a clause on how val_ppl moved over the last quarter of training in `configs`, whether it still fell
+    significantly in every one of them); ("", False) without the curves."""
+    if not late or not all(late["changes"].get(c) for c in configs):
+        return "", False
+    falling = all((late["changes"][c].get("ci95") or [0, 0])[1] < 0 for c in configs)
+    decay = ""
+    if train.get("schedule") in ("cosine", "linear"):
+        floor = train["lr"] * train.get("min_lr_ratio", 0.0)
+        decay = f", as the {train['schedule']} schedule takes the learning rate to {floor:g}"
+    changes = ", ".join(f"`{c}` {change_cell(late['changes'][c])}" for c in configs)
+    reading = ("still falling in every one at the end of this budget" if falling else
+               "not falling significantly in every one: this budget's end is near where its schedule levels off")
+    return (f"over the last quarter of training (evaluations at steps {late['from']} and {late['to']}{decay}) "
+            f"val_ppl changed by {changes}: {reading}"), falling
 
 
 def _first_ok(rows: list[dict], config: str) -> dict | None:
@@ -787,7 +845,8 @@ def _mean(summary: dict, config: str, metric: str):
     return desc["mean"] if desc else None
 
 
-def _side_by_side(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
+def _side_by_side(summary: dict, rows: list[dict], configs: list[str], cfg: dict,
+                  late: dict | None = None) -> list[str]:
     count = cfg["match"]["count"]
     budget = _first_ok(rows, MATCHED_TO)
     target = budget["metrics"][f"params_{count}"] if budget else None
@@ -797,8 +856,11 @@ def _side_by_side(summary: dict, rows: list[dict], configs: list[str], cfg: dict
                  "that was an earlier evaluation than the last, so val_ppl is optimistic there; the decision uses "
                  "test_ppl." if earlier else
                  "Each cell keeps its checkpoint of lowest validation perplexity; here that was the last evaluation "
-                 f"in every cell ({len(cells)} of {len(cells)}: the models were still improving when training ended), "
-                 "so no selection took place; the decision uses test_ppl.")
+                 f"in every cell ({len(cells)} of {len(cells)}), so no selection took place; the decision uses "
+                 "test_ppl.")
+    words, _ = late_words(late, [c for c in configs if late and late["changes"].get(c)], cfg["train"])
+    if words:
+        selection += f" {words[0].upper()}{words[1:]}."
     lines = ["## Models side by side (mean over seeds)", "",
              f"The dense baseline's width is solved so that its {count.replace('_', '-')} parameter count matches "
              f"{MATCHED_TO}'s within {cfg['match'].get('tolerance', 0.02):.0%}, with a head count between half and "
@@ -824,7 +886,8 @@ def _side_by_side(summary: dict, rows: list[dict], configs: list[str], cfg: dict
         cells = [name, str(model["n_layers"]), width, attention, "tied" if model["tie_embeddings"] else "untied",
                  f"{row['metrics']['params_total']:,}",
                  f"{row['metrics']['params_non_embedding']:,}", diff]
-        cells += [fmt(_mean(summary, name, m)) for m in ("val_ppl", "test_ppl", "accuracy", "val_bpb")]
+        cells += [mean_text(summary["configs"].get(name, {}).get("metrics", {}).get(m))
+                  for m in ("val_ppl", "test_ppl", "accuracy", "val_bpb")]
         tps = _mean(summary, name, "tokens_per_s")
         cells.append(f"{tps:,.0f}" if tps is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")

@@ -207,6 +207,22 @@ def _mean_std(desc: dict | None) -> str:
     return mean_pm_std(desc["mean"], desc["std"])
 
 
+def mean_text(desc: dict | None) -> str:
+    """A configuration's mean over seeds alone, to the decimals its spread shows (as in `mean_pm_std`)."""
+    if not desc or desc.get("mean") is None:
+        return "-"
+    if not desc.get("std"):
+        return fmt(desc["mean"])
+    return mean_pm_std(desc["mean"], desc["std"]).split(" ± ")[0]
+
+
+def interval_text(lo: float, hi: float) -> str:
+    """'[10.38, 11.60]': an interval's ends to two significant digits of its width (trailing zeros kept)."""
+    width = abs(hi - lo)
+    digits = min(6, max(0, 1 - math.floor(math.log10(width)))) if width > 0 and math.isfinite(width) else 2
+    return f"[{lo:,.{digits}f}, {hi:,.{digits}f}]"
+
+
 def mean_pm_std(mean: float, std: float) -> str:
     """'mean ± std' with the std to two significant figures (trailing zeros kept: 0.020, not 0.02) and the mean to at
     least as many decimals as the std shows, so that 10.0009 ± 0.53 prints as 10.00 ± 0.53, not 10 ± 0.53."""
