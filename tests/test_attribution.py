@@ -332,7 +332,8 @@ def test_a_within_noise_claim_and_a_known_explanation():
     assert "this setting cannot show whether it explains a gain of the claimed 4.72%" in leak["explanation"]
 
 
-@pytest.mark.parametrize("interval", [(-0.015004, -0.000051), (0.0016, 0.0021), (1.82, 4.36), (-0.4, 0.3)])
+@pytest.mark.parametrize("interval", [(-0.015004, -0.000051), (0.0016, 0.0021), (1.82, 4.36), (-0.4, 0.3),
+                                      (-0.0015, 0.0000154)])
 def test_an_interval_is_printed_with_the_digits_that_show_it(interval):
     from lmlab.studies.attribution import effect_text
 
@@ -343,6 +344,8 @@ def test_an_interval_is_printed_with_the_digits_that_show_it(interval):
     assert shown[0] < shown[1]  # the width is visible
     if lo > 0 or hi < 0:  # an interval that excludes 0 never reads as touching it
         assert 0 not in shown and (shown[0] > 0) == (lo > 0)
+    else:  # one that holds 0 does not read as ending at it where it does not (+0.0000 for +0.0000154)
+        assert all((v != 0) == (end != 0) for v, end in zip(shown, interval, strict=True)), (text, interval)
     # the change table's cells follow the same rule (a change of -0.0045% does not read as -0.00%)
     from lmlab.studies.report import change_cell
 

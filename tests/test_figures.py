@@ -364,3 +364,18 @@ def test_the_report_points_to_the_pdfs_and_the_standalone_table(run: RunDir, mon
     text = (run.root / "report.md").read_text(encoding="utf-8")
     assert "`plots/<name>.pdf`" in text and "report_standalone.tex" in text
     assert (run.plots / "training_curves.pdf").is_file() and (run.root / "report_standalone.tex").is_file()
+
+
+def test_configuration_colours_are_distinct_hues_and_never_grey():
+    """Sixteen configurations in one plot: no two colours of the palette are shades of each other (RGB distance at
+    least 0.2), and none is a grey (references are drawn in grey)."""
+    import colorsys
+    import itertools
+
+    from lmlab.studies.report import PALETTE
+
+    rgb = [to_rgba(c)[:3] for c in PALETTE]
+    assert len(set(rgb)) == len(PALETTE) >= 15
+    for a, b in itertools.combinations(rgb, 2):
+        assert sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5 >= 0.2, (a, b)
+    assert all(colorsys.rgb_to_hls(*c)[2] > 0.3 for c in rgb)

@@ -125,6 +125,10 @@ def test_the_default_base_recalls_facts_within_its_context_and_loses_them_beyond
     # the per-query outcomes (paired comparisons use them) agree with the accuracy and the per-depth counts
     assert len(far["outcomes"]) == far["queries"] == sum(far["counts"]) and set(far["outcomes"]) <= {0, 1}
     assert sum(far["outcomes"]) / far["queries"] == pytest.approx(beyond)
+    # each query's distance: the tokens from its fact to its answer, counted here with the tokenizer directly
+    spans = [doc.text[f.fact_offset:f.answer_offset] for doc in data.retrieval for f in doc.facts]
+    assert far["distances"] == [len(ctx.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in spans]
+    assert max(far["distances"]) > ctx.pretrained_context > min(far["distances"])  # both sides are represented
     assert ctx.pretrained_context == 128 and cfg.max_length == 512 and cfg.rope_scaling == "none"
     assert within >= 0.9 and beyond <= 0.35, (within, beyond)
 
@@ -162,6 +166,37 @@ def _retrieval_rows(outcomes: dict[str, dict[int, list[int]]]) -> list[dict]:
             rows.append({"config": config, "seed": seed, "metrics": metrics,
                          "details": {"retrieval_outcomes": hits, "pretrained_context": 128}})
     return rows
+
+
+def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_query_is_said_to_be_one():
+    """The positive control's question is recall beyond the base's pretraining context: a fine-tuned model that recalls
+    more only where the fact lies within that context of its answer has recovered nothing beyond it."""
+    from lmlab.studies.hylorada_study import _distance_sentence
+
+    gen = torch.Generator().manual_seed(3)
+    distances = [40 + 20 * (i % 20) for i in range(200)]  # 40..420 tokens: 5 of every 20 within 128
+    base = {s: (torch.rand(200, generator=gen) < 0.1).int().tolist() for s in (1, 2, 3)}
+    near_gain = {s: [1 if d <= 128 and i % 3 else v for i, (v, d) in enumerate(zip(hits, distances, strict=True))]
+                 for s, hits in base.items()}
+    far_gain = {s: [1 if d > 128 and i % (2 + s) == 0 else v
+                    for i, (v, d) in enumerate(zip(hits, distances, strict=True))] for s, hits in base.items()}
+    rows = _retrieval_rows({"base": base, "near": near_gain, "far": far_gain})
+    for r in rows:
+        r["details"]["retrieval_distances"] = distances
+    text = _distance_sentence(rows, ["near"], 128, 1 / 9)
+    far_queries = sum(d > 128 for d in distances)
+    base_far = sum(sum(v for v, d in zip(h, distances, strict=True) if d > 128) / far_queries
+                   for h in base.values()) / 3
+    assert f"beyond the base's 128-token pretraining context ({far_queries} queries per seed)" in text
+    assert f"against the base's {base_far:.0%} (guessing: 11%), and 0 of 1 recall significantly more" in text
+    assert text.endswith("What fine-tuning recovered here is recall of facts near their query; beyond the "
+                         "pretraining context this run shows none.")
+    text = _distance_sentence(rows, ["near", "far"], 128, 1 / 9)
+    assert "1 of 2 recall significantly more than the base there (paired over seeds) (`far`)" in text
+    assert "shows none" not in text
+    for r in rows:  # older cells without distances: nothing is said
+        del r["details"]["retrieval_distances"]
+    assert _distance_sentence(rows, ["near"], 128, 1 / 9) == ""
 
 
 def test_retrieval_gains_are_tested_paired_over_the_same_queries():

@@ -196,6 +196,10 @@ def test_report_shows_models_side_by_side_bands_curves_flags_and_samples(smoke_r
     for plot in ("training_curves.png", "validation_curves.png"):
         assert (smoke_run / "plots" / plot).stat().st_size > 1000
     summary = json.loads((smoke_run / "summary.json").read_text())
+    # the paired gap at each evaluation, plotted where at least two evaluations have an interval
+    gap = summary.get("validation_gap") or {"changes": []}
+    plotted = sum(bool(c.get("ci95")) for c in gap["changes"]) >= 2
+    assert ("plots/validation_gap.png" in report) == plotted == (smoke_run / "plots" / "validation_gap.png").is_file()
     cfg = study_config(smoke_run)
     rows = read_jsonl(smoke_run / "results.jsonl")
     for config in CONFIGS:

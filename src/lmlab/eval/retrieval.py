@@ -32,16 +32,20 @@ def answer_matches(continuation: str, value: str) -> bool:
 @torch.no_grad()
 def retrieval_accuracy(model: nn.Module, tokenizer, docs: Sequence[LongDocument], max_length: int, *,
                        batch_size: int = 16) -> dict:
-    """Overall accuracy, accuracy and count per depth decile, the number of queries, and `outcomes`: 1 / 0 per query
-    in the documents' order (for paired comparisons of two models on the same queries)."""
+    """Overall accuracy, accuracy and count per depth decile, the number of queries, `outcomes`: 1 / 0 per query in the
+    documents' order (for paired comparisons of two models on the same queries), and `distances`: per query, the
+    tokens from the start of its fact to its answer (how far back the model must look)."""
     prefix = prefix_token_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     queries = [(doc.text[:fact.answer_offset].rstrip(), fact) for doc in docs for fact in doc.facts]
     if not queries:
-        return {"retrieval_acc": None, "by_depth": [None] * 10, "counts": [0] * 10, "queries": 0, "outcomes": []}
+        return {"retrieval_acc": None, "by_depth": [None] * 10, "counts": [0] * 10, "queries": 0, "outcomes": [],
+                "distances": []}
     new_tokens = max(len(f.value) for _, f in queries) + 2
     budget = max_length - new_tokens  # the prompt plus the answer stay within the window
     encoded = tokenizer([p for p, _ in queries], add_special_tokens=False, verbose=False)["input_ids"]
+    spans = tokenizer([doc.text[fact.fact_offset:fact.answer_offset] for doc in docs for fact in doc.facts],
+                      add_special_tokens=False, verbose=False)["input_ids"]
     prompts = [([prefix, *ids])[-budget:] for ids in encoded]
     device = next(model.parameters()).device
     mine = list(range(D.rank(), len(prompts), D.world_size()))
@@ -70,4 +74,5 @@ def retrieval_accuracy(model: nn.Module, tokenizer, docs: Sequence[LongDocument]
         "counts": counts,
         "queries": len(queries),
         "outcomes": [int(correct[i]) for i in range(len(queries))],
+        "distances": [len(ids) for ids in spans],
     }

@@ -729,6 +729,7 @@ class HyloradaStudy(Study):
             details[f"retrieval_by_depth{suffix}"] = ret["by_depth"]
             details[f"retrieval_counts{suffix}"] = ret["counts"]
             details[f"retrieval_outcomes{suffix}"] = ret["outcomes"]
+            details[f"retrieval_distances{suffix}"] = ret["distances"]
         if data.retrieval_short:
             short = retrieval_accuracy(model, ctx.tokenizer, data.retrieval_short, ctx.pretrained_context,
                                        batch_size=batch)
@@ -765,8 +766,12 @@ class HyloradaStudy(Study):
                          if counts and lim else "") + " See `plots/perplexity_by_decile.png`.", ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
-            _retrieval_plot(ok, configs, run)
+            sparse = _retrieval_plot(ok, configs, run)
             lines += ["## Retrieval accuracy by depth of the planted fact (mean over seeds)", "", *depth_lines, ""]
+            if sparse:
+                lines += [f"The plot leaves out the decile{'s' if len(sparse) > 1 else ''} "
+                          f"{', '.join(sparse)}: fewer than {MIN_DECILE_QUERIES} queries over the seeds, too few for a "
+                          "mean to be read (one query moves it by more than 3 points).", ""]
         lines += _boundary_section(ok, run)
         comp = [(r["config"], r["details"].get("components")) for r in ok if r["details"].get("components")]
         if comp:
@@ -938,19 +943,40 @@ def _lr_control_sentences(summary: dict) -> list[str]:
     return ["", said]
 
 
-def _retrieval_change(rows: list[dict], first: str, second: str) -> dict | None:
+def _selected_outcomes(rows: list[dict], config: str, beyond: int | None = None,
+                       far: bool = True) -> dict[int, list[int]]:
+    """{seed: the configuration's retrieval outcomes}, or with `beyond` (a context length) only the queries whose fact
+    lies more than `beyond` tokens before its answer (`far`) or at most that (not `far`); seeds without the queries'
+    distances are left out there."""
+    out = {}
+    for r in rows:
+        if r["config"] != config or not r["details"].get("retrieval_outcomes"):
+            continue
+        outcomes = r["details"]["retrieval_outcomes"]
+        if beyond is not None:
+            distances = r["details"].get("retrieval_distances")
+            if not distances or len(distances) != len(outcomes):
+                continue
+            outcomes = [o for o, d in zip(outcomes, distances, strict=True) if (d > beyond) == far]
+        if outcomes:
+            out[r["seed"]] = outcomes
+    return out
+
+
+def _retrieval_change(rows: list[dict], first: str, second: str, beyond: int | None = None,
+                      far: bool = True) -> dict | None:
     """Recall of `first` minus `second`, paired. Each seed's retrieval documents are the same for every
     configuration, so two comparisons are possible:
     - over seeds (the test the report decides on, as for val_ppl): each seed's recall difference over its queries,
       a 95% t-interval and a paired t-test over the seeds - whether training the two again would differ;
     - over queries (`queries`: stats.paired_item_difference on the (seed, query) pairs): whether these trained models
-      differ on these queries, the models taken as fixed - narrower, and not a statement about the training."""
+      differ on these queries, the models taken as fixed - narrower, and not a statement about the training.
+    With `beyond`, only the queries whose fact lies beyond (`far`) or within that many tokens of its answer."""
     from scipy import stats as scipy_stats
 
     from lmlab import stats
 
-    per_seed = [{r["seed"]: r["details"].get("retrieval_outcomes") for r in rows if r["config"] == c}
-                for c in (first, second)]
+    per_seed = [_selected_outcomes(rows, c, beyond, far) for c in (first, second)]
     seeds = sorted(s for s in per_seed[0] if per_seed[0][s] and per_seed[1].get(s)
                    and len(per_seed[0][s]) == len(per_seed[1][s]))
     if not seeds:
@@ -988,6 +1014,44 @@ def _points(change: dict | None, all_seeds: int | None = None) -> str:
 def _significant(change: dict | None) -> bool:
     """Significant over seeds: the 95% t-interval of the per-seed differences excludes 0."""
     return change is not None and change["ci95"] is not None and (change["ci95"][0] > 0 or change["ci95"][1] < 0)
+
+
+def _distance_sentence(rows: list[dict], configs: list[str], context: int | None, chance: float) -> str:
+    """Recall split by how far each fact lies before its answer: beyond the base's pretraining context, where recovering
+    recall is what a context extension is for, and within it - the base and the range over `configs`, and how many of
+    them recall significantly more than the base beyond it (paired over seeds); "" without the queries' distances."""
+    if not context:
+        return ""
+
+    def recall(config: str, far: bool) -> float | None:
+        chosen = _selected_outcomes(rows, config, context, far)
+        return sum(sum(v) / len(v) for v in chosen.values()) / len(chosen) if chosen else None
+
+    base_far, base_near = recall("base", True), recall("base", False)
+    far = {c: recall(c, True) for c in configs}
+    near = {c: recall(c, False) for c in configs}
+    far = {c: v for c, v in far.items() if v is not None}
+    if base_far is None or base_near is None or not far:
+        return ""
+    counts = sorted({len(v) for v in _selected_outcomes(rows, "base", context, True).values()})
+    near_counts = sorted({len(v) for v in _selected_outcomes(rows, "base", context, False).values()})
+    span = lambda ns: f"{ns[0]:,}" if len(ns) == 1 else f"{ns[0]:,}-{ns[-1]:,}"  # noqa: E731
+    changes = {c: _retrieval_change(rows, c, "base", context, True) for c in far}
+    up = [c for c, change in changes.items() if _significant(change) and change["difference"] > 0]
+    near_vals = [v for v in near.values() if v is not None]
+    said = (f"Split by how far each fact lies before its answer (tokens from the fact to the answer): beyond the "
+            f"base's {context}-token pretraining context ({span(counts)} queries per seed) the fine-tuned "
+            f"configurations recall {min(far.values()):.0%}-{max(far.values()):.0%} against the base's "
+            f"{base_far:.0%} (guessing: {chance:.0%}), and {len(up)} of {len(far)} recall significantly more than "
+            "the base there (paired over seeds)"
+            + (f" ({', '.join(f'`{c}`' for c in up)})" if 0 < len(up) <= 3 else ""))
+    if near_counts and near_vals:
+        said += (f"; within it ({span(near_counts)} queries per seed) they recall "
+                 f"{min(near_vals):.0%}-{max(near_vals):.0%} against the base's {base_near:.0%}")
+    if not up:
+        said += (". What fine-tuning recovered here is recall of facts near their query; beyond the pretraining "
+                 "context this run shows none")
+    return said + "."
 
 
 def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | None) -> str:
@@ -1082,6 +1146,10 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                             "base, but the gain varies too much from seed to seed to be told from 0: more seeds "
                             "would tell)" if fixed else "") + ".")
             lines.append(said)
+        split = _distance_sentence(rows, [c for c in fine_tuned if not c.endswith("(INVALID)")], context,
+                                   1 / (9 * 10 ** (digits - 1)))
+        if split:
+            lines.append(split)
         kept = _short_recall_sentence(rows, [c for c in fine_tuned if not c.endswith("(INVALID)")], context)
         if kept:
             lines.append(kept)
@@ -1383,14 +1451,32 @@ def _retrieval_table(rows, configs) -> list[str]:
     return lines
 
 
-def _retrieval_plot(rows, configs, run: RunDir) -> None:
+MIN_DECILE_QUERIES = 30  # a depth decile with fewer queries over the seeds is left out of the retrieval plot
+
+
+def _retrieval_plot(rows, configs, run: RunDir) -> list[str]:
     """Retrieval accuracy per depth decile of the planted fact on a [0, 1] axis: the mean over seeds, shaded between
-    the lowest and highest seed, one style per configuration of `configs` (the run's full list)."""
+    the lowest and highest seed, one style per configuration of `configs` (the run's full list). Deciles with fewer
+    than MIN_DECILE_QUERIES queries over the seeds (every configuration answers the same ones) are gaps; returns
+    their names."""
     x = [(d + 0.5) / 10 for d in range(10)]
     curves = detail_curves(rows, configs, "retrieval_by_depth", x)
+    totals: dict[int, list[int]] = {}
+    for r in rows:
+        if r["details"].get("retrieval_counts") and r["config"] == next(iter(curves), None):
+            totals[r["seed"]] = r["details"]["retrieval_counts"]
+    sparse = [d for d, n in enumerate(map(sum, zip(*totals.values(), strict=True))) if n < MIN_DECILE_QUERIES] \
+        if totals else []
+    if sparse:
+        def gaps(values):
+            return None if values is None else [None if i in sparse else v for i, v in enumerate(values)]
+
+        curves = {c: curve._replace(y=gaps(curve.y), low=gaps(curve.low), high=gaps(curve.high))
+                  for c, curve in curves.items()}
     line_plot(run, "retrieval_by_depth.png", curves, styles=config_styles(configs),
               xlabel="depth of the planted fact in the document", ylabel="retrieval accuracy (mean over seeds)",
               title="Retrieval accuracy by depth", unit_y=True)
+    return [f"{d * 10}-{d * 10 + 10}%" for d in sparse]
 
 
 def random_move_reference(drift_random: float, count: int) -> dict:
@@ -1467,17 +1553,20 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
                 label=f"{r['config']} seed {r['seed']}")
     initial = with_b[0]["details"]["boundaries"]["initial"]
     lines += ["", f"Initial boundaries (the fixed scheme): {', '.join(str(v) for v in initial)}."]
-    band = None
+    band = one = None
     for config in dict.fromkeys(r["config"] for r in with_b):
         cells = [r["details"]["boundaries"] for r in with_b if r["config"] == config]
         if "drift_random" in cells[0]:
             lines.append(boundary_sentence(config, cells))
             band = max(band or 0.0, max(random_move_reference(b["drift_random"], len(b["initial"]))["max"]
                                         for b in cells))
+            one = max(one or 0.0, max(1.96 * b["drift_random"] for b in cells))
     ax.axhline(0.0, color="black", linewidth=0.8)
     if band:
-        ax.axhspan(-band, band, color="grey", alpha=0.15,
-                   label="gradients of random sign: the farthest of all boundaries, 95%")
+        count = len(with_b[0]["details"]["boundaries"]["initial"])
+        ax.axhspan(-band, band, color="grey", alpha=0.12,
+                   label=f"gradients of random sign: the farthest of {count} boundaries, 95%")
+        ax.axhspan(-one, one, color="grey", alpha=0.25, label="gradients of random sign: any one boundary, 95%")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     label_axes(ax, xlabel="boundary index (initial positions: the fixed log scheme)",
                ylabel="learned - initial position (tokens)", title="Bucket boundaries: how far each one moved")

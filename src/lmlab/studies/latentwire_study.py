@@ -513,7 +513,8 @@ class LatentWireStudy(Study):
         items = item_statistics(run, ok, record["configurations"])
         cfg = record["config"]
         curves = {c: validation_curves(run, c) for c in record["configurations"]}
-        extra = {"paired_items": items, "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary, curves)}
+        extra = {"paired_items": items,
+                 "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary, curves, ok)}
         return {**extra, **fixes_without_collapse(summary, cfg, curves)}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
@@ -680,6 +681,25 @@ def collapse_check(curves: dict[int, dict[int, float]], patience: int | None, it
             "can_stop_early": patience is not None and patience < evaluations - 1}
 
 
+def fixes_acted(rows: list[dict], config: str) -> str:
+    """What the stability fixes did in `config`'s finished cells: how many runs early stopping ended early, and in how
+    many restoring the best weights went back to an earlier evaluation than the last (best_step < train_steps) -
+    where neither happened, only InfoNCE acted. "" without cells."""
+    cells = [r for r in rows if r["config"] == config and r["status"] == "ok"]
+    if not cells:
+        return ""
+    stopped = sum(bool(r["details"].get("stopped_early")) for r in cells)
+    back = [r["metrics"]["train_steps"] - r["metrics"]["best_step"] for r in cells
+            if r["metrics"].get("best_step") is not None and r["metrics"].get("train_steps") is not None
+            and r["metrics"]["best_step"] < r["metrics"]["train_steps"]]
+    said = (f"what the fixes did in `{config}`: early stopping ended {stopped} of {len(cells)} runs early; restoring "
+            f"the best weights went back to an earlier evaluation in {len(back)} of {len(cells)}"
+            + (f" (by up to {max(back)} steps; the first of equal accuracies is kept)" if back else ""))
+    if not stopped and not back:
+        said += ", so of the three fixes only InfoNCE acted"
+    return said
+
+
 def _l2_with_collapse(claim: dict, check: dict | None, baseline: str) -> dict:
     """L2's verdict where the baseline's curve shows whether there was a collapse for the fixes to prevent."""
     if check is None:
@@ -777,7 +797,8 @@ def _improving(arms: dict[str, dict | None]) -> str:
 
 
 def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
-                      curves: dict[str, dict[int, dict[int, float]]] | None = None) -> list[dict]:
+                      curves: dict[str, dict[int, dict[int, float]]] | None = None,
+                      rows: list[dict] | None = None) -> list[dict]:
     """L1-L6 against this run: each with what was measured and a verdict (`attribution.interval_verdict`).
 
     System comparisons within a configuration (L1, L5) are paired over items; effects between configurations (L2,
@@ -794,9 +815,14 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
         if test is None:
             return {**row, "measured": "not run", "verdict": f"not testable here: `{config}` did not run"}
         claimed_pp = 100 * claimed
-        return {**row, "measured": _points(test, f"`{config}` bridged - {other}"),
-                "verdict": interval_verdict([100 * b for b in test["ci95"]], claimed_pp,
-                                            f"the claimed {claimed_pp:+.1f} percentage points")}
+        verdict = interval_verdict([100 * b for b in test["ci95"]], claimed_pp,
+                                   f"the claimed {claimed_pp:+.1f} percentage points")
+        floor = source_at_floor(items[config])
+        if floor is not None and claimed > 0 and not verdict.startswith("supported"):
+            # above the text baseline needs the source to add what the target lacks; a source at the floor cannot
+            verdict = (f"not testable at this scale: {floor}, so the bridge can at best carry the question, not add "
+                       f"the source's answer to the target's; the interval alone reads: {verdict}")
+        return {**row, "measured": _points(test, f"`{config}` bridged - {other}"), "verdict": verdict}
 
     claims.append(item_claim("L1", "bridged accuracy 81.5% above the 73% text baseline", main, "target_text",
                              NOTES_BRIDGED - NOTES_TEXT))
@@ -808,6 +834,9 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
                      values, [], lower_is_better=False)
     if baseline in values:
         l2 = _l2_with_collapse(l2, collapse, baseline)
+    acted = fixes_acted(rows or [], main)
+    if acted:
+        l2 = {**l2, "verdict": f"{l2['verdict']}; {acted}"}
     claims.append(l2)
     ks = sorted(set(cfg["compression_k"]))
     if "compression" in cfg["ablation"] and len(ks) >= 2:
@@ -846,9 +875,13 @@ def _kv_claim(config: str, summary: dict, setting: str) -> dict:
     saved, full = saved["mean"], full["mean"]
     measured = (f"`{config}`: {fmt(saved)} bytes saved per item vs target_text's {fmt(full)} "
                 f"({100 * saved / full:.1f}%; computed from the prompts and the model configs, not sampled)")
-    verdict = ("partly supported: soft tokens save KV cache here, as claimed; the notes' megabytes are for 7-8B "
-               "models and 64 tokens, not testable at this scale" if saved > 0 else
-               "not supported: the soft tokens save no KV cache here")
+    source = metrics.get("source_text/kv_bytes")
+    source_text = (f"; the source still reads the whole prompt once to give the translator its hidden states (its "
+                   f"cache, were it kept, would take {fmt(source['mean'])} bytes)" if source else "")
+    verdict = ("partly supported, by construction: the target's cache holds K soft tokens instead of the prompt, so "
+               "it is smaller wherever K is shorter than the prompt - computed, not measured" + source_text +
+               "; the notes' megabytes are for 7-8B models and 64 tokens, not testable at this scale" if saved > 0 else
+               "not supported: the soft tokens save no KV cache here (K is not shorter than the prompt)")
     return {**row, "measured": measured, "verdict": verdict}
 
 
@@ -1067,15 +1100,19 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
                      for k, o in zip(ks, found, strict=True)]
         ys = [iv["accuracy"] for iv in intervals]
         bounds = [iv["ci95"] for iv in intervals]
-        accuracy[label] = (xs, ys, bounds, colour, marker, style)
+        # each seed's accuracy over the items (a trained system's seeds differ; a text system has one evaluation)
+        per_seed = [[float(v) for v in np.asarray(o[system]).mean(axis=1)] if o and system in o else []
+                    for o in found]
+        accuracy[label] = (xs, ys, bounds, colour, marker, style, per_seed)
         if system == "bridged":
             for x, y, k in zip(xs, ys, ks, strict=True):
                 acc_ax.annotate(f"K={k}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=7)
         if system in ("bridged", "token_budget"):  # in soft_only mode both prompts have 1 + K + cue positions
             saved = [[r["metrics"][f"{system}/kv_bytes_saved"] for r in by_k[k]] for k in ks]
             means = [fmean(v) for v in saved]
-            kv_ax.errorbar(xs, means, yerr=[[m - min(v) for m, v in zip(means, saved, strict=True)],
-                                            [max(v) - m for m, v in zip(means, saved, strict=True)]],
+            spread = [[m - min(v) for m, v in zip(means, saved, strict=True)],
+                      [max(v) - m for m, v in zip(means, saved, strict=True)]]
+            kv_ax.errorbar(xs, means, yerr=spread if any(map(any, spread)) else None,
                            color=colour, marker=marker, fillstyle="none", linestyle=style, capsize=3,
                            # bridged drawn wide under token_budget, which often saves exactly as much
                            linewidth=4 if system == "bridged" else 1.5, markersize=10 if system == "bridged" else 6,
@@ -1086,23 +1123,28 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
     notes = same_values_notes({label: (xs, ys) for label, (xs, ys, *_) in accuracy.items()})
     every_x = [x for xs, *_ in accuracy.values() for x in xs]
     step = 0.01 * ((max(every_x) - min(every_x)) or max(every_x))  # 1% of the axis between neighbouring systems
-    for i, (label, (xs, ys, bounds, colour, marker, style)) in enumerate(accuracy.items()):
+    for i, (label, (xs, ys, bounds, colour, marker, style, per_seed)) in enumerate(accuracy.items()):
         errors = [[y - low for y, (low, _) in zip(ys, bounds, strict=True)],
                   [high - y for y, (_, high) in zip(ys, bounds, strict=True)]]
         # each system slightly to the side of the next, so equal accuracies keep every interval in sight
         dodged = [x + step * (i - (len(accuracy) - 1) / 2) for x in xs]
         acc_ax.errorbar(dodged, ys, yerr=errors, color=colour, marker=marker, fillstyle="none", markersize=7,
                         linestyle=style, capsize=3, clip_on=False, label=label + notes.get(label, ""))
+        for x, seeds in zip(dodged, per_seed, strict=True):
+            if len(seeds) > 1:  # the seeds' own accuracies beside the mean: their spread, next to the items' interval
+                acc_ax.scatter([x + step] * len(seeds), seeds, color=colour, marker=".", s=18, alpha=0.8,
+                               clip_on=False)
     acc_ax.set_ylim(0, 1)
+    kv_ax.set_ylim(bottom=0)  # a saving is read against none
     for ax in (acc_ax, kv_ax):
         ax.margins(x=0.1)
     kv_ax.yaxis.set_major_formatter(FuncFormatter(plain_number))
     label_axes(acc_ax, xlabel="compression (text context tokens / context positions)",
-               ylabel="flexible accuracy, mean over seeds (bars: 95% Wilson interval over items; systems offset "
-                      "sideways)",
+               ylabel="flexible accuracy, mean over seeds (bars: 95% Wilson interval over items; dots: each "
+                      "seed; systems offset sideways)",
                title="Accuracy vs compression", legend=False)
     label_axes(kv_ax, xlabel="compression (text context tokens / context positions)",
-               ylabel="KV-cache bytes saved per item vs target_text (mean; bars: min-max over seeds)",
+               ylabel="KV-cache bytes saved per item vs target_text (mean; bars, where seeds differ: min-max)",
                title="KV cache saved vs compression", legend=False)
     handles, labels = acc_ax.get_legend_handles_labels()
     fig.tight_layout()

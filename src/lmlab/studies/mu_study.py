@@ -57,9 +57,11 @@ from lmlab.studies.report import (
     config_styles,
     fmt,
     interval_text,
+    label_axes,
     line_plot,
     mean_over_seeds,
     mean_text,
+    save_figure,
     second_half_start,
     seed_curves,
 )
@@ -576,6 +578,9 @@ class MUStudy(Study):
             lines += ["## Validation perplexity during training", "",
                       "Mean over seeds at each evaluation (MU vs the dense baseline): "
                       "`plots/validation_curves.png`.", ""]
+            if _validation_gap_plot(run, summary.get("validation_gap"), configs):
+                lines += ["The gap paired by seed at each evaluation, with its 95% interval: "
+                          "`plots/validation_gap.png`.", ""]
             lines += _gap_lines(summary.get("validation_gap"))
         lines += _red_flags(rows)
         lines += _samples(ok, configs, cfg)
@@ -990,6 +995,35 @@ def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
     line_plot(run, "validation_curves.png", mean_over_seeds(curves), styles=config_styles(configs),
               xlabel="optimizer step", ylabel="validation perplexity (mean over seeds)",
               title="MU vs dense baseline: validation perplexity (log scale)", logy=True, integer_x=True)
+    return True
+
+
+def _validation_gap_plot(run: RunDir, gap: dict | None, configs: list[str]) -> bool:
+    """The paired gap of `curve_gap` at every evaluation: candidate / reference - 1 in %, the geometric mean over
+    seeds with its 95% t-interval shaded - what the seed bands of the curves plot cannot show (seeds that move
+    together leave wide, overlapping bands around a consistent gap)."""
+    points = [c for c in (gap or {}).get("changes", []) if c.get("ci95")]
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    steps = [c["step"] for c in points]
+    colour = config_styles(configs)[gap["candidate"]]["color"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.fill_between(steps, [c["ci95"][0] for c in points], [c["ci95"][1] for c in points], color=colour, alpha=0.2,
+                    label=f"95% t-interval over {len(gap['seeds'])} paired seeds")
+    ax.plot(steps, [c["delta_pct"] for c in points], color=colour, marker="o", fillstyle="none",
+            label=f"{gap['candidate']} / {gap['reference']} - 1 (geometric mean over seeds)")
+    ax.axhline(0.0, color="grey", linewidth=1, label="no gap")
+    ax.axvline(gap["middle"], color="grey", linestyle=":", linewidth=1, label="start of the second half")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    label_axes(ax, xlabel="optimizer step", ylabel=f"validation perplexity of {gap['candidate']} vs "
+               f"{gap['reference']}, paired by seed (%)", title="MU vs dense baseline: the paired gap")
+    save_figure(fig, run, "validation_gap.png")
     return True
 
 

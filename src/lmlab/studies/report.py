@@ -537,17 +537,22 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d")
 LINE_STYLES = ("-", "--", "-.", ":")
 
 
+# Distinct hues for configurations (after Trubetskoy's 20 distinct colours, without the greys and the shades too
+# light to see on white): blue, orange, green, red, purple, brown, magenta, teal, olive, cyan, maroon, navy, lime,
+# pink, lavender, dark gold.
+PALETTE = ("#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#9a6324", "#f032e6", "#469990", "#808000",
+           "#42d4f4", "#800000", "#000075", "#a4c639", "#f49ac1", "#b19cd9", "#b8860b")
+
+
 def config_styles(configs: list[str]) -> dict[str, dict]:
     """Matplotlib style (color, marker, linestyle) of each configuration, from its position in `configs`: pass the
     run's full configuration list (study.yaml's `configurations`), so a configuration looks the same in every plot
     of a run whichever subset of configurations a plot shows. Colour, marker shape and line style all change from
     one configuration to the next, so two configurations with the same values stay distinguishable (hollow markers
-    of different shapes, interleaved dashes) and the plots stay readable in greyscale. The colours are tab20's dark
-    then its light shades without the greys, which plots keep for references (initial values, text baselines)."""
-    from matplotlib import colormaps
-
-    tab20 = colormaps["tab20"].colors
-    colours = [c for c in tab20[0::2] + tab20[1::2] if len(set(c)) > 1]
+    of different shapes, interleaved dashes) and the plots stay readable in greyscale. The colours are PALETTE: sixteen
+    hues apart from each other (no light and dark shade of one hue, which a study's sixteen configurations would
+    otherwise pair up) and no grey, which plots keep for references (initial values, text baselines)."""
+    colours = PALETTE
     return {name: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)],
                    "linestyle": LINE_STYLES[i % len(LINE_STYLES)]} for i, name in enumerate(configs)}
 
