@@ -878,8 +878,8 @@ def _kv_claim(config: str, summary: dict, setting: str) -> dict:
     source = metrics.get("source_text/kv_bytes")
     source_text = (f"; the source still reads the whole prompt once to give the translator its hidden states (its "
                    f"cache, were it kept, would take {fmt(source['mean'])} bytes)" if source else "")
-    verdict = ("partly supported, by construction: the target's cache holds K soft tokens instead of the prompt, so "
-               "it is smaller wherever K is shorter than the prompt - computed, not measured" + source_text +
+    verdict = ("partly supported: by construction - the target's cache holds K soft tokens instead of the prompt, "
+               "so it is smaller wherever K is shorter than the prompt; computed, not measured" + source_text +
                "; the notes' megabytes are for 7-8B models and 64 tokens, not testable at this scale" if saved > 0 else
                "not supported: the soft tokens save no KV cache here (K is not shorter than the prompt)")
     return {**row, "measured": measured, "verdict": verdict}

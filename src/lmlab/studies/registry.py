@@ -34,7 +34,7 @@ def declarations(study: Study, cfg, configs: list[str]) -> dict:
     """What a run's record declares for its report: roles, claims, parameter matching and (where the study declares
     them) its comparisons, restricted to the configurations that run."""
     declared = {"roles": {c: r for c, r in study.roles(cfg).items() if c in configs}, "claims": study.claims(cfg),
-                "param_match_ratio": study.param_match_ratio(cfg)}
+                "param_match_ratio": study.param_match_ratio(cfg), "setting": study.setting(cfg)}
     comparisons = study.comparisons(cfg)
     if comparisons is not None:
         declared["comparisons"] = comparisons

@@ -180,6 +180,8 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
                                                 missing),
         "failed_cells": failed,
     }
+    if record.get("setting"):
+        summary["setting"] = record["setting"]
     if claims:
         summary["claims"] = claims
     return json_safe(summary)
@@ -708,7 +710,7 @@ def with_declarations(study, record: dict) -> dict:
     # what the study decides on today (e.g. MU: test perplexity, where older runs recorded the optimistic val_ppl)
     current = {"primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
                "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
-               "setting": study.setting(cfg)}
+               "setting": study.setting(cfg)}  # a description of the recorded config, in today's words
     # the record's own declarations win; what it predates (e.g. comparisons a study declares since) is filled in
     declared = registry.declarations(study, cfg, record["configurations"])
     merged = {**declared, **record, **current}
@@ -730,8 +732,6 @@ def write_reports(run: RunDir) -> dict:
     summary.update(extra)
     if claims:
         summary["claims"] = claims
-    if record.get("setting"):
-        summary["setting"] = record["setting"]
     run.write_json("summary.json", summary)
     write_csv(run, rows)
     metrics = [m for m in record.get("table_metrics", [record["primary_metric"]])
