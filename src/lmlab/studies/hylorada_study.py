@@ -1018,8 +1018,11 @@ def _significant(change: dict | None) -> bool:
 
 def _distance_sentence(rows: list[dict], configs: list[str], context: int | None, chance: float) -> str:
     """Recall split by how far each fact lies before its answer: beyond the base's pretraining context, where recovering
-    recall is what a context extension is for, and within it - the base and the range over `configs`, and how many of
-    them recall significantly more than the base beyond it (paired over seeds); "" without the queries' distances."""
+    recall is what a context extension is for, and within it - the base and the range over `configs`, how many of
+    them recall significantly more than the base beyond it (paired over seeds), and how many recall more than
+    guessing (`chance`) does there; "" without the queries' distances."""
+    from lmlab import stats
+
     if not context:
         return ""
 
@@ -1038,20 +1041,29 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
     span = lambda ns: f"{ns[0]:,}" if len(ns) == 1 else f"{ns[0]:,}-{ns[-1]:,}"  # noqa: E731
     changes = {c: _retrieval_change(rows, c, "base", context, True) for c in far}
     up = [c for c, change in changes.items() if _significant(change) and change["difference"] > 0]
+
+    def above_guessing(config: str) -> bool:  # the pooled far queries' 95% Wilson interval lies above chance
+        chosen = _selected_outcomes(rows, config, context, True)
+        hits, n = sum(sum(v) for v in chosen.values()), sum(len(v) for v in chosen.values())
+        return n > 0 and stats.wilson_interval(hits, n)[0] > chance
+
+    recalled = [c for c in far if above_guessing(c)]
     near_vals = [v for v in near.values() if v is not None]
+    named = f" ({', '.join(f'`{c}`' for c in up)})" if 0 < len(up) <= 3 else ""
     said = (f"Split by how far each fact lies before its answer (tokens from the fact to the answer): beyond the "
             f"base's {context}-token pretraining context ({span(counts)} queries per seed) the fine-tuned "
             f"configurations recall {min(far.values()):.0%}-{max(far.values()):.0%} against the base's "
-            f"{base_far:.0%} (guessing: {chance:.0%}), and {len(up)} of {len(far)} recall significantly more than "
-            "the base there (paired over seeds)"
-            + (f" ({', '.join(f'`{c}`' for c in up)})" if 0 < len(up) <= 3 else ""))
+            f"{base_far:.0%}; {len(up)} of {len(far)} recall significantly more than the base there (paired over "
+            f"seeds){named}, and {len(recalled)} of {len(far)} more than guessing would ({chance:.0%}: their pooled "
+            "queries' 95% Wilson interval above it).")
     if near_counts and near_vals:
-        said += (f"; within it ({span(near_counts)} queries per seed) they recall "
-                 f"{min(near_vals):.0%}-{max(near_vals):.0%} against the base's {base_near:.0%}")
-    if not up:
-        said += (". What fine-tuning recovered here is recall of facts near their query; beyond the pretraining "
-                 "context this run shows none")
-    return said + "."
+        said += (f" Within it ({span(near_counts)} queries per seed) they recall "
+                 f"{min(near_vals):.0%}-{max(near_vals):.0%} against the base's {base_near:.0%}.")
+    if not recalled:
+        said += (" What fine-tuning recovered here is recall of facts near their query; beyond the pretraining "
+                 "context no configuration recalls more than guessing gets"
+                 + (", so a gain over the base there is in how often a guess lands, not recall" if up else "") + ".")
+    return said
 
 
 def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | None) -> str:
