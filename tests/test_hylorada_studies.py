@@ -99,6 +99,23 @@ def test_the_learning_rate_search_picks_each_configurations_rate_on_the_tuning_s
     assert "The control `lora-lr-scaled` trains at `rslora`'s times sqrt(r)" in report
 
 
+def test_several_tuning_seeds_choose_by_the_geometric_mean_of_their_validation_perplexities(tmp_path: Path):
+    out = tmp_path / "run"
+    proc = run_cli("run", "hylorada", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
+                   "only=[lora]", "lr_grid=[0.0005,0.005]", "tuning_seed=[7,8]", "retrieval_docs=0",
+                   "positional_windows=0")
+    assert proc.returncode == 0, proc.stderr
+    entry = json.loads((out / "lr_tuning.json").read_text())["configs"]["lora"]
+    for lr in ("0.0005", "0.005"):
+        seven, eight = entry["per_seed"][lr]["7"], entry["per_seed"][lr]["8"]
+        assert seven != eight  # each tuning seed has its own data and initialisation
+        assert entry["val_ppl"][lr] == pytest.approx(math.sqrt(seven * eight))
+    assert entry["lr"] == min((0.0005, 0.005), key=lambda lr: entry["val_ppl"][f"{lr:g}"])
+    row = next(r for r in read_jsonl(out / "results.jsonl") if r["config"] == "lora")
+    assert row["details"]["lr"] == entry["lr"]
+    assert "on the tuning seeds 7, 8 (the table shows that mean)" in (out / "report.md").read_text()
+
+
 def test_the_tuning_seed_must_not_be_a_study_seed():
     with pytest.raises(ConfigError, match="tuning_seed=42 is one of the study's seeds"):
         load_config(HyloradaStudyConfig, preset_path("hylorada", "smoke"), ["lr_grid=[0.001,0.002]", "tuning_seed=42"])

@@ -471,30 +471,44 @@ def test_a_learning_rate_grid_is_validated_and_keeps_the_tuning_seed_apart():
         load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0]"])
     with pytest.raises(ConfigError, match="tuning_seed=42 is one of the study's seeds"):
         load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0.01]", "tuning_seed=42"])
+    with pytest.raises(ConfigError, match="tuning_seed=123 is one of the study's seeds"):
+        load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0.01]", "tuning_seed=[7,123]"])
+    with pytest.raises(ConfigError, match="must be one seed or a list of distinct seeds"):
+        load_config(MUStudyConfig, preset_path("mu", "default"), ["lr_grid=[0.001,0.01]", "tuning_seed=[7,7]"])
 
 
-def test_the_learning_rate_search_trains_each_model_at_every_grid_value_and_its_cells_at_the_best(tmp_path: Path):
+@pytest.mark.parametrize("tuning", [None, [7, 8]])
+def test_the_learning_rate_search_trains_each_model_at_every_grid_value_and_its_cells_at_the_best(tmp_path: Path,
+                                                                                                  tuning):
+    """One tuning seed: each score is its search run's best validation perplexity. Several: each seed's run is kept
+    apart (lr-<lr>/seed-<s>/) and the score is the geometric mean of their best validation perplexities."""
     out = tmp_path / "run"
     proc = run_cli("run", "mu", "--preset", "smoke", "--out", str(out), "--quiet", "--seeds", "1",
-                   "lr_grid=[0.0003,0.003]")
+                   "lr_grid=[0.0003,0.003]", *([f"tuning_seed={tuning}".replace(" ", "")] if tuning else []))
     assert proc.returncode == 0, proc.stderr
-    tuning = json.loads((out / "lr_tuning.json").read_text())
-    assert tuning["grid"] == [0.0003, 0.003] and tuning["seed"] == 7
+    tuning_record = json.loads((out / "lr_tuning.json").read_text())
+    assert tuning_record["grid"] == [0.0003, 0.003] and tuning_record["seed"] == (tuning or 7)
     rows = {r["config"]: r for r in read_jsonl(out / "results.jsonl")}
-    assert set(tuning["configs"]) == set(rows)
-    for config, entry in tuning["configs"].items():
+    assert set(tuning_record["configs"]) == set(rows)
+    for config, entry in tuning_record["configs"].items():
         # each score is the best validation perplexity of that search run, as its own curve recorded it
         for lr in (0.0003, 0.003):
-            curve = [r["val_ppl"] for r in read_jsonl(out / "lr_search" / config / f"lr-{lr:g}" / "metrics.jsonl")
-                     if "val_ppl" in r]
-            assert entry["val_ppl"][f"{lr:g}"] == pytest.approx(min(curve))
+            where = out / "lr_search" / config / f"lr-{lr:g}"
+            bests = [min(r["val_ppl"] for r in read_jsonl(path) if "val_ppl" in r)
+                     for path in ([where / f"seed-{s}" / "metrics.jsonl" for s in tuning] if tuning else
+                                  [where / "metrics.jsonl"])]
+            expected = math.exp(sum(math.log(b) for b in bests) / len(bests))
+            assert entry["val_ppl"][f"{lr:g}"] == pytest.approx(expected)
+            if tuning:
+                assert [entry["per_seed"][f"{lr:g}"][str(s)] for s in tuning] == pytest.approx(bests)
         assert entry["lr"] == min((0.0003, 0.003), key=lambda lr: entry["val_ppl"][f"{lr:g}"])
         assert rows[config]["details"]["lr"] == entry["lr"]
         trained = [r["lr"] for r in read_jsonl(out / "cells" / config / "seed-42" / "metrics.jsonl") if "lr" in r]
         assert max(trained) == pytest.approx(entry["lr"])  # the cell's schedule peaks at the chosen rate
     report = (out / "report.md").read_text()
-    assert "## Learning rate" in report and "chosen from 0.0003, 0.003 by the validation perplexity of one run on " \
-        "the tuning seed 7" in report
+    how = ("the validation perplexity of one run on the tuning seed 7" if not tuning else
+           "the geometric mean of the validation perplexities of runs on the tuning seeds 7, 8")
+    assert "## Learning rate" in report and f"chosen from 0.0003, 0.003 by {how}" in report
 
 
 @pytest.mark.parametrize(("late_gap", "reading"), [

@@ -334,7 +334,8 @@ class HyloradaStudyConfig(StudyConfig):
     adapter: HyLoRADAConfig = HyLoRADAConfig(dropout=0.0)
     lr_grid: list[float] | None = Field(None, min_length=2, description="choose each configuration's learning "
                                         "rate from these on a tuning seed's validation split before the seeds run")
-    tuning_seed: int = Field(7, description="data and initialisation seed of the learning-rate search")
+    tuning_seed: int | list[int] = Field(7, description="data and initialisation seed(s) of the learning-rate "
+                                         "search; several: the geometric mean of their validation perplexities")
     ablate_position: bool = Field(True, description="also evaluate each trained cell without its position bias and "
                                   "landmarks (what they contribute)")
     save_adapters: bool = True
@@ -447,8 +448,9 @@ class HyloradaStudy(Study):
                  "for every configuration of a seed (paired)."]
         if cfg.lr_grid:
             grid = ", ".join(f"{v:g}" for v in cfg.lr_grid)
-            lines.insert(4, f"Learning rate: each configuration's chosen from {grid} on tuning seed "
-                            f"{cfg.tuning_seed} (see Learning rate).")
+            tuning = lr_search.tuning_seeds(cfg.tuning_seed)
+            lines.insert(4, f"Learning rate: each configuration's chosen from {grid} on tuning seed"
+                            f"{'s' if len(tuning) > 1 else ''} {', '.join(map(str, tuning))} (see Learning rate).")
         return lines
 
     def roles(self, cfg) -> dict[str, dict]:
@@ -640,13 +642,14 @@ class HyloradaStudy(Study):
 
     def _tune_learning_rates(self, ctx: _Context, run: RunDir, configs: list[str], display: Display) -> dict:
         """Each configuration's learning rate: the grid value with the lowest validation perplexity on the tuning
-        seed (its own training sample, initialisation and validation documents), by `lr_search.search`."""
+        seed(s) (each its own training sample, initialisation and validation documents), by `lr_search.search`."""
         cfg = ctx.cfg
-        data = self._data(ctx, cfg.tuning_seed)
 
-        def score(config: str, lr: float, chosen: dict[str, float]) -> float:
-            model, _, _ = self._fine_tune(ctx, self.arms[config], data, cfg.tuning_seed, lr, None,
-                                          display.named(f"lr search {config} lr {lr:g}"), lora_lr=chosen.get("rslora"))
+        def score(config: str, lr: float, chosen: dict[str, float], seed: int) -> float:
+            data = self._data(ctx, seed)
+            model, _, _ = self._fine_tune(ctx, self.arms[config], data, seed, lr, None,
+                                          display.named(f"lr search {config} lr {lr:g} seed {seed}"),
+                                          lora_lr=chosen.get("rslora"))
             model.to(D.device())
             return self._val_ppl(ctx, model, data.val_docs)["ppl"]
 
@@ -803,7 +806,7 @@ def validation_sample(cfg: HyloradaStudyConfig, seed: int) -> list[str]:
     """A seed's validation documents from a data set. The tuning seed draws only documents that no study seed
     evaluates on, where the split has enough of them."""
     docs = load_documents(cfg.dataset, "validation", txt_documents=cfg.txt_documents)
-    if cfg.lr_grid is not None and seed == cfg.tuning_seed:
+    if cfg.lr_grid is not None and seed in lr_search.tuning_seeds(cfg.tuning_seed):
         used = {i for s in cfg.seeds for i in random.Random(s).sample(range(len(docs)), min(cfg.num_val, len(docs)))}
         unused = [i for i in range(len(docs)) if i not in used]
         if unused:

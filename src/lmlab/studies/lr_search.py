@@ -1,7 +1,8 @@
 """Choosing each configuration's learning rate before the seeds run (`lr_grid`, `tuning_seed`).
 
-One run per configuration and grid value on a tuning seed - its own initialisation and training order, never a
-study seed - scored on the validation split; the lowest score wins. The search is saved to `lr_tuning.json` as it
+One run per configuration, grid value and tuning seed - its own initialisation and training order, never a study
+seed - scored on the validation split; the lowest score wins, with several tuning seeds (`tuning_seed=[7, 8]`) the
+lowest geometric mean over them, so one seed's luck does not pick a rate. The search is saved to `lr_tuning.json` as it
 goes, so an interrupted one resumes where it stopped, and the report prints it (`read_search`, `search_lines`). A
 study decides on other data (HyLoRADA: its seeds' validation documents, drawn apart from the tuning seed's where
 the split allows; MU: the test split), so the choice is not made on what it is judged on.
@@ -10,6 +11,7 @@ the split allows; MU: the test split), so the choice is not made on what it is j
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,33 +23,53 @@ from lmlab.studies.report import fmt
 SEARCH_FILE = "lr_tuning.json"
 
 
-def check_grid(grid: list[float] | None, tuning_seed: int, seeds: list[int]) -> None:
-    """A config validator's part (raises ValueError): every grid value positive, the tuning seed no study seed."""
+def tuning_seeds(tuning_seed: int | list[int]) -> list[int]:
+    """The tuning seeds of a `tuning_seed` field: one seed or a list of them."""
+    return list(tuning_seed) if isinstance(tuning_seed, (list, tuple)) else [tuning_seed]
+
+
+def check_grid(grid: list[float] | None, tuning_seed: int | list[int], seeds: list[int]) -> None:
+    """A config validator's part (raises ValueError): every grid value positive, the tuning seeds distinct and none
+    a study seed."""
+    tuning = tuning_seeds(tuning_seed)
+    if not tuning or len(set(tuning)) != len(tuning):
+        raise ValueError(f"tuning_seed={tuning_seed} must be one seed or a list of distinct seeds")
     if grid is None:
         return
     if any(lr <= 0 for lr in grid):
         raise ValueError(f"lr_grid={grid} holds a learning rate <= 0")
-    if tuning_seed in seeds:
-        raise ValueError(f"tuning_seed={tuning_seed} is one of the study's seeds; choose another so the learning "
+    shared = [s for s in tuning if s in seeds]
+    if shared:
+        raise ValueError(f"tuning_seed={shared[0]} is one of the study's seeds; choose another so the learning "
                          "rate is not chosen on the data it is evaluated on")
 
 
-def search(root: Path, grid: list[float], tuning_seed: int, configs: list[str],
-           score: Callable[[str, float, dict[str, float]], float], display: Display) -> dict[str, float]:
-    """{config: chosen learning rate}: for each configuration in order, `score(config, lr, chosen)` (lower is
-    better; `chosen`: the learning rates chosen so far) at every grid value. A saved search of another grid or
-    tuning seed starts over."""
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if all(v > 0 for v in values) else \
+        sum(values) / len(values)
+
+
+def search(root: Path, grid: list[float], tuning_seed: int | list[int], configs: list[str],
+           score: Callable[[str, float, dict[str, float], int], float], display: Display) -> dict[str, float]:
+    """{config: chosen learning rate}: for each configuration in order, `score(config, lr, chosen, seed)` (lower is
+    better; `chosen`: the learning rates chosen so far) at every grid value and tuning seed; the lowest score wins,
+    over several tuning seeds their geometric mean (`val_ppl` in the record; each seed's in `per_seed`). A saved
+    search of another grid or tuning seed starts over."""
     path = root / SEARCH_FILE
     record = json.loads(path.read_text()) if path.exists() else {}
     if record.get("grid") != grid or record.get("seed") != tuning_seed:
         record = {"grid": grid, "seed": tuning_seed, "configs": {}}
+    seeds = tuning_seeds(tuning_seed)
     for config in configs:
         if config in record["configs"]:
             continue
         chosen = {c: v["lr"] for c, v in record["configs"].items()}
-        scores = {f"{lr:g}": score(config, lr, chosen) for lr in grid}
+        per_seed = {f"{lr:g}": {str(seed): score(config, lr, chosen, seed) for seed in seeds} for lr in grid}
+        scores = {key: geometric_mean(list(by_seed.values())) for key, by_seed in per_seed.items()}
         best = min(grid, key=lambda lr: scores[f"{lr:g}"])
         record["configs"][config] = {"lr": best, "val_ppl": scores}
+        if len(seeds) > 1:
+            record["configs"][config]["per_seed"] = per_seed
         display.line(f"lr search: {config} -> lr {best:g} ({', '.join(f'{k}: {v:.4g}' for k, v in scores.items())})")
         if D.is_main():
             atomic_write_text(path, json.dumps(record, indent=2))
@@ -64,8 +86,12 @@ def search_lines(tuning: dict, what: str) -> list[str]:
     """The report's account of a search (`read_search`): how each learning rate was chosen (`what`: on which
     validation data) and every score."""
     grid = tuning["grid"]
-    lines = [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by the "
-             f"validation perplexity of one run on the tuning seed {tuning['seed']} ({what}), before the seeds ran.",
+    seeds = tuning_seeds(tuning["seed"])
+    how = (f"the validation perplexity of one run on the tuning seed {seeds[0]}" if len(seeds) == 1 else
+           f"the geometric mean of the validation perplexities of runs on the tuning seeds "
+           f"{', '.join(map(str, seeds))} (the table shows that mean)")
+    lines = [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by {how} "
+             f"({what}), before the seeds ran.",
              "", "| configuration | chosen lr | " + " | ".join(f"val_ppl at {v:g}" for v in grid) + " |",
              "|" + "---|" * (len(grid) + 2)]
     for name, entry in tuning["configs"].items():

@@ -150,7 +150,8 @@ class MUStudyConfig(StudyConfig):
     train: TrainConfig = TrainConfig(epochs=2, batch_size=16, lr=2e-3, warmup_ratio=0.05)
     lr_grid: list[float] | None = Field(None, min_length=2, description="choose each model's learning rate from "
                                         "these by validation perplexity on a tuning seed before the seeds run")
-    tuning_seed: int = Field(7, description="initialisation and data-order seed of the learning-rate search")
+    tuning_seed: int | list[int] = Field(7, description="initialisation and data-order seed(s) of the learning-rate "
+                                         "search; several: the geometric mean of their validation perplexities")
     eval_batch_size: int = Field(16, ge=1)
     monitor: MonitorConfig = MonitorConfig()
     generation: GenerationConfig = GenerationConfig()
@@ -457,8 +458,10 @@ class MUStudy(Study):
                  f"Seeds: {len(cfg.seeds)} ({', '.join(map(str, cfg.seeds))}), the same data order for every model of "
                  "a seed (paired)."]
         if cfg.lr_grid:
+            tuning = lr_search.tuning_seeds(cfg.tuning_seed)
             lines.insert(3, f"Learning rate: each model's chosen from {', '.join(f'{v:g}' for v in cfg.lr_grid)} on "
-                            f"tuning seed {cfg.tuning_seed} (see Learning rate).")
+                            f"tuning seed{'s' if len(tuning) > 1 else ''} {', '.join(map(str, tuning))} (see Learning "
+                            "rate).")
         return lines
 
     def table_metrics(self, cfg) -> list[str]:
@@ -492,15 +495,19 @@ class MUStudy(Study):
         as it goes; each run's curve and samples go to `lr_search/<config>/lr-<lr>/`."""
         cfg = ctx.cfg
 
-        def score(config: str, lr: float, chosen: dict[str, float]) -> float:
+        several = len(lr_search.tuning_seeds(cfg.tuning_seed)) > 1
+
+        def score(config: str, lr: float, chosen: dict[str, float], seed: int) -> float:
             where = run.root / "lr_search" / config / f"lr-{lr:g}"
+            if several:  # one directory per tuning seed
+                where = where / f"seed-{seed}"
             where.mkdir(parents=True, exist_ok=True)
-            D.seed_everything(cfg.tuning_seed)
+            D.seed_everything(seed)
             model = build_model(ctx.models[config])
-            hooks = _CellHooks(ctx, f"lr search {config} lr {lr:g}", cfg.tuning_seed, where / SAMPLES_FILE, lr)
-            result = train(model, ctx.examples, cfg.train.model_copy(update={"lr": lr}), seed=cfg.tuning_seed,
+            hooks = _CellHooks(ctx, f"lr search {config} lr {lr:g} seed {seed}", seed, where / SAMPLES_FILE, lr)
+            result = train(model, ctx.examples, cfg.train.model_copy(update={"lr": lr}), seed=seed,
                            hooks=hooks, metrics_path=where / "metrics.jsonl",
-                           display=display.named(f"lr search {config} lr {lr:g}"))
+                           display=display.named(f"lr search {config} lr {lr:g} seed {seed}"))
             return result.best["val_ppl"]
 
         return lr_search.search(run.root, cfg.lr_grid, cfg.tuning_seed, run.read_study()["configurations"], score,
@@ -700,8 +707,10 @@ def learning_rate_clause(cfg: dict, rows: list[dict], configs: tuple[str, ...]) 
         return (f"at one learning rate shared by both and tuned for neither (train.lr = {cfg['train']['lr']:g}; "
                 "`lr_grid=[...]` chooses each model's on a tuning seed first, and one suited to either model could "
                 "change the gap)")
+    tuning = lr_search.tuning_seeds(cfg.get("tuning_seed", 7))
+    on = "the tuning seed" if len(tuning) == 1 else f"{len(tuning)} tuning seeds (their geometric mean)"
     said = (f"at each model's own learning rate, chosen from {', '.join(f'{v:g}' for v in grid)} by validation "
-            f"perplexity on the tuning seed ({', '.join(f'`{c}` {lr:g}' for c, lr in chosen.items())})")
+            f"perplexity on {on} ({', '.join(f'`{c}` {lr:g}' for c, lr in chosen.items())})")
     edge = lr_search.edge_choices(grid, chosen)
     if edge:
         said += (f"; {' and '.join(f'`{c}`' for c in edge)} chose an end of the grid, so a better rate may lie "
@@ -982,8 +991,8 @@ def _learning_rate_section(run: RunDir, rows: list[dict], configs: list[str], cf
     return ["## Learning rate", "",
             f"Every model trains at lr = {cfg['train']['lr']:g}, tuned for none of them: a comparison at one shared "
             "rate can favour whichever model it happens to suit. `lr_grid=[...]` chooses each model's rate by "
-            f"validation perplexity on a tuning seed (`tuning_seed`, {cfg.get('tuning_seed', 7)}) before the seeds "
-            "run.", ""]
+            f"validation perplexity on a tuning seed (`tuning_seed`, {cfg.get('tuning_seed', 7)}; a list of seeds: "
+            "their geometric mean) before the seeds run.", ""]
 
 
 def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
