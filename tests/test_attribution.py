@@ -471,8 +471,8 @@ def test_a_claimed_gain_a_control_explains_is_not_read_as_the_component_s(matche
 @pytest.mark.parametrize(("factor", "seed_noise", "verdict"), [
     (1.0, 0.01, "supported: no pair differs significantly, and every difference is within 0.1%"),
     (0.9999, 0.01, "supported: every difference is within 0.1% (the 95% intervals reach 0.01%) and within the noise "
-                   "between seeds (val_ppl varies by 1% from seed to seed, sd); paired by seed, `fixed` vs `rslora` "
-                   "differ consistently, by far less than that"),
+                   "between seeds (the 95% intervals stay below the 1% by which val_ppl varies from seed to seed, sd); "
+                   "paired by seed, `fixed` vs `rslora` differ consistently, by less than that"),
     (0.9999, 1e-5, "partly supported: every difference is within 0.1% as claimed"),
     (0.99, 0.01, "not supported: a difference may exceed 0.1%"),
 ])
@@ -494,7 +494,7 @@ def test_a_within_a_bound_claim_is_judged_on_its_size_and_its_noise(factor, seed
         import statistics
 
         sd = min(100 * statistics.stdev(v) / statistics.mean(v) for v in ppl.values())  # the smaller spread
-        assert f"by more than val_ppl varies from seed to seed ({sd:.2g}%, sd)" in got
+        assert f"the 95% intervals reach beyond the {sd:.2g}% by which val_ppl varies from seed to seed (sd)" in got
 
 
 def test_a_consistent_difference_of_float_rounding_is_not_an_effect():

@@ -200,17 +200,17 @@ def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_que
     rows = _retrieval_rows({"base": base, "near": near_gain, "far": far_gain})
     for r in rows:
         r["details"]["retrieval_distances"] = distances
-    text = _distance_sentence(rows, ["near"], 128, 1 / 9)
+    text = _distance_sentence(rows, ["near"], 128, 9)
     far_queries = sum(d > 128 for d in distances)
     base_far = sum(sum(v for v, d in zip(h, distances, strict=True) if d > 128) / far_queries
                    for h in base.values()) / 3
     assert f"beyond the base's 128-token pretraining context ({far_queries} queries per seed)" in text
     assert f"against the base's {base_far:.0%}; 0 of 1 recall significantly more than the base there" in text
-    assert "and 0 of 1 more than guessing would (11%: their pooled queries' 95% Wilson interval above it)" in text
+    assert "and 0 of 1 more than guessing would (1 in 9: their pooled queries' 95% Wilson interval above it)" in text
     assert text.endswith("What fine-tuning recovered here is recall of facts near their query; beyond the "
                          "pretraining context no configuration recalls more than guessing gets.")
-    text = _distance_sentence(rows, ["near", "far"], 128, 1 / 9)
-    assert "1 of 2 recall significantly more than the base there (paired over seeds) (`far`)" in text
+    text = _distance_sentence(rows, ["near", "far"], 128, 9)
+    assert "1 of 2 recall significantly more than the base there (`far`; paired over seeds)" in text
     # `far` recalls a fifth to a third of the far facts: above guessing (1 in 9) on the pooled queries
     hits = sum(sum(v for v, d in zip(h, distances, strict=True) if d > 128) for h in far_gain.values())
     from lmlab import stats
@@ -222,12 +222,12 @@ def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_que
     rows = _retrieval_rows({"base": {s: [0] * 200 for s in base}, "guess": at_chance})
     for r in rows:
         r["details"]["retrieval_distances"] = distances
-    text = _distance_sentence(rows, ["guess"], 128, 1 / 9)
+    text = _distance_sentence(rows, ["guess"], 128, 9)
     assert "1 of 1 recall significantly more than the base there" in text and "0 of 1 more than guessing" in text
     assert text.endswith("so a gain over the base there is in how often a guess lands, not recall.")
     for r in rows:  # older cells without distances: nothing is said
         del r["details"]["retrieval_distances"]
-    assert _distance_sentence(rows, ["near"], 128, 1 / 9) == ""
+    assert _distance_sentence(rows, ["near"], 128, 9) == ""
 
 
 def test_retrieval_gains_are_tested_paired_over_the_same_queries():

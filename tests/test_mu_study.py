@@ -587,3 +587,49 @@ def test_the_late_change_of_validation_perplexity_is_read_from_the_cells_curves(
         assert abs(change["delta_pct"] - expected) < 1e-9, config
     side = (smoke_run / "report.md").read_text().split("## Models side by side")[1].split("\n\n")[1]
     assert f"Over the last quarter of training (evaluations at steps {late['from']} and {late['to']}" in side
+
+
+def test_tuning_seeds_that_disagree_on_the_best_rate_are_named():
+    from lmlab.studies import lr_search
+
+    record = {"grid": [0.001, 0.01], "seed": [7, 8], "configs": {
+        "mu-sota": {"lr": 0.01, "val_ppl": {"0.001": 12.2, "0.01": 12.1},
+                    "per_seed": {"0.001": {"7": 14.0, "8": 10.6}, "0.01": {"7": 12.3, "8": 11.9}}},
+        "dense": {"lr": 0.001, "val_ppl": {"0.001": 10.0, "0.01": 11.0},
+                  "per_seed": {"0.001": {"7": 10.0, "8": 10.0}, "0.01": {"7": 11.0, "8": 11.0}}}}}
+    assert lr_search.disagreements(record) == {"mu-sota": {"7": 0.01, "8": 0.001}}
+    lines = lr_search.search_lines(record, "the validation split")
+    assert lines[-1] == ("The tuning seeds disagree on the best rate for `mu-sota` (seed 7: 0.01, seed 8: 0.001): its "
+                         "choice rests on the mean of seeds that point different ways, so another tuning seed could "
+                         "change it.")
+    one = {**record, "seed": 7, "configs": {c: {k: v for k, v in e.items() if k != "per_seed"}
+                                            for c, e in record["configs"].items()}}
+    assert lr_search.disagreements(one) == {} and "disagree" not in "\n".join(lr_search.search_lines(one, "x"))
+
+
+def test_the_late_change_reads_a_rise_a_missing_interval_and_a_flat_end_each_as_what_it_is():
+    from lmlab import stats
+    from lmlab.studies.mu_study import late_words
+
+    start = {1: 10.0, 2: 10.4, 3: 10.2}
+
+    def late(factor: float, seeds=(1, 2, 3)) -> dict:
+        changes = stats.paired_relative_change({k: start[k] * factor * (1 + 0.001 * k) for k in seeds},
+                                               {k: start[k] for k in seeds})
+        return {"from": 75, "to": 100, "changes": {"mu-sota": changes}}
+
+    cosine = {"lr": 0.003, "schedule": "cosine", "min_lr_ratio": 0.0}
+    words, falling = late_words(late(0.97), ["mu-sota"], cosine)
+    assert falling and words.endswith("still falling in every one at the end of this budget")
+    assert "as the cosine schedule takes the learning rate to 0)" in words
+    words, falling = late_words(late(1.03), ["mu-sota"], cosine)
+    assert not falling and "rising in `mu-sota`" in words and "levels off" not in words
+    words, falling = late_words(late(0.9, seeds=(1,)), ["mu-sota"], cosine)  # one seed: no interval
+    assert not falling and "no interval for `mu-sota`" in words
+    flat = {"from": 75, "to": 100, "changes": {"mu-sota": stats.paired_relative_change(
+        {1: 10.0, 2: 10.5, 3: 9.9}, {1: 10.01, 2: 10.4, 3: 9.95})}}
+    words, falling = late_words(flat, ["mu-sota"], {**cosine, "min_lr_ratio": 0.1})
+    assert words.endswith("not falling significantly in every one: near where this schedule levels off")
+    assert "takes the learning rate to 0.1 times its peak" in words
+    words, _ = late_words(flat, ["mu-sota"], {**cosine, "schedule": "constant"})
+    assert words.endswith("not falling significantly in every one") and "schedule" not in words

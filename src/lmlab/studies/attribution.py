@@ -569,8 +569,9 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         # pairing by seed can resolve differences far below that, which then differ consistently, not beyond noise
         spread = seed_spread(values, [c for a, b, _ in ran for c in (a, b)], metric)
         in_noise = differ and spread is not None and reach < spread
-        noise = (f"within the noise between seeds ({metric} varies by {spread:.2g}% from seed to seed, sd); paired "
-                 f"by seed, {named} differ consistently, by far less than that") if in_noise else ""
+        noise = (f"within the noise between seeds (the 95% intervals stay below the {spread:.2g}% by which {metric} "
+                 f"varies from seed to seed, sd); paired by seed, {named} differ consistently, by less than that") \
+            if in_noise else ""
         if within is None:
             verdict = ("supported: no pair differs significantly" if not differ else
                        f"supported: every difference is {noise}" if in_noise
@@ -586,9 +587,10 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                        f"{noise}")
         else:
             verdict = (f"partly supported: every difference is within {within:g}% as claimed (the 95% intervals "
-                       f"reach {reach:.2g}%), but not within noise: {named} differ significantly, by more than "
-                       + (f"{metric} varies from seed to seed ({spread:.2g}%, sd)" if spread is not None else
-                          "nothing (one seed: no spread between seeds to compare with)"))
+                       f"reach {reach:.2g}%), but not shown to be within noise: {named} differ significantly, and "
+                       + (f"the 95% intervals reach beyond the {spread:.2g}% by which {metric} varies from seed to "
+                          "seed (sd)" if spread is not None else
+                          "with one seed there is no spread between seeds to compare them with"))
         return {**row, "measured": measured, "verdict": verdict}
     effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     if effect is None:

@@ -428,7 +428,8 @@ class HyloradaStudy(Study):
         context = cfg.base.model.context if cfg.model == "builtin" else None
         data = describe_data(cfg.dataset, f"built-in long documents, {plural(cfg.num_facts, 'planted fact')} of "
                                           f"{plural(cfg.value_digits, 'digit')} each")
-        targets = a.target_modules or (", ".join(DEFAULT_TARGETS["llama" if cfg.base.model.arch == "llama" else
+        named = ", ".join(a.target_modules) if isinstance(a.target_modules, list) else a.target_modules
+        targets = named or (", ".join(DEFAULT_TARGETS["llama" if cfg.base.model.arch == "llama" else
                                                                  "gpt2"]) if cfg.model == "builtin" else
                                        "the architecture's default attention projections")
         lines = [f"Base model: {describe_model(cfg.model, cfg.base)}; its weights stay frozen "
@@ -644,9 +645,12 @@ class HyloradaStudy(Study):
         """Each configuration's learning rate: the grid value with the lowest validation perplexity on the tuning
         seed(s) (each its own training sample, initialisation and validation documents), by `lr_search.search`."""
         cfg = ctx.cfg
+        tuning_data: dict[int, SeedData] = {}  # every tuning seed's data, built once (`_data` keeps one seed's)
 
         def score(config: str, lr: float, chosen: dict[str, float], seed: int) -> float:
-            data = self._data(ctx, seed)
+            if seed not in tuning_data:
+                tuning_data[seed] = self._data(ctx, seed)
+            data = tuning_data[seed]
             model, _, _ = self._fine_tune(ctx, self.arms[config], data, seed, lr, None,
                                           display.named(f"lr search {config} lr {lr:g} seed {seed}"),
                                           lora_lr=chosen.get("rslora"))
@@ -1019,15 +1023,20 @@ def _significant(change: dict | None) -> bool:
     return change is not None and change["ci95"] is not None and (change["ci95"][0] > 0 or change["ci95"][1] < 0)
 
 
-def _distance_sentence(rows: list[dict], configs: list[str], context: int | None, chance: float) -> str:
+def _distance_sentence(rows: list[dict], configs: list[str], context: int | None, values: int) -> str:
     """Recall split by how far each fact lies before its answer: beyond the base's pretraining context, where recovering
     recall is what a context extension is for, and within it - the base and the range over `configs`, how many of
     them recall significantly more than the base beyond it (paired over seeds), and how many recall more than
-    guessing (`chance`) does there; "" without the queries' distances."""
+    guessing one of `values` equally likely values does there; "" without the queries' distances."""
     from lmlab import stats
 
     if not context:
         return ""
+    chance = 1 / values
+
+    def span_pct(shares: list[float]) -> str:  # '7%-11%', or '7%' where they print alike
+        low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+        return low if low == high else f"{low}-{high}"
 
     def recall(config: str, far: bool) -> float | None:
         chosen = _selected_outcomes(rows, config, context, far)
@@ -1052,16 +1061,16 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
 
     recalled = [c for c in far if above_guessing(c)]
     near_vals = [v for v in near.values() if v is not None]
-    named = f" ({', '.join(f'`{c}`' for c in up)})" if 0 < len(up) <= 3 else ""
+    named = f"{', '.join(f'`{c}`' for c in up)}; " if 0 < len(up) <= 3 else ""
     said = (f"Split by how far each fact lies before its answer (tokens from the fact to the answer): beyond the "
             f"base's {context}-token pretraining context ({span(counts)} queries per seed) the fine-tuned "
-            f"configurations recall {min(far.values()):.0%}-{max(far.values()):.0%} against the base's "
-            f"{base_far:.0%}; {len(up)} of {len(far)} recall significantly more than the base there (paired over "
-            f"seeds){named}, and {len(recalled)} of {len(far)} more than guessing would ({chance:.0%}: their pooled "
-            "queries' 95% Wilson interval above it).")
+            f"configurations recall {span_pct(list(far.values()))} against the base's "
+            f"{base_far:.0%}; {len(up)} of {len(far)} recall significantly more than the base there ({named}paired "
+            f"over seeds), and {len(recalled)} of {len(far)} more than guessing would (1 in {values:,}: their "
+            "pooled queries' 95% Wilson interval above it).")
     if near_counts and near_vals:
         said += (f" Within it ({span(near_counts)} queries per seed) they recall "
-                 f"{min(near_vals):.0%}-{max(near_vals):.0%} against the base's {base_near:.0%}.")
+                 f"{span_pct(near_vals)} against the base's {base_near:.0%}.")
     if not recalled:
         said += (" What fine-tuning recovered here is recall of facts near their query; beyond the pretraining "
                  "context no configuration recalls more than guessing gets"
@@ -1162,7 +1171,7 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                             "would tell)" if fixed else "") + ".")
             lines.append(said)
         split = _distance_sentence(rows, [c for c in fine_tuned if not c.endswith("(INVALID)")], context,
-                                   1 / (9 * 10 ** (digits - 1)))
+                                   9 * 10 ** (digits - 1))
         if split:
             lines.append(split)
         kept = _short_recall_sentence(rows, [c for c in fine_tuned if not c.endswith("(INVALID)")], context)

@@ -70,7 +70,7 @@ from lmlab.studies.report import (
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
-from lmlab.studies.setting import describe_data, describe_model
+from lmlab.studies.setting import describe_data, describe_model, plural
 
 BRIDGE_SYSTEMS = ("bridged", "zero_prefix", "shuffled_source")  # the systems that go through the translator
 TEXT_SYSTEMS = SHARED_SYSTEMS  # translator-free: generated once per direction (and K), shared by the cells
@@ -391,7 +391,7 @@ class LatentWireStudy(Study):
         for k in sorted({a.num_queries for a in arms.values()}):
             t = translator_shape(cfg, k)
             by_shape.setdefault((t.bottleneck, t.depth, t.heads), []).append(k)
-        sizes = "; ".join(f"K = {', '.join(map(str, ks))}: width {b}, {d} blocks, {h} heads"
+        sizes = "; ".join(f"K = {', '.join(map(str, ks))}: width {b}, {plural(d, 'block')}, {plural(h, 'head')}"
                           for (b, d, h), ks in by_shape.items())
         return [f"Source model (frozen): {describe_model(cfg.source_model, cfg.source)}; the translator reads its "
                 f"hidden states at layer {cfg.source_layer}.",
@@ -681,10 +681,10 @@ def collapse_check(curves: dict[int, dict[int, float]], patience: int | None, it
             "can_stop_early": patience is not None and patience < evaluations - 1}
 
 
-def fixes_acted(rows: list[dict], config: str) -> str:
+def fixes_acted(rows: list[dict], config: str, info_nce_weight: float = 0.05) -> str:
     """What the stability fixes did in `config`'s finished cells: how many runs early stopping ended early, and in how
     many restoring the best weights went back to an earlier evaluation than the last (best_step < train_steps) -
-    where neither happened, only InfoNCE acted. "" without cells."""
+    where neither happened, only InfoNCE acted (none of the three where its weight is 0). "" without cells."""
     cells = [r for r in rows if r["config"] == config and r["status"] == "ok"]
     if not cells:
         return ""
@@ -696,7 +696,8 @@ def fixes_acted(rows: list[dict], config: str) -> str:
             f"the best weights went back to an earlier evaluation in {len(back)} of {len(cells)}"
             + (f" (by up to {max(back)} steps; the first of equal accuracies is kept)" if back else ""))
     if not stopped and not back:
-        said += ", so of the three fixes only InfoNCE acted"
+        said += (", so of the three fixes only InfoNCE acted" if info_nce_weight > 0 else
+                 ", and InfoNCE's weight is 0: none of the three fixes acted")
     return said
 
 
@@ -818,7 +819,7 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
         verdict = interval_verdict([100 * b for b in test["ci95"]], claimed_pp,
                                    f"the claimed {claimed_pp:+.1f} percentage points")
         floor = source_at_floor(items[config])
-        if floor is not None and claimed > 0 and not verdict.startswith("supported"):
+        if floor is not None and claimed > 0 and verdict.startswith(("not supported", "not testable")):
             # above the text baseline needs the source to add what the target lacks; a source at the floor cannot
             verdict = (f"not testable at this scale: {floor}, so the bridge can at best carry the question, not add "
                        f"the source's answer to the target's; the interval alone reads: {verdict}")
@@ -834,7 +835,7 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
                      values, [], lower_is_better=False)
     if baseline in values:
         l2 = _l2_with_collapse(l2, collapse, baseline)
-    acted = fixes_acted(rows or [], main)
+    acted = fixes_acted(rows or [], main, cfg.get("info_nce_weight", 0.05))
     if acted:
         l2 = {**l2, "verdict": f"{l2['verdict']}; {acted}"}
     claims.append(l2)
@@ -1132,7 +1133,7 @@ def _compression_plot(rows: list[dict], run: RunDir) -> bool:
                         linestyle=style, capsize=3, clip_on=False, label=label + notes.get(label, ""))
         for x, seeds in zip(dodged, per_seed, strict=True):
             if len(seeds) > 1:  # the seeds' own accuracies beside the mean: their spread, next to the items' interval
-                acc_ax.scatter([x + step] * len(seeds), seeds, color=colour, marker=".", s=18, alpha=0.8,
+                acc_ax.scatter([x + step / 2] * len(seeds), seeds, color=colour, marker=".", s=18, alpha=0.8,
                                clip_on=False)
     acc_ax.set_ylim(0, 1)
     kv_ax.set_ylim(bottom=0)  # a saving is read against none

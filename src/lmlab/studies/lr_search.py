@@ -97,7 +97,29 @@ def search_lines(tuning: dict, what: str) -> list[str]:
     for name, entry in tuning["configs"].items():
         lines.append(f"| {name} | {entry['lr']:g} | " + " | ".join(fmt(entry["val_ppl"].get(f"{v:g}")) for v in grid)
                      + " |")
+    split = disagreements(tuning)
+    if split:
+        named = "; ".join(f"`{name}` ({', '.join(f'seed {seed}: {lr:g}' for seed, lr in best.items())})"
+                          for name, best in split.items())
+        rests, it = ("its choice rests", "it") if len(split) == 1 else ("their choices rest", "them")
+        lines += ["", f"The tuning seeds disagree on the best rate for {named}: {rests} on the mean of seeds that "
+                  f"point different ways, so another tuning seed could change {it}."]
     return lines
+
+
+def disagreements(tuning: dict) -> dict[str, dict[str, float]]:
+    """{config: {tuning seed: its best learning rate}} for the configurations whose tuning seeds (several, `per_seed`)
+    do not agree on the best grid value."""
+    out = {}
+    for name, entry in tuning["configs"].items():
+        per_seed = entry.get("per_seed")
+        if not per_seed:
+            continue
+        seeds = list(next(iter(per_seed.values())))
+        best = {seed: float(min(per_seed, key=lambda lr: per_seed[lr][seed])) for seed in seeds}
+        if len(set(best.values())) > 1:
+            out[name] = best
+    return out
 
 
 def edge_choices(grid: list[float], chosen: dict[str, float]) -> list[str]:

@@ -67,7 +67,7 @@ from lmlab.studies.report import (
 )
 from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig, log_line
-from lmlab.studies.setting import describe_data
+from lmlab.studies.setting import describe_data, plural
 
 CONFIGURATIONS = ("mu-sota", "mu-simple", "dense")
 REFERENCE, CANDIDATE = "dense", "mu-sota"
@@ -447,7 +447,7 @@ class MUStudy(Study):
         shapes = []
         for name in ("mu-sota", "mu-simple"):
             m = mu_config(cfg, name, cfg.vocab_size)
-            shapes.append(f"{name} ({m.n_layers} layers, a state of {m.grid} x {m.grid} in blocks of "
+            shapes.append(f"{name} ({plural(m.n_layers, 'layer')}, a state of {m.grid} x {m.grid} in blocks of "
                           f"{m.block_shape[0]} x {m.block_shape[1]})")
         lines = [f"Data: {data}, {tokenizer}, packed windows of {cfg.max_seq_len} tokens.",
                  f"Models, trained from scratch: {shapes[0]}, {shapes[1]} and a dense transformer whose "
@@ -838,14 +838,27 @@ def late_words(late: dict | None, configs: tuple[str, ...] | list[str], train: d
     significantly in every one of them); ("", False) without the curves."""
     if not late or not all(late["changes"].get(c) for c in configs):
         return "", False
-    falling = all((late["changes"][c].get("ci95") or [0, 0])[1] < 0 for c in configs)
+    intervals = {c: late["changes"][c].get("ci95") for c in configs}
+    falling = all(ci is not None and ci[1] < 0 for ci in intervals.values())
+    rising = [c for c, ci in intervals.items() if ci is not None and ci[0] > 0]
+    unknown = [c for c, ci in intervals.items() if ci is None]
+    decays = train.get("schedule") in ("cosine", "linear")
     decay = ""
-    if train.get("schedule") in ("cosine", "linear"):
-        floor = train["lr"] * train.get("min_lr_ratio", 0.0)
-        decay = f", as the {train['schedule']} schedule takes the learning rate to {floor:g}"
+    if decays:
+        ratio = train.get("min_lr_ratio", 0.0)
+        decay = (f", as the {train['schedule']} schedule takes the learning rate to "
+                 + ("0" if not ratio else f"{ratio:g} times its peak"))
     changes = ", ".join(f"`{c}` {change_cell(late['changes'][c])}" for c in configs)
-    reading = ("still falling in every one at the end of this budget" if falling else
-               "not falling significantly in every one: this budget's end is near where its schedule levels off")
+    names = lambda cs: ", ".join(f"`{c}`" for c in cs)  # noqa: E731
+    if falling:
+        reading = "still falling in every one at the end of this budget"
+    elif rising:
+        reading = f"rising in {names(rising)} (worse at the end than a quarter before: overfitting or instability)"
+    elif unknown:
+        reading = f"no interval for {names(unknown)} (one seed or one shared value), so whether it still fell is open"
+    else:
+        reading = ("not falling significantly in every one" + (": near where this schedule levels off" if decays else
+                                                                ""))
     return (f"over the last quarter of training (evaluations at steps {late['from']} and {late['to']}{decay}) "
             f"val_ppl changed by {changes}: {reading}"), falling
 

@@ -219,7 +219,8 @@ def mean_text(desc: dict | None) -> str:
 
 
 def interval_text(lo: float, hi: float) -> str:
-    """'[10.38, 11.60]': an interval's ends to two significant digits of its width (trailing zeros kept)."""
+    """'[10.4, 11.6]': an interval's ends to the decimals that show two significant digits of its width (trailing
+    zeros kept: [9.80, 10.05], not [9.8, 10.05])."""
     width = abs(hi - lo)
     digits = min(6, max(0, 1 - math.floor(math.log10(width)))) if width > 0 and math.isfinite(width) else 2
     return f"[{lo:,.{digits}f}, {hi:,.{digits}f}]"
@@ -228,11 +229,12 @@ def interval_text(lo: float, hi: float) -> str:
 def mean_pm_std(mean: float, std: float) -> str:
     """'mean ± std' with the std to two significant figures (trailing zeros kept: 0.020, not 0.02) and the mean to at
     least as many decimals as the std shows, so that 10.0009 ± 0.53 prints as 10.00 ± 0.53, not 10 ± 0.53."""
-    if not (math.isfinite(mean) and math.isfinite(std)) or std < 0:
+    if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
         return f"{fmt(mean)} ± {fmt(std, 2)}"
-    if std >= 10 or std < 1e-3:
-        std_text = fmt(std, 2)
-        decimals = 0 if std >= 10 else min(6, 1 - math.floor(math.log10(std)))
+    if std >= 9.95:  # two significant figures of a spread of 10 or more: whole numbers (470, 1,200)
+        std_text, decimals = f"{float(f'{std:.2g}'):,.0f}", 0
+    elif std < 1e-3:
+        std_text, decimals = fmt(std, 2), min(6, 1 - math.floor(math.log10(std)))
     else:
         std_text = f"{std:#.2g}".rstrip(".")
         decimals = len(std_text.split(".")[1]) if "." in std_text else 0
@@ -552,8 +554,9 @@ def config_styles(configs: list[str]) -> dict[str, dict]:
     of a run whichever subset of configurations a plot shows. Colour, marker shape and line style all change from
     one configuration to the next, so two configurations with the same values stay distinguishable (hollow markers
     of different shapes, interleaved dashes) and the plots stay readable in greyscale. The colours are PALETTE: sixteen
-    hues apart from each other (no light and dark shade of one hue, which a study's sixteen configurations would
-    otherwise pair up) and no grey, which plots keep for references (initial values, text baselines)."""
+    colours at least 0.2 apart in RGB (tab20's light and dark shades of one hue had paired up a study's sixteen
+    configurations; a few neighbours here, such as blue and navy, still share a hue and differ in lightness) and no
+    grey, which plots keep for references (initial values, text baselines)."""
     colours = PALETTE
     return {name: {"color": colours[i % len(colours)], "marker": MARKERS[i % len(MARKERS)],
                    "linestyle": LINE_STYLES[i % len(LINE_STYLES)]} for i, name in enumerate(configs)}

@@ -16,9 +16,10 @@ _PRETRAIN_DATA = {"longdoc": "long documents with planted facts", "arithmetic": 
 def describe_base(cfg: PretrainConfig) -> str:
     """A cached tiny base: its shape and how it was pretrained."""
     m = cfg.model
-    kv = f", {m.num_kv_heads} KV heads" if m.arch == "llama" and m.num_kv_heads else ""
-    return (f"a tiny {'Llama' if m.arch == 'llama' else 'GPT-2'} built and pretrained here ({m.num_layers} layers, "
-            f"width {m.hidden_size}, {m.num_heads} heads{kv}, BPE vocabulary {cfg.vocab_size}, {m.context}-token "
+    kv = f", {plural(m.num_kv_heads, 'KV head')}" if m.arch == "llama" and m.num_kv_heads else ""
+    arch = "Llama" if m.arch == "llama" else "GPT-2"
+    return (f"a tiny {arch} built and pretrained here ({plural(m.num_layers, 'layer')}, width {m.hidden_size}, "
+            f"{plural(m.num_heads, 'head')}{kv}, BPE vocabulary {cfg.vocab_size}, {m.context}-token "
             f"context; pretrained for {plural(cfg.train.epochs, 'epoch')} on {cfg.num_docs:,} built-in "
             f"{_PRETRAIN_DATA[cfg.data]})")
 
