@@ -113,7 +113,9 @@ def test_several_tuning_seeds_choose_by_the_geometric_mean_of_their_validation_p
     assert entry["lr"] == min((0.0005, 0.005), key=lambda lr: entry["val_ppl"][f"{lr:g}"])
     row = next(r for r in read_jsonl(out / "results.jsonl") if r["config"] == "lora")
     assert row["details"]["lr"] == entry["lr"]
-    assert "on the tuning seeds 7, 8 (the table shows that mean)" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "by the geometric mean of the validation perplexities of runs on the tuning seeds 7, 8 (" in report
+    assert "| chosen lr | geometric mean val_ppl at 0.0005 | geometric mean val_ppl at 0.005 |" in report
 
 
 def test_the_tuning_seed_must_not_be_a_study_seed():

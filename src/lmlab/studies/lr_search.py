@@ -89,10 +89,11 @@ def search_lines(tuning: dict, what: str) -> list[str]:
     seeds = tuning_seeds(tuning["seed"])
     how = (f"the validation perplexity of one run on the tuning seed {seeds[0]}" if len(seeds) == 1 else
            f"the geometric mean of the validation perplexities of runs on the tuning seeds "
-           f"{', '.join(map(str, seeds))} (the table shows that mean)")
+           f"{', '.join(map(str, seeds))}")
+    column = "val_ppl" if len(seeds) == 1 else "geometric mean val_ppl"
     lines = [f"Each configuration's learning rate was chosen from {', '.join(f'{v:g}' for v in grid)} by {how} "
              f"({what}), before the seeds ran.",
-             "", "| configuration | chosen lr | " + " | ".join(f"val_ppl at {v:g}" for v in grid) + " |",
+             "", "| configuration | chosen lr | " + " | ".join(f"{column} at {v:g}" for v in grid) + " |",
              "|" + "---|" * (len(grid) + 2)]
     for name, entry in tuning["configs"].items():
         lines.append(f"| {name} | {entry['lr']:g} | " + " | ".join(fmt(entry["val_ppl"].get(f"{v:g}")) for v in grid)
