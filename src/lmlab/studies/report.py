@@ -541,7 +541,7 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d")
 LINE_STYLES = ("-", "--", "-.", ":")
 
 
-# Distinct hues for configurations (after Trubetskoy's 20 distinct colours, without the greys and the shades too
+# Distinct colours for configurations (after Trubetskoy's 20 distinct colours, without the greys and the shades too
 # light to see on white): blue, orange, green, red, purple, brown, magenta, teal, olive, cyan, maroon, navy, lime,
 # pink, lavender, dark gold.
 PALETTE = ("#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#9a6324", "#f032e6", "#469990", "#808000",
