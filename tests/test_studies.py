@@ -337,3 +337,19 @@ def test_local_executor_jobs_resubmission_and_collection(smoke_run: Path, tmp_pa
     assert "submitted 1 cell(s) as local jobs" in again.stderr
     assert _rows(out)[0] == first_row and {(r["config"], r["seed"]) for r in _rows(out)} == set(rows)
     assert len(json.loads((out / "jobs" / "jobs.json").read_text())) == 2
+
+
+def test_h5_says_how_many_position_bias_parameters_the_run_trained_against_the_notes_64(smoke_run: Path):
+    from safetensors import safe_open
+
+    # counted from the saved adapter: the bias table and one gate per adapted projection
+    path = smoke_run / "cells" / "rslora+bias" / "seed-42" / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(path), "pt") as f:
+        counted = sum(f.get_slice(k).get_shape()[0] for k in f.keys()  # noqa: SIM118 (safe_open is not iterable)
+                      if k.endswith("position_bias.table") or k.endswith("position_gate"))
+    summary = json.loads((smoke_run / "summary.json").read_text())
+    h5 = next(c for c in summary["claims"] if c["id"] == "H5")
+    said = f"{counted} position-bias parameters (table and gates) (the notes: 64)"
+    assert counted != 64 and said in h5["setting_differs"]
+    row = next(line for line in (smoke_run / "report.md").read_text().splitlines() if line.startswith("| H5:"))
+    assert "this run differs: " + said in row

@@ -84,12 +84,17 @@ def config_value(config: dict, path: str):
     return value
 
 
-def with_scale(row: dict, spec: dict, config: dict) -> dict:
+def with_scale(row: dict, spec: dict, config: dict, configs: dict | None = None) -> dict:
     """A claim row whose setting column also says where this run's scale differs from the notes': a claim spec's
-    `scale` lists [config path, the notes' value, what it counts] (e.g. ["num_train", 200, "training samples"])."""
+    `scale` lists [config path, the notes' value, what it counts] (e.g. ["num_train", 200, "training samples"]);
+    the path "component_params" reads the claim's candidate's measured component parameters from `configs`
+    (the summary's per-configuration entries) instead of the configuration."""
     differs = []
     for path, notes, what in spec.get("scale", []):
-        ours = config_value(config, path)
+        if path == "component_params":
+            ours = (configs or {}).get(spec.get("candidate"), {}).get("component_params")
+        else:
+            ours = config_value(config, path)
         if ours is not None and ours != notes:
             differs.append(f"{what} {ours} (the notes: {notes})" if isinstance(notes, str) else
                            f"{fmt(ours)} {what} (the notes: {fmt(notes)})")
@@ -162,7 +167,7 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
         candidate, headline_parent = declared["candidate"], declared["parent"]
     missing = [c for c in (candidate, headline_parent) if c not in configs]
     claims = [with_scale(attribution.judge_claim(spec, values, comparisons, primary_lower), spec,
-                         record.get("config", {})) for spec in record.get("claims", [])]
+                         record.get("config", {}), summary_configs) for spec in record.get("claims", [])]
     failed = [{"config": r["config"], "seed": r["seed"], "error": r.get("error")}
               for r in rows if r["status"] != "ok"]
     summary = {
