@@ -349,7 +349,7 @@ def test_h5_says_how_many_position_bias_parameters_the_run_trained_against_the_n
                       if k.endswith("position_bias.table") or k.endswith("position_gate"))
     summary = json.loads((smoke_run / "summary.json").read_text())
     h5 = next(c for c in summary["claims"] if c["id"] == "H5")
-    said = f"{counted} position-bias parameters (table and gates) (the notes: 64)"
+    said = f"{counted} position-bias parameters, table and gates (the notes: 64)"
     assert counted != 64 and said in h5["setting_differs"]
     row = next(line for line in (smoke_run / "report.md").read_text().splitlines() if line.startswith("| H5:"))
     assert "this run differs: " + said in row

@@ -202,7 +202,7 @@ HYLORADA_CLAIMS = [
      "candidate": "rslora+dora", "parent": "rslora", "claimed_pct": -5.62},
     {"id": "H5", "claim": "position bias: +2.11% with 64 parameters", "setting": "same",
      "candidate": "rslora+bias", "parent": "rslora", "claimed_pct": 2.11,
-     "scale": [["component_params", 64, "position-bias parameters (table and gates)"]],
+     "scale": [["component_params", 64, "position-bias parameters, table and gates"]],
      "reach": {**BIAS_REACH, "faster": "rslora+bias-fast"},
      "positive_control": {"candidate": "rslora-frozen+bias", "parent": "rslora",
                           "what": "the position bias trained alone on a trained, frozen rsLoRA"}},
