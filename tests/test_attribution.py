@@ -145,6 +145,45 @@ def test_a_null_result_whose_positive_control_does_not_move_the_metric_is_not_te
     ppl["frozen+bias"] = scaled(8, 0.99, (-0.001, 0.001, 0.0))  # the bias alone helps: the setting can show it
     verdict = build_summary(record(configs, [], claims=claims), rows(ppl))["claims"][0]["verdict"]
     assert verdict.startswith("not supported: no significant effect")
+    assert "; its positive control, the bias alone (`frozen+bias` vs `rslora`), moves val_ppl by -1.0" in verdict
+
+
+def _with_reach(ppl: dict, moved: dict[str, float]) -> list[dict]:
+    """Rows whose cells also record how far the bias moved (`bias_rescale_pct`) and its one-sign reference."""
+    out = rows(ppl)
+    for r in out:
+        r["metrics"].update(bias_rescale_pct=moved[r["config"]], bias_rescale_allowed_pct=1.3)
+    return out
+
+
+@pytest.mark.parametrize("fast_moved", [30.0, 2.0])
+def test_a_faster_arm_that_moved_the_component_and_stays_below_the_claim_refutes_it_at_this_scale(fast_moved):
+    """H5: the positive control does not move val_ppl at the run's learning rate, but at 30x the bias moved far (30%
+    vs 1%) and the interval of its gain stays below the claimed 2.11%: the component had room to act, so the claim is
+    not supported here, not merely untestable. Where the faster arm hardly moved farther, the blind-spot reading
+    stands."""
+    configs = ["rslora", "rslora+bias", "frozen+bias", "fast"]
+    claims = [{"id": "H5", "claim": "bias +2.11%", "setting": "s", "candidate": "rslora+bias", "parent": "rslora",
+               "claimed_pct": 2.11, "positive_control": {"candidate": "frozen+bias", "parent": "rslora",
+                                                         "what": "the bias alone"},
+               "reach": {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct", "what": "the bias moves",
+                         "faster": "fast"}}]
+    ppl = {"rslora": scaled(8, 1.0), "rslora+bias": scaled(8, 1.0, (0.001, -0.001, 0.0)),
+           "frozen+bias": scaled(8, 1.0, (-0.001, 0.001, 0.0)), "fast": scaled(8, 1.0, (0.002, -0.001, 0.0005))}
+    moved = {"rslora": 0.0, "rslora+bias": 1.0, "frozen+bias": 1.0, "fast": fast_moved}
+    verdict = build_summary(record(configs, [], claims=claims), _with_reach(ppl, moved))["claims"][0]["verdict"]
+    if fast_moved == 30.0:
+        # the most the fast arm gains: the upper end of its improvement's 95% t-interval on the log scale
+        logs = [math.log(f / r) for f, r in zip(ppl["fast"], ppl["rslora"], strict=True)]
+        mean, sd = sum(logs) / 3, math.sqrt(sum((v - sum(logs) / 3) ** 2 for v in logs) / 2)
+        low = mean - scipy_stats.t.ppf(0.975, 2) * sd / math.sqrt(3)
+        most = -(math.exp(low) - 1) * 100
+        assert verdict.startswith("not supported at this scale: at a larger learning rate (`fast`) the bias moves by "
+                                  "up to 30% (at most 1% in `rslora+bias`)")
+        assert f"a gain of at most {most:.2g}% (95% CI), less than the claimed 2.11%" in verdict
+        assert "does not move val_ppl at the run's learning rate" in verdict
+    else:
+        assert verdict.startswith("not testable at this scale: its positive control")
 
 
 def test_a_control_that_did_not_run_leaves_the_gain_uncontrolled():
@@ -288,8 +327,20 @@ def test_crediting_a_gain_to_landmarks_is_refuted_when_rslora_alone_explains_it(
                "candidate": "rslora+bias+landmarks", "parent": "rslora", "total_parent": "lora"}]
     summary = build_summary(record(configs, HEADLINE[1:], claims=claims), rows(ppl))
     verdict = summary["claims"][0]["verdict"]
-    assert verdict.startswith("not supported: the component is not credited (not-significant)")
-    assert "`rslora` alone gives -17.0" in verdict and "better" in verdict
+    # the component's own gain at most (upper end of its 95% interval) over the whole gain over lora
+    logs = [math.log(c / r) for c, r in zip(ppl["rslora+bias+landmarks"], ppl["rslora"], strict=True)]
+    mean, sd = sum(logs) / 3, math.sqrt(sum((v - sum(logs) / 3) ** 2 for v in logs) / 2)
+    own_top = -(math.exp(mean - scipy_stats.t.ppf(0.975, 2) * sd / math.sqrt(3)) - 1) * 100
+    whole_logs = [math.log(c / r) for c, r in zip(ppl["rslora+bias+landmarks"], ppl["lora"], strict=True)]
+    whole = -(math.exp(sum(whole_logs) / 3) - 1) * 100
+    assert verdict.startswith(f"not supported: the component's own gain over `rslora` is at most "
+                              f"{own_top / whole:.2%} of the whole gain over `lora` (95% CI)")
+    assert "`rslora` alone gives -17.0" in verdict and "its own comparison: not-significant" in verdict
+    # where the component's own gain may be most of the whole but cannot be resolved, the credit is not testable
+    ppl["rslora"] = scaled(10, 0.99, (0.08, -0.08, 0.0))
+    ppl["rslora+bias+landmarks"] = scaled(10, 0.9, (0.001, -0.001, 0.0))
+    verdict = build_summary(record(configs, HEADLINE[1:], claims=claims), rows(ppl))["claims"][0]["verdict"]
+    assert verdict.startswith("not testable at this scale: the component is not credited (not-significant")
 
 
 def test_a_within_noise_claim_and_a_known_explanation():
@@ -587,3 +638,28 @@ def test_a_positive_control_that_moves_the_metric_is_not_credited_as_a_component
     ppl["landmarks-only"] = scaled(12, 1.0, (0.0001, -0.0001, 0.0))  # it does not move: not significant, as usual
     comp = build_summary(record(["base", "landmarks-only"], comparisons), rows(ppl))["comparisons"][0]
     assert comp["scenario"] == "not-significant"
+
+
+def test_a_within_claim_about_designs_whose_parts_carry_less_than_the_bound_holds_by_construction():
+    """H8: 'all designs within 0.1%' where removing the landmarks from every design changes val_ppl by far less than
+    0.1%: the designs could not differ by that much, so the claim is not testable here; where the landmarks carry
+    more than the bound, the intervals decide as before."""
+    configs = ["rslora", "fixed", "learnable"]
+    claims = [{"id": "H8", "claim": "within 0.1%", "setting": "s", "kind": "null", "within_pct": 0.1,
+               "through": {"without": "val_ppl_without_position", "what": "the landmarks"},
+               "pairs": [["learnable", "fixed"], ["fixed", "rslora"]]}]
+    ppl = {"rslora": scaled(8, 1.0), "fixed": scaled(8, 1.0, (1e-5, -1e-5, 0.0)),
+           "learnable": scaled(8, 1.0, (-1e-5, 1e-5, 0.0))}
+
+    def verdict(carried: float) -> str:
+        out = rows(ppl)
+        for r in out:
+            if r["config"] != "rslora":  # without the landmarks, each design is `carried` worse (in relative terms)
+                r["metrics"]["val_ppl_without_position"] = r["metrics"]["val_ppl"] * (1 + carried)
+        return build_summary(record(configs, [], claims=claims), out)["claims"][0]["verdict"]
+
+    said = verdict(1e-4)  # 0.01%: a tenth of the bound
+    assert said.startswith("not testable at this scale: the landmarks carry at most 0.01% of val_ppl in `learnable`, "
+                           "`fixed` (removing them changes it by no more, 95% CI)")
+    assert "the claim holds by construction; the intervals alone read: supported" in said
+    assert verdict(0.005).startswith("supported: no pair differs significantly")

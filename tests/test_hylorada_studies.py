@@ -212,7 +212,7 @@ def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_que
     assert text.endswith("What fine-tuning recovered here is recall of facts near their query; beyond the "
                          "pretraining context no configuration recalls more than guessing gets.")
     text = _distance_sentence(rows, ["near", "far"], 128, 9)
-    assert "1 of 2 recall significantly more than the base there (`far`; paired over seeds)" in text
+    assert "1 of 2 recalls significantly more than the base there (`far`; paired over seeds)" in text
     # `far` recalls a fifth to a third of the far facts: above guessing (1 in 9) on the pooled queries
     hits = sum(sum(v for v, d in zip(h, distances, strict=True) if d > 128) for h in far_gain.values())
     from lmlab import stats
@@ -225,7 +225,7 @@ def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_que
     for r in rows:
         r["details"]["retrieval_distances"] = distances
     text = _distance_sentence(rows, ["guess"], 128, 9)
-    assert "1 of 1 recall significantly more than the base there" in text and "0 of 1 more than guessing" in text
+    assert "1 of 1 recalls significantly more than the base there" in text and "0 of 1 more than guessing" in text
     assert text.endswith("so a gain over the base there is in how often a guess lands, not recall.")
     for r in rows:  # older cells without distances: nothing is said
         del r["details"]["retrieval_distances"]
@@ -265,7 +265,7 @@ def test_retrieval_gains_are_tested_paired_over_the_same_queries():
     text = "\n".join(_positive_control_section(rows, ["base", "rslora", "better"],
                                                {"max_length": 512, "rope_scaling": "none", "value_digits": 1},
                                                "rslora"))
-    assert "1 of 1 differ significantly from `rslora` (`better`)." in text
+    assert "1 of 1 differs significantly from `rslora` (`better`)." in text
 
 
 def test_a_recall_gain_that_varies_across_seeds_is_not_significant_however_many_queries():
@@ -318,13 +318,13 @@ def test_a_positive_control_that_cannot_move_the_metric_makes_the_null_a_possibl
     rows = [r for r in rows if r["config"] != "rslora+landmarks"]
     roles.pop("rslora+landmarks")
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, how))
-    assert "they can move the metric, so their near-zero share" not in text  # no fine-tuned config has landmarks
+    assert "their near-zero share" not in text  # no fine-tuned config has landmarks
     parts["rslora+bias"] = {"bias", "landmarks"}
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, how))
-    assert ("they can move the metric, so their near-zero share in the fine-tuned configurations that train landmarks "
-            "(0.001% at most) is a finding, not a blind spot of the metric - for effects of the size the control shows "
-            "(0.6") in text
-    assert "not for larger ones." in text
+    assert ": trained alone they move val_ppl by 0.6" in text
+    assert ("their near-zero share in the fine-tuned configurations that train landmarks (at most 0.001%, a mean over "
+            "seeds) is what they contribute there, a finding at this scale rather than a blind spot of the metric (for "
+            "effects up to the control's size: larger ones it does not speak to).") in text
     assert "changes val_ppl by at most 0.001% (mean over seeds, in `rslora+bias`)" in text
 
 

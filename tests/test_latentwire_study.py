@@ -391,9 +391,10 @@ def test_between_claim_says_above_the_source_is_trivial_where_the_source_is_at_t
     # the notes' setting: a source that clearly solves the task (its interval clear of the controls')
     capable = planted_claims(planted_items({"bridged": 0.645, "target_text": 0.77, "source_text": 0.54,
                                             **CONTROLS}))
-    assert capable["L5"]["verdict"] == ("supported: bridged is significantly above the source and below the target; "
-                                        "the peak-to-final drop cannot show here: the arms with the fixes restore "
-                                        "their best-validation weights")
+    assert capable["L5"]["verdict"].startswith("supported: bridged is significantly above the source and below the "
+                                               "target; the peak-to-final drop cannot show in `stable_k")
+    assert capable["L5"]["verdict"].endswith("`: it restores its best-validation weights (L2 reads the drop in the "
+                                             "arms without the fixes)")
     outside = planted_claims(planted_items({"bridged": 0.02, "target_text": 0.77, "source_text": 0.54, **CONTROLS}))
     assert outside["L5"]["verdict"].startswith("not supported: bridged is significantly outside the source-target "
                                                "range")

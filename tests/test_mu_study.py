@@ -365,10 +365,10 @@ def test_the_bands_table_shows_a_mean_that_straddles_a_threshold_and_the_seeds_o
     assert "| mu-sota | 11.23 | partial | partial 3 of 3 |" in text
     assert "| mu-simple | 9.99996 | success (1 of 3 seeds in 10-14) | success 2, partial 1 of 3 |" in text
     assert "| dense | 10.0009 | partial (2 of 3 seeds < 10) | success 2, partial 1 of 3 |" in text
-    assert ("`dense`'s mean test_ppl is printed here to more digits than elsewhere in the report (10): it lies "
+    assert ("`dense`'s mean test_ppl is printed here to more digits than elsewhere in the report: it lies "
             "0.0009 above the threshold 10, so its band of the mean turns on that margin, far less than the spread "
             "over seeds (std 0.27).") in text
-    assert "`mu-simple`'s mean test_ppl is printed here to more digits than elsewhere in the report (10): it lies " \
+    assert "`mu-simple`'s mean test_ppl is printed here to more digits than elsewhere in the report: it lies " \
            "4e-05 below the threshold 10" in text
     assert "`mu-sota`'s" not in text
 
@@ -430,7 +430,7 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
     assert summary["decision"]["scenario"] == "worse"
     m3 = {c["id"]: c for c in mu_claims(cfg.model_dump(mode="json"), summary, rows)}["M3"]["verdict"]
     assert m3.startswith("not supported at this budget: MU has significantly higher test perplexity than the matched "
-                         f"baseline after 3 epoch(s) at one learning rate shared by both and tuned for neither "
+                         f"baseline after 3 epochs at one learning rate shared by both and tuned for neither "
                          f"(train.lr = {cfg.train.lr:g}; `lr_grid=[...]` chooses each model's on a tuning seed")
     assert cfg.lr_grid is None  # the default searches no learning rate
     lower = load_config(MUStudyConfig, preset_path("mu", "default"), ["train.lr=0.0007"])
@@ -464,6 +464,20 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
             "tuning seed (`mu-sota` 0.003, `dense` 0.01); `dense` chose an end of the grid, so a better rate may lie "
             "beyond it") in m3
     assert "tuned for neither" not in m3
+    m2 = {c["id"]: c for c in mu_claims(searched.model_dump(mode="json"), summary, rows)}["M2"]["measured"]
+    assert m2.startswith("this run: lr 0.003 (mu-sota), 0.003 (mu-simple), 0.01 (dense), 3 epochs")
+    # an interval that holds 0 says how much MU can gain at most: the upper end of the improvement's 95% t-interval
+    import math
+
+    from scipy import stats as scipy_stats
+
+    tie = _mu_rows({"mu-sota": [10.0, 10.5, 9.7], "mu-simple": [10.6, 11.4, 10.9], "dense": [10.1, 10.2, 9.9]}, last)
+    logs = [math.log(a / b) for a, b in zip([10.0, 10.5, 9.7], [10.1, 10.2, 9.9], strict=True)]
+    mean, sd = sum(logs) / 3, math.sqrt(sum((v - sum(logs) / 3) ** 2 for v in logs) / 2)
+    most = -(math.exp(mean - scipy_stats.t.ppf(0.975, 2) * sd / math.sqrt(3)) - 1) * 100
+    m3 = {c["id"]: c for c in mu_claims(cfg.model_dump(mode="json"), build_summary(record, tie), tie)}["M3"]["verdict"]
+    assert m3.startswith("not testable at this scale: the interval holds 0 (after 3 epochs at one learning rate")
+    assert m3.endswith(f"): MU gains at most {most:.2g}% over the baseline (95% CI)")
 
 
 def test_a_learning_rate_grid_is_validated_and_keeps_the_tuning_seed_apart():

@@ -98,9 +98,10 @@ class TrainConfig(Section):
     checkpoint_minutes: float | None = Field(10.0, gt=0, description="minutes of wall time between training "
                                              "checkpoints (None: by steps only)")
 
-    def describe(self) -> str:
+    def describe(self, lr: str | None = None) -> str:
         """The schedule in words, for a report's setting: '2 epochs, batch 16, learning rate 0.003 (cosine, 5%
-        warmup), weight decay 0, gradient clipping at 1'."""
+        warmup), weight decay 0, gradient clipping at 1'; `lr` words the learning rate where it is not `self.lr`
+        (e.g. chosen per model by a search)."""
         steps = f", at most {self.max_steps} steps" if self.max_steps else ""
         batch = f"batch {self.batch_size}" + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
         warmup = (f"{self.warmup_steps} warmup steps" if self.warmup_steps is not None
@@ -108,7 +109,8 @@ class TrainConfig(Section):
         clip = f", gradient clipping at {self.max_grad_norm:g}" if self.max_grad_norm else ""
         stop = (f", early stopping after {self.early_stopping_patience} evaluations without improvement"
                 if self.early_stopping_patience else "")
-        return (f"{self.epochs:g} epoch{'' if self.epochs == 1 else 's'}{steps}, {batch}, learning rate {self.lr:g} "
+        rate = lr or format(self.lr, "g")
+        return (f"{self.epochs:g} epoch{'' if self.epochs == 1 else 's'}{steps}, {batch}, learning rate {rate} "
                 f"({self.schedule}, {warmup}), weight decay {self.weight_decay:g}{clip}{stop}")
 
     def fingerprint(self) -> dict:

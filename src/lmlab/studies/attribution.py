@@ -120,12 +120,6 @@ def below_resolution(effect: dict | None) -> bool:
     return bool(ci) and max(abs(ci[0]), abs(ci[1])) < RESOLUTION_PCT
 
 
-def rounding_only(effect: dict | None) -> bool:
-    """An interval that excludes 0 but lies below resolution: a paired test's "significant" float rounding."""
-    ci = (effect or {}).get("ci95")
-    return below_resolution(effect) and (ci[0] > 0 or ci[1] < 0)
-
-
 def significant_gain(effect: dict | None) -> bool:
     return bool(effect and effect["ci95"] and effect["ci95"][0] > 0) and not below_resolution(effect)
 
@@ -159,7 +153,7 @@ def direction(effect: dict) -> str:
     difference', or with no interval (one seed, a shared measurement) the sign of the one value."""
     imp = effect["improvement_pct"]
     if effect.get("ci95"):
-        if rounding_only(effect):
+        if below_resolution(effect):
             return "below the metric's resolution"
         return "better" if significant_gain(effect) else "worse" if significant_loss(effect) else \
             "no significant difference"
@@ -263,10 +257,12 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     said = (f"{head}: {c['metric']} {effect['delta_pct']:+.{digits}f}% vs `{c['parent']}`, {direction(effect)} "
             f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
-    if scenario == "not-significant" and rounding_only(effect):
+    if significant_gain(effect) and imp < 0.5 and scenario not in SCENARIO_MEANING:  # D already says it
+        said += " - by less than 0.5%, a negligible amount"
+    if scenario == "not-significant" and below_resolution(effect):
         return (f"{said}: not an effect - the whole interval lies within +-{RESOLUTION_PCT:g}% (1e-6 relative), the "
-                "size of float rounding (the same cell computed on 1 and on 2 CPU threads differs by up to 6e-8), so "
-                "the data cannot tell the two apart.")
+                "size of float rounding (the same cell computed on 1 and on 2 CPU threads differs by up to 6e-8): the "
+                "two are the same to the metric's resolution.")
     if scenario == "not-significant":
         return f"{said}: not significant - the interval contains 0, so the data cannot tell the two apart."
     if scenario == "worse":
@@ -409,6 +405,24 @@ def faster_clause(values: dict, reach: dict, parent: str, metric: str, lower_is_
             f"by {effect_text(fast)}" + faster_reading(fast))
 
 
+def faster_room(values: dict, candidate: str, reach: dict, parent: str, metric: str,
+                lower_is_better: bool) -> dict | None:
+    """Where the component, trained at a larger learning rate (`reach['faster']`), moved at least FASTER_ROOM times
+    as far as in `candidate` and its change vs `parent` has an interval: {moved, slow, effect, bound} with `bound` the
+    upper end of its improvement's 95% interval (the most it gains); else None."""
+    config = reach.get("faster") if reach else None
+    effect = improvement(values, config, parent, metric, lower_is_better) if config else None
+    moved, slow = (_largest(values, config, reach["moved"]), _largest(values, candidate, reach["moved"])) \
+        if config else (None, None)
+    if effect is None or not effect.get("ci95") or moved is None or slow is None or moved < FASTER_ROOM * slow:
+        return None
+    return {"moved": moved, "slow": slow, "effect": effect, "bound": effect["ci95"][1]}
+
+
+# How much farther a component must move at a larger learning rate for its null there to speak for its room to act
+FASTER_ROOM = 5.0
+
+
 def faster_reading(effect: dict) -> str:
     """What a component's change at a larger learning rate allows (an improvement, positive = better): that the run's
     learning rate held it back, or a gain of at most so much; nothing without an interval."""
@@ -519,15 +533,22 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     kind "credit": the claim credits the gain to a component: supported only when that comparison is credited.
     kind "null": "within noise": supported when no listed pair differs significantly; with `within_pct` the claim
     also bounds the differences' size, judged on their 95% intervals ("partly supported" where every interval lies
-    within the bound but a pair differs significantly).
+    within the bound but a pair differs significantly); with `through` (below) the pairs' designs differ only in parts
+    an ablation removes, and where those carry less than the bound in every design the claim holds by construction:
+    not testable at this scale.
     `claimed_text` names the claimed size where the notes gave a range (default: "the claimed -2.00% val_ppl").
     An `explanation` {candidate, parent, what} is measured too (e.g. the leak of pooling over future tokens).
     `through` {without, what}: the component acts only through parts that an ablation metric (`without`, e.g.
     val_ppl_without_position) removes; where those parts carry less than the claimed size, the setting cannot show
     it: not testable at this scale.
+    The component's own ablation in the candidate is not such a bound: it restates what the trained component learned.
     `positive_control` {candidate, parent, what}: the component alone where it should move the metric if anything
     does; where that does not move it significantly, a verdict that is not "supported" is not testable at this scale
-    (the setting may be blind to the component).
+    (the setting may be blind to the component) - unless, at a larger learning rate (`reach['faster']`), the component
+    moved at least FASTER_ROOM times as far and still gains less than the claim: then not supported at this scale.
+    Where the positive control moves the metric, the verdict says by how much.
+    Controls come first: a reproduced claimed gain that a control of the same pair or an alternative with the same
+    parent (`explanation`) matches is not the component's (`_not_the_component_s`).
     `reach` {moved, allowed, what, faster}: how far the component trained, next to where a gradient of one sign would
     have taken it (two metrics in %); a verdict that is not "supported" says so, and what the component changed at a
     larger learning rate where `faster` (the configuration that trains it so) ran - else that the verdict holds for
@@ -546,14 +567,27 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         measured = f"`{comp['candidate']}` vs `{comp['parent']}`: " + effect_text(comp if comp["n"] else None)
         if total is not None:
             measured = f"vs `{spec['total_parent']}` {effect_text(total)}; " + measured
+        share = improvement(values, spec["parent"], spec["total_parent"], metric, lower_is_better) \
+            if spec.get("total_parent") else None
+        own_top = comp["ci95"][1] if comp["n"] and comp.get("ci95") else None
+        whole = total["improvement_pct"] if total is not None and significant_gain(total) else None
         if comp["credited"]:
             verdict = "supported: the component is credited (beats its parent and its controls)"
+        elif whole is not None and own_top is not None and own_top < 0.5 * whole:
+            # most of the whole gain is not the component's, whatever its own comparison resolves
+            verdict = (f"not supported: the component's own gain over `{spec['parent']}` is at most "
+                       f"{max(own_top, 0.0) / whole:.2%} of the whole gain over `{spec['total_parent']}` (95% CI); "
+                       f"`{spec['parent']}` alone gives {effect_text(share)} of it; its own comparison: "
+                       f"{comp['scenario']}")
+        elif comp["scenario"] in ("control-unresolved", "not-significant"):
+            verdict = (f"not testable at this scale: the component is not credited ({comp['scenario']}: the data "
+                       "cannot tell its gain from its parent's or its control's)")
+        elif comp["scenario"] == "uncontrolled":
+            verdict = "not testable here: the component is not credited (uncontrolled: a control it needs was not run)"
         else:
             verdict = f"not supported: the component is not credited ({comp['scenario']})"
-            share = improvement(values, spec["parent"], spec["total_parent"], metric, lower_is_better) \
-                if spec.get("total_parent") else None
-            if share is not None:
-                verdict += f"; `{spec['parent']}` alone gives {effect_text(share)} of it"
+        if share is not None and "alone gives" not in verdict and not comp["credited"]:
+            verdict += f"; `{spec['parent']}` alone gives {effect_text(share)} of it"
         return {**row, "measured": measured, "verdict": verdict}
     if kind == "null":
         effects = [(a, b, improvement(values, a, b, metric, lower_is_better)) for a, b in spec["pairs"]]
@@ -591,6 +625,17 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                        + (f"the 95% intervals reach beyond the {spread:.2g}% by which {metric} varies from seed to "
                           "seed (sd)" if spread is not None else
                           "with one seed there is no spread between seeds to compare them with"))
+        through = spec.get("through")  # the designs differ only in parts an ablation removes: how much they carry
+        if through and within is not None and through["without"].startswith(f"{metric}_"):
+            carriers = list(dict.fromkeys(c for a, b, _ in ran for c in (a, b)
+                                          if values.get(c, {}).get(through["without"])))
+            bound = ablation_bound(values, carriers, metric, through["without"]) if carriers else None
+            if bound is not None and bound < within:
+                where = ", ".join(f"`{c}`" for c in carriers)
+                verdict = (f"not testable at this scale: {through['what']} carry at most {bound:.2g}% of {metric} in "
+                           f"{where} (removing them changes it by no more, 95% CI), so designs that differ only in "
+                           f"them could hardly differ by {within:g}% here: the claim holds by construction; the "
+                           f"intervals alone read: {verdict}")
         return {**row, "measured": measured, "verdict": verdict}
     effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     if effect is None:
@@ -609,6 +654,11 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     else:
         verdict = interval_verdict(effect["ci95"], claimed, claimed_text)
     out = {**row, "measured": measured, "verdict": verdict}
+    reproduced = significant_gain(effect) and (claimed is None or claimed > 0)  # a claimed gain, reproduced
+    if reproduced and out["verdict"].startswith(("supported", "partly supported")):
+        explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
+        if explains or unresolved:
+            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved)
     through = spec.get("through")  # the component acts only through parts an ablation removed: how much they carry
     bound = None
     if through and claimed is not None and through["without"].startswith(f"{metric}_"):
@@ -621,29 +671,40 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                               f"95% CI), less than the claimed {abs(claimed):.2f}%, so the setting cannot show an "
                               f"effect of the claimed size; the interval alone reads: {out['verdict']}")
     blind = spec.get("positive_control")  # the component alone, where it should move the metric if anything does
-    if blind and claimed is not None and not out["verdict"].startswith(("supported", "not testable")):
-        alone = improvement(values, blind["candidate"], blind["parent"], metric, lower_is_better)
-        if alone is not None and alone.get("ci95") and not (significant_gain(alone) or significant_loss(alone)):
-            out["verdict"] = (f"not testable at this scale: its positive control, {blind['what']} "
-                              f"(`{blind['candidate']}` vs `{blind['parent']}`), does not move {metric} either "
+    alone = improvement(values, blind["candidate"], blind["parent"], metric, lower_is_better) if blind else None
+    pc = f"its positive control, {blind['what']} (`{blind['candidate']}` vs `{blind['parent']}`)" if blind else ""
+    reach = spec.get("reach")  # how far the component trained, and what it did at a larger learning rate
+    faster = faster_room(values, spec["candidate"], reach, spec["parent"], metric, lower_is_better) if reach else None
+    judged_fast = False
+    if alone is not None and claimed is not None and not out["verdict"].startswith(("supported", "not testable")):
+        still = alone.get("ci95") and not (significant_gain(alone) or significant_loss(alone))
+        if still and faster is not None and claimed > 0 and faster["bound"] < claimed:
+            # the control's null is at the run's learning rate; at a larger one the component moved far more and
+            # still stays below the claim: it had room to act, so the claimed size is excluded, not out of reach
+            judged_fast = True
+            out["verdict"] = (f"not supported at this scale: at a larger learning rate (`{reach['faster']}`) "
+                              f"{reach['what']} by up to {faster['moved']:.3g}% (at most {faster['slow']:.3g}% in "
+                              f"`{spec['candidate']}`) and {metric} changes by {effect_text(faster['effect'])}: a gain "
+                              f"of at most {faster['bound']:.2g}% (95% CI), less than the claimed {claimed:.2f}%; "
+                              f"{pc}, does not move {metric} at the run's learning rate ({effect_text(alone)}); the "
+                              f"interval alone reads: {out['verdict']}")
+        elif still:
+            out["verdict"] = (f"not testable at this scale: {pc}, does not move {metric} either "
                               f"({effect_text(alone)}), so the setting may be blind to the component; the interval "
                               f"alone reads: {out['verdict']}")
-    reach = spec.get("reach")  # how far the component trained, and what it did at a larger learning rate
-    if reach and not out["verdict"].startswith("supported"):
+    if alone is not None and claimed is not None and significant_gain(alone):
+        out["verdict"] += (f"; {pc}, moves {metric} by {effect_text(alone)}: the metric registers what the component "
+                           "does trained alone, by that much")
+    if reach and not judged_fast and not out["verdict"].startswith("supported"):
         clause = reach_clause(values, spec["candidate"], reach)
-        faster = faster_clause(values, reach, spec["parent"], metric, lower_is_better)
+        fast_text = faster_clause(values, reach, spec["parent"], metric, lower_is_better)
         if clause:
             out["verdict"] += "; " + clause
-        if faster:
-            out["verdict"] += "; " + faster
+        if fast_text:
+            out["verdict"] += "; " + fast_text
         elif clause:
             out["verdict"] += ": the verdict holds for this learning rate and budget only"
     explanation = spec.get("explanation")
-    reproduced = significant_gain(effect) and (claimed is None or claimed > 0)  # a claimed gain, reproduced
-    if reproduced and out["verdict"].startswith(("supported", "partly supported")):
-        explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
-        if explains or unresolved:
-            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved)
     if explanation:
         leak = improvement(values, explanation["candidate"], explanation["parent"], metric, lower_is_better)
         if leak is None:

@@ -77,6 +77,8 @@ from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
 from lmlab.studies.setting import describe_data, describe_model, plural
 
+LR_CHOSEN = "chosen per configuration (below)"  # the Setting's learning rate under an lr search
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -119,8 +121,10 @@ LORA_STAGE = "lora-stage"  # a two-stage cell's first stage (`Arm.position_after
 # the ablation removes (`val_ppl_without_position`): how much those carry bounds what a bucketing scheme can change.
 THROUGH_POSITION = {"without": "val_ppl_without_position",
                     "what": "the position components the buckets route (bias and landmarks)"}
-THROUGH_LANDMARKS = {"without": "val_ppl_without_position", "what": "the landmarks"}
-THROUGH_LANDMARKS_LIM = {**THROUGH_LANDMARKS, "without": "lim_ppl_without_position"}
+# The landmarks trained alone on the frozen base: what they can do to the metric in this setting. (Their own ablation
+# in the candidate is not a bound on the setting: it restates what the trained landmarks learned.)
+LANDMARKS_ALONE = {"candidate": "landmarks-only", "parent": "base",
+                   "what": "the landmarks trained alone on the frozen base"}
 # How far the position bias trained (the most it rescales the adapters' update) next to how far its step size let it
 BIAS_REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
               "what": "the position bias rescales the adapters' update"}
@@ -139,10 +143,10 @@ def h1_claims(candidate: str) -> list[dict]:
     setting = "GPT-2, WikiText-2, 500 train samples, 1 epoch, 8 landmarks"
     return [{"id": "H1", "claim": "position-adaptive landmarks: +9.19% PPL over the no-landmark baseline",
              "setting": setting, "candidate": candidate, "parent": "rslora", "claimed_pct": 9.19,
-             "scale": notes_scale(500, 1, 8), "through": THROUGH_LANDMARKS},
+             "scale": notes_scale(500, 1, 8), "positive_control": LANDMARKS_ALONE},
             {"id": "H1", "claim": "position-adaptive landmarks: +9.32% LIM-PPL", "setting": "same",
              "candidate": candidate, "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 9.32,
-             "through": THROUGH_LANDMARKS_LIM}]
+             "positive_control": LANDMARKS_ALONE}]
 
 
 HYLORADA_ARMS: dict[str, Arm] = {
@@ -243,14 +247,13 @@ LEAK = {"candidate": "original_leaky", "parent": "original", "what": "the leak (
 LANDMARK_CLAIMS = [
     *h1_claims("position_adaptive"),
     {"id": "H2", "claim": "original landmark design: +4.72% PPL", "setting": "same", "candidate": "original",
-     "parent": "rslora", "claimed_pct": 4.72, "explanation": LEAK, "through": THROUGH_LANDMARKS},
+     "parent": "rslora", "claimed_pct": 4.72, "explanation": LEAK},
     {"id": "H2", "claim": "original landmark design: +4.03% LIM-PPL", "setting": "same", "candidate": "original",
-     "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 4.03, "explanation": LEAK,
-     "through": THROUGH_LANDMARKS_LIM},
+     "parent": "rslora", "metric": "lim_ppl", "claimed_pct": 4.03, "explanation": LEAK},
     {"id": "H2", "claim": "per-layer design: -1.19% PPL", "setting": "same", "candidate": "per_layer",
-     "parent": "rslora", "claimed_pct": -1.19, "through": THROUGH_LANDMARKS},
+     "parent": "rslora", "claimed_pct": -1.19},
     {"id": "H2", "claim": "per-layer design: -3.17% LIM-PPL", "setting": "same", "candidate": "per_layer",
-     "parent": "rslora", "metric": "lim_ppl", "claimed_pct": -3.17, "through": THROUGH_LANDMARKS_LIM},
+     "parent": "rslora", "metric": "lim_ppl", "claimed_pct": -3.17},
 ]
 
 BUCKETING_ARMS: dict[str, Arm] = {
@@ -284,7 +287,8 @@ BUCKETING_CLAIMS = [
     {"id": "H8", "claim": "at 1 epoch / 200 samples all designs are within 0.1% (within noise)",
      "setting": "GPT-2, 4 landmarks", "kind": "null", "within_pct": 0.1,
      "scale": notes_scale(200, 1, 4, dataset=None),
-     "pairs": [["learnable", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
+     "through": {**THROUGH_BUCKETED, "what": "the landmarks"},
+     "pairs": [["learnable", "fixed"], ["learnable_notes", "fixed"], ["fixed", "rslora"], ["learnable", "rslora"]]},
 ]
 
 # How far the study extends a model's context (max_length over the context it was pretrained at): published
@@ -442,7 +446,7 @@ class HyloradaStudy(Study):
                  + (f", {cfg.max_length / context:g}x the base's {context}-token pretraining context"
                     if context else "")
                  + f" (RoPE scaling: {cfg.rope_scaling}).",
-                 f"Training: {cfg.train.describe()}.",
+                 f"Training: {cfg.train.describe(lr=LR_CHOSEN if cfg.lr_grid else None)}.",
                  f"Adapters: rank {a.r}, alpha {a.alpha:g} (scaling alpha/r for LoRA, alpha/sqrt(r) for rsLoRA), on "
                  f"{targets}; {a.num_landmarks} landmarks over "
                  f"{a.num_buckets} position buckets ({a.bucket_spacing} spacing).",
@@ -774,7 +778,7 @@ class HyloradaStudy(Study):
                          if counts and lim else "") + " See `plots/perplexity_by_decile.png`.", ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
-            sparse = _retrieval_plot(ok, configs, run)
+            sparse = _retrieval_plot(ok, configs, run, 9 * 10 ** (cfg.get("value_digits", 4) - 1))
             lines += ["## Retrieval accuracy by depth of the planted fact (mean over seeds)", "", *depth_lines, ""]
             if sparse:
                 lines += [f"The plot leaves out the decile{'s' if len(sparse) > 1 else ''} "
@@ -1062,16 +1066,18 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
 
     recalled = [c for c in far if above_guessing(c)]
     near_vals = [v for v in near.values() if v is not None]
-    named = f"{', '.join(f'`{c}`' for c in up)}; " if 0 < len(up) <= 3 else ""
+    named = f"{', '.join(f'`{c}`' for c in up)}; " if 0 < len(up) <= 5 else ""
     said = (f"Split by how far each fact lies before its answer (tokens from the fact to the answer): beyond the "
             f"base's {context}-token pretraining context ({span(counts)} queries per seed) the fine-tuned "
             f"configurations recall {span_pct(list(far.values()))} against the base's "
-            f"{base_far:.0%}; {len(up)} of {len(far)} recall significantly more than the base there ({named}paired "
+            f"{base_far:.0%}; {len(up)} of {len(far)} {'recalls' if len(up) == 1 else 'recall'} significantly more "
+            f"than the base there ({named}paired "
             f"over seeds), and {len(recalled)} of {len(far)} more than guessing would (1 in {values:,}: their "
             "pooled queries' 95% Wilson interval above it).")
     if near_counts and near_vals:
-        said += (f" Within it ({span(near_counts)} queries per seed) they recall "
-                 f"{span_pct(near_vals)} against the base's {base_near:.0%}.")
+        said += (f" Facts within {context} tokens of their query in these long documents "
+                 f"({span(near_counts)} queries per seed): they recall {span_pct(near_vals)} against the base's "
+                 f"{base_near:.0%}.")
     if not recalled:
         said += (" What fine-tuning recovered here is recall of facts near their query; beyond the pretraining "
                  "context no configuration recalls more than guessing gets"
@@ -1096,12 +1102,19 @@ def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | 
             mean, ci = sum(diffs) / len(diffs), stats.t_interval(diffs)
             spread = (f"{_pts(mean)} points [{_pts(ci[0])}, {_pts(ci[1])}] over {len(diffs)} seeds, "
                       + ("significant" if ci[1] < 0 else "not significant") if ci else f"{_pts(mean)} points, one seed")
-            lost.append(f"`{c}` ({spread})")
-    where = f"within the pretraining context ({context} tokens)" if context else "within the pretraining context"
+            lost.append((c, bool(ci) and ci[1] < 0, f"`{c}` ({spread})"))
+    where = (f"in documents within the pretraining context ({context} tokens)" if context else
+             "in documents within the pretraining context")
     if not lost:
         return f"Every fine-tuned configuration keeps the base's recall {where} (within a point)."
-    return (f"Recall {where} falls below the base's in {', '.join(lost)}: fine-tuning at the longer context may cost "
-            "these configurations recall the base had, which their val_ppl does not show.")
+    shown = [c for c, significant, _ in lost if significant]
+    them = "these configurations" if len(lost) > 1 else "this configuration"
+    if shown:
+        return (f"Recall {where} falls below the base's in {', '.join(t for _, _, t in lost)} "
+                f"(significantly in {len(shown)} of {len(lost)}): fine-tuning at the longer context may cost {them} "
+                "recall the base had, which their val_ppl does not show.")
+    return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}, but not significantly: "
+            f"whether fine-tuning at the longer context costs {them} recall the base had, this run cannot tell.")
 
 
 def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, reference: str) -> list[str]:
@@ -1128,8 +1141,9 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
         lines.append("The positive control FAILS: the base does not recall planted facts even within its pretraining "
                      "context, so retrieval cannot separate the configurations in this run.")
     elif start < short - 0.1:
-        lines.append("The positive control holds: recall is measurable within the pretraining context and lost "
-                     "beyond it, so fine-tuning at the longer context has something to recover (by depth below).")
+        lines.append("The positive control holds: recall is measurable in documents within the pretraining context "
+                     "and lost in longer ones, so fine-tuning at the longer context has something to recover (by "
+                     "depth and by distance below).")
     else:
         lines.append("The base keeps most of its recall beyond its pretraining context in the extension the "
                      "configurations start from, so retrieval differences here say little about context extension.")
@@ -1157,7 +1171,8 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                     + "; ")
             others = [c for c in tested if c != reference and vs_ref[c] is not None]
             if others:
-                said += (f"{len(apart)} of {len(others)} differ significantly from `{reference}`"
+                said += (f"{len(apart)} of {len(others)} {'differs' if len(apart) == 1 else 'differ'} significantly "
+                         f"from `{reference}`"
                          + (f" ({', '.join(f'`{c}`' for c in apart)})" if apart else
                             ", so retrieval does not separate the configurations at this scale") + ".")
             else:
@@ -1178,7 +1193,8 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
         kept = _short_recall_sentence(rows, [c for c in fine_tuned if not c.endswith("(INVALID)")], context)
         if kept:
             lines.append(kept)
-        columns = ["retrieval at " + f"{cfg['max_length']} tokens", "retrieval within the pretraining context"]
+        columns = ["retrieval at " + f"{cfg['max_length']} tokens",
+                   f"retrieval in {context}-token documents" if context else "retrieval in short documents"]
         if any(vs_base.values()):
             columns += ["vs base, points [95% CI] (p); queries p", f"vs `{reference}`, points [95% CI] (p); queries p"]
         lines += ["", "| configuration | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
@@ -1261,9 +1277,11 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                          "budget the component has little room either way: a null result for it here bounds its "
                          "effect at this scale rather than showing it has none.")
             elif share is not None and share < NEGLIGIBLE_PCT:
-                text += (f": they can move the metric, so their near-zero share in the fine-tuned configurations that "
-                         f"train {what} ({share:.3f}% at most) is a finding, not a blind spot of the metric - for "
-                         f"effects of the size the control shows ({abs(ch['delta_pct']):.2g}%), not for larger ones.")
+                text += (f": trained alone they move val_ppl by {abs(ch['delta_pct']):.2g}%, so the metric registers "
+                         f"effects of that size from them; their near-zero share in the fine-tuned configurations that "
+                         f"train {what} (at most {share:.3f}%, a mean over seeds) is what they contribute there, a "
+                         "finding at this scale rather than a blind spot of the metric (for effects up to the "
+                         "control's size: larger ones it does not speak to).")
             else:
                 text += ": they can move the metric."
             lines[-1] += text
@@ -1399,7 +1417,7 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
         for label, curve in series.items():
             ax.plot(curve.x, nan(curve.y), label=label + notes.get(label, ""), fillstyle="none", markersize=6,
                     **styles[label])
-            if curve.low is not None and curve.seeds > 1:
+            if curve.low is not None and curve.seeds > 1 and label not in notes:  # a twin's band is the same
                 ax.fill_between(curve.x, nan(curve.low), nan(curve.high), color=styles[label]["color"],
                                 alpha=band_alpha, linewidth=0)
         ax.axvspan(0.25, 0.75, color="grey", alpha=0.1, label="LIM region")
@@ -1442,8 +1460,10 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
                 groups.append([c])
             else:
                 group.append(c)
-        said = [f"Drawn on top of one another (each mean within {close:.2g} points of {g[0]}'s at every decile): "
-                f"{', '.join(g)}." for g in groups if len(g) > 1]
+        said = [f"Drawn on top of one another: {', '.join(g)} (each mean within {close:.2g} percentage points of "
+                f"{g[0]}'s at every decile)." for g in groups if len(g) > 1]
+        if said:
+            said.append(f"The reference {reference} is the line at 0.")
         if left_out:
             said.append(f"Not in this panel (beyond ±{zoom_pct:g}% of {reference} at some decile; see the top "
                         f"panel): {', '.join(left_out)}.")
@@ -1479,11 +1499,11 @@ def _retrieval_table(rows, configs) -> list[str]:
 MIN_DECILE_QUERIES = 30  # a depth decile with fewer queries over the seeds is left out of the retrieval plot
 
 
-def _retrieval_plot(rows, configs, run: RunDir) -> list[str]:
+def _retrieval_plot(rows, configs, run: RunDir, values: int | None = None) -> list[str]:
     """Retrieval accuracy per depth decile of the planted fact on a [0, 1] axis: the mean over seeds, shaded between
     the lowest and highest seed, one style per configuration of `configs` (the run's full list). Deciles with fewer
     than MIN_DECILE_QUERIES queries over the seeds (every configuration answers the same ones) are gaps; returns
-    their names."""
+    their names. With `values` (how many equally likely values a planted fact takes) a dashed line marks guessing."""
     x = [(d + 0.5) / 10 for d in range(10)]
     curves = detail_curves(rows, configs, "retrieval_by_depth", x)
     totals: dict[int, list[int]] = {}
@@ -1500,7 +1520,8 @@ def _retrieval_plot(rows, configs, run: RunDir) -> list[str]:
                   for c, curve in curves.items()}
     line_plot(run, "retrieval_by_depth.png", curves, styles=config_styles(configs),
               xlabel="depth of the planted fact in the document", ylabel="retrieval accuracy (mean over seeds)",
-              title="Retrieval accuracy by depth", unit_y=True)
+              title="Retrieval accuracy by depth", unit_y=True,
+              hline=(1 / values, f"guessing (1 in {values:,})") if values else None)
     return [f"{d * 10}-{d * 10 + 10}%" for d in sparse]
 
 

@@ -879,9 +879,10 @@ def _kv_claim(config: str, summary: dict, setting: str) -> dict:
     source = metrics.get("source_text/kv_bytes")
     source_text = (f"; the source still reads the whole prompt once to give the translator its hidden states (its "
                    f"cache, were it kept, would take {fmt(source['mean'])} bytes)" if source else "")
-    verdict = ("partly supported: by construction - the target's cache holds K soft tokens instead of the prompt, "
-               "so it is smaller wherever K is shorter than the prompt; computed, not measured" + source_text +
-               "; the notes' megabytes are for 7-8B models and 64 tokens, not testable at this scale" if saved > 0 else
+    verdict = ("not testable at this scale: the notes' megabytes are for 7-8B models and 64 tokens; that soft tokens "
+               "save cache holds by construction - the target's cache holds K soft tokens instead of the prompt, so "
+               "it is smaller wherever K is shorter than the prompt (computed, not measured)" + source_text
+               if saved > 0 else
                "not supported: the soft tokens save no KV cache here (K is not shorter than the prompt)")
     return {**row, "measured": measured, "verdict": verdict}
 
@@ -923,8 +924,8 @@ def _between_claim(config: str, items: dict, setting: str) -> dict:
         verdict = "not supported: bridged is significantly outside the source-target range"
     else:
         verdict = "not testable at this scale: an interval holds 0" + ("" if floor is None else f"; {floor}")
-    verdict += ("; the peak-to-final drop cannot show here: the arms with the fixes restore their best-validation "
-                "weights")
+    verdict += (f"; the peak-to-final drop cannot show in `{config}`: it restores its best-validation weights (L2 "
+                "reads the drop in the arms without the fixes)")
     return {**row, "measured": measured, "verdict": verdict}
 
 

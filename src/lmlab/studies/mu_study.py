@@ -76,6 +76,9 @@ CHECKPOINT_DIR = "checkpoint"
 SAMPLES_FILE = "eval_samples.jsonl"
 
 
+LR_CHOSEN = "chosen per model (below)"  # the Setting's learning rate under an lr search
+
+
 class MUShape(Section):
     """Fields set on top of an MU preset (`mu-sota`, `mu-simple`); unset fields keep the preset's value."""
 
@@ -453,7 +456,8 @@ class MUStudy(Study):
                  f"Models, trained from scratch: {shapes[0]}, {shapes[1]} and a dense transformer whose "
                  f"{cfg.match.count.replace('_', '-')} parameter count is matched to mu-sota's within "
                  f"{cfg.match.tolerance:.0%} (sizes under Models side by side).",
-                 f"Training: {cfg.train.describe()}; the checkpoint of best validation perplexity is kept, and test "
+                 f"Training: {cfg.train.describe(lr=LR_CHOSEN if cfg.lr_grid else None)}; the checkpoint of best "
+                 "validation perplexity is kept, and test "
                  "perplexity is measured on it, loaded back.",
                  f"Seeds: {len(cfg.seeds)} ({', '.join(map(str, cfg.seeds))}), the same data order for every model of "
                  "a seed (paired)."]
@@ -624,7 +628,8 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
              for f in r["details"].get("red_flags", []) if f["flag"] == "plateau"]
     cells = sum(r["config"] == CANDIDATE and r["status"] == "ok" for r in rows)
     epochs = cfg["train"]["epochs"]
-    plateau = (f"; plateau flagged in {len({(f['step']) for f in flags})} evaluation(s) over {cells} cell(s)"
+    plateau = (f"; plateau flagged in {plural(len({f['step'] for f in flags}), 'evaluation')} over "
+               f"{plural(cells, 'cell')}"
                if epochs > 6 else f"; a plateau after epoch 6 is not observable (the run ends at epoch {epochs:g})")
     claims = []
     m1 = {"id": "M1", "claim": "MU-SOTA reached PPL 402.17 and 17.25% accuracy after 10 epochs, plateauing after "
@@ -652,7 +657,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
     if not test:
         claims.append({**m2, "measured": "not run", "verdict": f"not testable here: `{CANDIDATE}` did not run"})
     elif scale or not recipe:
-        claims.append({**m2, "measured": f"this run: lr {cfg['train']['lr']:g}, {cfg['train']['epochs']} epochs, "
+        claims.append({**m2, "measured": f"this run: lr {_rates_text(cfg, rows)}, {plural(epochs, 'epoch')}, "
                                          f"{cfg['max_seq_len']} tokens, {scale or 'WikiText-2'}",
                        "verdict": "not testable at this scale: the run does not use the notes' recipe and data "
                                   "(the `paper` preset does)"})
@@ -673,7 +678,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
     else:
         measured = f"`{CANDIDATE}` vs `{REFERENCE}` on test_ppl: {effect_text(comparison)}"
         lo, hi = comparison["ci95"] or (-math.inf, math.inf)
-        budget = f"after {epochs:g} epoch(s) {learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))}"
+        budget = f"after {plural(epochs, 'epoch')} {learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))}"
         at_last = best_at_last(rows, (CANDIDATE, REFERENCE))
         words, falling = late_words(late, (CANDIDATE, REFERENCE), cfg["train"])
         if at_last and falling:
@@ -686,10 +691,16 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
                    f"baseline {budget}" if hi < 0 else
-                   f"not testable at this scale: the interval holds 0 (after {epochs:g} epoch(s) "
-                   f"{learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))})")
+                   f"not testable at this scale: the interval holds 0 ({budget}): MU gains at most {hi:.2g}% over "
+                   "the baseline (95% CI)")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
+
+
+def _rates_text(cfg: dict, rows: list[dict]) -> str:
+    """The learning rate the run trained at: train.lr, or each model's where a search chose them."""
+    chosen = chosen_learning_rates(rows, (CANDIDATE, "mu-simple", REFERENCE)) if cfg.get("lr_grid") else {}
+    return ", ".join(f"{lr:g} ({c})" for c, lr in chosen.items()) or f"{cfg['train']['lr']:g}"
 
 
 def chosen_learning_rates(rows: list[dict], configs: tuple[str, ...]) -> dict[str, float]:
@@ -960,10 +971,12 @@ def _bands(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> li
     whose = ("the notes' thresholds" if (success, partial) == NOTES_BANDS else
              "this run's thresholds, not the notes' 200 / 300 for WikiText-2, which do not carry over to other data; "
              "bands describe the run, they test nothing: the paired comparison above decides")
+    thresholds = "their thresholds" if (success, partial) == NOTES_BANDS else "this run's thresholds"
     lines = ["## Perplexity bands", "",
-             f"The notes' rule on {metric}: success < {success:g}, partial {success:g}-{partial:g}, failure > "
-             f"{partial:g} (`success_ppl`, `partial_ppl`: {whose}). The band of the mean over seeds (where seeds fall "
-             "in other bands, how many), and how many seeds fall in each band.", "",
+             f"The notes' banding rule on {metric}, with {thresholds}: success < {success:g}, partial "
+             f"{success:g}-{partial:g}, failure > {partial:g} (`success_ppl`, `partial_ppl`: {whose}). The band of "
+             "the mean over seeds (where seeds fall in other bands, how many), and how many seeds fall in each band.",
+             "",
              f"| configuration | mean {metric} | band of the mean | seeds per band |", "|---|---|---|---|"]
     close = []
     for name in configs:
@@ -978,8 +991,8 @@ def _bands(summary: dict, rows: list[dict], configs: list[str], cfg: dict) -> li
             if shown != fmt(value):
                 threshold = min((success, partial), key=lambda t: abs(value - t))
                 std = summary["configs"][name]["metrics"][metric].get("std")
-                close.append(f"`{name}`'s mean {metric} is printed here to more digits than elsewhere in the report "
-                             f"({fmt(value)}): it lies {abs(value - threshold):.1g} "
+                close.append(f"`{name}`'s mean {metric} is printed here to more digits than elsewhere in the report: "
+                             f"it lies {abs(value - threshold):.1g} "
                              f"{'above' if value > threshold else 'below'} the threshold {threshold:g}, so its band "
                              "of the mean turns on that margin" +
                              (f", far less than the spread over seeds (std {fmt(std, 2)})" if std and
@@ -1041,7 +1054,7 @@ def _validation_gap_plot(run: RunDir, gap: dict | None, configs: list[str]) -> b
     ax.plot(steps, [c["delta_pct"] for c in points], color=colour, marker="o", fillstyle="none",
             label=f"{gap['candidate']} / {gap['reference']} - 1 (geometric mean over seeds)")
     ax.axhline(0.0, color="grey", linewidth=1, label="no gap")
-    ax.axvline(gap["middle"], color="grey", linestyle=":", linewidth=1, label="start of the second half")
+    ax.axvline(gap["middle"], color="grey", linestyle=":", linewidth=1, label="first evaluation of the second half")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     label_axes(ax, xlabel="optimizer step", ylabel=f"validation perplexity of {gap['candidate']} vs "
                f"{gap['reference']}, paired by seed (%)", title="MU vs dense baseline: the paired gap")
@@ -1071,7 +1084,8 @@ def _samples(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     lines = ["## Generation samples (best checkpoint, loaded back)", "",
              f"temperature {gen['temperature']:g}, top-k {gen['top_k']}, top-p {gen['top_p']:g}, repetition penalty "
              f"{gen['repetition_penalty']:g}, {gen['max_new_tokens']} new tokens; every cell's samples during "
-             f"training (every {gen['every_epochs']} epoch(s)) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`.", ""]
+             f"training (every {'' if gen['every_epochs'] == 1 else plural(gen['every_epochs'], 'epoch')}"
+             f"{'epoch' if gen['every_epochs'] == 1 else ''}) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`.", ""]
     for name in configs:
         row = _first_ok(rows, name)
         if row is None:

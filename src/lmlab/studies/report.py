@@ -588,11 +588,12 @@ def band_note(seeds: int) -> str:
 
 def line_plot(run: RunDir, name: str, series: dict[str, Curve], *, styles: dict[str, dict], xlabel: str,
               ylabel: str, title: str, logy: bool = False, unit_y: bool = False, integer_x: bool = False,
-              shade: tuple[float, float, str] | None = None) -> str:
+              shade: tuple[float, float, str] | None = None, hline: tuple[float, str] | None = None) -> str:
     """One line per series in its style from `styles` (`config_styles`; None values become gaps), its seed band
     shaded, saved as plots/<name> (PNG and PDF); returns the PNG's relative path. `unit_y` fixes the y axis to
     [0, 1] (accuracies), `integer_x` puts ticks on whole numbers only (optimizer steps), `logy` is a log axis with
-    plain tick labels."""
+    plain tick labels, `hline` (y, label) a dashed reference line (e.g. chance). A series with the same values as an
+    earlier one is drawn without a band of its own (the earlier one's is the same), so stacked bands do not darken."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -607,11 +608,13 @@ def line_plot(run: RunDir, name: str, series: dict[str, Curve], *, styles: dict[
         # markers on at most ~15 points per line; unclipped on a [0, 1] axis, where 0 and 1 lie on its edges
         ax.plot(curve.x, _gaps(curve.y), label=label + notes.get(label, ""), fillstyle="none", markersize=6,
                 markevery=max(1, len(curve.x) // 15), clip_on=not unit_y, **style)
-        if curve.low is not None and curve.seeds > 1:
+        if curve.low is not None and curve.seeds > 1 and label not in notes:
             ax.fill_between(curve.x, _gaps(curve.low), _gaps(curve.high), color=style["color"], alpha=band_alpha,
                             linewidth=0)
     if shade is not None:
         ax.axvspan(shade[0], shade[1], color="grey", alpha=0.1, label=shade[2])
+    if hline is not None:
+        ax.axhline(hline[0], color="black", linestyle=(0, (4, 3)), linewidth=0.9, label=hline[1])
     if unit_y:
         ax.set_ylim(0, 1)
     if integer_x:
@@ -673,15 +676,23 @@ def _chars_fitting(inches: float, fontsize: float) -> int:
     return max(20, int(inches * 72 / (0.55 * fontsize)))
 
 
-def training_curves_plot(run: RunDir, configs: list[str]) -> str | None:
+def training_curves_plot(run: RunDir, configs: list[str], invalid: set[str] = frozenset()) -> str | None:
     """Training loss against optimizer step, one line per configuration of `configs` (the run's full list, which fixes
-    the colours): the mean over seeds, shaded between the lowest and highest seed."""
-    curves = cell_curves(run, configs, "train", "loss")
+    the colours): the mean over seeds, shaded between the lowest and highest seed. The loss is the language-model
+    NLL the cells log (`nll`), the same quantity for every configuration where some add auxiliary terms to what they
+    optimise (LatentWire's InfoNCE); `loss` where the cells log no NLL. A configuration in `invalid` (a diagnostic) is
+    labelled so."""
+    losses = cell_curves(run, configs, "train", "loss")
+    nlls = cell_curves(run, configs, "train", "nll")
+    curves, what = (nlls, "training NLL, the language-model loss without auxiliary terms") \
+        if nlls and set(nlls) == set(losses) else (losses, "training loss")
     if not curves:
         return None
-    return line_plot(run, "training_curves.png", mean_over_seeds(curves), styles=config_styles(configs),
-                     xlabel="optimizer step", ylabel="training loss (mean over seeds)", title="Training curves",
-                     integer_x=True)
+    label = {c: f"{c} (INVALID)" if c in invalid else c for c in configs}
+    styles = config_styles(configs)
+    return line_plot(run, "training_curves.png", {label[c]: v for c, v in mean_over_seeds(curves).items()},
+                     styles={label[c]: v for c, v in styles.items()}, xlabel="optimizer step",
+                     ylabel=f"{what} (mean over seeds)", title="Training curves", integer_x=True)
 
 
 def save_figure(fig, run: RunDir, name: str) -> str:
@@ -722,10 +733,12 @@ def with_declarations(study, record: dict) -> dict:
     # the record's own declarations win; what it predates (e.g. comparisons a study declares since) is filled in
     declared = registry.declarations(study, cfg, record["configurations"])
     merged = {**declared, **record, **current}
-    if "claims" in record:  # a recorded claim the study now gives a scale (a description, not a rule) gets it
-        scales = {(c["id"], c["claim"]): c["scale"] for c in declared["claims"] if "scale" in c}
-        merged["claims"] = [c if "scale" in c or (c["id"], c["claim"]) not in scales else
-                            {**c, "scale": scales[(c["id"], c["claim"])]} for c in record["claims"]]
+    if "claims" in record:  # a claim is read by today's rules (its controls, bounds, scale): the study's own
+        # declaration of it wins; a recorded claim the study no longer declares is kept as recorded
+        today = {(c["id"], c["claim"]): c for c in declared.get("claims", [])}
+        merged["claims"] = [today.get((c["id"], c["claim"]), c) for c in record["claims"]]
+        recorded = {(c["id"], c["claim"]) for c in record["claims"]}
+        merged["claims"] += [c for key, c in today.items() if key not in recorded]
     return merged
 
 
@@ -788,7 +801,8 @@ def write_reports(run: RunDir) -> dict:
         "",
     ]
     lines += lm_eval_section(summary)
-    curve = training_curves_plot(run, record["configurations"])
+    curve = training_curves_plot(run, record["configurations"],
+                                 {c for c, e in summary["configs"].items() if e.get("invalid")})
     lines += study.report_sections(summary, rows, run, record)
     if summary["failed_cells"]:
         lines += ["## Failed cells", "", "| configuration | seed | error |", "|---|---|---|"]
