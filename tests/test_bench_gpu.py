@@ -84,6 +84,22 @@ def test_the_whole_gpu_benchmark_runs_through_on_the_cpu_at_a_tiny_size(tmp_path
     table = path.with_suffix(".md").read_text()
     assert "| 64 | " in table and "| gpu llama-1.1b | lmlab-lora | peft-lora |" in table
     assert any(line.startswith("  gpt2-124m: lmlab-lora vs peft-lora: ") for line in lines)  # as each model ends
+    # one model's failure (memory, a library) is recorded and the other models and the probe still run
+    real = gpu.bench_model
+
+    def failing(name, *args):
+        if name == "gpt2-124m":
+            raise RuntimeError("CUDA error: out of memory")
+        return real(name, *args)
+
+    monkeypatch.setattr(gpu, "bench_model", failing)
+    results = json.loads(gpu.run(settings, tmp_path, log=lines.append, device=torch.device("cpu")).read_text())
+    assert results["models"]["gpt2-124m"]["error"] == "RuntimeError: CUDA error: out of memory"
+    assert list(results["models"]["llama-1.1b"]["variants"]) == list(gpu.VARIANTS)
+    assert {r["benchmark"] for r in results["rows"]} == {"gpu llama-1.1b"}
+    assert [r["length"] for r in results["long_context"]["runs"]] == [32, 64]
+    assert "FAILED: RuntimeError: CUDA error: out of memory" in gpu.markdown(results)
+    assert not torch.backends.cuda.matmul.allow_tf32  # on the CPU, the bench leaves TF32 as it found it
 
 
 def fake_results() -> dict:
@@ -125,3 +141,14 @@ def test_rows_and_table_from_a_result():
     assert "| gpu llama-1.1b | lmlab-lora | peft-lora | 12.0 GiB | 24.0 GiB | 0.500 |  | <= 0.6 | yes |" in table
     assert "| llama-1.1b | 4 x 2048 | peft-dora | 1,003 | 1500.0 | OOM |" in table
     assert "| 32,768 | 40.0 GiB | 9.5 |" in table and "| 131,072 | OOM |  |" in table
+
+
+def test_out_of_memory_is_recognised_in_every_form_cuda_raises_it():
+    from lmlab.errors import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GB"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # only the errors allocators raise

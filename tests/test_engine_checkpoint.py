@@ -88,8 +88,9 @@ QUIET = Display(progress=False, log=lambda line: None)
 def run(tmp_path, name, hooks, cfg=CFG, lines=None):
     model = Noisy()
     display = Display(progress=False, log=(lines.append if lines is not None else lambda line: None))
+    # on the CPU also where there is a GPU: the tests compare resumed runs bitwise, and the hooks' data is on the CPU
     result = train(model, data(), cfg, seed=3, hooks=hooks, checkpoint_dir=tmp_path / name / "state",
-                   metrics_path=tmp_path / name / "metrics.jsonl", display=display)
+                   metrics_path=tmp_path / name / "metrics.jsonl", display=display, device="cpu")
     return model, result
 
 

@@ -83,15 +83,17 @@ def test_chunked_loss_in_bf16_matches_the_plain_paths_rounding():
     torch.testing.assert_close(h.grad.float(), plain.grad.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_chunked_loss_under_autocast_matches_the_plain_path_under_the_same_autocast(name):
-    """What a GPU run does (bf16 autocast over a float32 model), on the CPU's bf16 autocast: the head's matmul in
-    bf16 on both paths, so loss and gradients agree to bf16 rounding."""
-    batch = collate_lm(examples(4, fixed=False))
+def test_chunked_loss_under_autocast_matches_the_plain_path_under_the_same_autocast(name, device):
+    """What a GPU run does (bf16 autocast over a float32 model), on the CPU's bf16 autocast and on a GPU's where there
+    is one: the head's matmul in bf16 on both paths, so loss and gradients agree to bf16 rounding."""
+    batch = {k: v.to(device) for k, v in collate_lm(examples(4, fixed=False)).items()}
     results = []
     for chunk in (0, 5):
-        model = MODELS[name]()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        model = MODELS[name]().to(device)
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = causal_lm_loss(model, batch, LossSettings(chunk=chunk)).total
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
@@ -280,6 +282,10 @@ def test_liger_kernels_patch_the_model_for_the_block_and_put_the_modeling_module
         calls.append((model, options))
         modeling_llama.apply_rotary_pos_emb = "liger rope"  # what liger's apply_liger_kernel_to_llama does
         modeling_llama.LIGER_ADDED = True
+        for m in model.modules():  # and on the instances: a bound forward and liger's settings on each norm
+            if type(m).__name__ == "LlamaRMSNorm":
+                m.forward = types.MethodType(lambda self, x: "liger norm", m)
+                m.casting_mode = "llama"
 
     package = types.ModuleType("liger_kernel")
     package.__path__ = []
@@ -294,8 +300,13 @@ def test_liger_kernels_patch_the_model_for_the_block_and_put_the_modeling_module
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object() if name == "liger_kernel" else None)
     rope = modeling_llama.apply_rotary_pos_emb
     model = llama()
+    norm = next(m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
     with kernels(model, "liger", torch.device("cuda")):  # the device is only checked: nothing runs on it
         assert modeling_llama.apply_rotary_pos_emb == "liger rope"
+        assert norm(torch.ones(2, norm.weight.shape[0])) == "liger norm"
+    # the trained model runs the plain code again (Triton kernels would fail off CUDA)
+    assert "forward" not in vars(norm) and not hasattr(norm, "casting_mode")
+    assert torch.is_tensor(norm(torch.ones(2, norm.weight.shape[0])))
     assert calls == [(model, {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
                               "fused_linear_cross_entropy": False})]
     assert modeling_llama.apply_rotary_pos_emb is rope and not hasattr(modeling_llama, "LIGER_ADDED")

@@ -332,7 +332,8 @@ def independent_ppl(model, tokenizer, text: str, window: int) -> float:
     return math.exp(total / n)
 
 
-def test_eval_ppl_with_the_adapter_reproduces_the_fine_tuned_rope_scaled_model(tiny_llama_dir, tmp_path, capsys):
+def test_eval_ppl_with_the_adapter_reproduces_the_fine_tuned_rope_scaled_model(tiny_llama_dir, tmp_path, capsys,
+                                                                               monkeypatch):
     from lmlab.cli import main
     from lmlab.engine.hooks import PaddedLM
     from lmlab.engine.train import TrainConfig, train
@@ -346,8 +347,10 @@ def test_eval_ppl_with_the_adapter_reproduces_the_fine_tuned_rope_scaled_model(t
     model = apply_hylorada(model, HyLoRADAConfig(r=4, alpha=8, dropout=0.0, num_landmarks=4, num_buckets=8),
                            max_positions=length)
     examples = [{"input_ids": stream[i:i + length]} for i in range(0, 4 * length, length)]
+    # on the CPU also where there is a GPU: the CLI's evaluation below is compared with a CPU reference to 1e-5
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
     train(model, examples, TrainConfig(max_steps=3, batch_size=2, lr=5e-3, warmup_steps=0), seed=0, progress=False,
-          hooks=PaddedLM(tokenizer.pad_token_id))
+          hooks=PaddedLM(tokenizer.pad_token_id), device="cpu")
     save_adapter(model, tmp_path / "adapter")
     document = " ".join(builtin_texts()[40:46])
     (tmp_path / "doc.txt").write_text(document, encoding="utf-8")

@@ -451,6 +451,29 @@ def test_dora_row_norm_equals_the_norm_of_the_formed_weight_and_follows_updates(
     torch.testing.assert_close(layer(x), expected + base.bias, rtol=1e-5, atol=1e-5)
 
 
+def test_a_small_change_of_dora_s_magnitude_reaches_the_output_of_a_bf16_base_under_autocast():
+    """DoRA's row scale m / ||W|| is about 1; rounded to bf16 before it multiplies (spacing 2^-8 near 1) a change of
+    the magnitude below about 0.4% would leave the forward pass exactly as it was. Kept in float32 and rounded once
+    with the product, a 0.3% change moves the bf16 output as the float32 product says it should."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(64, 48).to(torch.bfloat16).requires_grad_(False)
+    layer = HyLoRADALinear(base, hy_config(use_dora=True, position_bias=False)).eval()
+    perturb(layer)
+    with torch.no_grad():  # the magnitude as DoRA starts it and keeps it near: the norm itself, a scale of 1
+        layer.lora_magnitude.copy_(layer.row_norm())
+    x = torch.randn(32, 64).to(torch.bfloat16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layer(x)
+        layer.lora_magnitude.mul_(1 + 3e-3)
+        after = layer(x)
+    assert before.dtype == after.dtype == torch.bfloat16
+    changed = (after != before).float().mean().item()
+    assert changed > 0.2, changed  # a 0.3% change crosses the bf16 rounding of a good share of the outputs
+    # on average the outputs scale by the change (each rounded to bf16 once)
+    ratio = (after.float().abs().sum() / before.float().abs().sum()).item()
+    assert ratio == pytest.approx(1 + 3e-3, abs=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Targets and bookkeeping
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ONE_THREAD, read_jsonl, run_cli, save_tiny_model
+from helpers import ONE_THREAD, read_jsonl, require_extras, run_cli, save_tiny_model
 from lmlab.cli import main
 from lmlab.errors import ConfigError
 
@@ -106,6 +106,13 @@ def independent_accuracy(model_dir: Path) -> tuple[float, float]:
         hits += max(range(4), key=lambda i: scores[i]) == answer
         hits_norm += max(range(4), key=lambda i: scores[i] / len(choices[i])) == answer
     return hits / len(QUESTIONS), hits_norm / len(QUESTIONS)
+
+
+@pytest.fixture(autouse=True)
+def _lm_eval_installed(request):
+    """lm-eval is an extra (`make setup` installs it); on a bare image that lacks it, see helpers.require_extras."""
+    if "without_lm_eval_installed" not in request.node.name:
+        require_extras("lm_eval")
 
 
 def test_the_cli_scores_a_local_task_as_an_independent_computation(model_dir, task_dir):

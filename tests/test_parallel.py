@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import require_extras, run_cli
 from lmlab.config import build
 from lmlab.engine.hooks import Display
 from lmlab.errors import ConfigError
@@ -133,6 +133,7 @@ def _fake_slurm(bin_dir: Path, record: Path) -> None:
 
 
 def test_slurm_job_script_carries_the_options(tmp_path: Path, monkeypatch):
+    require_extras("submitit")
     submitted = tmp_path / "submitted.sh"
     _fake_slurm(tmp_path / "bin", submitted)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import LMLAB  # python -m lmlab.cli (no installed entry point needed)
+from helpers import ONE_THREAD as SUBPROCESS_ENV  # one thread, on the CPU also where there is a GPU
 from lmlab.cli import main as lmlab_main
 from lmlab.data import generators
 from lmlab.eval.perplexity import evaluate_perplexity, full_windows, rolling_windows, window_nll
-
-LMLAB = Path(sys.executable).parent / "lmlab"
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
 
 # ---------------------------------------------------------------------------------------------------
 # Window layout (no model)
@@ -309,7 +305,7 @@ def test_cli_eval_ppl_in_process_prints_the_independent_numbers(tiny_llama_dir, 
 
 def test_cli_eval_ppl_as_a_subprocess(tiny_gpt2_dir, data_files):
     proc = subprocess.run(
-        [str(LMLAB), "eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", *map(str, data_files),
+        [*LMLAB, "eval", "ppl", "--model", str(tiny_gpt2_dir), "--data", *map(str, data_files),
          "--max-length", "20"],
         capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
     )
@@ -348,7 +344,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(tiny_llama_dir, data_files, tmp_pat
 
 def test_cli_bad_input_in_a_real_process_has_no_traceback(tmp_path, data_files):
     proc = subprocess.run(
-        [str(LMLAB), "eval", "ppl", "--model", str(tmp_path / "no-model"), "--data", str(data_files[0]),
+        [*LMLAB, "eval", "ppl", "--model", str(tmp_path / "no-model"), "--data", str(data_files[0]),
          "--max-length", "8"],
         capture_output=True, text=True, timeout=300, env=SUBPROCESS_ENV,
     )

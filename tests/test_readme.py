@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_extras
 from lmlab.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -71,6 +72,7 @@ def test_the_readme_has_the_blocks_this_test_runs():
 
 @pytest.mark.parametrize(("number", "body"), PYTHON, ids=[f"python-line-{n}" for n, _ in PYTHON])
 def test_python_block_runs_as_written(number, body, tmp_path):
+    require_the_extras_of(body)
     script = tmp_path / "block.py"
     script.write_text(body, encoding="utf-8")
     work = tmp_path / "work"
@@ -78,6 +80,14 @@ def test_python_block_runs_as_written(number, body, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=work, capture_output=True, text=True, timeout=600,
                           env=OFFLINE)
     assert proc.returncode == 0, f"README.md line {number}:\n{proc.stderr[-3000:]}"
+
+
+def require_the_extras_of(text: str) -> None:
+    """A block that uses an optional extra (lm-eval, a tracker, submitit's executors) needs it installed
+    (`helpers.require_extras`)."""
+    needs = {"lm_eval": ("lm_eval", "lm-eval"), "tensorboard": ("tensorboard",), "wandb": ("wandb",),
+             "mlflow": ("mlflow",), "submitit": ("--executor",)}
+    require_extras(*(module for module, words in needs.items() if any(w in text for w in words)))
 
 
 def check_synopsis(args: list[str], capsys) -> None:
@@ -101,12 +111,17 @@ def test_bash_block_lmlab_commands_run_as_written(number, body, tmp_path, capsys
     runnable = [(line, args) for _, line, args, marker in commands(body) if marker is None]
     if not runnable:
         pytest.skip(f"README.md line {number}: every lmlab command is marked expensive")
+    require_the_extras_of("\n".join(line for line, args in runnable  # synopses only read --help
+                                     if not any(PLACEHOLDER.match(word) for word in args)))
     for line, args in runnable:
         if any(PLACEHOLDER.match(word) for word in args):
             check_synopsis(args, capsys)
             continue
+        # cells in parallel / as jobs split the CPU where a machine has fewer GPUs than workers: pinned to the CPU,
+        # as the README says (LMLAB_DEVICE=cpu); every other command runs where it would for a user
+        env = {**OFFLINE, "LMLAB_DEVICE": "cpu"} if {"--parallel", "--executor"} & set(args) else OFFLINE
         proc = subprocess.run([sys.executable, "-m", "lmlab.cli", *args], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=600, env=OFFLINE)
+                              text=True, timeout=600, env=env)
         assert proc.returncode == 0, f"README.md block at line {number}: {line}\n{proc.stderr[-3000:]}"
 
 

@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import LMLAB, ONE_THREAD, assert_close, assert_run_layout, comparable_summary, run_cli, run_smoke_study
+from helpers import (
+    LMLAB,
+    ONE_THREAD,
+    assert_close,
+    assert_run_layout,
+    comparable_summary,
+    require_extras,
+    run_cli,
+    run_smoke_study,
+)
 from lmlab.engine.hooks import Display
 from lmlab.engine.state import complete_checkpoints
 from lmlab.studies.report import build_summary
@@ -308,6 +317,7 @@ def test_parallel_run_stopped_by_sigterm_resumes_to_the_sequential_summary(smoke
 
 def test_local_executor_jobs_resubmission_and_collection(smoke_run: Path, tmp_path: Path):
     """submitit's local executor: real job processes, the code path of SLURM without the scheduler."""
+    require_extras("submitit")
     out = tmp_path / "jobs"
     proc = run_cli("run", "hylorada", "--preset", "smoke", "--seeds", "1", "only=[rslora]", "--out", str(out),
                    "--quiet", "--executor", "local")

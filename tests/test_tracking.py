@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import ONE_THREAD, read_jsonl, run_cli
+from helpers import ONE_THREAD, read_jsonl, require_extras, run_cli
 from lmlab.errors import ConfigError
 from lmlab.tracking import parse_trackers
 
@@ -130,6 +130,7 @@ def check_trackers(run: Path, wandb: bool = True) -> None:
 
 
 def test_each_cell_is_one_run_in_every_tracker(tmp_path: Path):
+    require_extras("tensorboard", "wandb", "mlflow")
     out = tmp_path / "tracked"
     proc = run_cli("run", "hylorada", *ARGS, "--out", str(out), env=ENV)
     assert proc.returncode == 0, proc.stderr
@@ -149,11 +150,13 @@ def interrupted_then_resumed(out: Path, kill: str, trackers: str) -> None:
 
 
 def test_a_cell_resumed_after_sigterm_continues_its_tracker_runs(tmp_path: Path):
+    require_extras("tensorboard", "wandb", "mlflow")
     interrupted_then_resumed(tmp_path / "stopped", "step:19:TERM", "tensorboard,mlflow,wandb")
     check_trackers(tmp_path / "stopped")
 
 
 def test_a_cell_resumed_after_sigkill_continues_its_tensorboard_and_mlflow_runs(tmp_path: Path):
+    require_extras("tensorboard", "mlflow")
     """SIGKILL gives W&B no chance to write what it buffers (its offline run of the killed attempt can be empty);
     TensorBoard and MLflow hold every record sent before the kill, and the resumed cell sends only the rest."""
     interrupted_then_resumed(tmp_path / "killed", "step:19", "tensorboard,mlflow")

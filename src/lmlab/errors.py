@@ -19,3 +19,13 @@ class DataError(LmlabError):
 
 class CheckpointError(LmlabError):
     """A model, adapter or checkpoint cannot be loaded (missing, corrupt, wrong shape or architecture)."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether `exc` is running out of memory: torch's OutOfMemoryError (CUDA's allocator), Python's MemoryError, or
+    a RuntimeError that says so (the CPU allocator; cuBLAS failing to allocate its workspace)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        words in text for words in ("out of memory", "can't allocate memory", "alloc_failed"))

@@ -42,7 +42,7 @@ from torch import nn
 
 from lmlab.benchsuite import write_results
 from lmlab.benchsuite.suite import Row, compare, format_row, interleaved, table_line
-from lmlab.errors import LmlabError
+from lmlab.errors import LmlabError, is_out_of_memory
 
 RANK = 16
 LR = 1e-4
@@ -242,8 +242,10 @@ def bench_model(name: str, settings: GpuSettings, device: torch.device, log: Cal
             "rank": RANK, "targets": TARGETS[spec["arch"]], "variants": variants}
 
 
-def long_context(settings: GpuSettings, device: torch.device, log: Callable[[str], None]) -> dict:
-    """Full HyLoRADA on the Llama-3-8B shape, batch 1, gradient checkpointing, chunked loss: one step per length."""
+def long_context(settings: GpuSettings, device: torch.device, log: Callable[[str], None],
+                 save: Callable[[dict], None] = lambda partial: None) -> dict:
+    """Full HyLoRADA on the Llama-3-8B shape, batch 1, gradient checkpointing, chunked loss: one step per length;
+    `save` gets the result so far after each length (a run killed at its time limit keeps the lengths it finished)."""
     from lmlab.engine.train import activation_checkpointing
 
     lengths = sorted(settings.lengths)
@@ -252,6 +254,8 @@ def long_context(settings: GpuSettings, device: torch.device, log: Callable[[str
     base = build_base(spec["arch"], spec["config"], settings.seed, device)
     model = make_variant(base, spec["arch"], "hylorada", max(lengths))
     runs = []
+    done = {"model": {"name": spec["name"], **spec["config"]}, "batch": 1, "variant": "hylorada",
+            "gradient_checkpointing": True, "loss_chunk": "auto", "runs": runs}
     with activation_checkpointing(model, True):
         for length in lengths:
             step = make_step(model, token_batch({**spec, "batch": 1, "seq": length}, settings.seed, device), True)
@@ -263,25 +267,29 @@ def long_context(settings: GpuSettings, device: torch.device, log: Callable[[str
                 torch.cuda.synchronize(device)
                 run = {"length": length, "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                        "step_s": time.perf_counter() - start, "loss": loss}
-            except torch.OutOfMemoryError:
+            except RuntimeError as exc:  # CUDA's allocator, or cuBLAS failing to allocate its workspace
+                if not is_out_of_memory(exc):
+                    raise
                 run = {"length": length, "peak_gib": None, "oom": True}
             model.zero_grad(set_to_none=True)
             del step
             runs.append(run)
+            save(done)
             log(f"  {spec['name']} hylorada at {length} tokens: "
                 + ("out of memory" if run.get("oom") else f"peak {run['peak_gib']:.1f} GiB, {run['step_s']:.1f} s"))
             if run.get("oom"):
                 break  # longer sequences need more
     del model, base
     release()
-    return {"model": {"name": spec["name"], **spec["config"]}, "batch": 1, "variant": "hylorada",
-            "gradient_checkpointing": True, "loss_chunk": "auto", "runs": runs}
+    return done
 
 
 def rows_of(results: dict) -> list[Row]:
     """The comparison rows of every benchmarked model (times interleaved; memory single measurements)."""
     rows = []
     for name, bench in results["models"].items():
+        if "error" in bench:  # the model's benchmark failed: nothing to compare
+            continue
         variants = bench["variants"]
         times = {v: variants[v]["times_s"] for v in variants}
         for ours, reference, metric, target, where in COMPARISONS:
@@ -317,27 +325,48 @@ def run(settings: GpuSettings, out: Path, log: Callable[[str], None] = print,
     if device is None:
         require_cuda()
         device = torch.device("cuda", 0)
-    torch.backends.cuda.matmul.allow_tf32 = True  # what GPU training runs with (bf16 autocast does the rest)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if device.type == "cuda":  # what GPU training runs with (bf16 autocast does the rest); put back at the end
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return _run(settings, out, log, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _run(settings: GpuSettings, out: Path, log: Callable[[str], None], device: torch.device) -> Path:
     started = datetime.now()
     results: dict = {"date": started.date().isoformat(), "started": started.isoformat(timespec="seconds"),
                      "machine": machine(), "settings": asdict(settings), "models": {}, "rows": []}
     partial = out / f"{started:%Y-%m-%dT%H%M%S}-gpu-partial.json"
     out.mkdir(parents=True, exist_ok=True)
+    def save(_=None) -> None:  # survives a run killed at its time limit
+        partial.write_text(json.dumps(results, indent=1) + "\n")
+
     for name in settings.models:
         log(f"bench gpu {name} ...")
         begun = time.perf_counter()
-        results["models"][name] = bench_model(name, settings, device, log)
+        try:
+            results["models"][name] = bench_model(name, settings, device, log)
+        except (RuntimeError, ImportError, ValueError) as exc:  # one model's failure (memory, a library) is recorded;
+            results["models"][name] = {"error": f"{type(exc).__name__}: {exc}"}  # the others still run
+            log(f"  {name}: FAILED - {type(exc).__name__}: {str(exc)[:300]}")
+            release()
         results["models"][name]["wall_s"] = time.perf_counter() - begun
         rows = rows_of(results)
         results["rows"] = [asdict(r) for r in rows]
-        partial.write_text(json.dumps(results, indent=1) + "\n")  # survives a run killed at its time limit
+        save()
         for r in rows:
             if r.benchmark == f"gpu {name}":
                 log(f"  {name}: {format_row(r)}")
     if settings.lengths:
         log(f"bench gpu long context {settings.lengths} ...")
         begun = time.perf_counter()
-        results["long_context"] = long_context(settings, device, log)
+        def save_long(done: dict) -> None:
+            results["long_context"] = done
+            save()
+
+        results["long_context"] = long_context(settings, device, log, save_long)
         results["long_context"]["wall_s"] = time.perf_counter() - begun
     results["finished"] = datetime.now().isoformat(timespec="seconds")
     path = write_results(out, started, "-gpu", results, markdown(results))
@@ -369,6 +398,9 @@ def markdown(results: dict) -> str:
     lines += ["", "| model | batch | variant | trainable params | step (ms) | peak memory |",
               "|---|---|---|---:|---:|---:|"]
     for name, bench in results["models"].items():
+        if "error" in bench:
+            lines.append(f"| {name} | | FAILED: {bench['error'][:200].replace('|', '/')} | | | |")
+            continue
         shape = f"{bench['model']['batch']} x {bench['model']['seq']}"
         for variant, v in bench["variants"].items():
             lines.append(f"| {name} | {shape} | {variant} | {v['trainable_params']:,} | {v['median_s'] * 1000:.1f} "

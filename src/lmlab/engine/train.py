@@ -385,7 +385,9 @@ def kernels(model: nn.Module, choice: str, device: torch.device) -> Iterator[Non
     on the model (for the architectures liger supports; the loss's fused linear cross-entropy comes with
     `loss_settings`). liger patches the model's modules and also module-level names of the transformers modeling
     file (RoPE is a function there): those are put back afterwards, so models built or trained later in the process
-    with `kernels=torch` run the plain code."""
+    with `kernels=torch` run the plain code. On the model itself liger binds a `forward` (and a few attributes) to
+    each norm and MLP instance: those are removed afterwards too, so the trained model runs the plain code again (on
+    any device: Triton kernels run on CUDA only)."""
     check_kernels(model, choice, device)
     if choice != "liger":
         yield
@@ -397,6 +399,7 @@ def kernels(model: nn.Module, choice: str, device: torch.device) -> Iterator[Non
     hf = _hf_model(model) or model
     module = sys.modules[type(hf).__module__]
     saved = dict(vars(module))
+    instance_keys = {m: set(vars(m)) for m in hf.modules()}  # each module's own attributes before liger's patches
     try:
         _apply_liger_kernel_to_instance(model=hf, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                         fused_linear_cross_entropy=False)
@@ -407,6 +410,9 @@ def kernels(model: nn.Module, choice: str, device: torch.device) -> Iterator[Non
         for name, value in saved.items():
             if vars(module).get(name) is not value:
                 setattr(module, name, value)
+        for m, keys in instance_keys.items():  # the instance patches: a bound forward, extra_repr, liger's settings
+            for name in [n for n in vars(m) if n not in keys]:
+                delattr(m, name)
 
 
 class Checkpointer:

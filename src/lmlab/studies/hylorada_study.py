@@ -77,7 +77,7 @@ from lmlab.studies.rundir import TRAIN_STATE, RunDir
 from lmlab.studies.runner import CellOutput, Study, StudyConfig
 from lmlab.studies.setting import describe_data, describe_model, plural
 
-LR_CHOSEN = "chosen per configuration (below)"  # the Setting's learning rate under an lr search
+LR_CHOSEN = "chosen per configuration"  # the Setting's learning rate under an lr search
 
 
 @dataclass(frozen=True)

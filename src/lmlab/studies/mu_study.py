@@ -33,7 +33,7 @@ from lmlab.data.tokenizer import train_bpe_tokenizer
 from lmlab.engine import distributed as D
 from lmlab.engine.hooks import Display, Hooks
 from lmlab.engine.train import TrainConfig, steps_per_epoch, train
-from lmlab.errors import DataError
+from lmlab.errors import DataError, is_out_of_memory
 from lmlab.eval.perplexity import evaluate_perplexity
 from lmlab.eval.sampling import sample
 from lmlab.models.hf import load_tokenizer, prefix_token_id
@@ -76,7 +76,7 @@ CHECKPOINT_DIR = "checkpoint"
 SAMPLES_FILE = "eval_samples.jsonl"
 
 
-LR_CHOSEN = "chosen per model (below)"  # the Setting's learning rate under an lr search
+LR_CHOSEN = "chosen per model"  # the Setting's learning rate under an lr search
 
 
 class MUShape(Section):
@@ -272,20 +272,13 @@ def smaller_settings(max_seq_len: int, batch_size: int, grad_accum: int) -> dict
     return advice
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 @contextlib.contextmanager
 def out_of_memory_advice(what: str, max_seq_len: int, batch_size: int, grad_accum: int):
     """Turn an out-of-memory error (CUDA, CPU allocator, Python) inside the block into `OutOfMemory`."""
     try:
         yield
     except Exception as exc:
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         advice = smaller_settings(max_seq_len, batch_size, grad_accum)
         hint = f"max_seq_len={advice['max_seq_len']}"
@@ -691,8 +684,8 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
                    f"baseline {budget}" if hi < 0 else
-                   f"not testable at this scale: the interval holds 0 ({budget}): MU gains at most {hi:.2g}% over "
-                   "the baseline (95% CI)")
+                   f"not testable at this scale: the interval holds 0, and MU gains at most {hi:.2g}% over the "
+                   f"baseline (95% CI), {budget}")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
 
