@@ -529,3 +529,25 @@ def test_the_report_states_the_run_s_setting_and_where_a_claim_s_scale_differs(b
     assert not any(d.startswith("data ") for d in h8["setting_differs"])  # the note names no data for H8
     row = next(line for line in report.splitlines() if line.startswith("| H8:"))
     assert "this run differs: " + ", ".join(h8["setting_differs"]) in row
+
+
+def test_recall_in_short_documents_falls_below_the_base_only_where_the_interval_shows_it():
+    from lmlab.studies.hylorada_study import _short_recall_sentence
+
+    def rows(values: dict[str, list[float]]) -> list[dict]:
+        return [{"config": c, "seed": s, "metrics": {"retrieval_acc_short": v}}
+                for c, vs in values.items() for s, v in zip((1, 2, 3), vs, strict=True)]
+
+    kept = _short_recall_sentence(rows({"base": [1.0, 1.0, 1.0], "a": [1.0, 0.995, 1.0]}), ["a"], 128)
+    assert kept == "Every fine-tuned configuration keeps the base's recall in documents within the pretraining " \
+                   "context (128 tokens) (within a point)."
+    # -10 points on average, but one seed lost 28 and another gained: the interval holds 0
+    noisy = _short_recall_sentence(rows({"base": [1.0, 1.0, 1.0], "a": [0.72, 0.96, 1.02]}), ["a"], 128)
+    assert "is lower than the base's in `a` (-10.0 points [" in noisy and "not significant)" in noisy
+    assert "this run cannot tell" in noisy and "falls below" not in noisy
+    # -10 points on every seed, give or take one: a loss the interval shows
+    shown = _short_recall_sentence(rows({"base": [1.0, 1.0, 1.0], "a": [0.9, 0.91, 0.89], "b": [0.72, 0.96, 1.02]}),
+                                   ["a", "b"], 128)
+    assert shown.startswith("Recall in documents within the pretraining context (128 tokens) falls below the base's in "
+                            "`a` (-10.0 points [")
+    assert "(significantly in 1 of 2): fine-tuning at the longer context may cost these configurations recall" in shown

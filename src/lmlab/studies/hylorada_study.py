@@ -1113,8 +1113,8 @@ def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | 
         return (f"Recall {where} falls below the base's in {', '.join(t for _, _, t in lost)} "
                 f"(significantly in {len(shown)} of {len(lost)}): fine-tuning at the longer context may cost {them} "
                 "recall the base had, which their val_ppl does not show.")
-    return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}, but not significantly: "
-            f"whether fine-tuning at the longer context costs {them} recall the base had, this run cannot tell.")
+    return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}: whether fine-tuning at "
+            f"the longer context costs {them} recall the base had, this run cannot tell.")
 
 
 def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, reference: str) -> list[str]:
