@@ -1544,9 +1544,9 @@ def boundary_sentence(config: str, cells: list[dict]) -> str:
     largest, mean = max(max(m) for m in moves), max(sum(m) / len(m) for m in moves)
     count = len(cells[0]["initial"])
     ref = random_move_reference(max(b["drift_random"] for b in cells), count)
-    said = (f"`{config}`: boundaries moved up to {largest:.1f} tokens, {mean:.2f} on average (largest seed); gradients "
-            f"of random sign would move the farthest of {count} boundaries up to {ref['max']:.1f} (95%) and one by "
-            f"{ref['mean']:.2f} on average: ")
+    said = (f"`{config}`: boundaries moved up to {largest:.1f} tokens, {mean:.2f} on average (each the largest over "
+            f"seeds); gradients of random sign would move the farthest of {count} boundaries up to "
+            f"{ref['max']:.1f} (95%) and one by {ref['mean']:.2f} on average: ")
     said += ("the largest moves exceed that, so the gradient kept a direction for some boundaries"
              if largest > ref["max"] else "no more than noise alone would move them")
     effective = sorted(b["effective_buckets"] for b in cells)
