@@ -294,6 +294,16 @@ def test_the_fixes_sentences_say_when_their_baseline_did_not_collapse():
     assert out["decision"]["text"] == "D." + note
     assert [c["text"] for c in out["comparisons"]] == ["S." + note, "K."]  # the K comparison is left alone
     assert summary["decision"]["text"] == "D."  # the summary it read is not changed in place
+    # with the cells: the change in points of accuracy (the relative change is of an accuracy) and what the fixes did
+    rows = [{"config": c, "seed": seed, "status": "ok", "details": {"stopped_early": False},
+             "metrics": {"bridged/acc_flexible": acc, "train_steps": 100, "best_step": 100}}
+            for c, accs in (("stable_k16", (0.30, 0.34)), ("baseline_k16", (0.35, 0.34))) for seed, acc in
+            zip((1, 2), accs, strict=True)]
+    text = fixes_without_collapse({**summary, "primary_metric": "bridged/acc_flexible"}, cfg, rising,
+                                  rows)["decision"]["text"]
+    assert text.startswith("D." + note + " In points of accuracy: -2.5 (mean over 2 seeds of `stable_k16` - "
+                           "`baseline_k16`). What the fixes did in `stable_k16`: early stopping ended 0 of 2 runs")
+    assert text.endswith("so of the three fixes only InfoNCE acted.")
     collapsed = {"baseline_k16": _curves({1: [0.1, 0.6, 0.1], 2: [0.1, 0.25, 0.3]})}
     assert fixes_without_collapse(summary, cfg, collapsed) == {}
     assert fixes_without_collapse(summary, cfg, {}) == {}  # no curves: nothing to say

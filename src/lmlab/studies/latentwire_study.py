@@ -515,7 +515,7 @@ class LatentWireStudy(Study):
         curves = {c: validation_curves(run, c) for c in record["configurations"]}
         extra = {"paired_items": items,
                  "claims": latentwire_claims(cfg, items, per_seed_values(ok), summary, curves, ok)}
-        return {**extra, **fixes_without_collapse(summary, cfg, curves)}
+        return {**extra, **fixes_without_collapse(summary, cfg, curves, ok)}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         ok = [r for r in rows if r["status"] == "ok" and r.get("details", {}).get("arm")]
@@ -735,16 +735,29 @@ def baseline_collapse(cfg: dict, curves: dict[str, dict[int, dict[int, float]]] 
     return baseline, collapse_check((curves or {}).get(baseline, {}), patience, cfg["num_val"])
 
 
-def fixes_without_collapse(summary: dict, cfg: dict, curves: dict[str, dict[int, dict[int, float]]]) -> dict:
+def fixes_without_collapse(summary: dict, cfg: dict, curves: dict[str, dict[int, dict[int, float]]],
+                           rows: list[dict] = ()) -> dict:
     """The stability fixes' sentences (the decision's, the attribution's) where their baseline did not collapse:
-    the fixes had nothing to prevent, so the comparison cannot speak to the notes' claim (L2). Returns the summary
-    entries to replace (`decision`, `comparisons`), or nothing."""
+    the fixes had nothing to prevent, so the comparison cannot speak to the notes' claim (L2); with the cells' `rows`
+    also the change in percentage points of accuracy (the relative change above is of an accuracy) and which of the
+    fixes acted (`fixes_acted`). Returns the summary entries to replace (`decision`, `comparisons`), or nothing."""
     stable = Arm(cfg["num_queries"], True, cfg["mode"]).name
     baseline, check = baseline_collapse(cfg, curves)
     if check is None or check["collapsed"]:
         return {}
     note = (f" `{baseline}` did not collapse in this run (claim L2 below), so the fixes had no collapse to prevent: "
             "this measures what they do to a run that does not collapse.")
+    metric = summary.get("primary_metric", "bridged/acc_flexible")
+    values = per_seed_values(list(rows)).get
+    paired = [(a, values(baseline, {}).get(metric, {}).get(seed)) for seed, a in
+              values(stable, {}).get(metric, {}).items()]
+    diffs = [100 * (a - b) for a, b in paired if b is not None]
+    if diffs:
+        note += (f" In points of accuracy: {sum(diffs) / len(diffs):+.1f} (mean over {len(diffs)} seeds of "
+                 f"`{stable}` - `{baseline}`).")
+    acted = fixes_acted(list(rows), stable, cfg.get("info_nce_weight", 0.05))
+    if acted:
+        note += f" {acted[0].upper()}{acted[1:]}."
 
     def noted(entry: dict) -> dict:
         if (entry.get("candidate"), entry.get("parent", entry.get("reference"))) != (stable, baseline):
