@@ -134,7 +134,7 @@ def notes_scale(samples: int, epochs: float, landmarks: int, dataset: str | None
     """A claim's scale in the notes, as `report.with_scale` compares it with a run's configuration (the data only
     where the note names it)."""
     return [["model", "gpt2", "base model"], *([["dataset", dataset, "data"]] if dataset else []),
-            ["num_train", samples, "training samples"], ["train.epochs", epochs, "epochs"],
+            ["num_train", f"{samples} samples", "packed training windows"], ["train.epochs", epochs, "epochs"],
             ["adapter.num_landmarks", landmarks, "landmarks"]]
 
 
@@ -1572,7 +1572,9 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
              "Each learnable-bucket cell's boundaries after training next to their initial (fixed-scheme) positions. "
              "`moved` is the largest and mean absolute change in tokens; `step size alone` is how far AdamW's step "
              "size could move a boundary over the run - in a consistent direction (sum of the learning rates) and "
-             "under gradients of random sign (their root sum of squares), in tokens. `effective buckets` counts the "
+             "under gradients of random sign (their root sum of squares: the standard deviation of one boundary's "
+             "random walk, whose mean absolute move is 0.80 times that - the reference the sentences below use for "
+             "the mean move), in tokens. `effective buckets` counts the "
              "buckets that hold the largest weight at some position (the fixed scheme: all of them).", "",
              "| configuration | seed | assignment | effective buckets | moved (max / mean) | step size alone "
              "(consistent / random) | learned |", "|---|---|---|---|---|---|---|"]

@@ -822,6 +822,20 @@ def latentwire_claims(cfg: dict, items: dict, values: dict, summary: dict,
     main = Arm(k, True, mode).name
     claims = []
     setting = "Mistral-7B -> Llama-3.1-8B, GSM8K, 64 soft tokens"
+    # where this run's scale differs from the notes' (the whole setting is under Setting)
+    def named(key: str, builtin: str) -> str:
+        return builtin if cfg.get(key, "builtin") == "builtin" else f"`{cfg[key]}`"
+
+    differs = [f"{words} (the notes: {notes})" for words, notes, same in (
+        (f"source {named('source_model', 'a tiny model built here')}", "Mistral-7B",
+         "mistral" in str(cfg.get("source_model", "")).lower()),
+        (f"target {named('target_model', 'a tiny model built here')}", "Llama-3.1-8B",
+         "llama" in str(cfg.get("target_model", "")).lower()),
+        (f"data {named('dataset', 'generated arithmetic problems')}", "GSM8K",
+         "gsm8k" in str(cfg.get("dataset", "")).lower()),
+        (f"{k} soft tokens", 64, k == 64)) if not same]
+    if differs:
+        setting += f"; this run differs: {', '.join(differs)}"
 
     def item_claim(cid: str, claim: str, config: str, other: str, claimed: float) -> dict:
         test = items.get(config, {}).get("bridged_vs", {}).get(other)

@@ -96,8 +96,11 @@ def with_scale(row: dict, spec: dict, config: dict, configs: dict | None = None)
         else:
             ours = config_value(config, path)
         if ours is not None and ours != notes:
-            differs.append(f"{what} {ours} (the notes: {notes})" if isinstance(notes, str) else
-                           f"{fmt(ours)} {what} (the notes: {fmt(notes)})")
+            if ours == "builtin":  # lmlab's own tiny base or generated data, not a name a reader can look up
+                ours = "built here" if path == "model" else "generated here"
+            # a count reads "400 epochs"; a name "base model built here"; the notes' value as they give it
+            differs.append(f"{what} {ours} (the notes: {notes})" if isinstance(ours, str) else
+                           f"{fmt(ours)} {what} (the notes: {notes if isinstance(notes, str) else fmt(notes)})")
     if differs:
         row = {**row, "setting": f"{row['setting']}; this run differs: {', '.join(differs)}",
                "setting_differs": differs}
