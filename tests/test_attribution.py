@@ -659,7 +659,7 @@ def test_a_within_claim_about_designs_whose_parts_carry_less_than_the_bound_hold
         return build_summary(record(configs, [], claims=claims), out)["claims"][0]["verdict"]
 
     said = verdict(1e-4)  # 0.01%: a tenth of the bound
-    assert said.startswith("not testable at this scale: the landmarks carry at most 0.01% of val_ppl in `learnable`, "
-                           "`fixed` (removing them changes it by no more, 95% CI)")
+    assert said.startswith("not testable at this scale: the landmarks carry at most 0.01% of val_ppl in `learnable` "
+                           "and `fixed` (removing them changes it by no more, 95% CI)")
     assert "the claim holds by construction; the intervals alone read: supported" in said
     assert verdict(0.005).startswith("supported: no pair differs significantly")

@@ -375,6 +375,20 @@ def ablation_bound(values: dict, configs: list[str], metric: str, without: str) 
     return max(bounds)
 
 
+def carried_bound(values: dict, configs: list[str], metric: str, through: dict | None) -> tuple[float, str] | None:
+    """How much of `metric` the parts `through` names ({without, what}: the ablation metric that removes them) carry in
+    those of `configs` that have them (`ablation_bound`), and the words for it; None without such parts or values."""
+    if not through or not through["without"].startswith(f"{metric}_"):
+        return None
+    carriers = list(dict.fromkeys(c for c in configs if values.get(c, {}).get(through["without"])))
+    bound = ablation_bound(values, carriers, metric, through["without"]) if carriers else None
+    if bound is None:
+        return None
+    where = " and ".join(f"`{c}`" for c in carriers) if len(carriers) <= 2 else ", ".join(f"`{c}`" for c in carriers)
+    return bound, (f"{through['what']} carry at most {bound:.2g}% of {metric} in {where} (removing them changes it "
+                   "by no more, 95% CI)")
+
+
 def _largest(values: dict, config: str, metric: str) -> float | None:
     """The largest of `config`'s per-seed values of `metric`, None where it has none."""
     vals = [v for v in values.get(config, {}).get(metric, {}).values() if v is not None]
@@ -396,13 +410,26 @@ def reach_clause(values: dict, config: str, reach: dict) -> str:
 def faster_clause(values: dict, reach: dict, parent: str, metric: str, lower_is_better: bool) -> str:
     """What the same component did at a larger learning rate (`reach['faster']`, a configuration compared with
     `parent`): how far it moved, the change of `metric`, and what that change allows; "" where it did not run."""
-    faster = reach.get("faster")
-    fast = improvement(values, faster, parent, metric, lower_is_better) if faster else None
-    moved = _largest(values, faster, reach["moved"]) if faster else None
+    faster, fast, moved = _faster(values, reach, parent, metric, lower_is_better)
     if fast is None or moved is None:
         return ""
     return (f"at a larger learning rate (`{faster}`) {reach['what']} by up to {moved:.3g}% and {metric} changes "
             f"by {effect_text(fast)}" + faster_reading(fast))
+
+
+def _faster(values: dict, reach: dict, parent: str, metric: str,
+            lower_is_better: bool) -> tuple[str | None, dict | None, float | None]:
+    """The configuration that trains the component at a larger learning rate (`reach['faster']`), its improvement
+    over `parent` and how far the component moved there (None where it did not run)."""
+    config = reach.get("faster") if reach else None
+    if not config:
+        return None, None, None
+    return (config, improvement(values, config, parent, metric, lower_is_better),
+            _largest(values, config, reach["moved"]))
+
+
+# How much farther a component must move at a larger learning rate for its null there to speak for its room to act
+FASTER_ROOM = 5.0
 
 
 def faster_room(values: dict, candidate: str, reach: dict, parent: str, metric: str,
@@ -410,17 +437,11 @@ def faster_room(values: dict, candidate: str, reach: dict, parent: str, metric: 
     """Where the component, trained at a larger learning rate (`reach['faster']`), moved at least FASTER_ROOM times
     as far as in `candidate` and its change vs `parent` has an interval: {moved, slow, effect, bound} with `bound` the
     upper end of its improvement's 95% interval (the most it gains); else None."""
-    config = reach.get("faster") if reach else None
-    effect = improvement(values, config, parent, metric, lower_is_better) if config else None
-    moved, slow = (_largest(values, config, reach["moved"]), _largest(values, candidate, reach["moved"])) \
-        if config else (None, None)
+    _, effect, moved = _faster(values, reach, parent, metric, lower_is_better)
+    slow = _largest(values, candidate, reach["moved"]) if reach else None
     if effect is None or not effect.get("ci95") or moved is None or slow is None or moved < FASTER_ROOM * slow:
         return None
     return {"moved": moved, "slow": slow, "effect": effect, "bound": effect["ci95"][1]}
-
-
-# How much farther a component must move at a larger learning rate for its null there to speak for its room to act
-FASTER_ROOM = 5.0
 
 
 def faster_reading(effect: dict) -> str:
@@ -571,24 +592,24 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             if spec.get("total_parent") else None
         own_top = comp["ci95"][1] if comp["n"] and comp.get("ci95") else None
         whole = total["improvement_pct"] if total is not None and significant_gain(total) else None
+        parent_s = f"`{spec['parent']}` alone gives {effect_text(share)} of it" if share is not None else ""
         if comp["credited"]:
-            verdict = "supported: the component is credited (beats its parent and its controls)"
-        elif whole is not None and own_top is not None and own_top < 0.5 * whole:
+            return {**row, "measured": measured,
+                    "verdict": "supported: the component is credited (beats its parent and its controls)"}
+        if whole is not None and own_top is not None and own_top < 0.5 * whole:
             # most of the whole gain is not the component's, whatever its own comparison resolves
             verdict = (f"not supported: the component's own gain over `{spec['parent']}` is at most "
                        f"{max(own_top, 0.0) / whole:.2%} of the whole gain over `{spec['total_parent']}` (95% CI); "
-                       f"`{spec['parent']}` alone gives {effect_text(share)} of it; its own comparison: "
-                       f"{comp['scenario']}")
-        elif comp["scenario"] in ("control-unresolved", "not-significant"):
+                       f"{parent_s}; its own comparison: {comp['scenario']}")
+            return {**row, "measured": measured, "verdict": verdict}
+        if comp["scenario"] in ("control-unresolved", "not-significant"):
             verdict = (f"not testable at this scale: the component is not credited ({comp['scenario']}: the data "
                        "cannot tell its gain from its parent's or its control's)")
         elif comp["scenario"] == "uncontrolled":
             verdict = "not testable here: the component is not credited (uncontrolled: a control it needs was not run)"
         else:
             verdict = f"not supported: the component is not credited ({comp['scenario']})"
-        if share is not None and "alone gives" not in verdict and not comp["credited"]:
-            verdict += f"; `{spec['parent']}` alone gives {effect_text(share)} of it"
-        return {**row, "measured": measured, "verdict": verdict}
+        return {**row, "measured": measured, "verdict": verdict + (f"; {parent_s}" if parent_s else "")}
     if kind == "null":
         effects = [(a, b, improvement(values, a, b, metric, lower_is_better)) for a, b in spec["pairs"]]
         ran = [(a, b, e) for a, b, e in effects if e is not None]
@@ -625,17 +646,12 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                        + (f"the 95% intervals reach beyond the {spread:.2g}% by which {metric} varies from seed to "
                           "seed (sd)" if spread is not None else
                           "with one seed there is no spread between seeds to compare them with"))
-        through = spec.get("through")  # the designs differ only in parts an ablation removes: how much they carry
-        if through and within is not None and through["without"].startswith(f"{metric}_"):
-            carriers = list(dict.fromkeys(c for a, b, _ in ran for c in (a, b)
-                                          if values.get(c, {}).get(through["without"])))
-            bound = ablation_bound(values, carriers, metric, through["without"]) if carriers else None
-            if bound is not None and bound < within:
-                where = ", ".join(f"`{c}`" for c in carriers)
-                verdict = (f"not testable at this scale: {through['what']} carry at most {bound:.2g}% of {metric} in "
-                           f"{where} (removing them changes it by no more, 95% CI), so designs that differ only in "
-                           f"them could hardly differ by {within:g}% here: the claim holds by construction; the "
-                           f"intervals alone read: {verdict}")
+        carried = carried_bound(values, [c for a, b, _ in ran for c in (a, b)], metric, spec.get("through")) \
+            if within is not None else None  # the designs differ only in parts an ablation removes
+        if carried is not None and carried[0] < within:
+            verdict = (f"not testable at this scale: {carried[1]}, so designs that differ only in them could hardly "
+                       f"differ by {within:g}% here: the claim holds by construction; the intervals alone read: "
+                       f"{verdict}")
         return {**row, "measured": measured, "verdict": verdict}
     effect = improvement(values, spec["candidate"], spec["parent"], metric, lower_is_better)
     if effect is None:
@@ -659,17 +675,14 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
         if explains or unresolved:
             out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved)
-    through = spec.get("through")  # the component acts only through parts an ablation removed: how much they carry
-    bound = None
-    if through and claimed is not None and through["without"].startswith(f"{metric}_"):
-        carriers = [c for c in (spec["candidate"], spec["parent"]) if values.get(c, {}).get(through["without"])]
-        bound = ablation_bound(values, carriers, metric, through["without"]) if carriers else None
-        if bound is not None and abs(claimed) > bound:
-            where = " and ".join(f"`{c}`" for c in carriers)
-            out["verdict"] = (f"not testable at this scale: {through['what']} carry at most {bound:.2g}% of {metric} "
-                              f"in {where} (removing them changes it by no more, "
-                              f"95% CI), less than the claimed {abs(claimed):.2f}%, so the setting cannot show an "
-                              f"effect of the claimed size; the interval alone reads: {out['verdict']}")
+    # the component acts only through other parts an ablation removed: how much they carry
+    carried = carried_bound(values, [spec["candidate"], spec["parent"]], metric, spec.get("through")) \
+        if claimed is not None else None
+    bound = carried[0] if carried else None
+    if carried is not None and abs(claimed) > bound:
+        out["verdict"] = (f"not testable at this scale: {carried[1]}, less than the claimed {abs(claimed):.2f}%, so "
+                          f"the setting cannot show an effect of the claimed size; the interval alone reads: "
+                          f"{out['verdict']}")
     blind = spec.get("positive_control")  # the component alone, where it should move the metric if anything does
     alone = improvement(values, blind["candidate"], blind["parent"], metric, lower_is_better) if blind else None
     pc = f"its positive control, {blind['what']} (`{blind['candidate']}` vs `{blind['parent']}`)" if blind else ""

@@ -1074,11 +1074,11 @@ def _red_flags(rows: list[dict]) -> list[str]:
 
 def _samples(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     gen = cfg["generation"]
+    every = "every epoch" if gen["every_epochs"] == 1 else f"every {plural(gen['every_epochs'], 'epoch')}"
     lines = ["## Generation samples (best checkpoint, loaded back)", "",
              f"temperature {gen['temperature']:g}, top-k {gen['top_k']}, top-p {gen['top_p']:g}, repetition penalty "
              f"{gen['repetition_penalty']:g}, {gen['max_new_tokens']} new tokens; every cell's samples during "
-             f"training (every {'' if gen['every_epochs'] == 1 else plural(gen['every_epochs'], 'epoch')}"
-             f"{'epoch' if gen['every_epochs'] == 1 else ''}) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`.", ""]
+             f"training ({every}) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`.", ""]
     for name in configs:
         row = _first_ok(rows, name)
         if row is None:

@@ -86,7 +86,8 @@ def config_value(config: dict, path: str):
 
 def with_scale(row: dict, spec: dict, config: dict, configs: dict | None = None) -> dict:
     """A claim row whose setting column also says where this run's scale differs from the notes': a claim spec's
-    `scale` lists [config path, the notes' value, what it counts] (e.g. ["num_train", 200, "training samples"]);
+    `scale` lists [config path, the notes' value, what it counts] (e.g. ["adapter.num_landmarks", 4, "landmarks"],
+    or the notes' value in their own unit: ["num_train", "200 samples", "packed training windows"]);
     the path "component_params" reads the claim's candidate's measured component parameters from `configs`
     (the summary's per-configuration entries) instead of the configuration."""
     differs = []
