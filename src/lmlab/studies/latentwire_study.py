@@ -748,10 +748,9 @@ def fixes_without_collapse(summary: dict, cfg: dict, curves: dict[str, dict[int,
     note = (f" `{baseline}` did not collapse in this run (claim L2 below), so the fixes had no collapse to prevent: "
             "this measures what they do to a run that does not collapse.")
     metric = summary.get("primary_metric", "bridged/acc_flexible")
-    values = per_seed_values(list(rows)).get
-    paired = [(a, values(baseline, {}).get(metric, {}).get(seed)) for seed, a in
-              values(stable, {}).get(metric, {}).items()]
-    diffs = [100 * (a - b) for a, b in paired if b is not None]
+    per_seed = per_seed_values(list(rows))
+    with_fixes, without = (per_seed.get(c, {}).get(metric, {}) for c in (stable, baseline))
+    diffs = [100 * (a - without[seed]) for seed, a in with_fixes.items() if seed in without]
     if diffs:
         note += (f" In points of accuracy: {sum(diffs) / len(diffs):+.1f} (mean over {len(diffs)} seeds of "
                  f"`{stable}` - `{baseline}`).")
