@@ -25,19 +25,14 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "LMLAB_DEVICE": "cpu"}
 SKIP_MISSING_EXTRAS = "LMLAB_TEST_SKIP_MISSING_EXTRAS"
 
 
-def missing_extras(*modules: str) -> list[str]:
-    """Those of `modules` that are not installed."""
-    import importlib.util
-
-    return [m for m in modules if importlib.util.find_spec(m) is None]
-
-
 def require_extras(*modules: str) -> None:
     """Skip the calling test where an optional package it needs is missing and SKIP_MISSING_EXTRAS is set; otherwise
     let it run (and fail where the package is missing: `make test` installs every extra)."""
+    import importlib.util
+
     import pytest
 
-    missing = missing_extras(*modules)
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing and os.environ.get(SKIP_MISSING_EXTRAS) == "1":
         pytest.skip(f"optional packages not installed: {', '.join(missing)} ({SKIP_MISSING_EXTRAS}=1)")
 

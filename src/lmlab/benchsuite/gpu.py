@@ -340,7 +340,7 @@ def _run(settings: GpuSettings, out: Path, log: Callable[[str], None], device: t
                      "machine": machine(), "settings": asdict(settings), "models": {}, "rows": []}
     partial = out / f"{started:%Y-%m-%dT%H%M%S}-gpu-partial.json"
     out.mkdir(parents=True, exist_ok=True)
-    def save(_=None) -> None:  # survives a run killed at its time limit
+    def save() -> None:  # survives a run killed at its time limit
         partial.write_text(json.dumps(results, indent=1) + "\n")
 
     for name in settings.models:
