@@ -182,7 +182,7 @@ def test_means_over_seeds_are_drawn_with_the_band_between_the_lowest_and_highest
         colours = {to_rgba(c.get_facecolor()[0])[:3] for c in bands}
         # a series with the same values as an earlier one shares that one's band (stacked bands would darken)
         drawn = {_config_of(line.get_label()) for line in ax.get_lines()
-                 if "[same values as" not in line.get_label()} - {None}
+                 if "[same values as" not in line.get_label()} - {None}  # a line plot draws a twin on its line
         assert colours == {to_rgba(config_styles(CONFIGS)[c]["color"])[:3] for c in drawn}, name
         assert "min-max over 2 seeds" in ax.get_legend().get_title().get_text(), name
     band = next(c for c in plots["training"].axes[0].collections
@@ -255,17 +255,83 @@ def test_legends_stay_clear_of_the_data_and_long_titles_wrap(run: RunDir, plots:
     assert not any(legend_box.overlaps(ax.get_window_extent(renderer)) for ax in fig.axes)
 
 
+LINE_PLOTS = ("training", "validation", "retrieval", "bridged")  # drawn by report.line_plot
+
+
+def _note(ax) -> str:
+    return "\n".join(t.get_text() for t in ax.texts)
+
+
 def test_identical_series_stay_distinguishable(run: RunDir, plots: dict, figures: list):
-    for name in ("training", "validation", "decile", "retrieval", "bridged"):
-        lines = {_config_of(line.get_label()): line for line in plots[name].axes[0].get_lines()}
-        rslora, twin = lines["rslora"], lines["twin"]
-        assert list(rslora.get_ydata()) == list(twin.get_ydata()), name
-        assert rslora.get_marker() != twin.get_marker() and rslora.get_linestyle() != twin.get_linestyle(), name
-        assert twin.get_fillstyle() == "none"  # hollow: a marker drawn over another of another shape leaves both seen
-        assert twin.get_label() == "twin [same values as rslora]", name
+    """The decile plot draws a twin over its original in another marker and line style; the line plots draw it as the
+    original's line and say so (a legend label pointing below, a note naming the twin)."""
+    lines = {_config_of(line.get_label()): line for line in plots["decile"].axes[0].get_lines()}
+    rslora, twin = lines["rslora"], lines["twin"]
+    assert list(rslora.get_ydata()) == list(twin.get_ydata())
+    assert rslora.get_marker() != twin.get_marker() and rslora.get_linestyle() != twin.get_linestyle()
+    assert twin.get_fillstyle() == "none"  # hollow: a marker drawn over another of another shape leaves both seen
+    assert twin.get_label() == "twin [same values as rslora]"
+    for name in LINE_PLOTS:
+        ax = plots[name].axes[0]
+        labels = [line.get_label() for line in ax.get_lines()]
+        assert "rslora [and 1 more, listed below]" in labels and not any(label.startswith("twin") for label in labels)
+        assert "rslora, and on its line:\n  twin (the same values)" in _note(ax), name
     latentwire_study._compression_plot(_compression_rows(), run)
     labels = [t.get_text() for t in figures[-1].legends[0].get_texts()]
     assert "shuffled_source (soft_only) [same values as zero_prefix (soft_only)]" in labels
+
+
+def test_series_within_a_line_width_are_drawn_as_one_line_with_a_band_over_all_their_seeds(run: RunDir,
+                                                                                          figures: list):
+    """y spans 0..10, so means within 10/60 of an earlier series' at every x share its line: `near` (0.1 away) joins
+    `a`, and the band spans both one's seeds; `far` (0.5 away at one x) gets its own line and band."""
+    a = report.Curve([1, 2, 3], [5.0, 6.0, 10.0], [4.5, 5.5, 9.5], [5.5, 6.5, 10.0], 2)
+    near = report.Curve([1, 2, 3], [5.1, 6.0, 9.95], [4.0, 5.9, 9.9], [5.2, 7.0, 10.0], 2)
+    far = report.Curve([1, 2, 3], [5.0, 6.5, 10.0], [4.9, 6.4, 9.9], [5.1, 6.6, 10.0], 2)
+    low = report.Curve([1, 2, 3], [0.0, 1.0, 2.0])
+    configs = ["a", "near", "far", "low"]
+    line_plot(run, "close.png", {"a": a, "near": near, "far": far, "low": low}, styles=config_styles(configs),
+              xlabel="x", ylabel="y", title="t")
+    fig = figures[-1]
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()] == ["a [and 1 more, listed below]", "far", "low"]
+    assert "a, and on its line:\n  near (within 0.1)" in _note(ax)
+    bands = {to_rgba(c.get_facecolor()[0])[:3]: c for c in ax.collections if isinstance(c, PolyCollection)}
+    assert len(bands) == 2  # a's (for near as well) and far's; low is one seed
+    ys = bands[to_rgba(config_styles(configs)["a"]["color"])[:3]].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(4.0) and ys.max() == pytest.approx(10.0)  # near's lowest seed, a's highest
+    renderer = _renderer(fig)
+    note = ax.texts[0].get_window_extent(renderer)
+    assert not note.overlaps(ax.get_legend().get_window_extent(renderer))
+    assert not note.overlaps(ax.get_window_extent(renderer))
+    # the grouping itself, against distances computed here: on a log axis the distance is a ratio
+    assert report.close_groups({"a": a, "near": near, "far": far}, 0.1) == {"a": [("near", pytest.approx(0.1))],
+                                                                             "far": []}
+    ratio = report.Curve([1, 2], [100.0, 200.0])
+    assert report.close_groups({"r": ratio, "s": report.Curve([1, 2], [101.0, 202.0])}, 0.005, log=True) == {
+        "r": [("s", pytest.approx(0.0043214, rel=1e-4))]}
+
+
+def test_a_staged_configuration_is_marked_where_its_last_stage_starts(tmp_path: Path, figures: list):
+    """A cell trained in two stages: its first stage's curve (metrics-<stage>.jsonl, steps 1-4) comes first, the last
+    stage's steps follow from 5, and a dotted line in its colour at step 4 says what the last stage trains."""
+    rundir = RunDir(tmp_path / "run")
+    for config, stages in (("plain", ["metrics.jsonl"]), ("staged", ["metrics-first.jsonl", "metrics.jsonl"])):
+        for seed in SEEDS:
+            cell = rundir.cell_dir(config, seed)
+            cell.mkdir(parents=True)
+            for k, stage in enumerate(stages):
+                (cell / stage).write_text("".join(json.dumps({"kind": "train", "step": s, "loss": 3.0 - k - 0.1 * s})
+                                                  + "\n" for s in (2, 4)))
+    assert report.stage_starts(rundir, "staged") == [4] and report.stage_starts(rundir, "plain") == []
+    training_curves_plot(rundir, ["plain", "staged"], stages={"staged": "the bias alone"})
+    ax = figures[-1].axes[0]
+    staged = next(line for line in ax.get_lines() if line.get_label() == "staged")
+    assert list(staged.get_xdata()) == [2, 4, 6, 8]
+    marker = next(line for line in ax.get_lines() if "from here" in line.get_label())
+    assert marker.get_label() == "staged: from here, the bias alone"
+    assert list(marker.get_xdata()) == [4, 4] and marker.get_linestyle() == ":"
+    assert to_rgba(marker.get_color()) == to_rgba(config_styles(["plain", "staged"])["staged"]["color"])
 
 
 def test_the_decile_plot_zooms_on_the_change_vs_the_reference_paired_by_seed(plots: dict):

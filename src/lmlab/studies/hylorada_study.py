@@ -467,6 +467,10 @@ class HyloradaStudy(Study):
     def param_match_ratio(self, cfg) -> float:
         return 1.5
 
+    def stage_notes(self) -> dict[str, str]:
+        return {name: "the position components train alone on the frozen rsLoRA" for name, arm in self.arms.items()
+                if arm.position_after_lora}
+
     def table_metrics(self, cfg) -> list[str]:
         return ["val_ppl", "val_bpb", "lim_ppl", "retrieval_acc", "retrieval_acc_short", "train_time_s", "peak_mem_mb"]
 

@@ -475,6 +475,20 @@ def second_half_start(steps: list[int]) -> int:
     return steps[-2] if middle == steps[-1] else middle
 
 
+def stage_starts(run: RunDir, config: str) -> list[int]:
+    """The optimizer steps (as `seed_curves` numbers them) after which a cell of `config` that trained in stages
+    started each later stage: where its plotted curve changes what trains. Empty for a cell of one stage."""
+    starts: set[int] = set()
+    for cell in sorted((run.root / "cells" / config).glob("seed-*")):
+        offset = 0
+        for metrics_file in sorted(cell.glob("metrics-*.jsonl")):
+            steps = [json.loads(line).get("step") or 0 for line in metrics_file.read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
+            offset += max(steps, default=0)
+            starts.add(offset)
+    return sorted(starts)
+
+
 def seed_curves(run: RunDir, config: str, kind: str, key: str) -> dict[int, dict[int, list[float]]]:
     """{seed: {step: [values]}} of `key` in one configuration's cells' metrics.jsonl records of `kind`. A cell that
     trained in stages keeps its earlier stages' curves in `metrics-<stage>.jsonl` (name order): they come first, and
@@ -590,35 +604,82 @@ def band_note(seeds: int) -> str:
     return f"shaded: min-max over {seeds} seeds"
 
 
+def close_groups(series: dict[str, Curve], close: float, log: bool = False) -> dict[str, list[tuple[str, float]]]:
+    """{first: [(other, largest distance), ...]}: each series whose mean lies within `close` of an earlier series' at
+    every x (the same x, gaps in the same places) joins that one's group; distance 0 is the same values. On a log
+    axis (`log`) the distance is |log10(a / b)|. Series in no other's group map to an empty list."""
+    def distance(a: Curve, b: Curve) -> float | None:
+        if a.x != b.x or [v is None for v in a.y] != [v is None for v in b.y]:
+            return None
+        gaps = [abs(math.log10(u / v)) if log else abs(u - v) for u, v in zip(a.y, b.y, strict=True)
+                if u is not None and v is not None]
+        return max(gaps, default=0.0)
+
+    groups: dict[str, list[tuple[str, float]]] = {}
+    for name, curve in series.items():
+        for first, members in groups.items():
+            d = distance(series[first], curve)
+            if d is not None and d <= close:
+                members.append((name, d))
+                break
+        else:
+            groups[name] = []
+    return groups
+
+
+def _envelope(curves: list[Curve]) -> tuple[list, list]:
+    """The lowest low and highest high at each x over curves of the same x (None where every curve has none)."""
+    lows = [[v for v in vs if v is not None] for vs in zip(*[c.low or c.y for c in curves], strict=True)]
+    highs = [[v for v in vs if v is not None] for vs in zip(*[c.high or c.y for c in curves], strict=True)]
+    return [min(v) if v else None for v in lows], [max(v) if v else None for v in highs]
+
+
+LINE_WIDTHS_CLOSE = 60  # means closer than 1/60 of the y axis (about a line's width) at every x are drawn as one line
+
+
 def line_plot(run: RunDir, name: str, series: dict[str, Curve], *, styles: dict[str, dict], xlabel: str,
               ylabel: str, title: str, logy: bool = False, unit_y: bool = False, integer_x: bool = False,
-              shade: tuple[float, float, str] | None = None, hline: tuple[float, str] | None = None) -> str:
+              shade: tuple[float, float, str] | None = None, hline: tuple[float, str] | None = None,
+              vlines: list[tuple[float, str, str]] = ()) -> str:
     """One line per series in its style from `styles` (`config_styles`; None values become gaps), its seed band
     shaded, saved as plots/<name> (PNG and PDF); returns the PNG's relative path. `unit_y` fixes the y axis to
     [0, 1] (accuracies), `integer_x` puts ticks on whole numbers only (optimizer steps), `logy` is a log axis with
-    plain tick labels, `hline` (y, label) a dashed reference line (e.g. chance). A series with the same values as an
-    earlier one is drawn without a band of its own (the earlier one's is the same), so stacked bands do not darken."""
+    plain tick labels, `hline` (y, label) a dashed reference line (e.g. chance), `vlines` [(x, colour, label)] dotted
+    vertical markers (e.g. where a configuration's second stage starts).
+
+    Series whose means lie within about a line's width of an earlier one's at every x (1/LINE_WIDTHS_CLOSE of the y
+    axis) would be drawn on top of it, and their bands would stack: they are drawn as that one line, its band spanning
+    all their seeds, and a note under the legend names each with how far it lies from the line (or that it has the
+    same values) - a plot of sixteen configurations of which ten nearly coincide stays readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    notes = same_values_notes({label: (c.x, c.y) for label, c in series.items()})
+    values = [v for c in series.values() for vs in (c.y, c.low or [], c.high or []) for v in vs
+              if v is not None and (v > 0 or not logy)]
+    span = 1.0 if unit_y else (math.log10(max(values) / min(values)) if logy else max(values) - min(values)) \
+        if values else 0.0
+    groups = close_groups(series, span / LINE_WIDTHS_CLOSE, log=logy)
     seeds = max((c.seeds for c in series.values() if c.low is not None), default=1)
-    band_alpha = min(0.2, 1.2 / len(series))  # lighter bands where many overlap
-    for label, curve in series.items():
-        style = styles[label]
+    band_alpha = min(0.2, 1.2 / len(groups)) if groups else 0.2  # lighter bands where many overlap
+    for label, members in groups.items():
+        curve, style = series[label], styles[label]
+        shown = f"{label} [and {len(members)} more, listed below]" if members else label
         # markers on at most ~15 points per line; unclipped on a [0, 1] axis, where 0 and 1 lie on its edges
-        ax.plot(curve.x, _gaps(curve.y), label=label + notes.get(label, ""), fillstyle="none", markersize=6,
+        ax.plot(curve.x, _gaps(curve.y), label=shown, fillstyle="none", markersize=6,
                 markevery=max(1, len(curve.x) // 15), clip_on=not unit_y, **style)
-        if curve.low is not None and curve.seeds > 1 and label not in notes:
-            ax.fill_between(curve.x, _gaps(curve.low), _gaps(curve.high), color=style["color"], alpha=band_alpha,
-                            linewidth=0)
+        if curve.low is not None and max(series[m].seeds for m in [label, *(n for n, _ in members)]) > 1:
+            low, high = _envelope([curve, *(series[n] for n, _ in members)])
+            ax.fill_between(curve.x, _gaps(low), _gaps(high), color=style["color"], alpha=band_alpha, linewidth=0)
     if shade is not None:
         ax.axvspan(shade[0], shade[1], color="grey", alpha=0.1, label=shade[2])
     if hline is not None:
         ax.axhline(hline[0], color="black", linestyle=(0, (4, 3)), linewidth=0.9, label=hline[1])
+    for x, colour, label in vlines:
+        ax.axvline(x, color=colour, linestyle=":", linewidth=1.2,
+                   label=textwrap.fill(label, 48, subsequent_indent="  ", break_on_hyphens=False))
     if unit_y:
         ax.set_ylim(0, 1)
     if integer_x:
@@ -628,7 +689,37 @@ def line_plot(run: RunDir, name: str, series: dict[str, Curve], *, styles: dict[
     if logy:
         plain_log_y(ax)
     label_axes(ax, xlabel=xlabel, ylabel=ylabel, title=title, legend_title=band_note(seeds) if seeds > 1 else None)
+    said = [_group_note(label, members, logy) for label, members in groups.items() if members]
+    if said:
+        _note_under_legend(ax, ["Drawn as one line (band: all their seeds):", *said])
     return save_figure(fig, run, name)
+
+
+def _group_note(label: str, members: list[tuple[str, float]], log: bool) -> str:
+    """'rslora, and on its line:' then one member a line: 'rslora+bias (the same values)', 'rslora+constant (within
+    0.0042)' - the largest distance of its mean from the line's over x (on a log axis, in %)."""
+    def how(d: float) -> str:
+        if not d:
+            return "the same values"
+        return f"within {100 * (10 ** d - 1):.2g}%" if log else f"within {d:.2g}"
+
+    return "\n".join([f"{label}, and on its line:", *(f"  {n} ({how(d)})" for n, d in members)])
+
+
+def _note_under_legend(ax, paragraphs: list[str]) -> None:
+    """Text in the figure's right margin just below the axes' legend (lined up with it), so it never covers the data
+    or the legend; the saved figure's tight bounding box grows to hold it."""
+    fig = ax.get_figure()
+    legend = ax.get_legend()
+    renderer = fig.canvas.get_renderer()
+    top = 1.0
+    if legend is not None:
+        box = legend.get_window_extent(renderer).transformed(ax.transAxes.inverted())
+        top = box.y0 - 0.03
+    lines = [textwrap.fill(line, 48, subsequent_indent="    ", break_on_hyphens=False)
+             for p in paragraphs for line in p.split("\n")]
+    ax.text(1.02, top, "\n".join(lines),
+            transform=ax.transAxes, fontsize=8, va="top", ha="left")
 
 
 def _gaps(values: list) -> list[float]:
@@ -680,12 +771,14 @@ def _chars_fitting(inches: float, fontsize: float) -> int:
     return max(20, int(inches * 72 / (0.55 * fontsize)))
 
 
-def training_curves_plot(run: RunDir, configs: list[str], invalid: set[str] = frozenset()) -> str | None:
+def training_curves_plot(run: RunDir, configs: list[str], invalid: set[str] = frozenset(),
+                         stages: dict[str, str] | None = None) -> str | None:
     """Training loss against optimizer step, one line per configuration of `configs` (the run's full list, which fixes
     the colours): the mean over seeds, shaded between the lowest and highest seed. The loss is the language-model
     NLL the cells log (`nll`), the same quantity for every configuration where some add auxiliary terms to what they
     optimise (LatentWire's InfoNCE); `loss` where the cells log no NLL. A configuration in `invalid` (a diagnostic) is
-    labelled so."""
+    labelled so. A configuration whose cells trained in stages gets a dotted line in its colour where its last stage
+    starts, labelled with what that stage trains (`stages`: {configuration: what}; else 'its next stage')."""
     losses = cell_curves(run, configs, "train", "loss")
     nlls = cell_curves(run, configs, "train", "nll")
     curves, what = (nlls, "training NLL, the language-model loss without auxiliary terms") \
@@ -694,9 +787,11 @@ def training_curves_plot(run: RunDir, configs: list[str], invalid: set[str] = fr
         return None
     label = {c: f"{c} (INVALID)" if c in invalid else c for c in configs}
     styles = config_styles(configs)
+    vlines = [(step, styles[c]["color"], f"{label[c]}: from here, {(stages or {}).get(c, 'its next stage')}")
+              for c in configs if c in curves for step in stage_starts(run, c)]
     return line_plot(run, "training_curves.png", {label[c]: v for c, v in mean_over_seeds(curves).items()},
                      styles={label[c]: v for c, v in styles.items()}, xlabel="optimizer step",
-                     ylabel=f"{what} (mean over seeds)", title="Training curves", integer_x=True)
+                     ylabel=f"{what} (mean over seeds)", title="Training curves", integer_x=True, vlines=vlines)
 
 
 def save_figure(fig, run: RunDir, name: str) -> str:
@@ -806,7 +901,7 @@ def write_reports(run: RunDir) -> dict:
     ]
     lines += lm_eval_section(summary)
     curve = training_curves_plot(run, record["configurations"],
-                                 {c for c, e in summary["configs"].items() if e.get("invalid")})
+                                 {c for c, e in summary["configs"].items() if e.get("invalid")}, study.stage_notes())
     lines += study.report_sections(summary, rows, run, record)
     if summary["failed_cells"]:
         lines += ["## Failed cells", "", "| configuration | seed | error |", "|---|---|---|"]

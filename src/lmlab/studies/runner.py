@@ -151,6 +151,11 @@ class Study:
     def run_cell(self, ctx, config: str, seed: int, cell_dir: Path, display: Display) -> CellOutput:
         raise NotImplementedError
 
+    def stage_notes(self) -> dict[str, str]:
+        """{configuration: what its last stage trains} for configurations whose cells train in stages (each earlier
+        stage's curve in `metrics-<stage>.jsonl`), for the training-curve plot's marker where that stage starts."""
+        return {}
+
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, study_record: dict) -> list[str]:
         """Extra markdown sections (and plots) for this study's report."""
         return []
