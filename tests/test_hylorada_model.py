@@ -451,6 +451,43 @@ def test_dora_row_norm_equals_the_norm_of_the_formed_weight_and_follows_updates(
     torch.testing.assert_close(layer(x), expected + base.bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layer_type", ["linear", "conv1d"])
+def test_dora_row_norm_of_a_bf16_base_never_holds_a_float32_copy_of_the_whole_weight(layer_type, monkeypatch):
+    """float32 adapters on a bf16 W0 [12, 20]: the norm reads W0 in float32 a block of rows at a time (ROW_NORM_BLOCK
+    set to 3 rows here), equals the norm of the formed float32 weight, and no tensor of float32 as large as W0 is
+    ever made (every op's output is watched)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmlab.hylorada import layers
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(20, 12) if layer_type == "linear" else Conv1D(12, 20)
+    base = base.to(torch.bfloat16).requires_grad_(False)
+    layer = HyLoRADALinear(base, hy_config(use_dora=True, position_bias=False))
+    assert layer.lora_A.dtype == torch.float32
+    perturb(layer)
+    monkeypatch.setattr(layers, "ROW_NORM_BLOCK", 3 * 20)
+    layer._norm = layer._w0_sq = None
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    with torch.no_grad(), Largest():
+        norm = layer.row_norm()
+    # a block of W0 or the adapter's own factors (views of A [r, 20], B [12, r]), never the whole [12, 20]
+    assert Largest.largest <= max(3 * 20, layer.lora_A.numel(), layer.lora_B.numel()) < 12 * 20
+    w0 = (base.weight.t() if layer_type == "conv1d" else base.weight).float()
+    formed = torch.linalg.norm(w0 + layer.scaling * layer.lora_B @ layer.lora_A, dim=1)
+    torch.testing.assert_close(norm, formed, rtol=1e-5, atol=1e-6)
+
+
 def test_a_small_change_of_dora_s_magnitude_reaches_the_output_of_a_bf16_base_under_autocast():
     """DoRA's row scale m / ||W|| is about 1; rounded to bf16 before it multiplies (spacing 2^-8 near 1) a change of
     the magnitude below about 0.4% would leave the forward pass exactly as it was. Kept in float32 and rounded once

@@ -25,6 +25,9 @@ from lmlab.hylorada.config import HyLoRADAConfig
 from lmlab.hylorada.position import PositionContext
 from lmlab.kernels import lowrank
 
+# DoRA's row norm reads the frozen W0 in the adapter's precision: a W0 stored in another dtype is cast this many
+# elements at a time (16 MiB in float32), not whole - an 8B model's MLP projection would otherwise add a 235 MB copy
+ROW_NORM_BLOCK = 1 << 22
 _STEPS = [0]  # optimizer steps taken in this process (any torch optimizer): part of the DoRA norm's cache key
 
 
@@ -98,10 +101,24 @@ class HyLoRADALinear(nn.Module):
         key = (w_key, a.data_ptr(), a._version, b.data_ptr(), b._version, _STEPS[0])
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
-        if self._w0_sq is None or self._w0_sq[0] != w_key:
-            self._w0_sq = (w_key, self.weight_out_in().to(a.dtype).pow(2).sum(1))
-        w0 = weight.to(a.dtype)  # in the adapter's precision (a bf16 base: a float32 copy, one layer at a time)
-        a_w0 = a @ w0 if self.fan_in_fan_out else a @ w0.t()  # [r, out]: column i is A W0_i
+        need_sq = self._w0_sq is None or self._w0_sq[0] != w_key
+        w0 = self.weight_out_in()  # [out, in], a view
+        if w0.dtype == a.dtype:
+            a_w0 = a @ w0.t()  # [r, out]: column i is A W0_i
+            w0_sq = w0.pow(2).sum(1) if need_sq else None
+        else:
+            # W0 stored in another dtype (a bf16 base under float32 adapters): cast to the adapter's precision a block
+            # of rows at a time, so no float32 copy of the frozen weight exists beyond ROW_NORM_BLOCK elements
+            a_w0 = torch.empty(a.shape[0], self.out_features, dtype=a.dtype, device=a.device)
+            w0_sq = torch.empty(self.out_features, dtype=a.dtype, device=a.device) if need_sq else None
+            step = max(1, ROW_NORM_BLOCK // self.in_features)
+            for start in range(0, self.out_features, step):
+                block = w0[start:start + step].to(a.dtype)
+                a_w0[:, start:start + step] = a @ block.t()
+                if w0_sq is not None:
+                    w0_sq[start:start + step] = block.pow(2).sum(1)
+        if need_sq:
+            self._w0_sq = (w_key, w0_sq)
         cross = (b * a_w0.t()).sum(1)  # [out]
         quad = ((b @ (a @ a.t())) * b).sum(1)  # [out]
         s = self.scaling
