@@ -663,3 +663,20 @@ def test_a_within_claim_about_designs_whose_parts_carry_less_than_the_bound_hold
                            "and `fixed` (removing them changes it by no more, 95% CI)")
     assert "the claim holds by construction; the intervals alone read: supported" in said
     assert verdict(0.005).startswith("supported: no pair differs significantly")
+
+
+def test_the_claims_table_shows_each_verdict_s_label_and_lists_the_verdicts_in_full_below_it():
+    from lmlab.studies.report import claims_table
+
+    claims = [{"id": "H3", "claim": "rsLoRA: +17%", "setting": "s", "measured": "m3",
+               "verdict": "not supported as the component's effect: `c` gains as much; the interval alone reads: "
+                          "partly supported: x", "explanation": "a larger learning rate"},
+              {"id": "M1", "claim": "ppl 50", "setting": "s", "measured": "m1",
+               "verdict": "not testable at this scale (data builtin): an absolute perplexity depends on the data"},
+              {"id": "H4", "claim": "DoRA", "setting": "same", "measured": "m4", "verdict": "supported"}]
+    lines = claims_table({"claims": claims})
+    assert lines[2:5] == ["| 1 | H3: rsLoRA: +17% | s | m3 | **not supported as the component's effect** |",
+                          "| 2 | M1: ppl 50 | s | m1 | **not testable at this scale** |",
+                          "| 3 | H4: DoRA | same | m4 | **supported** |"]
+    assert lines[-3:] == [f"1. H3: {claims[0]['verdict']}. Known explanation - a larger learning rate",
+                          f"2. M1: {claims[1]['verdict']}", "3. H4: supported"]

@@ -353,11 +353,32 @@ def lm_eval_section(summary: dict) -> list[str]:
     return [*lines, "", "Paired change vs the reference (as in the change table above):", "", *table, ""]
 
 
+# A claim verdict opens with one of these (attribution.judge_claim), then ': ' and its reasons; the longest first
+VERDICT_LABELS = ("not supported as the component's effect", "not supported at this scale",
+                  "not supported at this budget", "supported at this budget", "not testable at this scale",
+                  "not testable here", "partly supported", "not supported", "supported")
+
+
+def verdict_label(verdict: str) -> str:
+    """The label a claim's verdict opens with ('not testable at this scale', before ': ' or ' ('), or the whole
+    verdict if it opens with none."""
+    return next((label for label in VERDICT_LABELS if verdict == label or verdict.startswith((label + ":",
+                                                                                             label + " ("))), verdict)
+
+
 def claims_table(summary: dict) -> list[str]:
-    lines = ["| claim | setting in the notes | what this run measured (95% CI) | verdict |", "|---|---|---|---|"]
-    for c in summary.get("claims", []):
+    """The claims as a table a reader can scan - the claim, the notes' setting, what this run measured and the
+    verdict's label - then each verdict in full, with its reasons, as a list under the table."""
+    claims = summary.get("claims", [])
+    lines = ["| # | claim | setting in the notes | what this run measured (95% CI) | verdict (reasons below) |",
+             "|---|---|---|---|---|"]
+    for i, c in enumerate(claims, 1):
+        lines.append(f"| {i} | {c['id']}: {c['claim']} | {c['setting']} | {c['measured']} | "
+                     f"**{verdict_label(c['verdict'])}** |".replace("\n", " "))
+    lines += ["", "Each verdict in full:", ""]
+    for i, c in enumerate(claims, 1):
         verdict = c["verdict"] + (f". Known explanation - {c['explanation']}" if c.get("explanation") else "")
-        lines.append(f"| {c['id']}: {c['claim']} | {c['setting']} | {c['measured']} | {verdict} |".replace("\n", " "))
+        lines.append(f"{i}. {c['id']}: {verdict}".replace("\n", " "))
     return lines
 
 
