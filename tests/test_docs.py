@@ -17,7 +17,8 @@ DOCS = REPO / "docs"
 CITATION = re.compile(r"(?<![\w./<>-])((?:[\w.-]+/)*[\w-]+\.md)\b")
 # Files a run writes, which docstrings name but which are not documents of the repository.
 RUN_OUTPUTS = {"report.md"}
-DESIGN_DOCUMENTS = ("architecture.md", "protocol.md", "studies.md", "hylorada.md", "latentwire.md", "mu.md")
+DESIGN_DOCUMENTS = ("architecture.md", "protocol.md", "studies.md", "hylorada.md", "latentwire.md", "mu.md",
+                    "reading-a-report.md")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
@@ -106,3 +107,15 @@ def test_readme_lists_the_design_documents():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for name in DESIGN_DOCUMENTS:
         assert f"docs/{name}" in readme
+
+
+def test_a_report_links_to_the_guide_to_reading_it(tmp_path):
+    """report.md's first paragraph links to docs/reading-a-report.md, relative to wherever the run directory lies."""
+    from lmlab.studies.report import guide_link
+    from lmlab.studies.rundir import RunDir
+
+    for root in (tmp_path / "runs" / "hylorada-1", REPO / "runs" / "x"):
+        link = guide_link(RunDir(root))
+        target = LINK.fullmatch(link).group(1)
+        assert link.startswith("[docs/reading-a-report.md](")
+        assert (root / target).resolve() == (DOCS / "reading-a-report.md").resolve()

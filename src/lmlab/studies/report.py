@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import textwrap
 import unicodedata
@@ -798,8 +799,9 @@ def training_curves_plot(run: RunDir, configs: list[str], invalid: set[str] = fr
     the colours): the mean over seeds, shaded between the lowest and highest seed. The loss is the language-model
     NLL the cells log (`nll`), the same quantity for every configuration where some add auxiliary terms to what they
     optimise (LatentWire's InfoNCE); `loss` where the cells log no NLL. A configuration in `invalid` (a diagnostic) is
-    labelled so. A configuration whose cells trained in stages gets a dotted line in its colour where its last stage
-    starts, labelled with what that stage trains (`stages`: {configuration: what}; else 'its next stage')."""
+    labelled so. A configuration whose cells trained in stages gets a dotted line in its colour where each later
+    stage starts (`stage_starts`): the last one labelled with what that stage trains (`stages`: {configuration:
+    what}), any earlier one 'its next stage'."""
     losses = cell_curves(run, configs, "train", "loss")
     nlls = cell_curves(run, configs, "train", "nll")
     curves, what = (nlls, "training NLL, the language-model loss without auxiliary terms") \
@@ -808,8 +810,12 @@ def training_curves_plot(run: RunDir, configs: list[str], invalid: set[str] = fr
         return None
     label = {c: f"{c} (INVALID)" if c in invalid else c for c in configs}
     styles = config_styles(configs)
-    vlines = [(step, styles[c]["color"], f"{label[c]}: from here, {(stages or {}).get(c, 'its next stage')}")
-              for c in configs if c in curves for step in stage_starts(run, c)]
+    vlines = []
+    for c in (c for c in configs if c in curves):
+        starts = stage_starts(run, c)
+        vlines += [(step, styles[c]["color"], f"{label[c]}: from here, "
+                    f"{(stages or {}).get(c, 'its next stage') if step == starts[-1] else 'its next stage'}")
+                   for step in starts]
     return line_plot(run, "training_curves.png", {label[c]: v for c, v in mean_over_seeds(curves).items()},
                      styles={label[c]: v for c, v in styles.items()}, xlabel="optimizer step",
                      ylabel=f"{what} (mean over seeds)", title="Training curves", integer_x=True, vlines=vlines)
@@ -889,7 +895,7 @@ def write_reports(run: RunDir) -> dict:
         f"`{summary['reference']}`. Headline: `{summary['decision']['candidate']}` vs "
         f"`{summary['decision']['reference']}`. Cells finished: {RunDir.count_cells(rows, record)} of "
         f"{len(record['configurations']) * len(record['seeds'])}. Generated from `results.jsonl` "
-        f"(regenerate with `lmlab report {run.root}`).",
+        f"(regenerate with `lmlab report {run.root}`). How to read it: {guide_link(run)}.",
         "",
         *([run.duplicates_note(), ""] if run.duplicates else []),
         "## Decision",
@@ -956,6 +962,18 @@ def write_reports(run: RunDir) -> dict:
                   "setting.", "", *claims_table(summary), ""]
     atomic_write_text(run.root / "report.md", "\n".join(lines))
     return summary
+
+
+GUIDE = "docs/reading-a-report.md"  # in the repository: every section, label, interval and plot of a report
+
+
+def guide_link(run: RunDir) -> str:
+    """A link to GUIDE relative to the run directory where the repository that holds this package has it (a source
+    checkout), else its name in the repository."""
+    guide = Path(__file__).resolve().parents[3] / GUIDE
+    if not guide.is_file():
+        return f"`{GUIDE}` in the lmlab repository"
+    return f"[{GUIDE}]({Path(os.path.relpath(guide, run.root.resolve())).as_posix()})"
 
 
 def regenerate(directory: Path) -> Path:

@@ -153,7 +153,8 @@ class Study:
 
     def stage_notes(self) -> dict[str, str]:
         """{configuration: what its last stage trains} for configurations whose cells train in stages (each earlier
-        stage's curve in `metrics-<stage>.jsonl`), for the training-curve plot's marker where that stage starts."""
+        stage's curve in `metrics-<stage>.jsonl`), for the training-curve plot's marker where that last stage
+        starts."""
         return {}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, study_record: dict) -> list[str]:
