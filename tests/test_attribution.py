@@ -680,3 +680,30 @@ def test_the_claims_table_shows_each_verdict_s_label_and_lists_the_verdicts_in_f
                           "| 3 | H4: DoRA | same | m4 | **supported** |"]
     assert lines[-3:] == [f"1. H3: {claims[0]['verdict']}. Known explanation - a larger learning rate",
                           f"2. M1: {claims[1]['verdict']}", "3. H4: supported"]
+
+
+def test_a_candidate_the_run_finds_not_parameter_matched_is_not_credited_without_a_matched_control():
+    """The comparison declares no `unmatched`, but the candidate trains 3x the reference's parameters (ratio 1.5): a
+    clear 1.5% gain over its parent is `uncontrolled`; with a control of as many parameters that it beats, credited.
+    A candidate that trains base weights is held to the same; one that adds nothing over its parent is not."""
+    configs = ["lora", "big", "wide-lora", "embed"]
+    comparisons = [{"component": "more rank", "candidate": "big", "parent": "lora", "headline": True},
+                   {"component": "embeddings", "candidate": "embed", "parent": "lora"}]
+    ppl = {"lora": scaled(8, 1.0), "big": scaled(8, 0.985, (0.0005, -0.0005, 0.0)),
+           "wide-lora": scaled(8, 1.0, (0.001, 0.0, -0.001)), "embed": scaled(8, 0.985, (0.0, 0.0005, -0.0005))}
+    params = {"lora": 1000, "big": 3000, "wide-lora": 2500, "embed": 1200}
+    summary = build_summary(record(configs, comparisons), rows(ppl, params, {"embed": 200}))
+    big, embed = summary["comparisons"]
+    assert summary["configs"]["big"]["param_matched"] is False
+    assert big["improvement_pct"] == pytest.approx(1.5, abs=0.05) and big["ci95"][0] > 0
+    assert big["scenario"] == "uncontrolled" and not big["credited"] and big["unmatched"]
+    assert "trains more parameters than its parent (+2,000) and no parameter-matched control was run" in big["text"]
+    assert embed["scenario"] == "uncontrolled" and not embed["credited"]
+
+    comparisons[0]["controls"] = ["wide-lora"]  # 2,500 x 1.5 >= 3,000: a parameter-matched control, beaten
+    big = build_summary(record(configs, comparisons), rows(ppl, params, {"embed": 200}))["comparisons"][0]
+    assert big["scenario"] == "B" and big["credited"] and not big["unmatched"]
+
+    params["embed"] = 1000  # trains base weights but no more parameters than its parent: nothing to match
+    embed = build_summary(record(configs, comparisons), rows(ppl, params, {"embed": 200}))["comparisons"][1]
+    assert embed["scenario"] == "B" and embed["credited"]

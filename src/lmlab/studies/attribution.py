@@ -13,7 +13,8 @@ with as many trainable parameters). Each comparison is judged on the primary met
   parent: the comparison is too noisy to tell whether the control would gain as much, so the component is not
   credited - and the control is not said to explain anything;
 - `uncontrolled`: it beats its parent, but a control it needs was not run (or, for a comparison marked
-  `unmatched`, no parameter-matched control exists): not credited;
+  `unmatched` or a candidate the run finds not parameter-matched, `needs_parameter_match`, no control with about as
+  many trainable parameters exists): not credited;
 - `A` / `B` / `C` / `D`: it beats its parent and every control - credited, with the notes' size rule on the
   improvement over the parent (A >= 2%, B 1-2%, C 0.5-1%, D < 0.5%).
 
@@ -312,6 +313,23 @@ def decision_record(comparison: dict | None, candidate: str, reference: str, met
             "ci95": comparison["ci95"], "p_value": comparison["p_value"], "n": comparison["n"],
             "candidate": comparison["candidate"], "reference": comparison["parent"], "metric": metric,
             "component": comparison["component"], "credited": comparison["credited"], "text": comparison["text"]}
+
+
+def needs_parameter_match(spec: dict, matched: dict, params: dict, ratio: float) -> dict:
+    """`spec` marked `unmatched` where the run shows what its declaration did not: the candidate is not a
+    parameter-matched peer (`parameter_match` is False), it trains more parameters than its parent (more than
+    `ratio` times as many, or any more over a matched parent), and no control trains at least 1 / `ratio` of the
+    candidate's parameters - so more trainable parameters could explain a gain and nothing rules that out
+    (`uncontrolled`, never credited)."""
+    candidate, parent = spec["candidate"], spec["parent"]
+    mine = params.get(candidate)
+    if spec.get("unmatched") or matched.get(candidate) is not False or not mine or mine <= (params.get(parent) or 0):
+        return spec
+    if matched.get(parent) is False and (params.get(parent) or 0) * ratio >= mine:
+        return spec  # a peer of an unmatched parent that adds few parameters to it
+    if any((params.get(c) or 0) * ratio >= mine for c in spec.get("controls", [])):
+        return spec
+    return {**spec, "unmatched": True}
 
 
 def parameter_match(trainable: int | None, base_trained: int | None, reference: int | None,

@@ -157,8 +157,12 @@ def build_summary(record: dict, rows: list[dict]) -> dict:
                 entry["trainable_params"], base_trained, ref_params, ratio)
     values = attribution.per_seed_values(rows)
     params = {name: e["trainable_params"] for name, e in summary_configs.items()}
+    specs = comparison_specs(record)
+    if ratio is not None:  # a candidate the run finds not parameter-matched needs a control that is
+        matched = {name: e.get("param_matched") for name, e in summary_configs.items()}
+        specs = [attribution.needs_parameter_match(spec, matched, params, ratio) for spec in specs]
     comparisons = [attribution.judge_comparison(spec, values, params, roles, primary, primary_lower)
-                   for spec in comparison_specs(record)]
+                   for spec in specs]
     for comp in comparisons:  # a configuration's decision is that of the comparison it is the candidate of
         entry = summary_configs[comp["candidate"]]
         if "decision" not in entry:
