@@ -8,6 +8,7 @@ on a research-note claim.
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 from scipy import stats as scipy_stats
@@ -119,9 +120,16 @@ def test_a_control_too_noisy_to_resolve_a_small_gain_neither_explains_it_nor_let
     assert "not separated from its control `matched`" in comp["text"]
     assert "the control explains" not in comp["text"] and "not credited" in comp["text"]
     verdict = summary["claims"][0]["verdict"]
-    # the claim's verdict leads with what the control leaves open, then what the interval alone reads
+    # the interval excludes the claimed 9.19%: whoever takes the credit for the 0.01%, the claimed size is not there
+    assert verdict.startswith("not supported at this scale: the interval excludes the claimed size, and even the gain "
+                              "it measures is not separated from `landmarks`'s control (`matched`")
+    assert "so the study cannot credit it to the component; the verdict holds for this learning rate and budget " \
+           "only; the interval alone reads: partly supported" in verdict
+    # a claim of the size measured: the interval alone supports it, and the control leaves open whose gain it is
+    claims[0]["claimed_pct"] = 0.01
+    verdict = build_summary(record(configs, comparisons, claims=claims), rows(ppl))["claims"][0]["verdict"]
     assert verdict.startswith("not testable at this scale: `landmarks` is not separated from its control (`matched`")
-    assert "so the study cannot credit the gain to the component; the interval alone reads: partly supported" in verdict
+    assert "so the study cannot credit the gain to the component; the interval alone reads: supported" in verdict
     ppl["matched"] = scaled(8, 0.9999, (-1e-6, 0.0, 1e-6))  # a precise control that gains as much explains it
     comp = build_summary(record(configs, comparisons, claims=claims), rows(ppl))["comparisons"][0]
     assert comp["scenario"] == "explained-by-control" and comp["controls"][1]["explains"]
@@ -373,6 +381,18 @@ def test_a_within_noise_claim_and_a_known_explanation():
     leak = build_summary(record(configs, [], claims=claims), rows(ppl))["claims"][1]
     assert "nothing here reaches the claimed size, so whether it accounts for it is not testable at this scale" in \
         leak["explanation"]
+    # a leak that gains nothing is no test of the claimed size either where `original` itself stays far below it
+    claims.append({**claims[1], "claimed_pct": 0.05})  # the same run against a claim of a size it can show
+    ppl["original_leaky"] = scaled(8, 1.0, (0.0012, -0.0011, 0.0))
+    first, second = build_summary(record(configs, [], claims=claims), rows(ppl))["claims"][1:]
+    logs = [math.log(1.001), math.log(0.999), 0.0]  # original / rslora per seed
+    top = 100 * math.expm1(scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3))  # about 0.25%
+    assert first["explanation"].endswith(f"- it gives no significant gain here; `original` itself gains at most "
+                                         f"{top:.2g}%, less than the claimed 4.72%, so whether it explains a gain of "
+                                         "the claimed size is not testable at this scale")
+    assert second["explanation"].endswith("- it gives no significant gain here, so it does not explain the claim at "
+                                          "this scale")
+    claims.pop()
     # nor where the parts the component acts through carry less than the claimed size
     claims[1]["through"] = {"without": "val_ppl_without_position", "what": "the landmarks"}
     with_ablation = rows(ppl)

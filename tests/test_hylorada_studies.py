@@ -503,7 +503,25 @@ def test_the_boundary_reference_is_what_random_sign_walks_give_and_the_sentence_
     far = {**noisy, "learned": [-4.0, *noisy["learned"][1:]], "effective_buckets": 7}
     said = boundary_sentence("learnable_notes", [noisy, far])
     assert "the gradient kept a direction for some boundaries" in said and "7-32 of 32 buckets" in said
-    assert "a boundary fell to -4.0, below position 0" in said
+    # a record without its assignment: nothing said of the initial resolution, nor of an emptied bucket
+    assert "at initialisation" not in said and "below position 0" not in said
+    # only a hard assignment empties the bucket before a boundary below position 0; a soft one still weighs it
+    from lmlab.hylorada.position import LearnableBuckets, bucket_edges
+
+    edges = bucket_edges(32, 512)
+    setting = {"initial": edges, "max_positions": 512, "temperature": 0.1, "num_buckets": 32, "drift_random": 1.0}
+    hard = {**setting, "assignment": "straight_through", "learned": [-3.4, *edges[1:]], "effective_buckets": 31}
+    said = boundary_sentence("learnable", [hard])
+    assert "a boundary fell to -3.4, below position 0, so the bucket before it holds no position" in said
+    assert "31 of 32 buckets distinguishable after training (at initialisation: 32 under the straight_through " \
+        "assignment)" in said
+    soft = {**hard, "assignment": "absolute", "effective_buckets": 6}
+    said = boundary_sentence("learnable_notes", [soft])
+    assert "below position 0" not in said
+    # the absolute assignment tells apart fewer buckets before training: counted from the initial boundaries
+    before = LearnableBuckets(edges, 512, 0.1, "absolute").effective_buckets()
+    assert before < 32 and f"6 of 32 buckets distinguishable after training (at initialisation: {before} under " \
+        "the absolute assignment)" in said
 
 
 def test_the_report_states_the_run_s_setting_and_where_a_claim_s_scale_differs(bucketing_run: Path):

@@ -514,7 +514,9 @@ def _unbeaten_controls(spec: dict, values: dict, comparisons: list[dict], metric
 def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str]],
                          unresolved: list[tuple[str, str]]) -> str:
     """A reproduced claimed gain that a control or an alternative accounts for is not the component's: the verdict
-    leads with that, and keeps what the interval alone reads."""
+    leads with that, and keeps what the interval alone reads. Where a control is merely not separated from the
+    candidate (`unresolved`), the claim is not testable - unless the candidate's own interval already excludes the
+    claimed size (partly supported): then it is not supported at this scale, whoever would take the credit."""
     candidate = f"`{spec['candidate']}`"
     if explains:
         names = " and ".join(name for name, _ in explains)
@@ -523,9 +525,16 @@ def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str
                 f"{'; '.join(vs for _, vs in explains)}), so the study does not credit the gain to the component; the "
                 f"interval alone reads: {verdict}")
     many = "s" if len(unresolved) > 1 else ""
-    return (f"not testable at this scale: {candidate} is not separated from its control{many} "
-            f"({'; '.join(vs for _, vs in unresolved)}: the interval holds both 0 and the whole gain), so the study "
-            f"cannot credit the gain to the component; the interval alone reads: {verdict}")
+    controls = f"({'; '.join(vs for _, vs in unresolved)}: the interval holds both 0 and the whole gain)"
+    if verdict.startswith("partly supported"):
+        # the candidate's own interval already excludes the claimed size: a control can only take credit for what
+        # was measured, never bring the claimed size back
+        return (f"not supported at this scale: the interval excludes the claimed size, and even the gain it measures "
+                f"is not separated from {candidate}'s control{many} {controls}, so the study cannot credit it to the "
+                f"component; the verdict holds for this learning rate and budget only; the interval alone reads: "
+                f"{verdict}")
+    return (f"not testable at this scale: {candidate} is not separated from its control{many} {controls}, so the "
+            f"study cannot credit the gain to the component; the interval alone reads: {verdict}")
 
 
 def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict, bound: float | None = None) -> str:
@@ -533,15 +542,22 @@ def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict,
     rate) accounts for: nothing where it gains nothing significant; else whether its gain reaches the claimed size
     and, for an alternative to the candidate (the same parent), the candidate's measured gain - each judged by the
     upper end of its 95% interval. Where the setting cannot show the claimed size at all - the parts the component
-    acts through carry less (`bound`, from the claim's `through` ablation), or the candidate itself stays below it -
-    whether the explanation accounts for the claimed size is not testable here, and the reading says so."""
+    acts through carry less (`bound`, from the claim's `through` ablation), or the candidate itself stays below it
+    (also where the explanation gains nothing: its null is then no test of the claimed size) - whether the
+    explanation accounts for the claimed size is not testable here, and the reading says so."""
     claimed = spec.get("claimed_pct")
     size = abs(claimed) if claimed is not None else None
     if bound is not None and size is not None and bound < size:
         blind = (f"as the parts it acts through carry at most {bound:.2g}% here, this setting cannot show whether it "
                  f"explains a gain of the claimed {size:.2f}%")
         return ("gives no significant gain here; " if not significant_gain(leak) else "gains significantly; ") + blind
+    top = effect["ci95"][1] if effect is not None and effect.get("ci95") else None
     if not significant_gain(leak):
+        if size is not None and top is not None and top < size:
+            # the candidate stays far below the claimed size: a null of what acts through it is no test of that size
+            return (f"gives no significant gain here; `{spec['candidate']}` itself gains at most {top:.2g}%, less "
+                    f"than the claimed {size:.2f}%, so whether it explains a gain of the claimed size is not testable "
+                    "at this scale")
         return "gives no significant gain here, so it does not explain the claim at this scale"
     reach = leak["ci95"][1]
     said = []
@@ -550,7 +566,6 @@ def explanation_reading(leak: dict, effect: dict, spec: dict, explanation: dict,
         said.append(f"gains {'as much as' if enough else 'less than'} `{spec['candidate']}` does here, so it accounts "
                     f"for {'the' if enough else 'part of the'} measured gain")
     if size is not None:
-        top = effect["ci95"][1] if effect is not None and effect.get("ci95") else None
         if reach >= size:
             said.append("can account for a gain of the claimed size")
         elif top is not None and top < size:
@@ -693,6 +708,12 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
         if explains or unresolved:
             out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved)
+    elif significant_gain(effect) and claimed is not None and claimed < 0:  # a claimed loss, and a gain instead
+        comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]
+                     and c["metric"] == metric), None)
+        if comp is not None and not comp["credited"]:
+            out["verdict"] += (f"; nor is the gain the component's: the study does not credit it ({comp['scenario']}, "
+                               "see the attribution)")
     # the component acts only through other parts an ablation removed: how much they carry
     carried = carried_bound(values, [spec["candidate"], spec["parent"]], metric, spec.get("through")) \
         if claimed is not None else None

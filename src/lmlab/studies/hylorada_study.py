@@ -262,7 +262,9 @@ BUCKETING_ARMS: dict[str, Arm] = {
     "learnable": Arm({**RSLORA, "landmarks": "learnable_bucket"}, "candidate",
                      "learnable boundaries, as sharp as the fixed buckets at initialisation"),
     "learnable_notes": Arm({**RSLORA, "landmarks": "learnable_bucket", "boundary_assignment": "absolute"},
-                           "ablation", "the notes' soft assignment: temperature 0.1 on p / max_positions"),
+                           "ablation", "the notes' soft assignment: temperature 0.1 on p / max_positions, a "
+                           "sigmoid tens of positions wide, which tells fewer buckets apart than the fixed scheme "
+                           "already at initialisation: it changes resolution as well as learnability"),
     "constant": Arm({**RSLORA, "landmarks": "constant"}, "control", CONSTANT_NOTE),
     "rslora-matched": Arm(RSLORA, "control", MATCHED_NOTE, matched_rank=True),
 }
@@ -1545,7 +1547,8 @@ def random_move_reference(drift_random: float, count: int) -> dict:
 def boundary_sentence(config: str, cells: list[dict]) -> str:
     """What the learned boundaries of a configuration's cells show, against gradients of random sign: the largest move
     against the 95% quantile of the largest of as many random walks, the mean move against a random walk's mean, how
-    many buckets stay distinguishable, and a boundary that fell below position 0 (its bucket holds no position)."""
+    many buckets are distinguishable after training and before it (the assignment's own resolution), and, under a
+    hard assignment, a boundary that fell below position 0 (its bucket holds no position)."""
     moves = [[abs(a - c) for a, c in zip(b["initial"], b["learned"], strict=True)] for b in cells]
     largest, mean = max(max(m) for m in moves), max(sum(m) / len(m) for m in moves)
     count = len(cells[0]["initial"])
@@ -1556,11 +1559,29 @@ def boundary_sentence(config: str, cells: list[dict]) -> str:
     said += ("the largest moves exceed that, so the gradient kept a direction for some boundaries"
              if largest > ref["max"] else "no more than noise alone would move them")
     effective = sorted(b["effective_buckets"] for b in cells)
-    said += f"; {effective[0]}-{effective[-1]} of {cells[0]['num_buckets']} buckets distinguishable after training"
+    span = f"{effective[0]}-{effective[-1]}" if effective[0] != effective[-1] else f"{effective[0]}"
+    said += f"; {span} of {cells[0]['num_buckets']} buckets distinguishable after training"
+    initial = initial_effective_buckets(cells[0])
+    if initial is not None:
+        said += (f" (at initialisation: {initial} under the {cells[0]['assignment']} assignment"
+                 + (", so training lost no resolution" if effective[0] >= initial else "") + ")")
     lowest = min(min(b["learned"]) for b in cells)
-    if lowest < 0:
+    # only a hard assignment empties a bucket whose boundary fell below position 0; a soft one still gives it weight
+    if lowest < 0 and cells[0].get("assignment") == "straight_through":
         said += (f"; a boundary fell to {lowest:.1f}, below position 0, so the bucket before it holds no position")
     return said + "."
+
+
+def initial_effective_buckets(boundaries: dict) -> int | None:
+    """How many buckets a learnable-bucket cell's assignment told apart before training (`effective_buckets` of its
+    initial boundaries): all of them for a hard or relative assignment, 8 of 32 for the notes' absolute one over 512
+    positions. None for a record without the assignment's settings."""
+    from lmlab.hylorada.position import LearnableBuckets
+
+    if not {"initial", "max_positions", "temperature", "assignment"} <= set(boundaries):
+        return None
+    return LearnableBuckets(boundaries["initial"], boundaries["max_positions"], boundaries["temperature"],
+                            boundaries["assignment"]).effective_buckets()
 
 
 def _boundary_section(rows, run: RunDir) -> list[str]:
@@ -1579,7 +1600,8 @@ def _boundary_section(rows, run: RunDir) -> list[str]:
              "under gradients of random sign (their root sum of squares: the standard deviation of one boundary's "
              "random walk, whose mean absolute move is 0.80 times that - the reference the sentences below use for "
              "the mean move), in tokens. `effective buckets` counts the "
-             "buckets that hold the largest weight at some position (the fixed scheme: all of them).", "",
+             "buckets that hold the largest weight at some position (the fixed scheme: all of them; a soft assignment "
+             "can tell fewer apart already at initialisation, which the sentences below give).", "",
              "| configuration | seed | assignment | effective buckets | moved (max / mean) | step size alone "
              "(consistent / random) | learned |", "|---|---|---|---|---|---|---|"]
     from matplotlib.ticker import MaxNLocator
