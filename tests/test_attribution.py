@@ -727,3 +727,28 @@ def test_a_candidate_the_run_finds_not_parameter_matched_is_not_credited_without
     params["embed"] = 1000  # trains base weights but no more parameters than its parent: nothing to match
     embed = build_summary(record(configs, comparisons), rows(ppl, params, {"embed": 200}))["comparisons"][1]
     assert embed["scenario"] == "B" and embed["credited"]
+
+
+def test_a_null_comparison_says_what_its_interval_still_excludes_and_a_noisy_control_says_it_lacks_power():
+    """Not significant: the sentence gives the largest gain and loss the interval leaves (its ends, improvement
+    orientation); a positive control that moves nothing says it cannot tell a blind spot from a part that does
+    nothing; a control whose interval is over 5x as wide as the parent's says it cannot resolve the gain."""
+    configs = ["rslora", "cand", "alone", "matched"]
+    comparisons = [{"component": "c", "candidate": "cand", "parent": "rslora", "controls": ["matched"],
+                    "headline": True},
+                   {"component": "alone", "candidate": "alone", "parent": "rslora", "positive_control": True}]
+    ppl = {"rslora": scaled(8, 1.0), "cand": scaled(8, 0.9999, (1e-6, -1e-6, 0.0)),
+           "alone": scaled(8, 1.0, (0.001, -0.002, 0.0015)), "matched": scaled(8, 1.0, (-0.002, 0.003, -0.001))}
+    cand, alone = build_summary(record(configs, comparisons), rows(ppl))["comparisons"]
+    assert alone["scenario"] == "not-significant"
+    lo, hi = alone["ci95"]  # improvement orientation: lo < 0 < hi
+    digits = len(alone["text"].split("95% CI [")[1].split("%")[0].split(".")[1])
+    assert (f"so the data cannot tell the two apart; it excludes a gain of more than {hi:.{digits}f}% and a loss of "
+            f"more than {-lo:.{digits}f}% - a positive control that does not move the metric: by itself it cannot tell "
+            "a blind spot of this setting from a part that does nothing here") in alone["text"]
+    # the candidate's gain of 0.01% is resolved to +-0.00006%; the matched control's interval is ~0.5% wide
+    assert cand["scenario"] == "control-unresolved"
+    ratio = (cand["controls"][0]["ci95"][1] - cand["controls"][0]["ci95"][0]) / (cand["ci95"][1] - cand["ci95"][0])
+    assert ratio > 5
+    assert (f"(its interval is {ratio:.0f}x as wide as the one vs `rslora`: at 3 seeds this control cannot resolve a "
+            "gain this small)") in cand["text"]

@@ -329,6 +329,39 @@ def test_a_positive_control_that_cannot_move_the_metric_makes_the_null_a_possibl
     assert "changes val_ppl by at most 0.001% (mean over seeds, in `rslora+bias`)" in text
 
 
+def test_a_bias_control_that_cannot_move_the_metric_is_no_blind_spot_where_a_faster_bias_had_room_and_gained_little():
+    """rslora-frozen+bias moves nothing; rslora+bias-fast moved the bias 30x as far as rslora+bias (5x is the rule)
+    and gains at most a few thousandths of a percent over rslora: the bias had room, so its null is a finding."""
+    from lmlab.studies.hylorada_study import _ablation_section
+
+    def reach(cells, pct):
+        return [{**r, "metrics": {**r["metrics"], "bias_rescale_pct": pct}} for r in cells]
+
+    parent = [6.1940, 6.1950, 6.1930]
+    fast = [6.1941, 6.1949, 6.1932]
+    rows = (reach(_ablation_cells("rslora+bias", parent, [6.1941, 6.1949, 6.1931]), 1.0)
+            + reach(_ablation_cells("rslora+bias-fast", fast, [6.1941, 6.1949, 6.1932]), 30.0)
+            + _ablation_cells("rslora-frozen+bias", [6.1940, 6.1950, 6.1930], [6.1941, 6.1949, 6.1930])
+            + [{"config": "rslora", "seed": s, "status": "ok", "metrics": {"val_ppl": v}, "details": {}}
+               for s, v in zip((1, 2, 3), parent, strict=True)])
+    roles = {"rslora+bias": None, "rslora+bias-fast": None, "rslora-frozen+bias": "positive control"}
+    parts = {c: {"bias"} for c in roles}
+    faster = [{"candidate": "rslora+bias-fast", "parent": "rslora", "slow": "rslora+bias"}]
+    text = "\n".join(_ablation_section(rows, list(roles), roles, parts, {}, faster))
+    # the most the faster bias gains over rslora: the upper end of the 95% t-interval of ln(rslora / fast) over seeds
+    logs = [math.log(a / b) for a, b in zip(parent, fast, strict=True)]
+    top = 100 * math.expm1(statistics.mean(logs) + scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3))
+    assert ("even alone they do not move the metric measurably; but at a larger learning rate (`rslora+bias-fast`) "
+            "the position bias rescales the adapters' update by up to 30% (at most 1% in `rslora+bias`) and val_ppl "
+            f"gains at most {top:.2g}% (95% CI): the bias had room to act and did not help, so its null here is a "
+            "finding at this scale rather than a blind spot of the setting.") in text
+    # a faster bias that moved less than 5x as far says nothing of room: the null may still be a blind spot
+    rows = [r for r in rows if r["config"] != "rslora+bias-fast"] + reach(
+        _ablation_cells("rslora+bias-fast", fast, [6.1941, 6.1949, 6.1932]), 4.0)
+    text = "\n".join(_ablation_section(rows, list(roles), roles, parts, {}, faster))
+    assert "so a null result for them here may be a blind spot of this setting rather than a finding" in text
+
+
 def test_a_positive_control_that_moves_the_metric_only_negligibly_bounds_the_null_at_this_scale():
     from lmlab.studies.hylorada_study import _ablation_section
 

@@ -233,11 +233,17 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         "n": effect["n"] if effect else 0,
         "delta_pct": effect["delta_pct"] if effect else None, "delta_ci95": effect["delta_ci95"] if effect else None,
         "constant": effect["constant"] if effect else False, "unmatched": bool(spec.get("unmatched")),
+        "positive_control": bool(spec.get("positive_control")),
     }
     if effect is None:
         out["missing"] = no_effect_reason(values, candidate, parent, metric)
     out["text"] = comparison_text(out, effect)
     return out
+
+
+# A control whose interval vs the candidate is this many times as wide as the candidate's vs its parent is said to lack
+# the power to resolve the gain (a rank-matched control cannot share the parent's initialisation: its seeds differ)
+LOW_POWER_RATIO = 5
 
 
 def comparison_text(c: dict, effect: dict | None) -> str:
@@ -258,14 +264,23 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     said = (f"{head}: {c['metric']} {effect['delta_pct']:+.{digits}f}% vs `{c['parent']}`, {direction(effect)} "
             f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
-    if significant_gain(effect) and imp < 0.5 and scenario not in SCENARIO_MEANING:  # D already says it
-        said += " - by less than 0.5%, a negligible amount"
+    if significant_gain(effect) and imp < 0.5 and scenario not in SCENARIO_MEANING and scenario != "moves-the-metric":
+        said += " - by less than 0.5%, a negligible amount"  # (D says it; a positive control's move is its point)
     if scenario == "not-significant" and below_resolution(effect):
         return (f"{said}: not an effect - the whole interval lies within +-{RESOLUTION_PCT:g}% (1e-6 relative), the "
                 "size of float rounding (the same cell computed on 1 and on 2 CPU threads differs by up to 6e-8): the "
                 "two are the same to the metric's resolution.")
     if scenario == "not-significant":
-        return f"{said}: not significant - the interval contains 0, so the data cannot tell the two apart."
+        said += ": not significant - the interval contains 0, so the data cannot tell the two apart"
+        bounds = effect.get("ci95")
+        if bounds:  # what the interval still rules out, in the improvement's orientation
+            said += (f"; it excludes a gain of more than {max(bounds[1], 0.0):.{digits}f}% and a loss of more than "
+                     f"{max(-bounds[0], 0.0):.{digits}f}%")
+        if c.get("positive_control"):
+            said += (" - a positive control that does not move the metric: by itself it cannot tell a blind spot of "
+                     "this setting from a part that does nothing here (what the part did given more room, where a run "
+                     "tried it, is in the ablation and the claims)")
+        return said + "."
     if scenario == "worse":
         size = " - by less than 0.5%, a negligible amount" if imp > -0.5 else ""
         return f"{said}: significantly worse than `{c['parent']}`{size}."
@@ -277,9 +292,15 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         if explains:
             return (f"{said}, but not better than its control " + "; ".join(parts) +
                     " - the control explains the gain, so the component is not credited.")
+        wide = [k for k in failed if k.get("ci95") and effect.get("ci95")]
+        ratio = max(((k["ci95"][1] - k["ci95"][0]) / (effect["ci95"][1] - effect["ci95"][0]) for k in wide
+                     if effect["ci95"][1] > effect["ci95"][0]), default=0.0)
+        power = (f" (its interval is {ratio:.0f}x as wide as the one vs `{c['parent']}`: at {effect['n']} seeds this "
+                 "control cannot resolve a gain this small)") if ratio >= LOW_POWER_RATIO else ""
         return (f"{said}, but not separated from its control " + "; ".join(parts) + " - that interval holds both 0 "
-                f"and the whole gain over `{c['parent']}`, so the data cannot tell whether the control would gain as "
-                "much: the component is not credited, and the control is not shown to explain the gain either.")
+                f"and the whole gain over `{c['parent']}`{power}, so the data cannot tell whether the control would "
+                "gain as much: the component is not credited, and the control is not shown to explain the gain "
+                "either.")
     if scenario == "moves-the-metric":
         return (f"{said}: a positive control - the metric can move in this setting when this part trains; it is "
                 "not credited as a component's gain (it has no control of its own, so how much of the move needs "

@@ -60,7 +60,7 @@ from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import DEFAULT_TARGETS, component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.studies import lr_search
-from lmlab.studies.attribution import effect_text, faster_reading, per_seed_values, reach_clause
+from lmlab.studies.attribution import effect_text, faster_reading, faster_room, per_seed_values, reach_clause
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -769,11 +769,11 @@ class HyloradaStudy(Study):
         roles = {names[c]: e.get("role") for c, e in summary["configs"].items() if c in names}
         lines += _positive_control_section(ok, configs, cfg, names.get(summary["reference"], summary["reference"]))
         arms = {names[c]: self.arms[c] for c in record["configurations"] if c in self.arms}
-        lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
-                                   {c: _how_alone(a) for c, a in arms.items()})
         faster = [{**c, "candidate": names.get(c["candidate"], c["candidate"]),
                    "slow": names.get(_slow_twin(self.arms, c["candidate"]))} for c in summary.get("comparisons", [])
                   if c["candidate"] in self.arms and self.arms[c["candidate"]].bias_lr_scale is not None]
+        lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
+                                   {c: _how_alone(a) for c, a in arms.items()}, faster)
         lines += _bias_reach_section(ok, configs, faster)
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
@@ -1226,10 +1226,15 @@ NEGLIGIBLE_PCT = 0.1  # a change of val_ppl below this (in %) is negligible in t
 
 
 def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str],
-                      parts: dict[str, set[str]] | None = None, how: dict[str, str] | None = None) -> list[str]:
+                      parts: dict[str, set[str]] | None = None, how: dict[str, str] | None = None,
+                      faster: list[dict] = ()) -> list[str]:
     """What the trained position components contribute: each cell evaluated with them removed. `parts` names each
     configuration's position components ("bias", "landmarks"), so that a positive control speaks for the
-    configurations that train the same ones; `how` says how each positive control trained them."""
+    configurations that train the same ones; `how` says how each positive control trained them. `faster`: the
+    comparisons of configurations that train the bias at a multiple of the run's learning rate (with `slow`, the
+    configuration that trains it at the run's): where a bias positive control does not move the metric, a faster bias
+    that moved FASTER_ROOM times as far and still gained little shows it had room to act - its null is then a
+    finding, not a blind spot."""
     from lmlab import stats
 
     parts = parts or {}
@@ -1271,10 +1276,23 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
             text = (f" `{c}` ({what} {how.get(c, 'trained alone')}): the trained components change val_ppl by "
                     f"{change_cell(ch)}")
             if not moved:
-                text += (": even alone they do not move the metric measurably, so a null result for them here may be "
-                         "a blind spot of this setting rather than a finding")
-                reach = reach_clause(per_seed_values(rows), c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
-                text += f"; {reach}." if reach else "."
+                values = per_seed_values(rows)
+                room = next((r for r in (
+                    (f, faster_room(values, f["slow"], {**BIAS_REACH, "faster": f["candidate"]}, f["parent"],
+                                    "val_ppl", True)) for f in faster if f.get("slow") and "bias" in parts.get(c, ()))
+                    if r[1] is not None), None)
+                if room is not None:
+                    f, r = room
+                    text += (f": even alone they do not move the metric measurably; but at a larger learning rate "
+                             f"(`{f['candidate']}`) {BIAS_REACH['what']} by up to {r['moved']:.3g}% (at most "
+                             f"{r['slow']:.3g}% in `{f['slow']}`) and val_ppl gains at most {r['bound']:.2g}% (95% "
+                             "CI): the bias had room to act and did not help, so its null here is a finding at this "
+                             "scale rather than a blind spot of the setting.")
+                else:
+                    text += (": even alone they do not move the metric measurably, so a null result for them here may "
+                             "be a blind spot of this setting rather than a finding")
+                    reach = reach_clause(values, c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
+                    text += f"; {reach}." if reach else "."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
                 text += (": the metric sees them, but for the worse (trained alone they raise val_ppl"
                          + (f", by less than {NEGLIGIBLE_PCT:g}%" if ch["delta_pct"] < NEGLIGIBLE_PCT else "")

@@ -684,10 +684,18 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
                    f"baseline {budget}" if hi < 0 else
-                   f"not testable at this scale: the interval holds 0, and MU gains at most {hi:.2g}% over the "
-                   f"baseline (95% CI), {budget}")
+                   f"not supported at this budget: no significant gain - MU gains at most {hi:.2g}% over the "
+                   f"baseline (95% CI), and its test perplexity is the lower on {_lower_on(rows)}, {budget}")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
+
+
+def _lower_on(rows: list[dict]) -> str:
+    """'2 of 5 seeds': on how many of the seeds both models finished MU's test perplexity is below the baseline's."""
+    test = {c: {r["seed"]: r["metrics"].get("test_ppl") for r in rows if r["config"] == c and r["status"] == "ok"}
+            for c in (CANDIDATE, REFERENCE)}
+    seeds = [s for s, v in test[CANDIDATE].items() if v is not None and test[REFERENCE].get(s) is not None]
+    return f"{sum(test[CANDIDATE][s] < test[REFERENCE][s] for s in seeds)} of {plural(len(seeds), 'seed')}"
 
 
 def _rates_text(cfg: dict, rows: list[dict]) -> str:
