@@ -213,7 +213,8 @@ def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_que
     assert text.endswith("What fine-tuning recovered here is recall of facts near their query; beyond the "
                          "pretraining context no configuration recalls more than guessing gets.")
     text = _distance_sentence(rows, ["near", "far"], 128, 9)
-    assert "1 of 2 recalls significantly more than the base there (`far`; paired over seeds)" in text
+    assert ("1 of 2 recalls significantly more than the base there (`far`; paired over seeds; a test per "
+            "configuration, not corrected for their number: the list is no ranking)") in text
     # `far` recalls a fifth to a third of the far facts: above guessing (1 in 9) on the pooled queries
     hits = sum(sum(v for v, d in zip(h, distances, strict=True) if d > 128) for h in far_gain.values())
     from lmlab import stats
@@ -569,6 +570,10 @@ def test_the_report_states_the_run_s_setting_and_where_a_claim_s_scale_differs(b
                  f"batch {train['batch_size']}, learning rate {train['lr']:g}",
                  f"{len(config['seeds'])} ({', '.join(map(str, config['seeds']))})"):
         assert said in setting, said
+    # the budget in optimizer steps, as the cells took them (the last step a cell logged)
+    steps = {json.loads(line)["step"] for cell in (bucketing_run / "cells").glob("fixed/seed-*")
+             for line in (cell / "metrics.jsonl").read_text().splitlines() if line.strip()}
+    assert f"{train['epochs']:g} epoch{'' if train['epochs'] == 1 else 's'} ({max(steps):,} optimizer step" in setting
     summary = json.loads((bucketing_run / "summary.json").read_text())
     assert summary["setting"] == [line[2:] for line in setting.splitlines()]
     # H8 is a claim about a scale (1 epoch, 200 samples, 4 landmarks): its row says how this run's differs
@@ -604,3 +609,32 @@ def test_recall_in_short_documents_falls_below_the_base_only_where_the_interval_
     assert shown.startswith("Recall in documents within the pretraining context (128 tokens) falls below the base's in "
                             "`a` (-10.0 points [")
     assert "(significantly in 1 of 2): fine-tuning at the longer context may cost these configurations recall" in shown
+    # lower on every seed, yet an interval holding 0 at 3 seeds (the default run's lora+embed+norm): both are said
+    every = _short_recall_sentence(rows({"base": [1.0, 1.0, 1.0], "a": [0.81, 0.97, 0.9375]}), ["a"], 128)
+    assert "not significant; lower on every seed: 0.81, 0.97, 0.94 against the base's 1.00)" in every
+    assert every.endswith("the trained models of `a` lost recall the base had on every seed, but over this many seeds "
+                          "the interval holds 0, so whether training again would always cost it, this run cannot tell.")
+    assert "lower on every seed" not in noisy  # one seed gained
+
+
+def test_a_regenerated_report_judges_recorded_comparisons_and_claims_by_today_s_declarations():
+    """`lmlab report` on a run recorded before a control was added: the study's declaration of the same pair (its
+    controls) replaces the recorded one, and so does a claim's; what the study no longer declares stays as recorded."""
+    from lmlab.studies import registry
+    from lmlab.studies.report import with_declarations
+
+    study = registry.get_study("hylorada")
+    cfg = load_config(HyloradaStudyConfig, preset_path("hylorada", "default"))
+    configs = ["lora", "lora-lr-scaled", "lora+embed+norm", "rslora"]
+    stale = [{"component": "old", "candidate": "lora+embed+norm", "parent": "lora", "unmatched": True},
+             {"component": "gone", "candidate": "rslora", "parent": "lora-lr-scaled"}]
+    old_claim = {"id": "H3", "claim": "rsLoRA: +17.07% over a 69.00-PPL baseline", "setting": "old", "candidate":
+                 "rslora", "parent": "lora", "claimed_pct": 17.07}
+    record = {"study": "hylorada", "config": cfg.model_dump(mode="json"), "configurations": configs,
+              "comparisons": stale, "claims": [old_claim]}
+    merged = with_declarations(study, record)
+    embed, gone = merged["comparisons"]
+    assert embed["controls"] == ["lora-lr-scaled"] and embed["unmatched"]  # today's declaration of the pair
+    assert gone == stale[1]  # no longer declared: kept as recorded
+    h3 = next(c for c in merged["claims"] if c["id"] == "H3")
+    assert h3["setting"] == "comprehensive ablation" and h3["explanation"]["candidate"] == "lora-lr-scaled"

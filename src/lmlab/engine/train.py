@@ -98,11 +98,14 @@ class TrainConfig(Section):
     checkpoint_minutes: float | None = Field(10.0, gt=0, description="minutes of wall time between training "
                                              "checkpoints (None: by steps only)")
 
-    def describe(self, lr: str | None = None) -> str:
+    def describe(self, lr: str | None = None, examples: int | None = None) -> str:
         """The schedule in words, for a report's setting: '2 epochs, batch 16, learning rate 0.003 (cosine, 5%
         warmup), weight decay 0, gradient clipping at 1'; `lr` words the learning rate where it is not `self.lr`
-        (e.g. chosen per model by a search)."""
+        (e.g. chosen per model by a search); with `examples` (training examples per epoch) the optimizer steps they
+        make: '1 epoch (50 optimizer steps)', the budget a reader weighs a null result against."""
         steps = f", at most {self.max_steps} steps" if self.max_steps else ""
+        if examples:
+            steps = f" ({plural_steps(total_steps(examples, self))})" + steps
         batch = f"batch {self.batch_size}" + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
         warmup = (f"{self.warmup_steps} warmup steps" if self.warmup_steps is not None
                   else f"{self.warmup_ratio:.0%} warmup")
@@ -242,6 +245,10 @@ def build_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam
     is ~4-8x faster than the per-tensor loop (many small adapter tensors), on CUDA it is the fused launch.
     """
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
+
+
+def plural_steps(count: int) -> str:
+    return f"{count:,} optimizer step{'' if count == 1 else 's'}"
 
 
 def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:

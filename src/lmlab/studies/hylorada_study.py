@@ -192,8 +192,9 @@ HYLORADA_COMPARISONS = [
      "positive_control": True},
     {"component": "position bias alone on a trained rsLoRA (positive control)", "candidate": "rslora-frozen+bias",
      "parent": "rslora", "positive_control": True},
+    # its parent trains at the run's learning rate, which holds LoRA back here: a larger one may give the gain as well
     {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora",
-     "unmatched": True},
+     "controls": ["lora-lr-scaled"], "unmatched": True},
 ]
 # rsLoRA's scaling is LoRA's at sqrt(r) times the step size: a larger learning rate alone may give its gain
 LARGER_LR = {"candidate": "lora-lr-scaled", "parent": "lora",
@@ -450,7 +451,7 @@ class HyloradaStudy(Study):
                  + (f", {cfg.max_length / context:g}x the base's {context}-token pretraining context"
                     if context else "")
                  + f" (RoPE scaling: {cfg.rope_scaling}).",
-                 f"Training: {cfg.train.describe(lr=LR_CHOSEN if cfg.lr_grid else None)}.",
+                 f"Training: {cfg.train.describe(lr=LR_CHOSEN if cfg.lr_grid else None, examples=cfg.num_train)}.",
                  f"Adapters: rank {a.r}, alpha {a.alpha:g} (scaling alpha/r for LoRA, alpha/sqrt(r) for rsLoRA), on "
                  f"{targets}; {a.num_landmarks} landmarks over "
                  f"{a.num_buckets} position buckets ({a.bucket_spacing} spacing).",
@@ -1075,12 +1076,15 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
     recalled = [c for c in far if above_guessing(c)]
     near_vals = [v for v in near.values() if v is not None]
     named = f"{', '.join(f'`{c}`' for c in up)}; " if 0 < len(up) <= 5 else ""
+    # one test per configuration, none corrected for how many there are: which ones pass says little of their order
+    uncorrected = "; a test per configuration, not corrected for their number: the list is no ranking" \
+        if named and len(far) > 1 else ""
     said = (f"Split by how far each fact lies before its answer (tokens from the fact to the answer): beyond the "
             f"base's {context}-token pretraining context ({span(counts)} queries per seed) the fine-tuned "
             f"configurations recall {span_pct(list(far.values()))} against the base's "
             f"{base_far:.0%}; {len(up)} of {len(far)} {'recalls' if len(up) == 1 else 'recall'} significantly more "
-            f"than the base there ({named}paired "
-            f"over seeds), and {len(recalled)} of {len(far)} more than guessing would (1 in {values:,}: their "
+            f"than the base there ({named}paired over seeds{uncorrected}), and {len(recalled)} of {len(far)} more "
+            f"than guessing would (1 in {values:,}: their "
             "pooled queries' 95% Wilson interval above it).")
     if near_counts and near_vals:
         said += (f" Facts within {context} tokens of their query in these long documents "
@@ -1102,14 +1106,20 @@ def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | 
     base = {r["seed"]: r["metrics"].get("retrieval_acc_short") for r in rows if r["config"] == "base"}
     if not any(v is not None for v in base.values()):
         return ""
-    lost = []
+    lost, every = [], []
     for c in configs:
-        diffs = [r["metrics"]["retrieval_acc_short"] - base[r["seed"]] for r in rows if r["config"] == c
+        pairs = [(r["metrics"]["retrieval_acc_short"], base[r["seed"]]) for r in rows if r["config"] == c
                  and r["metrics"].get("retrieval_acc_short") is not None and base.get(r["seed"]) is not None]
+        diffs = [a - b for a, b in pairs]
         if diffs and sum(diffs) / len(diffs) < -0.01:
             mean, ci = sum(diffs) / len(diffs), stats.t_interval(diffs)
             spread = (f"{_pts(mean)} points [{_pts(ci[0])}, {_pts(ci[1])}] over {len(diffs)} seeds, "
                       + ("significant" if ci[1] < 0 else "not significant") if ci else f"{_pts(mean)} points, one seed")
+            if len(diffs) > 1 and all(d < 0 for d in diffs) and not (ci and ci[1] < 0):
+                bases = sorted({f"{b:.2f}" for _, b in pairs})
+                spread += (f"; lower on every seed: {', '.join(f'{a:.2f}' for a, _ in pairs)} against the base's "
+                           f"{', '.join(bases)}")
+                every.append(c)
             lost.append((c, bool(ci) and ci[1] < 0, f"`{c}` ({spread})"))
     where = (f"in documents within the pretraining context ({context} tokens)" if context else
              "in documents within the pretraining context")
@@ -1121,6 +1131,11 @@ def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | 
         return (f"Recall {where} falls below the base's in {', '.join(t for _, _, t in lost)} "
                 f"(significantly in {len(shown)} of {len(lost)}): fine-tuning at the longer context may cost {them} "
                 "recall the base had, which their val_ppl does not show.")
+    if every:
+        named = ", ".join(f"`{c}`" for c in every)
+        return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}: the trained models "
+                f"of {named} lost recall the base had on every seed, but over this many seeds the interval holds 0, "
+                "so whether training again would always cost it, this run cannot tell.")
     return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}: whether fine-tuning at "
             f"the longer context costs {them} recall the base had, this run cannot tell.")
 

@@ -852,7 +852,8 @@ def save_figure(fig, run: RunDir, name: str) -> str:
 def with_declarations(study, record: dict) -> dict:
     """A run's record with the study's current primary metric and tables, and its comparisons, roles, claims and
     parameter matching where the record predates them, so `lmlab report` on an older run draws today's conclusions
-    from its cells."""
+    from its cells; a recorded comparison or claim the study still declares is taken as declared today (its
+    controls, bounds and scale)."""
     from lmlab.config import build
 
     cfg = build(study.config_cls, record["config"], where="study.yaml")
@@ -863,6 +864,9 @@ def with_declarations(study, record: dict) -> dict:
     # the record's own declarations win; what it predates (e.g. comparisons a study declares since) is filled in
     declared = registry.declarations(study, cfg, record["configurations"])
     merged = {**declared, **record, **current}
+    if "comparisons" in record and "comparisons" in declared:  # a comparison is judged with today's controls
+        today = {(c["candidate"], c["parent"]): c for c in declared["comparisons"]}
+        merged["comparisons"] = [today.get((c["candidate"], c["parent"]), c) for c in record["comparisons"]]
     if "claims" in record:  # a claim is read by today's rules (its controls, bounds, scale): the study's own
         # declaration of it wins; a recorded claim the study no longer declares is kept as recorded
         today = {(c["id"], c["claim"]): c for c in declared.get("claims", [])}
