@@ -752,3 +752,26 @@ def test_a_null_comparison_says_what_its_interval_still_excludes_and_a_noisy_con
     assert ratio > 5
     assert (f"(its interval is {ratio:.0f}x as wide as the one vs `rslora`: at 3 seeds this control cannot resolve a "
             "gain this small)") in cand["text"]
+
+
+def test_a_comparison_of_a_component_that_acts_through_ablated_parts_says_how_little_the_setting_lets_it_show():
+    """Learnable buckets act only through the landmarks they route; removing those changes val_ppl by 0.01%: the
+    sentence of a null comparison adds that bound (the far end of the ablation's 95% t-interval, log scale)."""
+    configs = ["fixed", "learnable"]
+    through = {"without": "val_ppl_without_position", "what": "the landmarks the buckets route"}
+    comparisons = [{"component": "buckets", "candidate": "learnable", "parent": "fixed", "headline": True,
+                    "through": through}]
+    ppl = {"fixed": scaled(8, 1.0), "learnable": scaled(8, 1.0, (1e-4, -2e-4, 1.5e-4))}
+    with_ablation = rows(ppl)
+    removed = {1: 1.0001, 2: 1.00012, 3: 1.00009}  # the landmarks lower val_ppl by about 0.01% in each cell
+    for i, row in enumerate(with_ablation):
+        row["metrics"]["val_ppl_without_position"] = row["metrics"]["val_ppl"] * removed[1 + i % 3]
+    comp = build_summary(record(configs, comparisons), with_ablation)["comparisons"][0]
+    assert comp["scenario"] == "not-significant"
+    logs = [math.log(1 / r) for r in removed.values()]  # with / without, per seed (both configurations alike)
+    half = scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3)
+    bound = max(abs(100 * math.expm1(statistics.mean(logs) + e)) for e in (-half, half))
+    assert comp["through_bound"] == pytest.approx(bound, rel=1e-6)
+    assert comp["text"].endswith(f"; the landmarks the buckets route carry at most {bound:.2g}% of val_ppl in "
+                                 "`learnable` and `fixed` (removing them changes it by no more, 95% CI), so the "
+                                 "setting could not show an effect of the component larger than that either.")

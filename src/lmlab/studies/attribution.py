@@ -238,6 +238,13 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
     if effect is None:
         out["missing"] = no_effect_reason(values, candidate, parent, metric)
     out["text"] = comparison_text(out, effect)
+    # a component that acts only through parts an ablation removes (`through`): where they carry little, a null here
+    # says little about the component - the sentence says how little the setting lets it show
+    carried = carried_bound(values, [candidate, parent], metric, spec.get("through")) if not credited else None
+    if carried is not None and effect is not None:
+        out["through_bound"] = carried[0]
+        out["text"] = (out["text"].removesuffix(".") + f"; {carried[1]}, so the setting could not show an effect of "
+                       "the component larger than that either.")
     return out
 
 

@@ -187,7 +187,8 @@ HYLORADA_COMPARISONS = [
      "parent": "rslora", "controls": ["rslora+bias+constant", "rslora-matched"], "headline": True},
     {"component": "landmarks over the bias", "candidate": "rslora+bias+landmarks", "parent": "rslora+bias",
      "controls": ["rslora+bias+constant", "rslora-matched"]},  # as many trainable parameters: the same control
-    {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks"},
+    {"component": "learnable buckets", "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks",
+     "through": THROUGH_POSITION},
     {"component": "landmarks alone (positive control)", "candidate": "landmarks-only", "parent": "base",
      "positive_control": True},
     {"component": "position bias alone on a trained rsLoRA (positive control)", "candidate": "rslora-frozen+bias",
@@ -270,8 +271,10 @@ BUCKETING_ARMS: dict[str, Arm] = {
     "rslora-matched": Arm(RSLORA, "control", MATCHED_NOTE, matched_rank=True),
 }
 BUCKETING_COMPARISONS = [
-    {"component": "learnable buckets", "candidate": "learnable", "parent": "fixed", "headline": True},
-    {"component": "learnable buckets at the notes' temperature", "candidate": "learnable_notes", "parent": "fixed"},
+    {"component": "learnable buckets", "candidate": "learnable", "parent": "fixed", "headline": True,
+     "through": {**THROUGH_POSITION, "what": "the landmarks the buckets route"}},
+    {"component": "learnable buckets at the notes' temperature", "candidate": "learnable_notes", "parent": "fixed",
+     "through": {**THROUGH_POSITION, "what": "the landmarks the buckets route"}},
     {"component": "landmarks with fixed buckets", "candidate": "fixed", "parent": "rslora",
      "controls": ["constant", "rslora-matched"]},
 ]
