@@ -526,6 +526,11 @@ def test_smoke_summary_follows_the_contract(smoke_run: Path):
                     "## Timings", "## Claims of the research notes vs this run",
                     "## Accuracy and KV cache vs compression", "## Bridged accuracy over training"):
         assert heading in report
+    # the compression plot varies K over the stable arms: the section names the arms it leaves to the tables
+    plotted = report.split("## Accuracy and KV cache vs compression\n\n")[1].split("\n")[0]
+    left = sorted({r["config"] for r in read_jsonl(smoke_run / "results.jsonl") if r["status"] == "ok"
+                   and (not r["details"]["arm"]["fixes"] or r["details"]["arm"]["swapped"])})
+    assert left and all(f"`{c}`" in plotted for c in left) and "in the tables above, not in the plot" in plotted
 
 
 def test_the_compression_plot_labels_the_text_baselines_by_their_prompts(smoke_run: Path, monkeypatch):
