@@ -775,3 +775,11 @@ def test_a_comparison_of_a_component_that_acts_through_ablated_parts_says_how_li
     assert comp["text"].endswith(f"; the landmarks the buckets route carry at most {bound:.2g}% of val_ppl in "
                                  "`learnable` and `fixed` (removing them changes it by no more, 95% CI), so the "
                                  "setting could not show an effect of the component larger than that either.")
+
+
+def test_a_change_that_rounds_to_zero_prints_without_a_sign():
+    from lmlab.studies.attribution import signed
+
+    assert [signed(v, 6) for v in (3e-7, -3e-7, 0.0, 2.4e-5, -2.4e-5)] == [
+        "0.000000", "0.000000", "0.000000", "+0.000024", "-0.000024"]
+    assert signed(1.5, 2) == "+1.50" and signed(-0.004, 2) == "0.00"

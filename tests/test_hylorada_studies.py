@@ -638,3 +638,23 @@ def test_a_regenerated_report_judges_recorded_comparisons_and_claims_by_today_s_
     assert gone == stale[1]  # no longer declared: kept as recorded
     h3 = next(c for c in merged["claims"] if c["id"] == "H3")
     assert h3["setting"] == "comprehensive ablation" and h3["explanation"]["candidate"] == "lora-lr-scaled"
+
+
+def test_the_first_decile_within_the_pretraining_context_is_compared_with_the_base_paired_by_seed():
+    from lmlab.studies.hylorada_study import _first_decile_sentence
+
+    def cells(config, firsts, context=128):
+        return [{"config": config, "seed": s, "details": {"decile_ppl": [v] + [5.0] * 9, "pretrained_context": context}}
+                for s, v in zip((1, 2, 3), firsts, strict=True)]
+
+    base = [6.0, 6.1, 6.05]
+    worse = [6.3, 6.4, 6.33]  # about +5% on every seed
+    rows = cells("base", base) + cells("a", worse) + cells("b", [6.01, 6.08, 6.06])
+    said = " ".join(_first_decile_sentence(rows, ["base", "a", "b"], {"max_length": 512}))
+    logs = [math.log(w / b) for w, b in zip(worse, base, strict=True)]
+    mean = 100 * math.expm1(statistics.mean(logs))
+    assert "In the first decile (positions 0-51, within the base's 128-token pretraining context)" in said
+    assert f"the most: `a` {mean:+.2f}% [" in said and "1 of 2 significantly raise it, 0 significantly lower it" in said
+    assert said.endswith("a cost the overall val_ppl does not show.")
+    # a first decile reaching past the pretraining context (positions 0-204 of 2,048 against 128): nothing is said
+    assert _first_decile_sentence(rows, ["base", "a", "b"], {"max_length": 2048}) == []

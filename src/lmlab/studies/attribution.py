@@ -149,6 +149,13 @@ def decimals(effect: dict) -> int:
     return digits
 
 
+def signed(value: float, digits: int) -> str:
+    """`value` with its sign at `digits` decimals, '+0.0012'; a value that rounds to 0 there has no sign ('0.000000',
+    not '+0.000000')."""
+    text = f"{value:+.{digits}f}"
+    return text[1:] if float(text) == 0 else text
+
+
 def direction(effect: dict) -> str:
     """'better' / 'worse' where the 95% interval excludes 0; otherwise what the data allow: 'no significant
     difference', or with no interval (one seed, a shared measurement) the sign of the one value."""
@@ -168,14 +175,15 @@ def effect_text(effect: dict | None) -> str:
         return "no paired values"
     digits = decimals(effect)
     ci = effect["delta_ci95"]
-    delta = f"{effect['delta_pct']:+.{digits}f}%"
+    delta = f"{signed(effect['delta_pct'], digits)}%"
     if effect.get("constant"):
         return f"{delta}, {direction(effect)} (one shared measurement on {effect['n']} seeds, no interval)"
     if not ci:
         return f"{delta}, {direction(effect)} (no interval: one seed)"
     p = effect.get("p_value")
     p_text = f"p = {p:.2g}" if p is not None else "no p-value"
-    return f"{delta} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}], {direction(effect)} ({p_text}, {effect['n']} seeds)"
+    return (f"{delta} [{signed(ci[0], digits)}, {signed(ci[1], digits)}], {direction(effect)} ({p_text}, "
+            f"{effect['n']} seeds)")
 
 
 def control_explains(vs: dict | None, gain: float) -> bool:
@@ -266,9 +274,9 @@ def comparison_text(c: dict, effect: dict | None) -> str:
     if effect.get("constant"):
         ci_text = f"one shared measurement on {effect['n']} seeds, no interval"
     else:
-        ci_text = f"95% CI [{ci[0]:+.{digits}f}%, {ci[1]:+.{digits}f}%]" if ci else "no interval (one seed)"
+        ci_text = f"95% CI [{signed(ci[0], digits)}%, {signed(ci[1], digits)}%]" if ci else "no interval (one seed)"
     p_text = f"p = {effect['p_value']:.3g}" if effect.get("p_value") is not None else "no p-value"
-    said = (f"{head}: {c['metric']} {effect['delta_pct']:+.{digits}f}% vs `{c['parent']}`, {direction(effect)} "
+    said = (f"{head}: {c['metric']} {signed(effect['delta_pct'], digits)}% vs `{c['parent']}`, {direction(effect)} "
             f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
     if significant_gain(effect) and imp < 0.5 and scenario not in SCENARIO_MEANING and scenario != "moves-the-metric":

@@ -787,7 +787,8 @@ class HyloradaStudy(Study):
                       f"{cfg.get('max_length')} tokens for every configuration and seed (relative position in the "
                       "window); LIM-PPL is the middle half [0.25, 0.75)."
                       + (f" Tokens per decile: {', '.join(f'{c:,}' for c in counts)}; LIM-PPL covers {lim:,} tokens."
-                         if counts and lim else "") + " See `plots/perplexity_by_decile.png`.", ""]
+                         if counts and lim else "") + " See `plots/perplexity_by_decile.png`.",
+                      *_first_decile_sentence(ok, configs, cfg), ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
             sparse = _retrieval_plot(ok, configs, run, 9 * 10 ** (cfg.get("value_digits", 4) - 1))
@@ -942,7 +943,8 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: di
     if own:
         lines.append("The position bias trains at a learning rate of its own (`bias_lr`) in "
                      + ", ".join(f"`{c}` ({', '.join(f'{v:.3g}' for v in sorted(v))})" for c, v in own.items())
-                     + "; everything else in those configurations at theirs.")
+                     + (f"; everything else in {'those configurations' if len(own) > 1 else 'it'} at "
+                        f"{'theirs' if len(own) > 1 else 'its'}."))
     lines += _lr_control_sentences(summary)
     lines.append("")
     return lines
@@ -1098,6 +1100,43 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
                  "context no configuration recalls more than guessing gets"
                  + (", so a gain over the base there is in how often a guess lands, not recall" if up else "") + ".")
     return said
+
+
+def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
+    """Where the first position decile lies within the base's pretraining context: what fine-tuning at the longer
+    context did to perplexity there, each fine-tuned configuration's first-decile perplexity vs the base's, paired
+    by seed (the window's first tokens see no more context than the base was trained on)."""
+    from lmlab import stats
+
+    context = next((r["details"].get("pretrained_context") for r in rows if r["config"] == "base"), None)
+    span = math.ceil(cfg.get("max_length", 0) / 10)  # positions p with 10 p / max_length < 1
+    base = {r["seed"]: r["details"]["decile_ppl"][0] for r in rows if r["config"] == "base"
+            and r["details"].get("decile_ppl")}
+    if not context or not base or span > context:  # (the first decile's last position, span - 1, < context)
+        return []
+    changes = {}
+    for c in configs:
+        if c == "base":
+            continue
+        first = {r["seed"]: r["details"]["decile_ppl"][0] for r in rows if r["config"] == c
+                 and r["details"].get("decile_ppl")}
+        change = stats.paired_relative_change(first, base) if first else None
+        if change is not None and change.get("ci95"):
+            changes[c] = change
+    if not changes:
+        return []
+    worse = [c for c, ch in changes.items() if ch["ci95"][0] > 0]
+    better = [c for c, ch in changes.items() if ch["ci95"][1] < 0]
+    deltas = sorted(ch["delta_pct"] for ch in changes.values())
+    most = max(changes, key=lambda c: changes[c]["delta_pct"])
+    said = (f"In the first decile (positions 0-{span - 1}, within the base's {context}-token pretraining context) the "
+            f"fine-tuned configurations change perplexity by {deltas[0]:+.2g}% to {deltas[-1]:+.2g}% against the "
+            f"base's (paired by seed; the most: `{most}` {change_cell(changes[most])}): {len(worse)} of "
+            f"{len(changes)} significantly raise it, {len(better)} significantly lower it.")
+    if worse:
+        said += (" Fine-tuning at the longer context costs perplexity where the base needed no extension - a cost "
+                 "the overall val_ppl does not show.")
+    return ["", said]
 
 
 def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | None) -> str:
@@ -1489,7 +1528,7 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
         notes = {}  # the top panel's legend already says which series are identical
         draw(bottom, shown)
         label_axes(bottom, xlabel="relative position in the window",
-                   ylabel=f"change vs {reference} in % (per seed, mean over seeds)",
+                   ylabel=f"change vs {reference} in % (per seed, mean over seeds; shaded: min-max over seeds)",
                    title=f"Zoom: change vs the reference {reference} in %, paired by seed", legend=False)
         # Curves closer than about a line's width at every decile (1/60 of the panel's height) are drawn on top of
         # one another: the panel names them, so a reader knows they are not missing but the same to this resolution.

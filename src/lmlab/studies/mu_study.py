@@ -1030,7 +1030,7 @@ def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
         return False
     line_plot(run, "validation_curves.png", mean_over_seeds(curves), styles=config_styles(configs),
               xlabel="optimizer step", ylabel="validation perplexity (mean over seeds)",
-              title="MU vs dense baseline: validation perplexity (log scale)", logy=True, integer_x=True)
+              title="MU models vs the dense baseline: validation perplexity (log scale)", logy=True, integer_x=True)
     return True
 
 
@@ -1086,7 +1086,9 @@ def _samples(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     lines = ["## Generation samples (best checkpoint, loaded back)", "",
              f"temperature {gen['temperature']:g}, top-k {gen['top_k']}, top-p {gen['top_p']:g}, repetition penalty "
              f"{gen['repetition_penalty']:g}, {gen['max_new_tokens']} new tokens; every cell's samples during "
-             f"training ({every}) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`.", ""]
+             f"training ({every}) are in `cells/<config>/seed-<s>/{SAMPLES_FILE}`. Every model samples with the "
+             "same random seed, so where their next-token distributions are alike their samples start alike: a "
+             "shared opening says the models agree on those tokens, not that they are the same model.", ""]
     for name in configs:
         row = _first_ok(rows, name)
         if row is None:

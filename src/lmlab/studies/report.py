@@ -266,11 +266,11 @@ def change_cell(change: dict | None) -> str:
         return "-"
     digits = attribution.decimals(change)
     if change.get("constant"):
-        return f"{change['delta_pct']:+.{digits}f}% (one shared measurement, no interval)"
+        return f"{attribution.signed(change['delta_pct'], digits)}% (one shared measurement, no interval)"
     ci = change.get("ci95")
-    ci_text = f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]" if ci else ""
+    ci_text = f" [{attribution.signed(ci[0], digits)}, {attribution.signed(ci[1], digits)}]" if ci else ""
     p = change.get("p_value")
-    return f"{change['delta_pct']:+.{digits}f}%{ci_text}" + (f" (p={p:.2g})" if p is not None else "")
+    return f"{attribution.signed(change['delta_pct'], digits)}%{ci_text}" + (f" (p={p:.2g})" if p is not None else "")
 
 
 def config_label(name: str, entry: dict, summary: dict) -> str:
