@@ -680,7 +680,9 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                        "models" + _trend_clause(gap))
         elif words:
             budget += f"; {words}"
-        verdict = (f"supported at this budget: MU has significantly lower test perplexity than the matched baseline "
+        verdict = ("not testable here: no interval (one seed, or one shared measurement)"
+                   if not comparison["ci95"] else
+                   f"supported at this budget: MU has significantly lower test perplexity than the matched baseline "
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
                    f"baseline {budget}" if hi < 0 else
