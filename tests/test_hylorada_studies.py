@@ -213,8 +213,8 @@ def test_recall_is_split_at_the_pretraining_context_and_a_gain_only_near_the_que
     assert text.endswith("What fine-tuning recovered here is recall of facts near their query; beyond the "
                          "pretraining context no configuration recalls more than guessing gets.")
     text = _distance_sentence(rows, ["near", "far"], 128, 9)
-    assert ("1 of 2 recalls significantly more than the base there (`far`; paired over seeds; a test per "
-            "configuration, not corrected for their number: the list is no ranking)") in text
+    # one configuration named: no list to rank, so no word on uncorrected tests
+    assert "1 of 2 recalls significantly more than the base there (`far`; paired over seeds)" in text
     # `far` recalls a fifth to a third of the far facts: above guessing (1 in 9) on the pooled queries
     hits = sum(sum(v for v, d in zip(h, distances, strict=True) if d > 128) for h in far_gain.values())
     from lmlab import stats
@@ -353,7 +353,8 @@ def test_a_bias_control_that_cannot_move_the_metric_is_no_blind_spot_where_a_fas
     logs = [math.log(a / b) for a, b in zip(parent, fast, strict=True)]
     top = 100 * math.expm1(statistics.mean(logs) + scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3))
     assert ("even alone they do not move the metric measurably; but at a larger learning rate (`rslora+bias-fast`) "
-            "the position bias rescales the adapters' update by up to 30% (at most 1% in `rslora+bias`) and val_ppl "
+            "the position bias rescales the adapters' update at its most rescaled position by up to 30% (at most 1% "
+            "in `rslora+bias`) and val_ppl "
             f"gains at most {top:.2g}% (95% CI): the bias had room to act and did not help, so its null here is a "
             "finding at this scale rather than a blind spot of the setting.") in text
     # a faster bias that moved less than 5x as far says nothing of room: the null may still be a blind spot
@@ -454,8 +455,8 @@ def test_the_report_says_how_far_the_position_bias_trained():
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, {}))
     assert ("even alone they do not move the metric measurably, so a null result for them here may be a blind spot of "
             "this setting rather than a finding; as trained in `rslora-frozen+bias`, the position bias rescales the "
-            "adapters' update by at most 1.1% (a gradient of one sign would take it to about 1.27% at this learning "
-            "rate).") in text
+            "adapters' update at its most rescaled position by at most 1.1% (a gradient of one sign would take it to "
+            "about 1.27% at this learning rate).") in text
     assert _bias_reach_section(_ablation_cells("rslora+landmarks", [6.0] * 3, [6.0] * 3), ["rslora+landmarks"]) == []
 
 
@@ -613,7 +614,8 @@ def test_recall_in_short_documents_falls_below_the_base_only_where_the_interval_
     every = _short_recall_sentence(rows({"base": [1.0, 1.0, 1.0], "a": [0.81, 0.97, 0.9375]}), ["a"], 128)
     assert "not significant; lower on every seed: 0.81, 0.97, 0.94 against the base's 1.00)" in every
     assert every.endswith("the trained models of `a` lost recall the base had on every seed, but over this many seeds "
-                          "the interval holds 0, so whether training again would always cost it, this run cannot tell.")
+                          "the interval holds 0, so whether such training costs recall on average, this run cannot "
+                          "tell.")
     assert "lower on every seed" not in noisy  # one seed gained
 
 

@@ -209,7 +209,8 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         beaten = significant_gain(vs)
         controls.append({"config": control, "ran": control in values, "beaten": beaten,
                          "explains": not beaten and control_explains(vs, gain),
-                         "what": roles.get(control, {}).get("note", ""), **(vs or {"improvement_pct": None})})
+                         "what": spec.get("control_notes", {}).get(control) or roles.get(control, {}).get("note", ""),
+                         **(vs or {"improvement_pct": None})})
     unbeaten = [c for c in controls if c["ran"] and not c["beaten"]]
     if effect is None:
         scenario = "not-significant"
@@ -310,8 +311,8 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         wide = [k for k in failed if k.get("ci95") and effect.get("ci95")]
         ratio = max(((k["ci95"][1] - k["ci95"][0]) / (effect["ci95"][1] - effect["ci95"][0]) for k in wide
                      if effect["ci95"][1] > effect["ci95"][0]), default=0.0)
-        power = (f" (its interval is {ratio:.0f}x as wide as the one vs `{c['parent']}`: at {effect['n']} seeds this "
-                 "control cannot resolve a gain this small)") if ratio >= LOW_POWER_RATIO else ""
+        power = (f" (its interval is {ratio:.0f}x as wide as the one vs `{c['parent']}`: this control cannot resolve "
+                 f"a gain this small at {effect['n']} seeds)") if ratio >= LOW_POWER_RATIO else ""
         return (f"{said}, but not separated from its control " + "; ".join(parts) + " - that interval holds both 0 "
                 f"and the whole gain over `{c['parent']}`{power}, so the data cannot tell whether the control would "
                 "gain as much: the component is not credited, and the control is not shown to explain the gain "

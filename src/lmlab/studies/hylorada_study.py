@@ -127,7 +127,7 @@ LANDMARKS_ALONE = {"candidate": "landmarks-only", "parent": "base",
                    "what": "the landmarks trained alone on the frozen base"}
 # How far the position bias trained (the most it rescales the adapters' update) next to how far its step size let it
 BIAS_REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
-              "what": "the position bias rescales the adapters' update"}
+              "what": "the position bias rescales the adapters' update at its most rescaled position"}
 
 
 def notes_scale(samples: int, epochs: float, landmarks: int, dataset: str | None = "wikitext-2-raw-v1") -> list[list]:
@@ -195,7 +195,9 @@ HYLORADA_COMPARISONS = [
      "parent": "rslora", "positive_control": True},
     # its parent trains at the run's learning rate, which holds LoRA back here: a larger one may give the gain as well
     {"component": "embeddings + norms (not parameter-matched)", "candidate": "lora+embed+norm", "parent": "lora",
-     "controls": ["lora-lr-scaled"], "unmatched": True},
+     "controls": ["lora-lr-scaled"], "unmatched": True,
+     "control_notes": {"lora-lr-scaled": "LoRA alone at sqrt(r) times the learning rate, without the embeddings, the "
+                                         "norms or their 118k parameters"}},
 ]
 # rsLoRA's scaling is LoRA's at sqrt(r) times the step size: a larger learning rate alone may give its gain
 LARGER_LR = {"candidate": "lora-lr-scaled", "parent": "lora",
@@ -459,7 +461,8 @@ class HyloradaStudy(Study):
                  f"{targets}; {a.num_landmarks} landmarks over "
                  f"{a.num_buckets} position buckets ({a.bucket_spacing} spacing).",
                  f"Seeds: {len(cfg.seeds)} ({', '.join(map(str, cfg.seeds))}), the same data and initialisation "
-                 "for every configuration of a seed (paired)."]
+                 "for every configuration of a seed (paired; a configuration of another rank, such as "
+                 "`rslora-matched`, draws adapter weights of its own)."]
         if cfg.lr_grid:
             grid = ", ".join(f"{v:g}" for v in cfg.lr_grid)
             tuning = lr_search.tuning_seeds(cfg.tuning_seed)
@@ -788,7 +791,8 @@ class HyloradaStudy(Study):
                       "window); LIM-PPL is the middle half [0.25, 0.75)."
                       + (f" Tokens per decile: {', '.join(f'{c:,}' for c in counts)}; LIM-PPL covers {lim:,} tokens."
                          if counts and lim else "") + " See `plots/perplexity_by_decile.png`.",
-                      *_first_decile_sentence(ok, configs, cfg), ""]
+                      *_first_decile_sentence(ok, [c for c in configs if roles.get(c) != "positive control"
+                                                   and not c.endswith("(INVALID)")], cfg), ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
             sparse = _retrieval_plot(ok, configs, run, 9 * 10 ** (cfg.get("value_digits", 4) - 1))
@@ -1083,7 +1087,7 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
     named = f"{', '.join(f'`{c}`' for c in up)}; " if 0 < len(up) <= 5 else ""
     # one test per configuration, none corrected for how many there are: which ones pass says little of their order
     uncorrected = "; a test per configuration, not corrected for their number: the list is no ranking" \
-        if named and len(far) > 1 else ""
+        if len(up) > 1 and named else ""
     said = (f"Split by how far each fact lies before its answer (tokens from the fact to the answer): beyond the "
             f"base's {context}-token pretraining context ({span(counts)} queries per seed) the fine-tuned "
             f"configurations recall {span_pct(list(far.values()))} against the base's "
@@ -1103,9 +1107,9 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
 
 
 def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
-    """Where the first position decile lies within the base's pretraining context: what fine-tuning at the longer
-    context did to perplexity there, each fine-tuned configuration's first-decile perplexity vs the base's, paired
-    by seed (the window's first tokens see no more context than the base was trained on)."""
+    """Where the first position decile lies within the base's pretraining context: what fine-tuning did to perplexity
+    there, each fine-tuned configuration of `configs` (the caller leaves out positive controls and diagnostics) vs
+    the base, paired by seed (the window's first tokens see no more context than the base was trained on)."""
     from lmlab import stats
 
     context = next((r["details"].get("pretrained_context") for r in rows if r["config"] == "base"), None)
@@ -1134,8 +1138,8 @@ def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> l
             f"base's (paired by seed; the most: `{most}` {change_cell(changes[most])}): {len(worse)} of "
             f"{len(changes)} significantly raise it, {len(better)} significantly lower it.")
     if worse:
-        said += (" Fine-tuning at the longer context costs perplexity where the base needed no extension - a cost "
-                 "the overall val_ppl does not show.")
+        said += (" This fine-tuning costs perplexity on the window's first tokens, where the base needed no context "
+                 "extension - a cost the overall val_ppl does not show.")
     return ["", said]
 
 
@@ -1177,7 +1181,7 @@ def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | 
         named = ", ".join(f"`{c}`" for c in every)
         return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}: the trained models "
                 f"of {named} lost recall the base had on every seed, but over this many seeds the interval holds 0, "
-                "so whether training again would always cost it, this run cannot tell.")
+                "so whether such training costs recall on average, this run cannot tell.")
     return (f"Recall {where} is lower than the base's in {', '.join(t for _, _, t in lost)}: whether fine-tuning at "
             f"the longer context costs {them} recall the base had, this run cannot tell.")
 

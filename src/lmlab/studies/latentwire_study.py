@@ -527,13 +527,13 @@ class LatentWireStudy(Study):
         lines += _baselines_section(items, configs)
         lines += _systems_section(ok, configs, items)
         if _compression_plot(ok, run):
-            left_out = sorted({r["config"] for r in ok if not r["details"]["arm"]["fixes"]
-                               or r["details"]["arm"]["swapped"]})
+            why = {r["config"]: "in the other direction" if r["details"]["arm"]["swapped"] else "without the fixes"
+                   for r in ok if not r["details"]["arm"]["fixes"] or r["details"]["arm"]["swapped"]}
+            left_out = [f"`{c}` ({why[c]})" for c in sorted(why)]
             lines += ["## Accuracy and KV cache vs compression", "",
                       "Over the arms with the stability fixes (`stable_*`), whose K varies"
-                      + (f" ({', '.join(f'`{c}`' for c in left_out)}, without them or in the other direction, "
-                         f"{'is' if len(left_out) == 1 else 'are'} in the tables above, not in the plot)"
-                         if left_out else "")
+                      + (f" ({', '.join(left_out)} {'is' if len(left_out) == 1 else 'are'} in the tables above, not "
+                         "in the plot)" if left_out else "")
                       + ": accuracy of bridged, its two controls and token_budget (mean over seeds, 95% Wilson "
                       "interval over the items) against compression (text context tokens / context positions), with "
                       "target_text (the question as text, compression 1) as a horizontal line; and KV-cache bytes "
