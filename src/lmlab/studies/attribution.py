@@ -249,11 +249,12 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
     out["text"] = comparison_text(out, effect)
     # a component that acts only through parts an ablation removes (`through`): where they carry little, a null here
     # says little about the component - the sentence says how little the setting lets it show
-    carried = carried_bound(values, [candidate, parent], metric, spec.get("through")) if not credited else None
+    carried = carried_bound(values, [candidate, parent], metric, spec.get("through")) \
+        if scenario == "not-significant" else None
     if carried is not None and effect is not None:
         out["through_bound"] = carried[0]
-        out["text"] = (out["text"].removesuffix(".") + f"; {carried[1]}, so the setting could not show an effect of "
-                       "the component larger than that either.")
+        out["text"] = (out["text"].removesuffix(".") + f"; {carried[1]}, so the component has little to act on in "
+                       "this setting, and its null result says little about it.")
     return out
 
 
