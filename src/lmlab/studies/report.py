@@ -501,18 +501,25 @@ def second_half_start(steps: list[int]) -> int:
     return steps[-2] if middle == steps[-1] else middle
 
 
+def _cell_stages(run: RunDir, config: str):
+    """(seed, offset, records) per stage of each of `config`'s cells, in training order: the earlier stages'
+    `metrics-<stage>.jsonl` (name order), then `metrics.jsonl`; `offset` is the optimizer steps of the stages before
+    (each stage's step count starts again at 1), so offset + step numbers a cell's whole training."""
+    for cell in sorted((run.root / "cells" / config).glob("seed-*")):
+        offset = 0
+        for metrics_file in [*sorted(cell.glob("metrics-*.jsonl")), cell / "metrics.jsonl"]:
+            if not metrics_file.is_file():
+                continue
+            records = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines()
+                       if line.strip()]
+            yield int(cell.name.removeprefix("seed-")), offset, records
+            offset += max((rec.get("step") or 0 for rec in records), default=0)
+
+
 def stage_starts(run: RunDir, config: str) -> list[int]:
     """The optimizer steps (as `seed_curves` numbers them) after which a cell of `config` that trained in stages
     started each later stage: where its plotted curve changes what trains. Empty for a cell of one stage."""
-    starts: set[int] = set()
-    for cell in sorted((run.root / "cells" / config).glob("seed-*")):
-        offset = 0
-        for metrics_file in sorted(cell.glob("metrics-*.jsonl")):
-            steps = [json.loads(line).get("step") or 0 for line in metrics_file.read_text(encoding="utf-8").splitlines()
-                     if line.strip()]
-            offset += max(steps, default=0)
-            starts.add(offset)
-    return sorted(starts)
+    return sorted({offset for _, offset, _ in _cell_stages(run, config) if offset})
 
 
 def seed_curves(run: RunDir, config: str, kind: str, key: str) -> dict[int, dict[int, list[float]]]:
@@ -520,19 +527,10 @@ def seed_curves(run: RunDir, config: str, kind: str, key: str) -> dict[int, dict
     trained in stages keeps its earlier stages' curves in `metrics-<stage>.jsonl` (name order): they come first, and
     each later stage's steps continue after the steps before it, so the curve shows the whole training of the cell."""
     curves: dict[int, dict[int, list[float]]] = {}
-    for cell in sorted((run.root / "cells" / config).glob("seed-*")):
-        offset = 0
-        for metrics_file in [*sorted(cell.glob("metrics-*.jsonl")), cell / "metrics.jsonl"]:
-            if not metrics_file.is_file():
-                continue
-            last = 0
-            for line in metrics_file.read_text(encoding="utf-8").splitlines():
-                rec = json.loads(line) if line.strip() else {}
-                last = max(last, rec.get("step") or 0)
-                if rec.get("kind") == kind and rec.get(key) is not None:
-                    curves.setdefault(int(cell.name.removeprefix("seed-")), {}).setdefault(
-                        offset + rec["step"], []).append(rec[key])
-            offset += last
+    for seed, offset, records in _cell_stages(run, config):
+        for rec in records:
+            if rec.get("kind") == kind and rec.get(key) is not None:
+                curves.setdefault(seed, {}).setdefault(offset + rec["step"], []).append(rec[key])
     return curves
 
 
