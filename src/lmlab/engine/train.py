@@ -105,7 +105,8 @@ class TrainConfig(Section):
         make: '1 epoch (50 optimizer steps)', the budget a reader weighs a null result against."""
         steps = f", at most {self.max_steps} steps" if self.max_steps else ""
         if examples:
-            steps = f" ({plural_steps(total_steps(examples, self))})" + steps
+            count = total_steps(examples, self)
+            steps = f" ({count:,} optimizer step{'' if count == 1 else 's'})" + steps
         batch = f"batch {self.batch_size}" + (f" x {self.grad_accum} accumulated" if self.grad_accum > 1 else "")
         warmup = (f"{self.warmup_steps} warmup steps" if self.warmup_steps is not None
                   else f"{self.warmup_ratio:.0%} warmup")
@@ -245,10 +246,6 @@ def build_optimizer(params, lr: float, device: torch.device) -> torch.optim.Adam
     is ~4-8x faster than the per-tensor loop (many small adapter tensors), on CUDA it is the fused launch.
     """
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=device.type in ("cpu", "cuda"))
-
-
-def plural_steps(count: int) -> str:
-    return f"{count:,} optimizer step{'' if count == 1 else 's'}"
 
 
 def steps_per_epoch(num_examples: int, cfg: TrainConfig) -> int:

@@ -670,7 +670,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
         claims.append({**m3, "measured": "not run", "verdict": "not testable here: mu-sota or dense did not run"})
     else:
         measured = f"`{CANDIDATE}` vs `{REFERENCE}` on test_ppl: {effect_text(comparison)}"
-        lo, hi = comparison["ci95"] or (-math.inf, math.inf)
+        lo, hi = comparison["ci95"] or (None, None)  # no interval: not testable (below)
         budget = f"after {plural(epochs, 'epoch')} {learning_rate_clause(cfg, rows, (CANDIDATE, REFERENCE))}"
         at_last = best_at_last(rows, (CANDIDATE, REFERENCE))
         words, falling = late_words(late, (CANDIDATE, REFERENCE), cfg["train"])
@@ -680,8 +680,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                        "models" + _trend_clause(gap))
         elif words:
             budget += f"; {words}"
-        verdict = ("not testable here: no interval (one seed, or one shared measurement)"
-                   if not comparison["ci95"] else
+        verdict = ("not testable here: no interval (one seed, or one shared measurement)" if lo is None else
                    f"supported at this budget: MU has significantly lower test perplexity than the matched baseline "
                    f"{budget}" if lo > 0 else
                    f"not supported at this budget: MU has significantly higher test perplexity than the matched "
