@@ -784,3 +784,28 @@ def test_a_change_that_rounds_to_zero_prints_without_a_sign():
     assert [signed(v, 6) for v in (3e-7, -3e-7, 0.0, 2.4e-5, -2.4e-5)] == [
         "0.000000", "0.000000", "0.000000", "+0.000024", "-0.000024"]
     assert signed(1.5, 2) == "+1.50" and signed(-0.004, 2) == "0.00"
+
+
+def test_a_null_interval_beside_one_sign_on_every_seed_says_both_with_the_sign_test():
+    # five seeds, the candidate's val_ppl higher on each, one by much more than the others: the interval holds 0
+    seeds = [1, 2, 3, 4, 5]
+    configs = ["lora", "rslora"]
+    comparisons = [{"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora", "headline": True}]
+
+    def summary(changes: list[float]) -> dict:
+        planted = {"lora": [10.0] * 5, "rslora": [10.0 * (1 + c) for c in changes]}
+        out = [{"config": c, "seed": s, "status": "ok", "metrics": {"val_ppl": v},
+                "params": {"trainable_params": 1000, "base_params_trained": 0}, "details": {}, "error": None}
+               for c, values in planted.items() for s, v in zip(seeds, values, strict=True)]
+        return build_summary({**record(configs, comparisons), "seeds": seeds}, out)["comparisons"][0]
+
+    comp = summary([0.001, 0.002, 0.001, 0.003, 0.2])
+    logs = [math.log(1 + c) for c in [0.001, 0.002, 0.001, 0.003, 0.2]]
+    assert scipy_stats.ttest_1samp(logs, 0.0).pvalue > 0.05 and comp["scenario"] == "not-significant"
+    p = scipy_stats.binomtest(0, 5, 0.5).pvalue  # 2 * (1/2)^5
+    assert p == pytest.approx(0.0625)
+    assert ("`rslora`'s val_ppl is the higher on every one of the 5 seeds - a sign test, which ignores the sizes, "
+            f"gives p = {p:.3g}: not significant either") in comp["text"]
+    # mixed signs: no such clause
+    mixed = summary([0.001, -0.002, 0.001, 0.003, 0.2])
+    assert mixed["scenario"] == "not-significant" and "on every one of" not in mixed["text"]

@@ -162,12 +162,18 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
 BOOTSTRAP_RESAMPLES = 10_000
 
 
-def mcnemar_exact(better: int, worse: int) -> float:
-    """Two-sided exact McNemar test: the discordant pairs (`better`: only the first system right, `worse`: only the
-    second) against a fair coin. 1.0 without discordant pairs."""
+def sign_test(better: int, worse: int) -> float:
+    """Two-sided exact sign test: how many pairs favour each side, against a fair coin (ties left out). 1.0 without
+    untied pairs. On discordant items it is the exact McNemar test."""
     if better + worse == 0:
         return 1.0
     return float(_scipy_stats.binomtest(min(better, worse), better + worse, 0.5).pvalue)
+
+
+def mcnemar_exact(better: int, worse: int) -> float:
+    """Two-sided exact McNemar test: the discordant pairs (`better`: only the first system right, `worse`: only the
+    second) against a fair coin - the sign test on them. 1.0 without discordant pairs."""
+    return sign_test(better, worse)
 
 
 def _as_matrix(outcomes) -> np.ndarray:
