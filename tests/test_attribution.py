@@ -539,6 +539,32 @@ def test_a_claimed_gain_a_control_explains_is_not_read_as_the_component_s(matche
         assert "rslora-matched" not in verdict and summary["decision"]["scenario"] in "ABCD"
 
 
+@pytest.mark.parametrize("control_factor", [0.95, 1.0])
+def test_a_claimed_loss_met_by_a_gain_on_a_metric_the_study_does_not_compare_reads_the_controls_there(
+        control_factor):
+    """Landmarks' claim 6: per-layer landmarks are claimed to lose LIM-PPL and gain it instead, but the study compares
+    the pair on val_ppl only. The verdict judges the comparison's controls on lim_ppl itself: a control that gains as
+    much there takes the gain (planted: the candidate 5% better than its parent, `constant` as good as the candidate
+    or no better than the parent)."""
+    configs = ["rslora", "per_layer", "constant"]
+    comparisons = [{"component": "per-layer", "candidate": "per_layer", "parent": "rslora",
+                    "controls": ["constant"], "headline": True}]
+    out = rows({"rslora": scaled(10, 1.0), "per_layer": scaled(10, 0.95, (0.002, -0.003, 0.001)),
+                "constant": scaled(10, control_factor, (-0.002, 0.003, 0.0))})
+    for r in out:  # the claim's metric: lim_ppl, the same planted values
+        r["metrics"]["lim_ppl"] = r["metrics"]["val_ppl"]
+    claims = [{"id": "H2", "claim": "per-layer -3% LIM-PPL", "candidate": "per_layer", "parent": "rslora",
+               "metric": "lim_ppl", "claimed_pct": -3.17}]
+    summary = build_summary(record(configs, comparisons, claims=claims, reference="rslora", candidate="per_layer"),
+                            out)
+    verdict = summary["claims"][0]["verdict"]
+    assert verdict.startswith("not supported: significantly better, against the claim")
+    explained = ("; nor is the gain the component's: on lim_ppl too `constant` gains as much without it "
+                 "(`per_layer` does not beat it: `constant`: ")
+    assert (explained in verdict) == (control_factor < 1)
+    assert ("nor is the gain" in verdict) == (control_factor < 1)  # a control the candidate beats takes nothing
+
+
 @pytest.mark.parametrize(("factor", "seed_noise", "verdict"), [
     (1.0, 0.01, "supported: no pair differs significantly, and every difference is within 0.1%"),
     (0.9999, 0.01, "supported: every difference is within 0.1% (the 95% intervals reach 0.01%) and within the noise "

@@ -718,6 +718,10 @@ def test_position_bias_reach_is_how_far_the_layers_rescale_their_update(arch):
     assert reach["spread_pct"] == pytest.approx(100 * spread, rel=1e-4)
     assert reach["factor_range"] == pytest.approx([float(ratios.min()), float(ratios.max())], rel=1e-4)
     assert reach["adapters"] == len(layers)
+    assert "token_mean_pct" not in reach
+    # at the average token: the forward pass's factors of one window, averaged over its tokens and every adapter
+    assert position_bias_reach(model, length=CONTEXT)["token_mean_pct"] == pytest.approx(
+        100 * float((ratios - 1).abs().mean()), rel=1e-4)
 
 
 def test_bias_lr_gives_the_table_and_every_gate_their_own_group():

@@ -475,6 +475,7 @@ def test_bias_lr_trains_the_position_bias_at_its_own_learning_rate(tmp_path: Pat
     assert metrics["bias_rescale_allowed_pct"] == pytest.approx(bias_rescale_allowed(cfg, cfg.num_train, 0.2))
     assert metrics["bias_rescale_pct"] > bias_rescale_allowed(cfg, cfg.num_train, cfg.train.lr)
     assert 0 < metrics["bias_spread_pct"] <= 2 * metrics["bias_rescale_pct"]
+    assert 0 < metrics["bias_rescale_token_pct"] <= metrics["bias_rescale_pct"]  # an average is at most the largest
     assert "## How far the position bias trained" in (out / "report.md").read_text()
 
 
@@ -487,8 +488,11 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
     from lmlab.studies.hylorada_study import HYLORADA_ARMS, _bias_reach_section, _slow_twin
 
     def cells(config, ppl, moved, allowed, lr):
+        # the reach at the average token: recorded by today's cells (planted as a tenth of the largest), not by older
+        def token(m):
+            return {"bias_rescale_token_pct": m / 10} if fast_gain else {}
         return [{"config": config, "seed": s, "metrics": {"val_ppl": v, "bias_rescale_pct": m,
-                                                          "bias_rescale_allowed_pct": allowed},
+                                                          "bias_rescale_allowed_pct": allowed, **token(m)},
                  "details": {"position_bias": {"lr": lr}}} for s, v, m in zip((1, 2, 3), ppl, moved, strict=True)]
 
     base = [6.00, 6.10, 5.90]
@@ -503,11 +507,16 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
                          "val_ppl", True)
     comparison = {**effect, "candidate": "rslora+bias-fast", "parent": "rslora", "slow": "rslora+bias"}
     text = "\n".join(_bias_reach_section(rows, ["rslora", "rslora+bias", "rslora+bias-fast"], [comparison]))
-    assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 45% |" in text
+    if fast_gain:  # the column, mean / largest seed, and the sentence's figure at the average token
+        assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 3% / 3.2% | 45% |" in text
+        assert "| rslora+bias | 0.001 | 0.9% / 1% | - | 0.09% / 0.1% | 1.3% |" in text
+    else:  # cells that did not record it: no column
+        assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 45% |" in text and "average token" not in text
     assert "At the run's learning rate the bias rescales the adapters' update by at most 1% in any" in text
     assert "holds for this learning rate only" not in text
-    assert ("`rslora+bias-fast` trains the bias at a larger learning rate: it rescales the update by up to 32% (32x "
-            "as far as `rslora+bias`), and val_ppl changes by ") in text
+    at_token = " (3.2% at the average token)" if fast_gain else ""
+    assert ("`rslora+bias-fast` trains the bias at a larger learning rate: it rescales the update by up to "
+            f"32%{at_token}, 32x as far as `rslora+bias`, and val_ppl changes by ") in text
     assert ("vs `rslora`: the run's learning rate held the component back." in text) == fast_gain
     ci = effect["ci95"]  # improvement orientation: its upper end is the largest gain the interval allows
     assert (f"vs `rslora`: up to that learning rate, a gain of at most {ci[1]:.2g}% (95% CI)." in text) == (

@@ -405,13 +405,16 @@ def learned_boundaries(model: nn.Module) -> dict[str, list]:
             "assignment": buckets.assignment, "temperature": buckets.temperature}
 
 
-def position_bias_reach(model: nn.Module) -> dict | None:
+def position_bias_reach(model: nn.Module, length: int | None = None) -> dict | None:
     """How far the trained position bias rescales the adapters' low-rank updates: each adapter (gate w) scales its
     update at a token in bucket b by 1 + sigmoid(w) tanh(bias[b]), which is 1 at initialisation. `max_pct` is the
     largest distance of that factor from 1 over every adapter and bucket, in %; `spread_pct` the largest difference
     between two buckets' factors of one adapter, in % (what depends on position: a rescaling the same at every
     position is one the LoRA update itself can learn); `factor_range` its smallest and largest value; `table_max`
-    the largest |bias[b]|. None when the model has no position bias."""
+    the largest |bias[b]|. With `length` (a window of positions 0..length-1), `token_mean_pct`: that distance at
+    the average token, over the window's positions and every adapter - what a metric averaged over tokens sees,
+    where `max_pct` may come from a bucket that holds a single early position. None when the model has no
+    position bias."""
     state = hylorada_state(model)
     if state.position_bias is None:
         return None
@@ -419,10 +422,15 @@ def position_bias_reach(model: nn.Module) -> dict | None:
              if isinstance(m, HyLoRADALinear) and m.position_gate is not None]
     table = state.position_bias.table.detach().float().cpu()
     factor = 1 + torch.cat(gates)[:, None] * torch.tanh(table)[None, :]  # [adapters, buckets]
-    return {"max_pct": float((factor - 1).abs().max()) * 100,
-            "spread_pct": float((factor.max(dim=1).values - factor.min(dim=1).values).max()) * 100,
-            "factor_range": [float(factor.min()), float(factor.max())], "table_max": float(table.abs().max()),
-            "adapters": len(gates)}
+    out = {"max_pct": float((factor - 1).abs().max()) * 100,
+           "spread_pct": float((factor.max(dim=1).values - factor.min(dim=1).values).max()) * 100,
+           "factor_range": [float(factor.min()), float(factor.max())], "table_max": float(table.abs().max()),
+           "adapters": len(gates)}
+    if length is not None:
+        buckets = bucketize(torch.arange(length), state.bucket_edges.cpu())
+        share = torch.bincount(buckets, minlength=table.numel()).float() / length  # [buckets]: tokens' share
+        out["token_mean_pct"] = float(((factor - 1).abs() * share[None, :]).sum(dim=1).mean()) * 100
+    return out
 
 
 def landmark_modules(model: nn.Module) -> list[nn.Module]:

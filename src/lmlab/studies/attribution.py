@@ -475,6 +475,13 @@ def _largest(values: dict, config: str, metric: str) -> float | None:
     return max(vals) if vals else None
 
 
+def reach_text(values: dict, config: str, reach: dict, moved: float) -> str:
+    """`moved` (the component's largest reach in `config`, in %), with its reach at the average token where the cells
+    recorded one (`reach['typical']`): a maximum over positions may come from one rarely seen position."""
+    typical = _largest(values, config, reach["typical"]) if reach.get("typical") else None
+    return f"{moved:.3g}%" + (f" ({typical:.2g}% at the average token)" if typical is not None else "")
+
+
 def reach_clause(values: dict, config: str, reach: dict) -> str:
     """How far `config`'s component trained, from two metrics in % (`reach` {moved, allowed, what}: e.g. the most the
     position bias rescales the adapters' update as trained, and where a gradient of one sign would have taken it at
@@ -483,7 +490,8 @@ def reach_clause(values: dict, config: str, reach: dict) -> str:
     moved, allowed = _largest(values, config, reach["moved"]), _largest(values, config, reach["allowed"])
     if moved is None or allowed is None:
         return ""
-    return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}% (a gradient of one sign would take it "
+    return (f"as trained in `{config}`, {reach['what']} by at most {reach_text(values, config, reach, moved)} (a "
+            "gradient of one sign would take it "
             f"to about {allowed:.3g}% at this learning rate)")
 
 
@@ -493,8 +501,9 @@ def faster_clause(values: dict, reach: dict, parent: str, metric: str, lower_is_
     faster, fast, moved = _faster(values, reach, parent, metric, lower_is_better)
     if fast is None or moved is None:
         return ""
-    return (f"at a larger learning rate (`{faster}`) {reach['what']} by up to {moved:.3g}% and {metric} changes "
-            f"by {effect_text(fast)}" + faster_reading(fast))
+    return (f"at a larger learning rate (`{faster}`) {reach['what']} by up to "
+            f"{reach_text(values, faster, reach, moved)} and {metric} changes by {effect_text(fast)}"
+            + faster_reading(fast))
 
 
 def _faster(values: dict, reach: dict, parent: str, metric: str,
@@ -776,6 +785,19 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         if comp is not None and not comp["credited"]:
             out["verdict"] += (f"; nor is the gain the component's: the study does not credit it ({comp['scenario']}, "
                                "see the attribution)")
+        elif comp is None:  # the study compares the pair on another metric: its controls, judged on this one
+            explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
+            if explains:
+                out["verdict"] += (f"; nor is the gain the component's: on {metric} too "
+                                   + " and ".join(name for name, _ in explains)
+                                   + f" gain{'' if len(explains) > 1 else 's'} as much without it "
+                                   f"(`{spec['candidate']}` does not beat {'them' if len(explains) > 1 else 'it'}: "
+                                   + "; ".join(vs for _, vs in explains) + ")")
+            elif unresolved:
+                out["verdict"] += (f"; nor is the gain shown to be the component's: on {metric} it is not separated "
+                                   "from its control" + ("s" if len(unresolved) > 1 else "") + " ("
+                                   + "; ".join(vs for _, vs in unresolved)
+                                   + ": the interval holds both 0 and the whole gain)")
     # the component acts only through other parts an ablation removed: how much they carry
     carried = carried_bound(values, [spec["candidate"], spec["parent"]], metric, spec.get("through")) \
         if claimed is not None else None
@@ -797,7 +819,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             # still stays below the claim: it had room to act, so the claimed size is excluded, not out of reach
             judged_fast = True
             out["verdict"] = (f"not supported at this scale: at a larger learning rate (`{reach['faster']}`) "
-                              f"{reach['what']} by up to {faster['moved']:.3g}% (at most {faster['slow']:.3g}% in "
+                              f"{reach['what']} by up to {reach_text(values, reach['faster'], reach, faster['moved'])}"
+                              f" (at most {reach_text(values, spec['candidate'], reach, faster['slow'])} in "
                               f"`{spec['candidate']}`) and {metric} changes by {effect_text(faster['effect'])}: a gain "
                               f"of at most {faster['bound']:.2g}% (95% CI), less than the claimed {claimed:.2f}%; "
                               f"{pc}, does not move {metric} at the run's learning rate ({effect_text(alone)}); the "

@@ -60,7 +60,14 @@ from lmlab.hylorada.layers import HyLoRADALinear
 from lmlab.hylorada.model import DEFAULT_TARGETS, component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.studies import lr_search
-from lmlab.studies.attribution import effect_text, faster_reading, faster_room, per_seed_values, reach_clause
+from lmlab.studies.attribution import (
+    effect_text,
+    faster_reading,
+    faster_room,
+    per_seed_values,
+    reach_clause,
+    reach_text,
+)
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
     LINE_STYLES,
@@ -126,7 +133,7 @@ THROUGH_POSITION = {"without": "val_ppl_without_position",
 LANDMARKS_ALONE = {"candidate": "landmarks-only", "parent": "base",
                    "what": "the landmarks trained alone on the frozen base"}
 # How far the position bias trained (the most it rescales the adapters' update) next to how far its step size let it
-BIAS_REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
+BIAS_REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct", "typical": "bias_rescale_token_pct",
               "what": "the position bias rescales the adapters' update at its most rescaled position"}
 
 
@@ -700,10 +707,11 @@ class HyloradaStudy(Study):
             metrics.update(train_time_s=result.train_time_s, peak_mem_mb=result.peak_mem_mb,
                            train_loss=result.final_loss,
                            train_tokens_per_s=result.tokens / max(result.train_time_s, 1e-9))
-            reach = position_bias_reach(model)
+            reach = position_bias_reach(model, length=cfg.max_length)  # the windows: positions 0..max_length-1
             if reach is not None:  # how far the bias moved, next to how far its step size let it
                 bias_lr = adapter_cfg.bias_lr or lr
                 metrics.update(bias_rescale_pct=reach["max_pct"], bias_spread_pct=reach["spread_pct"],
+                               bias_rescale_token_pct=reach["token_mean_pct"],
                                bias_rescale_allowed_pct=bias_rescale_allowed(cfg, len(data.train), bias_lr))
                 details["position_bias"] = {**reach, "lr": bias_lr}
             if adapter_cfg.landmarks == "learnable_bucket":
@@ -1348,8 +1356,10 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                 if room is not None:
                     f, r = room
                     text += (f": even alone they do not move the metric measurably; but at a larger learning rate "
-                             f"(`{f['candidate']}`) {BIAS_REACH['what']} by up to {r['moved']:.3g}% (at most "
-                             f"{r['slow']:.3g}% in `{f['slow']}`) and val_ppl gains at most {r['bound']:.2g}% (95% "
+                             f"(`{f['candidate']}`) {BIAS_REACH['what']} by up to "
+                             f"{reach_text(values, f['candidate'], BIAS_REACH, r['moved'])} (at most "
+                             f"{reach_text(values, f['slow'], BIAS_REACH, r['slow'])} in `{f['slow']}`) and val_ppl "
+                             f"gains at most {r['bound']:.2g}% (95% "
                              "CI): the bias had room to act and did not help, so its null here is a finding at this "
                              "scale rather than a blind spot of the setting.")
                 else:
@@ -1406,16 +1416,30 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
              "ceiling: a growing gradient moves Adam further).", "",
              "| configuration | bias learning rate | rescales the update by at most (mean / largest seed) | "
              "across positions (largest seed) | one-sign reference |", "|---|---|---|---|---|"]
-    largest = {}
+    typical = any(r["metrics"].get(BIAS_REACH["typical"]) is not None for r in rows)
+    if typical:  # cells that recorded it: the distance at the average token of a window, over every adapter
+        lines[2] += (" `at the average token`: that distance averaged over the positions of a training window and "
+                     "every adapter (mean over seeds / largest seed) - what a metric averaged over tokens sees, where "
+                     "the largest may come from a bucket that holds one early position.")
+        lines[4] = lines[4].replace(" one-sign reference |", " at the average token (mean / largest seed) | "
+                                    "one-sign reference |")
+        lines[5] += "---|"
+    largest, largest_token = {}, {}
     for c in with_bias:
         cells = [r for r in rows if r["config"] == c and r["metrics"].get(BIAS_REACH["moved"]) is not None]
         moved = [r["metrics"][BIAS_REACH["moved"]] for r in cells]
         spread = [r["metrics"]["bias_spread_pct"] for r in cells if r["metrics"].get("bias_spread_pct") is not None]
         allowed = max(r["metrics"][BIAS_REACH["allowed"]] for r in cells)
         rates = sorted({r["details"].get("position_bias", {}).get("lr") for r in cells} - {None})
+        at_token = [r["metrics"][BIAS_REACH["typical"]] for r in cells
+                    if r["metrics"].get(BIAS_REACH["typical"]) is not None]
+        token_cell = (f" {sum(at_token) / len(at_token):.2g}% / {max(at_token):.2g}% |" if at_token else " - |") \
+            if typical else ""
         largest[c] = max(moved)
+        if at_token:
+            largest_token[c] = max(at_token)
         lines.append(f"| {c} | {', '.join(f'{v:.3g}' for v in rates) or '-'} | {sum(moved) / len(moved):.3g}% / "
-                     f"{max(moved):.3g}% | {f'{max(spread):.3g}%' if spread else '-'} | {allowed:.3g}% |")
+                     f"{max(moved):.3g}% | {f'{max(spread):.3g}%' if spread else '-'} |{token_cell} {allowed:.3g}% |")
     lines.append("")
     fast = [f for f in faster if f["candidate"] in largest and f["n"]]
     fast_names = {f["candidate"] for f in fast}
@@ -1431,7 +1455,9 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
         slow = largest.get(f.get("slow"))
         said += (f" `{f['candidate']}` trains the bias at a larger learning rate: it rescales the update by up to "
                  f"{largest[f['candidate']]:.3g}%"
-                 + (f" ({largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`)" if slow else "")
+                 + (f" ({largest_token[f['candidate']]:.2g}% at the average token)"
+                    if f["candidate"] in largest_token else "")
+                 + (f", {largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`" if slow else "")
                  + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`" + faster_reading(f) + ".")
     lines += [said.strip(), ""]
     return lines
