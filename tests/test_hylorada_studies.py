@@ -509,7 +509,7 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
     text = "\n".join(_bias_reach_section(rows, ["rslora", "rslora+bias", "rslora+bias-fast"], [comparison]))
     if fast_gain:  # the column, mean / largest seed, and the sentence's figure at the average token
         assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 3% / 3.2% | 45% |" in text
-        assert "| rslora+bias | 0.001 | 0.9% / 1% | - | 0.09% / 0.1% | 1.3% |" in text
+        assert "| rslora+bias | 0.001 | 0.9% / 1% | - | 0.09% / 0.1% | 1.3% |" in text  # (3 significant digits)
     else:  # cells that did not record it: no column
         assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 45% |" in text and "average token" not in text
     assert "At the run's learning rate the bias rescales the adapters' update by at most 1% in any" in text

@@ -475,11 +475,26 @@ def _largest(values: dict, config: str, metric: str) -> float | None:
     return max(vals) if vals else None
 
 
+def _typical(values: dict, config: str, reach: dict) -> float | None:
+    """The component's largest reach at the average token in `config` (`reach['typical']`), None where the cells did
+    not record one."""
+    return _largest(values, config, reach["typical"]) if reach.get("typical") else None
+
+
 def reach_text(values: dict, config: str, reach: dict, moved: float) -> str:
     """`moved` (the component's largest reach in `config`, in %), with its reach at the average token where the cells
-    recorded one (`reach['typical']`): a maximum over positions may come from one rarely seen position."""
-    typical = _largest(values, config, reach["typical"]) if reach.get("typical") else None
-    return f"{moved:.3g}%" + (f" ({typical:.2g}% at the average token)" if typical is not None else "")
+    recorded one: a maximum over positions may come from one rarely seen position."""
+    typical = _typical(values, config, reach)
+    return f"{moved:.3g}%" + (f" ({typical:.3g}% at the average token)" if typical is not None else "")
+
+
+def faster_reach_text(values: dict, reach: dict, fast: str, moved: float, slow: str, slow_moved: float) -> str:
+    """'{what} by up to X% [and by T% at the average token] (at most Y% [and U%] in `slow`)': how far the component
+    trained at a larger learning rate (`fast`) next to the run's (`slow`)."""
+    typical, slow_typical = _typical(values, fast, reach), _typical(values, slow, reach)
+    both = typical is not None and slow_typical is not None
+    return (f"{reach['what']} by up to {moved:.3g}%" + (f" and by {typical:.3g}% at the average token" if both else "")
+            + f" (at most {slow_moved:.3g}%" + (f" and {slow_typical:.3g}%" if both else "") + f" in `{slow}`)")
 
 
 def reach_clause(values: dict, config: str, reach: dict) -> str:
@@ -819,10 +834,10 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             # still stays below the claim: it had room to act, so the claimed size is excluded, not out of reach
             judged_fast = True
             out["verdict"] = (f"not supported at this scale: at a larger learning rate (`{reach['faster']}`) "
-                              f"{reach['what']} by up to {reach_text(values, reach['faster'], reach, faster['moved'])}"
-                              f" (at most {reach_text(values, spec['candidate'], reach, faster['slow'])} in "
-                              f"`{spec['candidate']}`) and {metric} changes by {effect_text(faster['effect'])}: a gain "
-                              f"of at most {faster['bound']:.2g}% (95% CI), less than the claimed {claimed:.2f}%; "
+                              + faster_reach_text(values, reach, reach["faster"], faster["moved"], spec["candidate"],
+                                                  faster["slow"])
+                              + f" and {metric} changes by {effect_text(faster['effect'])}: a gain of at most "
+                              f"{faster['bound']:.2g}% (95% CI), less than the claimed {claimed:.2f}%; "
                               f"{pc}, does not move {metric} at the run's learning rate ({effect_text(alone)}); the "
                               f"interval alone reads: {out['verdict']}")
         elif still:

@@ -62,11 +62,11 @@ from lmlab.models.hf import context_length, load_causal_lm, load_config, load_to
 from lmlab.studies import lr_search
 from lmlab.studies.attribution import (
     effect_text,
+    faster_reach_text,
     faster_reading,
     faster_room,
     per_seed_values,
     reach_clause,
-    reach_text,
 )
 from lmlab.studies.pretrain import PretrainConfig, pretrained_tiny
 from lmlab.studies.report import (
@@ -1356,9 +1356,9 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                 if room is not None:
                     f, r = room
                     text += (f": even alone they do not move the metric measurably; but at a larger learning rate "
-                             f"(`{f['candidate']}`) {BIAS_REACH['what']} by up to "
-                             f"{reach_text(values, f['candidate'], BIAS_REACH, r['moved'])} (at most "
-                             f"{reach_text(values, f['slow'], BIAS_REACH, r['slow'])} in `{f['slow']}`) and val_ppl "
+                             f"(`{f['candidate']}`) "
+                             + faster_reach_text(values, BIAS_REACH, f["candidate"], r["moved"], f["slow"], r["slow"])
+                             + " and val_ppl "
                              f"gains at most {r['bound']:.2g}% (95% "
                              "CI): the bias had room to act and did not help, so its null here is a finding at this "
                              "scale rather than a blind spot of the setting.")
@@ -1433,7 +1433,7 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
         rates = sorted({r["details"].get("position_bias", {}).get("lr") for r in cells} - {None})
         at_token = [r["metrics"][BIAS_REACH["typical"]] for r in cells
                     if r["metrics"].get(BIAS_REACH["typical"]) is not None]
-        token_cell = (f" {sum(at_token) / len(at_token):.2g}% / {max(at_token):.2g}% |" if at_token else " - |") \
+        token_cell = (f" {sum(at_token) / len(at_token):.3g}% / {max(at_token):.3g}% |" if at_token else " - |") \
             if typical else ""
         largest[c] = max(moved)
         if at_token:
@@ -1455,7 +1455,7 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
         slow = largest.get(f.get("slow"))
         said += (f" `{f['candidate']}` trains the bias at a larger learning rate: it rescales the update by up to "
                  f"{largest[f['candidate']]:.3g}%"
-                 + (f" ({largest_token[f['candidate']]:.2g}% at the average token)"
+                 + (f" ({largest_token[f['candidate']]:.3g}% at the average token)"
                     if f["candidate"] in largest_token else "")
                  + (f", {largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`" if slow else "")
                  + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`" + faster_reading(f) + ".")
