@@ -88,6 +88,12 @@ def test_a_gain_the_constant_control_matches_is_explained_by_it_and_not_credited
     assert comp["params_per_pct"] is None
     assert "`constant` (a learned constant vector)" in comp["text"] and "not credited" in comp["text"]
     assert [k["beaten"] for k in comp["controls"]] == [False, True]
+    # a control the candidate is significantly worse than gains more without the component
+    ppl["constant"] = scaled(8, 0.97, (-0.0005, 0.0005, 0.0))
+    worse = build_summary(record(configs, comparisons, roles=roles), rows(ppl))["comparisons"][0]
+    assert worse["scenario"] == "explained-by-control"
+    assert "- significantly worse than it: the control gains more without the component, so the component is not " \
+           "credited." in worse["text"]
 
     ppl["constant"] = scaled(8, 1.0, (0.001, 0.0, -0.001))  # the control does nothing: the component is credited
     summary = build_summary(record(configs, comparisons, roles=roles), rows(ppl, {"rslora": 1000, "landmarks": 1300}))
@@ -231,7 +237,14 @@ def test_rslora_gain_that_a_larger_learning_rate_matches_is_not_credited_to_the_
     summary = build_summary(record(configs, comparisons, claims=claims), rows(ppl))
     comp = summary["comparisons"][0]
     assert comp["scenario"] == "explained-by-control" and not comp["credited"]
-    assert "`lora-lr-scaled`" in comp["text"] and "the control explains the gain" in comp["text"]
+    assert "`lora-lr-scaled`" in comp["text"]
+    # how much of the gain the control accounts for: the edge over it is the upper end of its interval
+    vs = next(k for k in comp["controls"] if k["config"] == "lora-lr-scaled")
+    edge, gain = max(vs["ci95"][1], 0.0), comp["improvement_pct"]
+    assert 0 < edge < gain
+    assert (f"its edge over the control is at most {edge:.2g}% (95% CI) against its gain of {gain:.2g}% over `lora`: "
+            f"the control accounts for at least {100 * (1 - edge / gain):.0f}% of that gain, so the component is not "
+            "credited.") in comp["text"]
     h3 = summary["claims"][0]
     # rsLoRA is better than LoRA, as claimed, but a larger learning rate gains as much: not rsLoRA's effect, and the
     # verdict leads with that before what the interval alone reads (far less than claimed)
@@ -814,12 +827,12 @@ def test_a_change_that_rounds_to_zero_prints_without_a_sign():
 
 def test_a_null_interval_beside_one_sign_on_every_seed_says_both_with_the_sign_test():
     # five seeds, the candidate's val_ppl higher on each, one by much more than the others: the interval holds 0
-    seeds = [1, 2, 3, 4, 5]
     configs = ["lora", "rslora"]
     comparisons = [{"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora", "headline": True}]
 
     def summary(changes: list[float]) -> dict:
-        planted = {"lora": [10.0] * 5, "rslora": [10.0 * (1 + c) for c in changes]}
+        seeds = list(range(1, len(changes) + 1))
+        planted = {"lora": [10.0] * len(changes), "rslora": [10.0 * (1 + c) for c in changes]}
         out = [{"config": c, "seed": s, "status": "ok", "metrics": {"val_ppl": v},
                 "params": {"trainable_params": 1000, "base_params_trained": 0}, "details": {}, "error": None}
                for c, values in planted.items() for s, v in zip(seeds, values, strict=True)]
@@ -830,8 +843,15 @@ def test_a_null_interval_beside_one_sign_on_every_seed_says_both_with_the_sign_t
     assert scipy_stats.ttest_1samp(logs, 0.0).pvalue > 0.05 and comp["scenario"] == "not-significant"
     p = scipy_stats.binomtest(0, 5, 0.5).pvalue  # 2 * (1/2)^5
     assert p == pytest.approx(0.0625)
-    assert ("`rslora`'s val_ppl is the higher on every one of the 5 seeds - a sign test, which ignores the sizes, "
-            f"gives p = {p:.3g}: not significant either") in comp["text"]
+    assert ("`rslora`'s val_ppl is the higher on every one of the 5 seeds, the most one-sided result 5 seeds allow - "
+            f"a sign test, which ignores the sizes, cannot reach 0.05 with 5 seeds (p = {p:.3g})") in comp["text"]
     # mixed signs: no such clause
     mixed = summary([0.001, -0.002, 0.001, 0.003, 0.2])
     assert mixed["scenario"] == "not-significant" and "on every one of" not in mixed["text"]
+    # six seeds: one sign on all of them is significant by the sign test alone (p = 2 / 64), and the clause says so
+    six = summary([0.001, 0.002, 0.001, 0.003, 0.001, 0.3])
+    assert six["scenario"] == "not-significant"
+    p6 = scipy_stats.binomtest(0, 6, 0.5).pvalue
+    assert p6 == pytest.approx(2 / 64)
+    assert (f"on every one of the 6 seeds - a sign test, which ignores the sizes, gives p = {p6:.3g}: significant by "
+            "that test alone") in six["text"]

@@ -514,9 +514,10 @@ def test_the_bias_section_says_what_a_faster_bias_changed(fast_gain: bool):
         assert "| rslora+bias-fast | 0.03 | 30% / 32% | - | 45% |" in text and "average token" not in text
     assert "At the run's learning rate the bias rescales the adapters' update by at most 1% in any" in text
     assert "holds for this learning rate only" not in text
-    at_token = " (3.2% at the average token)" if fast_gain else ""
+    at_token = ", and by up to 3.2% at the average token, 32x as far" if fast_gain else ""
     assert ("`rslora+bias-fast` trains the bias at a larger learning rate: it rescales the update by up to "
-            f"32%{at_token}, 32x as far as `rslora+bias`, and val_ppl changes by ") in text
+            f"32% at its most rescaled position, 32x as far as `rslora+bias`{at_token}, and val_ppl changes by "
+            ) in text
     assert ("vs `rslora`: the run's learning rate held the component back." in text) == fast_gain
     ci = effect["ci95"]  # improvement orientation: its upper end is the largest gain the interval allows
     assert (f"vs `rslora`: up to that learning rate, a gain of at most {ci[1]:.2g}% (95% CI)." in text) == (

@@ -8,7 +8,8 @@ with as many trainable parameters). Each comparison is judged on the primary met
 - `not-significant`: the 95% interval of its change vs the parent contains 0;
 - `explained-by-control`: it beats its parent, but not a control, and the interval vs that control excludes a gain
   as large as the one over the parent (the candidate's edge over the control is smaller than its gain over the
-  parent): the control explains the gain, and the component is not credited;
+  parent): the control accounts for the gain (the sentence says for at least how much of it, or that the candidate
+  is significantly worse than the control), and the component is not credited;
 - `control-unresolved`: it beats its parent, but the interval vs a control holds both 0 and the whole gain over the
   parent: the comparison is too noisy to tell whether the control would gain as much, so the component is not
   credited - and the control is not said to explain anything;
@@ -275,10 +276,28 @@ def same_sign_clause(effect: dict, candidate: str, metric: str) -> str:
         return ""
     side = "higher" if higher == n else "lower"
     p = stats.sign_test(higher, lower)
-    reading = ("not significant either" if p >= 0.05 else
-               "significant by that test alone; the paired interval, which weighs the sizes, is the analysis here")
+    if p >= 0.05:  # one sign on every seed is the sign test's most extreme outcome: it cannot reach 0.05 here
+        return (f"; `{candidate}`'s {metric} is the {side} on every one of the {n} seeds, the most one-sided result "
+                f"{n} seeds allow - a sign test, which ignores the sizes, cannot reach 0.05 with {n} seeds (p = "
+                f"{p:.3g}); more seeds would tell whether the difference is real")
     return (f"; `{candidate}`'s {metric} is the {side} on every one of the {n} seeds - a sign test, which ignores "
-            f"the sizes, gives p = {p:.3g}: {reading}")
+            f"the sizes, gives p = {p:.3g}: significant by that test alone; the paired interval, which weighs the "
+            "sizes, is the analysis here")
+
+
+def explained_reading(controls: list[dict], gain: float, parent: str) -> str:
+    """How much of a candidate's `gain` over `parent` (an improvement in %) the unbeaten controls that explain it
+    account for: where the candidate is significantly worse than every one, they gain more without the component;
+    else its edge over them is at most the upper end of its 95% interval, so they account for at least the rest."""
+    if not controls or gain <= 0:
+        return " - the control gains as much without the component"
+    if all(significant_loss(k) for k in controls):
+        return (" - significantly worse than " + ("them" if len(controls) > 1 else "it") + ": the control gains more "
+                "without the component")
+    edge = max(k["ci95"][1] for k in controls)
+    return (f" - its edge over the control is at most {max(edge, 0.0):.2g}% (95% CI) against its gain of {gain:.2g}% "
+            f"over `{parent}`: the control accounts for at least {100 * (1 - max(edge, 0.0) / gain):.0f}% of that "
+            "gain")
 
 
 # A control whose interval vs the candidate is this many times as wide as the candidate's vs its parent is said to lack
@@ -331,8 +350,8 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         parts = [f"`{k['config']}`" + (f" ({k['what']})" if k["what"] else "") + ": "
                  + (effect_text(k) if k["improvement_pct"] is not None else "no paired values") for k in failed]
         if explains:
-            return (f"{said}, but not better than its control " + "; ".join(parts) +
-                    " - the control explains the gain, so the component is not credited.")
+            return f"{said}, but not better than its control " + "; ".join(parts) + explained_reading(
+                [k for k in failed if k.get("ci95")], imp, c["parent"]) + ", so the component is not credited."
         wide = [k for k in failed if k.get("ci95") and effect.get("ci95")]
         ratio = max(((k["ci95"][1] - k["ci95"][0]) / (effect["ci95"][1] - effect["ci95"][0]) for k in wide
                      if effect["ci95"][1] > effect["ci95"][0]), default=0.0)
@@ -493,7 +512,8 @@ def faster_reach_text(values: dict, reach: dict, fast: str, moved: float, slow: 
     trained at a larger learning rate (`fast`) next to the run's (`slow`)."""
     typical, slow_typical = _typical(values, fast, reach), _typical(values, slow, reach)
     both = typical is not None and slow_typical is not None
-    return (f"{reach['what']} by up to {moved:.3g}%" + (f" and by {typical:.3g}% at the average token" if both else "")
+    return (f"{reach['what']} by up to {moved:.3g}%" + (f" and by up to {typical:.3g}% at the average token" if both
+                                                        else "")
             + f" (at most {slow_moved:.3g}%" + (f" and {slow_typical:.3g}%" if both else "") + f" in `{slow}`)")
 
 

@@ -947,16 +947,20 @@ def _learning_rate_section(cfg: dict, run: RunDir, rows: list[dict], summary: di
                      "sizes as well as scalings.")
         lines.append(said + " `lr_grid=[...]` (on in the `paper` presets) chooses each configuration's learning rate "
                      "on a tuning seed first.")
-    own = {}  # configurations whose position bias trains at a learning rate of its own (`bias_lr`)
+    own, rest = {}, {}  # configurations whose position bias trains at a learning rate of its own (`bias_lr`)
     for r in rows:
         bias_lr = r["details"].get("position_bias", {}).get("lr")
         if bias_lr is not None and bias_lr != r["details"].get("lr"):
             own.setdefault(r["config"], set()).add(bias_lr)
+            rest.setdefault(r["config"], set()).add(r["details"].get("lr"))
+
+    def rates(values: set) -> str:
+        return ", ".join(f"{v:.3g}" for v in sorted(v for v in values if v is not None)) or "-"
+
     if own:
         lines.append("The position bias trains at a learning rate of its own (`bias_lr`) in "
-                     + ", ".join(f"`{c}` ({', '.join(f'{v:.3g}' for v in sorted(v))})" for c, v in own.items())
-                     + (f"; everything else in {'those configurations' if len(own) > 1 else 'it'} at "
-                        f"{'theirs' if len(own) > 1 else 'its'}."))
+                     + ", ".join(f"`{c}` ({rates(v)}, everything else in it at {rates(rest[c])})"
+                                 for c, v in own.items()) + ".")
     lines += _lr_control_sentences(summary)
     lines.append("")
     return lines
@@ -1453,11 +1457,12 @@ def _bias_reach_section(rows: list[dict], configs: list[str], faster: list[dict]
                  "learning rate of its own).")
     for f in fast:
         slow = largest.get(f.get("slow"))
+        token, slow_token = largest_token.get(f["candidate"]), largest_token.get(f.get("slow"))
         said += (f" `{f['candidate']}` trains the bias at a larger learning rate: it rescales the update by up to "
-                 f"{largest[f['candidate']]:.3g}%"
-                 + (f" ({largest_token[f['candidate']]:.3g}% at the average token)"
-                    if f["candidate"] in largest_token else "")
+                 f"{largest[f['candidate']]:.3g}% at its most rescaled position"
                  + (f", {largest[f['candidate']] / slow:.0f}x as far as `{f['slow']}`" if slow else "")
+                 + (f", and by up to {token:.3g}% at the average token" if token is not None else "")
+                 + (f", {token / slow_token:.0f}x as far" if token is not None and slow_token else "")
                  + f", and val_ppl changes by {effect_text(f)} vs `{f['parent']}`" + faster_reading(f) + ".")
     lines += [said.strip(), ""]
     return lines
