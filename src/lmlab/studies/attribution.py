@@ -595,12 +595,12 @@ def seed_spread(values: dict, configs: list[str], metric: str) -> float | None:
 
 
 def _unbeaten_controls(spec: dict, values: dict, comparisons: list[dict], metric: str, lower_is_better: bool,
-                       effect: dict) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+                       effect: dict) -> tuple[list[tuple[str, str, dict]], list[tuple[str, str, dict]]]:
     """For a claimed gain the run reproduces (`effect`: the candidate's improvement over its parent): the controls of
     the study's own comparison of the same pair (judged again on the claim's metric), and the claim's `explanation`
     where it is an alternative with the same parent (e.g. LoRA at a larger learning rate), that the candidate does
     not beat - as (those that explain the gain, those that cannot be told from it: `control_explains`), each as
-    (its name and what it is, the candidate's change vs it)."""
+    (its name and what it is, the candidate's change vs it, that change)."""
     comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]),
                 None)
     others = [(control["config"], "") for control in (comp or {}).get("controls", [])]
@@ -613,25 +613,35 @@ def _unbeaten_controls(spec: dict, values: dict, comparisons: list[dict], metric
         vs = improvement(values, spec["candidate"], config, metric, lower_is_better)
         if vs is not None and not significant_gain(vs):
             (explains if control_explains(vs, effect["improvement_pct"]) else unresolved).append(
-                (f"`{config}`{what}", f"`{config}`: {effect_text(vs)}"))
+                (f"`{config}`{what}", f"`{config}`: {effect_text(vs)}", vs))
     return explains, unresolved
 
 
-def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str]],
-                         unresolved: list[tuple[str, str]]) -> str:
+def accounted_share(explains: list[tuple[str, str, dict]], gain: float) -> str:
+    """'which gain(s) more without it' where the candidate is significantly worse than every control that explains
+    its `gain` (an improvement in %), else 'which account(s) for at least X% of its gain without it': X from the
+    largest edge the candidate's intervals vs them allow (`explained_reading`)."""
+    one = len(explains) == 1
+    if all(significant_loss(vs) for *_, vs in explains):
+        return f"which gain{'s' if one else ''} more without it"
+    edge = max(max(vs["ci95"][1], 0.0) if vs.get("ci95") else vs["improvement_pct"] for *_, vs in explains)
+    return f"which account{'s' if one else ''} for at least {100 * (1 - edge / gain):.0f}% of its gain without it"
+
+
+def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str, dict]],
+                         unresolved: list[tuple[str, str, dict]], gain: float) -> str:
     """A reproduced claimed gain that a control or an alternative accounts for is not the component's: the verdict
     leads with that, and keeps what the interval alone reads. Where a control is merely not separated from the
     candidate (`unresolved`), the claim is not testable - unless the candidate's own interval already excludes the
     claimed size (partly supported): then it is not supported at this scale, whoever would take the credit."""
     candidate = f"`{spec['candidate']}`"
     if explains:
-        names = " and ".join(name for name, _ in explains)
-        return (f"not supported as the component's effect: {names} gain{'' if len(explains) > 1 else 's'} as much "
-                f"without it ({candidate} does not beat {'them' if len(explains) > 1 else 'it'}: "
-                f"{'; '.join(vs for _, vs in explains)}), so the study does not credit the gain to the component; the "
-                f"interval alone reads: {verdict}")
+        names = " and ".join(name for name, *_ in explains)
+        return (f"not supported as the component's effect: {candidate} does not beat {names}, "
+                f"{accounted_share(explains, gain)} ({'; '.join(text for _, text, _ in explains)}), so the study does "
+                f"not credit the gain to the component; the interval alone reads: {verdict}")
     many = "s" if len(unresolved) > 1 else ""
-    controls = f"({'; '.join(vs for _, vs in unresolved)}: the interval holds both 0 and the whole gain)"
+    controls = f"({'; '.join(text for _, text, _ in unresolved)}: the interval holds both 0 and the whole gain)"
     if verdict.startswith("partly supported"):
         # the candidate's own interval already excludes the claimed size: a control can only take credit for what
         # was measured, never bring the claimed size back
@@ -813,7 +823,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     if reproduced and out["verdict"].startswith(("supported", "partly supported")):
         explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
         if explains or unresolved:
-            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved)
+            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved,
+                                                  effect["improvement_pct"])
     elif significant_gain(effect) and claimed is not None and claimed < 0:  # a claimed loss, and a gain instead
         comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]
                      and c["metric"] == metric), None)
@@ -823,15 +834,14 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         elif comp is None:  # the study compares the pair on another metric: its controls, judged on this one
             explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
             if explains:
-                out["verdict"] += (f"; nor is the gain the component's: on {metric} too "
-                                   + " and ".join(name for name, _ in explains)
-                                   + f" gain{'' if len(explains) > 1 else 's'} as much without it "
-                                   f"(`{spec['candidate']}` does not beat {'them' if len(explains) > 1 else 'it'}: "
-                                   + "; ".join(vs for _, vs in explains) + ")")
+                out["verdict"] += (f"; nor is the gain the component's: on {metric} too `{spec['candidate']}` does not "
+                                   "beat " + " and ".join(name for name, *_ in explains) + ", "
+                                   + accounted_share(explains, effect["improvement_pct"]) + " ("
+                                   + "; ".join(text for _, text, _ in explains) + ")")
             elif unresolved:
                 out["verdict"] += (f"; nor is the gain shown to be the component's: on {metric} it is not separated "
                                    "from its control" + ("s" if len(unresolved) > 1 else "") + " ("
-                                   + "; ".join(vs for _, vs in unresolved)
+                                   + "; ".join(text for _, text, _ in unresolved)
                                    + ": the interval holds both 0 and the whole gain)")
     # the component acts only through other parts an ablation removed: how much they carry
     carried = carried_bound(values, [spec["candidate"], spec["parent"]], metric, spec.get("through")) \
