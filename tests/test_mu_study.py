@@ -127,6 +127,8 @@ def test_smoke_run_has_every_cell_with_the_contracted_metrics(smoke_run: Path):
     else:  # a claim of direction whose interval holds 0 (or a gain the study does not credit): no significant gain
         assert m3.startswith("not supported at this budget: no significant gain")
     assert "## Claims of the research notes vs this run" in report and "| M3: MU helps" in report
+    # the claims' preamble defines the verdicts M3 reads at this budget
+    assert "A claim that a model helps is read at this run's training budget: supported at this budget where" in report
 
 
 def test_dense_baseline_matches_mu_sota_parameters_within_two_percent(smoke_run: Path):

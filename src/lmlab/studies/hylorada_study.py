@@ -1146,7 +1146,8 @@ def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> l
     deltas = sorted(ch["delta_pct"] for ch in changes.values())
     most = max(changes, key=lambda c: changes[c]["delta_pct"])
     said = (f"In the first decile (positions 0-{span - 1}, within the base's {context}-token pretraining context) the "
-            f"fine-tuned configurations change perplexity by {deltas[0]:+.2g}% to {deltas[-1]:+.2g}% against the "
+            f"fine-tuned configurations (positive controls and diagnostics aside) change perplexity by "
+            f"{deltas[0]:+.2g}% to {deltas[-1]:+.2g}% against the "
             f"base's (paired by seed; the most: `{most}` {change_cell(changes[most])}): {len(worse)} of "
             f"{len(changes)} significantly raise it, {len(better)} significantly lower it.")
     if worse:

@@ -963,13 +963,19 @@ def write_reports(run: RunDir) -> dict:
                   "falls short of the claimed size: the direction holds, the size does not), not supported (it "
                   "excludes 0 on the other side, or holds 0 but excludes the claimed size), or not testable at this "
                   "scale (it holds both 0 and the claimed size, or the setting cannot show an effect of that size: "
-                  "the row says why). A reason can come first: not supported as the component's effect (a control or "
-                  "a known alternative gains as much without it), not supported at this scale (the effect is excluded "
+                  "the row says why). A reason can come first: not supported as the component's effect (the candidate "
+                  "does not beat a control or a known alternative, which accounts for at least the share of its gain "
+                  "the verdict gives, without the component), not supported at this scale (the effect is excluded "
                   "in this setting - at its learning rate and budget - although a control leaves open whose it is, or "
                   "the component moved far further at a larger learning rate and still gained less), not testable here "
-                  "(the configurations did not run, or one shared measurement). The setting column gives the notes' "
-                  "setting, and where this run's scale differs from it, how (this run's whole setting is under "
-                  "Setting); a verdict speaks of this run's setting.", "", *claims_table(summary), ""]
+                  "(the configurations did not run, or one shared measurement)."
+                  + (" A claim that a model helps is read at this run's training budget: supported at this budget "
+                     "where it is significantly better, not supported at this budget where it is not (no significant "
+                     "gain, the verdict saying how large a gain the interval still allows, or a significant loss)."
+                     if any(" at this budget" in c.get("verdict", "") for c in summary["claims"]) else "")
+                  + " The setting column gives the notes' setting, and where this run's scale differs from it, how "
+                  "(this run's whole setting is under Setting); a verdict speaks of this run's setting.", "",
+                  *claims_table(summary), ""]
     atomic_write_text(run.root / "report.md", "\n".join(lines))
     return summary
 
