@@ -858,3 +858,29 @@ def test_a_null_interval_beside_one_sign_on_every_seed_says_both_with_the_sign_t
     assert p6 == pytest.approx(2 / 64)
     assert (f"on every one of the 6 seeds - a sign test, which ignores the sizes, gives p = {p6:.3g}: significant by "
             "that test alone") in six["text"]
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_gain_that_survives_removing_the_components_is_said_to_lie_in_the_weights_beside_them(kept: bool):
+    """Landmarks' per_layer: it beats rslora, and with its landmarks removed (the ablation) it still does - the gain is
+    not what the landmarks add at evaluation. Where removing them returns it to the parent's level, nothing is said."""
+    configs = ["rslora", "per_layer"]
+    comparisons = [{"component": "per-layer landmarks", "candidate": "per_layer", "parent": "rslora",
+                    "headline": True}]
+    out = rows({"rslora": scaled(10, 1.0), "per_layer": scaled(10, 0.98, (0.001, -0.001, 0.0005))})
+    without = {42: 0.979, 123: 0.981, 456: 0.98} if kept else {42: 1.0005, 123: 0.9995, 456: 1.0}
+    parent = {r["seed"]: r["metrics"]["val_ppl"] for r in out if r["config"] == "rslora"}
+    for r in out:
+        if r["config"] == "per_layer":
+            r["metrics"]["val_ppl_without_position"] = parent[r["seed"]] * without[r["seed"]]
+    comp = build_summary(record(configs, comparisons), out)["comparisons"][0]
+    assert comp["improvement_pct"] > 0 and comp["ci95"][0] > 0
+    said = "Its gain does not come from what its position components add at evaluation"
+    assert (said in comp["text"]) == kept
+    if kept:  # the residual gain: per_layer without its components vs rslora, a paired log-ratio t-interval
+        logs = [math.log(without[s]) for s in SEEDS]
+        mean, sem = statistics.mean(logs), statistics.stdev(logs) / math.sqrt(3)
+        half = scipy_stats.t.ppf(0.975, 2) * sem
+        assert comp["gain_without_components"]["delta_ci95"] == pytest.approx(
+            [100 * math.expm1(mean - half), 100 * math.expm1(mean + half)])
+        assert "with them removed (the ablation) `per_layer` still beats `rslora`: -2.0" in comp["text"]

@@ -259,7 +259,31 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         out["through_bound"] = carried[0]
         out["text"] = (out["text"].removesuffix(".") + f"; {carried[1]}, so the component has little to act on in "
                        "this setting, and its null result says little about it.")
+    residual = beside_gain(values, candidate, parent, metric, lower_is_better) \
+        if effect is not None and significant_gain(effect) and not spec.get("positive_control") else None
+    if residual is not None:
+        out["gain_without_components"] = residual
+        out["text"] += (f" Its gain does not come from what its position components add at evaluation: with them "
+                        f"removed (the ablation) `{candidate}` still beats `{parent}`: {effect_text(residual)} - "
+                        "the gain is in the weights trained beside them (which training with them may have shaped).")
     return out
+
+
+# What the cells record for a configuration's metric with its trained position components removed (the ablation)
+WITHOUT_COMPONENTS = "{metric}_without_position"
+
+
+def beside_gain(values: dict, candidate: str, parent: str, metric: str, lower_is_better: bool) -> dict | None:
+    """Where the candidate's gain over `parent` survives removing its position components (the ablation: the cells
+    record `WITHOUT_COMPONENTS` for the candidate, and the parent has no such components), that gain: the candidate
+    without its components vs the parent, a significant improvement; else None. A gain that survives is not what the
+    components add at evaluation but what the weights trained beside them learned."""
+    without = WITHOUT_COMPONENTS.format(metric=metric)
+    if not values.get(candidate, {}).get(without) or values.get(parent, {}).get(without):
+        return None
+    residual = improvement({candidate: {metric: values[candidate][without]}, parent: values.get(parent, {})},
+                           candidate, parent, metric, lower_is_better)
+    return residual if significant_gain(residual) else None
 
 
 # Below this many seeds one sign on all of them is common under no effect (3 seeds: 1 in 4) and the sign test cannot
