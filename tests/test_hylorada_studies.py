@@ -670,3 +670,29 @@ def test_the_first_decile_within_the_pretraining_context_is_compared_with_the_ba
     assert said.endswith("a cost the overall val_ppl does not show.")
     # a first decile reaching past the pretraining context (positions 0-204 of 2,048 against 128): nothing is said
     assert _first_decile_sentence(rows, ["base", "a", "b"], {"max_length": 2048}) == []
+
+
+@pytest.mark.parametrize(("factors", "said"), [((1.006, 1.005, 1.003), "for the worse"),
+                                               ((1.004, 0.995, 1.001), None)])
+def test_the_faster_bias_is_said_to_act_where_it_changed_the_first_decile(factors, said):
+    """The bias at 30x the learning rate gains nothing overall; where it changed the first position decile
+    significantly (planted: +0.3% to +0.6% on every seed), the ablation says it acted there and which way; a change
+    whose interval holds 0 gives no sentence. The interval is checked against scipy's t-interval of the log ratios."""
+    from lmlab.studies.hylorada_study import _first_decile_act
+
+    base = {1: 6.0, 2: 6.2, 3: 5.9}
+    rows = [{"config": "rslora", "seed": s, "details": {"decile_ppl": [v, 5.0]}} for s, v in base.items()]
+    rows += [{"config": "rslora+bias-fast", "seed": s, "details": {"decile_ppl": [v * f, 5.0]}}
+             for (s, v), f in zip(base.items(), factors, strict=True)]
+    text = _first_decile_act(rows, {"candidate": "rslora+bias-fast", "parent": "rslora"})
+    if said is None:
+        assert text == ""
+        return
+    logs = [math.log(f) for f in factors]
+    half = scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3)
+    low, high = (100 * math.expm1(statistics.mean(logs) + d) for d in (-half, half))
+    assert low > 0
+    printed = re.search(r"`rslora\+bias-fast` changes perplexity by ([-+.\d]+)% \[([-+.\d]+), ([-+.\d]+)\]", text)
+    assert [float(v) for v in printed.groups()] == pytest.approx(
+        [100 * math.expm1(statistics.mean(logs)), low, high], abs=6e-3)  # as printed, to 3 decimals
+    assert text.endswith(f"- {said} there.")

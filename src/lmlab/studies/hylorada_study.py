@@ -1118,6 +1118,29 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
     return said
 
 
+def _first_decile(rows: list[dict], config: str) -> dict[int, float]:
+    """{seed: perplexity over the window's first position decile} of `config`'s cells that recorded it."""
+    return {r["seed"]: r["details"]["decile_ppl"][0] for r in rows if r["config"] == config
+            and r["details"].get("decile_ppl")}
+
+
+def _first_decile_act(rows: list[dict], faster: dict) -> str:
+    """Where the bias trained at a larger learning rate (`faster`: its comparison) changed perplexity significantly
+    over the window's first position decile - where log buckets are narrowest and the bias's largest factors sit -
+    the sentence that says it acted there, and which way; "" otherwise. The overall null is then not for want of
+    the bias doing anything."""
+    from lmlab import stats
+
+    change = stats.paired_relative_change(_first_decile(rows, faster["candidate"]),
+                                          _first_decile(rows, faster["parent"]))
+    ci = change and change.get("ci95")
+    if not ci or ci[0] <= 0 <= ci[1]:
+        return ""
+    return (f" It did act: over the window's first position decile, where the log buckets are narrowest, "
+            f"`{faster['candidate']}` changes perplexity by {change_cell(change)} vs `{faster['parent']}` (paired by "
+            f"seed) - {'for the worse' if ci[0] > 0 else 'for the better'} there.")
+
+
 def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
     """Where the first position decile lies within the base's pretraining context: what fine-tuning did to perplexity
     there, each fine-tuned configuration of `configs` (the caller leaves out positive controls and diagnostics) vs
@@ -1126,16 +1149,14 @@ def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> l
 
     context = next((r["details"].get("pretrained_context") for r in rows if r["config"] == "base"), None)
     span = math.ceil(cfg.get("max_length", 0) / 10)  # positions p with 10 p / max_length < 1
-    base = {r["seed"]: r["details"]["decile_ppl"][0] for r in rows if r["config"] == "base"
-            and r["details"].get("decile_ppl")}
+    base = _first_decile(rows, "base")
     if not context or not base or span > context:  # (the first decile's last position, span - 1, < context)
         return []
     changes = {}
     for c in configs:
         if c == "base":
             continue
-        first = {r["seed"]: r["details"]["decile_ppl"][0] for r in rows if r["config"] == c
-                 and r["details"].get("decile_ppl")}
+        first = _first_decile(rows, c)
         change = stats.paired_relative_change(first, base) if first else None
         if change is not None and change.get("ci95"):
             changes[c] = change
@@ -1366,7 +1387,7 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                              + " and val_ppl "
                              f"gains at most {r['bound']:.2g}% (95% "
                              "CI): the bias had room to act and did not help, so its null here is a finding at this "
-                             "scale rather than a blind spot of the setting.")
+                             "scale rather than a blind spot of the setting." + _first_decile_act(rows, f))
                 else:
                     text += (": even alone they do not move the metric measurably, so a null result for them here may "
                              "be a blind spot of this setting rather than a finding")
