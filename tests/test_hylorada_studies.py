@@ -673,6 +673,7 @@ def test_the_first_decile_within_the_pretraining_context_is_compared_with_the_ba
 
 
 @pytest.mark.parametrize(("factors", "said"), [((1.006, 1.005, 1.003), "for the worse"),
+                                               ((0.994, 0.995, 0.997), "for the better"),
                                                ((1.004, 0.995, 1.001), None)])
 def test_the_faster_bias_is_said_to_act_where_it_changed_the_first_decile(factors, said):
     """The bias at 30x the learning rate gains nothing overall; where it changed the first position decile
@@ -691,7 +692,7 @@ def test_the_faster_bias_is_said_to_act_where_it_changed_the_first_decile(factor
     logs = [math.log(f) for f in factors]
     half = scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3)
     low, high = (100 * math.expm1(statistics.mean(logs) + d) for d in (-half, half))
-    assert low > 0
+    assert low > 0 or high < 0
     printed = re.search(r"`rslora\+bias-fast` changes perplexity by ([-+.\d]+)% \[([-+.\d]+), ([-+.\d]+)\]", text)
     assert [float(v) for v in printed.groups()] == pytest.approx(
         [100 * math.expm1(statistics.mean(logs)), low, high], abs=6e-3)  # as printed, to 3 decimals

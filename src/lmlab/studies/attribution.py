@@ -8,8 +8,9 @@ with as many trainable parameters). Each comparison is judged on the primary met
 - `not-significant`: the 95% interval of its change vs the parent contains 0;
 - `explained-by-control`: it beats its parent, but not a control, and the interval vs that control excludes a gain
   as large as the one over the parent (the candidate's edge over the control is smaller than its gain over the
-  parent): the control accounts for the gain (the sentence says for at least how much of it, or that the candidate
-  is significantly worse than the control), and the component is not credited;
+  parent): the control accounts for the gain (the sentence gives the candidate's largest edge over it, or that it
+  is significantly worse than the control, and the control's own change vs the parent), and the component is not
+  credited;
 - `control-unresolved`: it beats its parent, but the interval vs a control holds both 0 and the whole gain over the
   parent: the comparison is too noisy to tell whether the control would gain as much, so the component is not
   credited - and the control is not said to explain anything;
@@ -213,6 +214,7 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         beaten = significant_gain(vs)
         controls.append({"config": control, "ran": control in values, "beaten": beaten,
                          "explains": not beaten and control_explains(vs, gain),
+                         "vs_parent": improvement(values, control, parent, metric, lower_is_better),
                          "what": spec.get("control_notes", {}).get(control) or roles.get(control, {}).get("note", ""),
                          **(vs or {"improvement_pct": None})})
     unbeaten = [c for c in controls if c["ran"] and not c["beaten"]]
@@ -263,9 +265,10 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         if effect is not None and significant_gain(effect) and not spec.get("positive_control") else None
     if residual is not None:
         out["gain_without_components"] = residual
-        out["text"] += (f" Its gain does not come from what its position components add at evaluation: with them "
-                        f"removed (the ablation) `{candidate}` still beats `{parent}`: {effect_text(residual)} - "
-                        "the gain is in the weights trained beside them (which training with them may have shaped).")
+        out["text"] += (f" Its gain does not come from what its position components add at evaluation: removing them "
+                        f"(the ablation) changes {metric} by {effect_text(residual['components'])}, and without them "
+                        f"`{candidate}` still beats `{parent}`: {effect_text(residual)} - the gain is in the weights "
+                        "trained beside them (which training with them may have shaped).")
     return out
 
 
@@ -283,7 +286,13 @@ def beside_gain(values: dict, candidate: str, parent: str, metric: str, lower_is
         return None
     residual = improvement({candidate: {metric: values[candidate][without]}, parent: values.get(parent, {})},
                            candidate, parent, metric, lower_is_better)
-    return residual if significant_gain(residual) else None
+    if not significant_gain(residual):
+        return None
+    # what the components add at evaluation (the candidate with vs without them): where that is itself a significant
+    # gain, part of the gain does come from them, and the sentence would overstate
+    added = improvement({candidate: values[candidate], "without": {metric: values[candidate][without]}},
+                        candidate, "without", metric, lower_is_better)
+    return None if added is None or significant_gain(added) else {**residual, "components": added}
 
 
 # Below this many seeds one sign on all of them is common under no effect (3 seeds: 1 in 4) and the sign test cannot
@@ -296,7 +305,8 @@ def same_sign_clause(effect: dict, candidate: str, metric: str) -> str:
     test's p (which ignores the sizes); '' otherwise or below SAME_SIGN_MIN_SEEDS. A reader who sees 'higher on 5 of
     5 seeds' next to 'cannot tell the two apart' should find both in one sentence."""
     higher, lower, n = effect.get("higher_seeds"), effect.get("lower_seeds"), effect["n"]
-    if higher is None or n < SAME_SIGN_MIN_SEEDS or max(higher, lower) < n:
+    if higher is None or effect.get("constant") or n < SAME_SIGN_MIN_SEEDS or max(higher, lower) < n:
+        # (one measurement shared by every seed is no count of seeds: no sign test over its copies)
         return ""
     side = "higher" if higher == n else "lower"
     p = stats.sign_test(higher, lower)
@@ -305,23 +315,37 @@ def same_sign_clause(effect: dict, candidate: str, metric: str) -> str:
                 f"{n} seeds allow - a sign test, which ignores the sizes, cannot reach 0.05 with {n} seeds (p = "
                 f"{p:.3g}); more seeds would tell whether the difference is real")
     return (f"; `{candidate}`'s {metric} is the {side} on every one of the {n} seeds - a sign test, which ignores "
-            f"the sizes, gives p = {p:.3g}: significant by that test alone; the paired interval, which weighs the "
-            "sizes, is the analysis here")
+            f"the sizes, gives p = {p:.3g}: significant by that test alone, though the paired interval, which weighs "
+            "the sizes and is the analysis here, cannot tell them apart")
 
 
-def explained_reading(controls: list[dict], gain: float, parent: str) -> str:
-    """How much of a candidate's `gain` over `parent` (an improvement in %) the unbeaten controls that explain it
-    account for: where the candidate is significantly worse than every one, they gain more without the component;
-    else its edge over them is at most the upper end of its 95% interval, so they account for at least the rest."""
-    if not controls or gain <= 0:
-        return " - the control gains as much without the component"
-    if all(significant_loss(k) for k in controls):
-        return (" - significantly worse than " + ("them" if len(controls) > 1 else "it") + ": the control gains more "
-                "without the component")
-    edge = max(k["ci95"][1] for k in controls)
-    return (f" - its edge over the control is at most {max(edge, 0.0):.2g}% (95% CI) against its gain of {gain:.2g}% "
-            f"over `{parent}`: the control accounts for at least {100 * (1 - max(edge, 0.0) / gain):.0f}% of that "
-            "gain")
+def plain_pct(value: float) -> str:
+    """`value` (in %) with two significant digits and no exponent: 0.0015, 0.017, 1.5, 12."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    return f"{value:.{max(0, 1 - math.floor(math.log10(abs(value))))}f}"
+
+
+def explained_reading(controls: list[dict], parent: str, metric: str) -> str:
+    """What the unbeaten controls that explain a candidate's gain over `parent` show (each a control entry: the
+    candidate's improvement vs it, its `config`, and `vs_parent`, the control's own change vs `parent`): the
+    candidate is significantly worse than it, or its edge over it is at most the upper end of its 95% interval (the
+    value itself, said to be one, without an interval) - and what the control itself does vs `parent`, with its own
+    interval, so a reader weighs the two gains side by side rather than a share that would treat one as exact."""
+    parts = []
+    for k in controls:
+        name = f"`{k['config']}`"
+        if significant_loss(k):
+            said = f"significantly worse than {name}"
+        elif k.get("ci95"):
+            said = f"its edge over {name} is at most {plain_pct(max(k['ci95'][1], 0.0))}% (95% CI)"
+        else:
+            said = f"its edge over {name} is {plain_pct(k['improvement_pct'])}% (one value, no interval)"
+        own = k.get("vs_parent")
+        if own is not None:
+            said += f", and {name} itself changes {metric} by {effect_text(own)} vs `{parent}`"
+        parts.append(said)
+    return " - " + "; ".join(parts) if parts else ""
 
 
 # A control whose interval vs the candidate is this many times as wide as the candidate's vs its parent is said to lack
@@ -374,8 +398,8 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         parts = [f"`{k['config']}`" + (f" ({k['what']})" if k["what"] else "") + ": "
                  + (effect_text(k) if k["improvement_pct"] is not None else "no paired values") for k in failed]
         if explains:
-            return f"{said}, but not better than its control " + "; ".join(parts) + explained_reading(
-                [k for k in failed if k.get("ci95")], imp, c["parent"]) + ", so the component is not credited."
+            return (f"{said}, but not better than its control " + "; ".join(parts)
+                    + explained_reading(failed, c["parent"], c["metric"]) + ", so the component is not credited.")
         wide = [k for k in failed if k.get("ci95") and effect.get("ci95")]
         ratio = max(((k["ci95"][1] - k["ci95"][0]) / (effect["ci95"][1] - effect["ci95"][0]) for k in wide
                      if effect["ci95"][1] > effect["ci95"][0]), default=0.0)
@@ -525,10 +549,11 @@ def _typical(values: dict, config: str, reach: dict) -> float | None:
 
 
 def reach_text(values: dict, config: str, reach: dict, moved: float) -> str:
-    """`moved` (the component's largest reach in `config`, in %), with its reach at the average token where the cells
-    recorded one: a maximum over positions may come from one rarely seen position."""
+    """`moved` (the component's largest reach in `config`, in %; `reach['what']` says where: at its most rescaled
+    position), then its reach at the average token where the cells recorded one: a maximum over positions may come
+    from one rarely seen position."""
     typical = _typical(values, config, reach)
-    return f"{moved:.3g}%" + (f" ({typical:.3g}% at the average token)" if typical is not None else "")
+    return f"{moved:.3g}%" + (f" and the average token's by up to {typical:.3g}%" if typical is not None else "")
 
 
 def faster_reach_text(values: dict, reach: dict, fast: str, moved: float, slow: str, slow_moved: float) -> str:
@@ -549,7 +574,12 @@ def reach_clause(values: dict, config: str, reach: dict) -> str:
     moved, allowed = _largest(values, config, reach["moved"]), _largest(values, config, reach["allowed"])
     if moved is None or allowed is None:
         return ""
-    return (f"as trained in `{config}`, {reach['what']} by at most {reach_text(values, config, reach, moved)} (a "
+    typical = _typical(values, config, reach)
+    if typical is not None:
+        return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}%, and by at most {typical:.3g}% at "
+                f"the average token (a gradient of one sign would take the former to about {allowed:.3g}% at this "
+                "learning rate)")
+    return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}% (a "
             "gradient of one sign would take it "
             f"to about {allowed:.3g}% at this learning rate)")
 
@@ -637,23 +667,14 @@ def _unbeaten_controls(spec: dict, values: dict, comparisons: list[dict], metric
         vs = improvement(values, spec["candidate"], config, metric, lower_is_better)
         if vs is not None and not significant_gain(vs):
             (explains if control_explains(vs, effect["improvement_pct"]) else unresolved).append(
-                (f"`{config}`{what}", f"`{config}`: {effect_text(vs)}", vs))
+                (f"`{config}`{what}", f"vs `{config}`, {metric} changes by {effect_text(vs)}",
+                 {**vs, "config": config,
+                  "vs_parent": improvement(values, config, spec["parent"], metric, lower_is_better)}))
     return explains, unresolved
 
 
-def accounted_share(explains: list[tuple[str, str, dict]], gain: float) -> str:
-    """'which gain(s) more without it' where the candidate is significantly worse than every control that explains
-    its `gain` (an improvement in %), else 'which account(s) for at least X% of its gain without it': X from the
-    largest edge the candidate's intervals vs them allow (`explained_reading`)."""
-    one = len(explains) == 1
-    if all(significant_loss(vs) for *_, vs in explains):
-        return f"which gain{'s' if one else ''} more without it"
-    edge = max(max(vs["ci95"][1], 0.0) if vs.get("ci95") else vs["improvement_pct"] for *_, vs in explains)
-    return f"which account{'s' if one else ''} for at least {100 * (1 - edge / gain):.0f}% of its gain without it"
-
-
 def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str, dict]],
-                         unresolved: list[tuple[str, str, dict]], gain: float) -> str:
+                         unresolved: list[tuple[str, str, dict]], metric: str) -> str:
     """A reproduced claimed gain that a control or an alternative accounts for is not the component's: the verdict
     leads with that, and keeps what the interval alone reads. Where a control is merely not separated from the
     candidate (`unresolved`), the claim is not testable - unless the candidate's own interval already excludes the
@@ -661,9 +682,10 @@ def _not_the_component_s(verdict: str, spec: dict, explains: list[tuple[str, str
     candidate = f"`{spec['candidate']}`"
     if explains:
         names = " and ".join(name for name, *_ in explains)
-        return (f"not supported as the component's effect: {candidate} does not beat {names}, "
-                f"{accounted_share(explains, gain)} ({'; '.join(text for _, text, _ in explains)}), so the study does "
-                f"not credit the gain to the component; the interval alone reads: {verdict}")
+        return (f"not supported as the component's effect: {candidate} does not beat {names}: "
+                f"{'; '.join(text for _, text, _ in explains)}"
+                + explained_reading([vs for *_, vs in explains], spec["parent"], metric)
+                + f", so the study does not credit the gain to the component; the interval alone reads: {verdict}")
     many = "s" if len(unresolved) > 1 else ""
     controls = f"({'; '.join(text for _, text, _ in unresolved)}: the interval holds both 0 and the whole gain)"
     if verdict.startswith("partly supported"):
@@ -847,8 +869,7 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
     if reproduced and out["verdict"].startswith(("supported", "partly supported")):
         explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
         if explains or unresolved:
-            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved,
-                                                  effect["improvement_pct"])
+            out["verdict"] = _not_the_component_s(out["verdict"], spec, explains, unresolved, metric)
     elif significant_gain(effect) and claimed is not None and claimed < 0:  # a claimed loss, and a gain instead
         comp = next((c for c in comparisons if c["candidate"] == spec["candidate"] and c["parent"] == spec["parent"]
                      and c["metric"] == metric), None)
@@ -858,10 +879,10 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         elif comp is None:  # the study compares the pair on another metric: its controls, judged on this one
             explains, unresolved = _unbeaten_controls(spec, values, comparisons, metric, lower_is_better, effect)
             if explains:
-                out["verdict"] += (f"; nor is the gain the component's: on {metric} too `{spec['candidate']}` does not "
-                                   "beat " + " and ".join(name for name, *_ in explains) + ", "
-                                   + accounted_share(explains, effect["improvement_pct"]) + " ("
-                                   + "; ".join(text for _, text, _ in explains) + ")")
+                out["verdict"] += (f"; nor is the gain the component's: on {metric} `{spec['candidate']}` does not "
+                                   "beat " + " and ".join(name for name, *_ in explains) + ": "
+                                   + "; ".join(text for _, text, _ in explains)
+                                   + explained_reading([vs for *_, vs in explains], spec["parent"], metric))
             elif unresolved:
                 out["verdict"] += (f"; nor is the gain shown to be the component's: on {metric} it is not separated "
                                    "from its control" + ("s" if len(unresolved) > 1 else "") + " ("
