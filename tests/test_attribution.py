@@ -938,3 +938,29 @@ def test_the_reach_clause_gives_the_largest_and_the_average_token_without_nested
     del values["c"]["typical"]  # cells recorded before the average token was: the largest alone
     assert reach_clause(values, "c", reach).startswith("as trained in `c`, the bias rescales the update by at most 1% "
                                                        "(a gradient")
+
+
+def test_the_decision_names_the_other_metrics_that_differ_where_the_primary_one_is_null():
+    """MU's case: test_ppl cannot tell the two apart, but val_ppl and accuracy differ significantly. The Decision's
+    second sentence says which other quality metrics differ (each with its interval, uncorrected, secondary) and
+    which do not; timings are left out."""
+    from lmlab.studies.report import secondary_sentence
+
+    seeds = [1, 2, 3]
+    planted = {"dense": {"test_ppl": [10.0, 10.0, 10.0], "val_ppl": [10.0, 10.0, 10.0], "acc": [0.5, 0.5, 0.5],
+                         "lim_ppl": [10.0, 10.0, 10.0], "tokens_per_s": [100.0, 100.0, 100.0]},
+               "mu": {"test_ppl": [10.1, 9.8, 10.9], "val_ppl": [11.0, 11.1, 11.05], "acc": [0.45, 0.46, 0.44],
+                      "lim_ppl": [10.01, 9.99, 10.02], "tokens_per_s": [50.0, 51.0, 49.0]}}
+    out = [{"config": c, "seed": s, "status": "ok", "metrics": {m: v[i] for m, v in ms.items()}}
+           for c, ms in planted.items() for i, s in enumerate(seeds)]
+    summary = {"decision": {"candidate": "mu", "reference": "dense", "metric": "test_ppl"}}
+    said = secondary_sentence(summary, out, ["test_ppl", "val_ppl", "acc", "lim_ppl", "tokens_per_s"])
+    logs = [math.log(a / 10.0) for a in (11.0, 11.1, 11.05)]
+    half = scipy_stats.t.ppf(0.975, 2) * statistics.stdev(logs) / math.sqrt(3)
+    low = 100 * math.expm1(statistics.mean(logs) - half)
+    assert said.startswith("`mu` vs `dense` on the run's other metrics (secondary: each at 95%, uncorrected for the 3 "
+                           "compared; the decision and its controls are judged on test_ppl alone): `val_ppl` +10.50% ")
+    acc = 100 * math.expm1(statistics.mean(math.log(a / 0.5) for a in (0.45, 0.46, 0.44)))  # a ratio: geometric
+    assert f"[{low:+.2f}, " in said and f"`acc` {acc:+.2f}%" in said and "worse" in said
+    assert said.endswith("; no significant difference on `lim_ppl`.") and "tokens_per_s" not in said
+    assert secondary_sentence(summary, out, ["test_ppl", "tokens_per_s"]) == ""  # nothing else of quality

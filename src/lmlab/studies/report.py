@@ -33,6 +33,39 @@ def lower_is_better(metric: str) -> bool:
     return any(h in leaf for h in LOWER_IS_BETTER_HINTS)
 
 
+def secondary_sentence(summary: dict, rows: list[dict], metrics: list[str]) -> str:
+    """The decision's pair on the run's other quality metrics (`metrics` less the primary one and timings): which
+    differ significantly, each with its interval, and which do not - so a null on the primary metric is not read as
+    "no difference" where another metric differs. Each at 95%, uncorrected, and secondary: the decision stays on the
+    primary metric. "" without such metrics or paired values."""
+    decision = summary.get("decision") or {}
+    candidate, reference, primary = decision.get("candidate"), decision.get("reference"), decision.get("metric")
+    others = [m for m in metrics if m != primary and not any(h in m for h in ("time", "per_s", "mem"))]
+    if not candidate or not reference or not others:
+        return ""
+    values = attribution.per_seed_values(rows)
+    differ, same = [], []
+    for metric in others:
+        effect = attribution.improvement(values, candidate, reference, metric, lower_is_better(metric))
+        if effect is None or not effect.get("ci95"):
+            continue
+        if (attribution.significant_gain(effect) or attribution.significant_loss(effect)) \
+                and not attribution.below_resolution(effect):
+            differ.append(f"`{metric}` {attribution.effect_text(effect)}")
+        else:
+            same.append(f"`{metric}`")
+    if not differ and not same:
+        return ""
+    count = len(differ) + len(same)
+    said = (f"`{candidate}` vs `{reference}` on the run's other metric{'s' if count > 1 else ''} (secondary: "
+            + (f"each at 95%, uncorrected for the {count} compared" if count > 1 else "at 95%")
+            + f"; the decision and its controls are judged on {primary} alone): ")
+    said += "; ".join(differ) if differ else f"no significant difference on {', '.join(same)}"
+    if differ and same:
+        said += f"; no significant difference on {', '.join(same)}"
+    return said + "."
+
+
 def fmt(value, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -908,6 +941,7 @@ def write_reports(run: RunDir) -> dict:
         "",
         summary["decision"]["text"],
         "",
+        *([said, ""] if (said := secondary_sentence(summary, rows, record.get("change_metrics", []))) else []),
         *setting_section(record.get("setting", [])),
     ]
     if summary["comparisons"]:
