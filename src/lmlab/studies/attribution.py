@@ -575,13 +575,9 @@ def reach_clause(values: dict, config: str, reach: dict) -> str:
     if moved is None or allowed is None:
         return ""
     typical = _typical(values, config, reach)
-    if typical is not None:
-        return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}%, and by at most {typical:.3g}% at "
-                f"the average token (a gradient of one sign would take the former to about {allowed:.3g}% at this "
-                "learning rate)")
-    return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}% (a "
-            "gradient of one sign would take it "
-            f"to about {allowed:.3g}% at this learning rate)")
+    at_token = f", and by at most {typical:.3g}% at the average token" if typical is not None else ""
+    return (f"as trained in `{config}`, {reach['what']} by at most {moved:.3g}%{at_token} (a gradient of one sign "
+            f"would take {'the former' if at_token else 'it'} to about {allowed:.3g}% at this learning rate)")
 
 
 def faster_clause(values: dict, reach: dict, parent: str, metric: str, lower_is_better: bool) -> str:
