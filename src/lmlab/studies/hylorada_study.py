@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
+from lmlab import stats
 from lmlab.data import generators
 from lmlab.data.batching import packed_examples, tokenize_documents
 from lmlab.data.sources import load_documents
@@ -1016,8 +1017,6 @@ def _retrieval_change(rows: list[dict], first: str, second: str, beyond: int | N
     With `beyond`, only the queries whose fact lies beyond (`far`) or within that many tokens of its answer."""
     from scipy import stats as scipy_stats
 
-    from lmlab import stats
-
     per_seed = [_selected_outcomes(rows, c, beyond, far) for c in (first, second)]
     seeds = sorted(s for s in per_seed[0] if per_seed[0][s] and per_seed[1].get(s)
                    and len(per_seed[0][s]) == len(per_seed[1][s]))
@@ -1063,8 +1062,6 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
     recall is what a context extension is for, and within it - the base and the range over `configs`, how many of
     them recall significantly more than the base beyond it (paired over seeds), and how many recall more than
     guessing one of `values` equally likely values does there; "" without the queries' distances."""
-    from lmlab import stats
-
     if not context:
         return ""
     chance = 1 / values
@@ -1129,8 +1126,6 @@ def _first_decile_act(rows: list[dict], faster: dict) -> str:
     over the window's first position decile - where log buckets are narrowest and the bias's largest factors sit -
     the sentence that says it acted there, and which way; "" otherwise. The overall null is then not for want of
     the bias doing anything."""
-    from lmlab import stats
-
     change = stats.paired_relative_change(_first_decile(rows, faster["candidate"]),
                                           _first_decile(rows, faster["parent"]))
     ci = change and change.get("ci95")
@@ -1145,8 +1140,6 @@ def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> l
     """Where the first position decile lies within the base's pretraining context: what fine-tuning did to perplexity
     there, each fine-tuned configuration of `configs` (the caller leaves out positive controls and diagnostics) vs
     the base, paired by seed (the window's first tokens see no more context than the base was trained on)."""
-    from lmlab import stats
-
     context = next((r["details"].get("pretrained_context") for r in rows if r["config"] == "base"), None)
     span = math.ceil(cfg.get("max_length", 0) / 10)  # positions p with 10 p / max_length < 1
     base = _first_decile(rows, "base")
@@ -1181,8 +1174,6 @@ def _short_recall_sentence(rows: list[dict], configs: list[str], context: int | 
     """Whether fine-tuning kept the base's recall within its pretraining context: the configurations whose mean recall
     there falls more than a point below the base's, each with the per-seed difference's 95% t-interval; "" where
     the base has no such recall."""
-    from lmlab import stats
-
     base = {r["seed"]: r["metrics"].get("retrieval_acc_short") for r in rows if r["config"] == "base"}
     if not any(v is not None for v in base.values()):
         return ""
@@ -1330,8 +1321,6 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
     configuration that trains it at the run's): where a bias positive control does not move the metric, a faster bias
     that moved FASTER_ROOM times as far and still gained little shows it had room to act - its null is then a
     finding, not a blind spot."""
-    from lmlab import stats
-
     parts = parts or {}
     how = how or {}
     with_parts = [c for c in configs if _metric_mean(rows, c, "val_ppl_without_position") is not None]
