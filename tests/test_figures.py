@@ -434,16 +434,65 @@ def test_the_report_points_to_the_pdfs_and_the_standalone_table(run: RunDir, mon
     assert (run.plots / "training_curves.pdf").is_file() and (run.root / "report_standalone.tex").is_file()
 
 
-def test_configuration_colours_are_distinct_hues_and_never_grey():
-    """Sixteen configurations in one plot: no two colours of the palette are shades of each other (RGB distance at
-    least 0.2), and none is a grey (references are drawn in grey)."""
+def _cielab(rgb: tuple[float, float, float]) -> tuple[float, float, float]:
+    """sRGB (0-1) to CIELAB under D65, by the CIE formulas."""
+    def linear(c):
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = map(linear, rgb)
+    xyz = ((0.4124 * r + 0.3576 * g + 0.1805 * b) / 0.95047, 0.2126 * r + 0.7152 * g + 0.0722 * b,
+           (0.0193 * r + 0.1192 * g + 0.9505 * b) / 1.08883)
+    f = [t ** (1 / 3) if t > (6 / 29) ** 3 else t / (3 * (6 / 29) ** 2) + 4 / 29 for t in xyz]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def _ciede2000(lab1: tuple[float, float, float], lab2: tuple[float, float, float]) -> float:
+    """The CIEDE2000 colour difference (Sharma, Wu and Dalal 2005), kL = kC = kH = 1."""
+    import math
+
+    (l1, a1, b1), (l2, a2, b2) = lab1, lab2
+    c_bar = (math.hypot(a1, b1) + math.hypot(a2, b2)) / 2
+    g = 0.5 * (1 - math.sqrt(c_bar ** 7 / (c_bar ** 7 + 25 ** 7)))
+    a1, a2 = (1 + g) * a1, (1 + g) * a2
+    c1, c2 = math.hypot(a1, b1), math.hypot(a2, b2)
+    h1, h2 = (math.degrees(math.atan2(b, a)) % 360 for a, b in ((a1, b1), (a2, b2)))
+    dh = 0.0 if c1 * c2 == 0 else (h2 - h1 + 180) % 360 - 180
+    dh_big = 2 * math.sqrt(c1 * c2) * math.sin(math.radians(dh / 2))
+    l_bar, c_bar = (l1 + l2) / 2, (c1 + c2) / 2
+    if c1 * c2 == 0:
+        h_bar = h1 + h2
+    elif abs(h1 - h2) <= 180:
+        h_bar = (h1 + h2) / 2
+    else:
+        h_bar = (h1 + h2 + 360) / 2 if h1 + h2 < 360 else (h1 + h2 - 360) / 2
+    t = (1 - 0.17 * math.cos(math.radians(h_bar - 30)) + 0.24 * math.cos(math.radians(2 * h_bar))
+         + 0.32 * math.cos(math.radians(3 * h_bar + 6)) - 0.20 * math.cos(math.radians(4 * h_bar - 63)))
+    s_l = 1 + 0.015 * (l_bar - 50) ** 2 / math.sqrt(20 + (l_bar - 50) ** 2)
+    s_c, s_h = 1 + 0.045 * c_bar, 1 + 0.015 * c_bar * t
+    r_t = (-math.sin(math.radians(60 * math.exp(-(((h_bar - 275) / 25) ** 2))))
+           * 2 * math.sqrt(c_bar ** 7 / (c_bar ** 7 + 25 ** 7)))
+    dl, dc, dh_s = (l2 - l1) / s_l, (c2 - c1) / s_c, dh_big / s_h
+    return math.sqrt(dl ** 2 + dc ** 2 + dh_s ** 2 + r_t * dc * dh_s)
+
+
+def test_configuration_colours_are_distinct_to_the_eye_and_never_grey():
+    """Sixteen configurations in one plot: every two colours of the palette are at least 20 apart in CIEDE2000 (the
+    eye's colour difference; the Trubetskoy palette it was tuned from had lime and green 15.6 apart), none is a grey
+    (references are drawn in grey), none too light to see on white."""
     import colorsys
     import itertools
 
     from lmlab.studies.report import PALETTE
 
+    # The formula against Sharma, Wu and Dalal's published test pairs (pairs 1, 7 and 17 of their table).
+    assert _ciede2000((50, 2.6772, -79.7751), (50, 0, -82.7485)) == pytest.approx(2.0425, abs=1e-4)
+    assert _ciede2000((50, 0, 0), (50, -1, 2)) == pytest.approx(2.3669, abs=1e-4)
+    assert _ciede2000((50, 2.5, 0), (73, 25, -18)) == pytest.approx(27.1492, abs=1e-4)
+    assert _ciede2000(_cielab(to_rgba("#3cb44b")[:3]), _cielab(to_rgba("#a4c639")[:3])) < 16  # the old lime / green
+
     rgb = [to_rgba(c)[:3] for c in PALETTE]
     assert len(set(rgb)) == len(PALETTE) >= 15
     for a, b in itertools.combinations(rgb, 2):
-        assert sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) ** 0.5 >= 0.2, (a, b)
+        assert _ciede2000(_cielab(a), _cielab(b)) >= 20, (a, b)
     assert all(colorsys.rgb_to_hls(*c)[2] > 0.3 for c in rgb)
+    assert all(_cielab(c)[0] <= 80 for c in rgb)

@@ -621,11 +621,13 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "p", "h", "*", "d")
 LINE_STYLES = ("-", "--", "-.", ":")
 
 
-# Distinct colours for configurations (after Trubetskoy's 20 distinct colours, without the greys and the shades too
-# light to see on white): blue, orange, green, red, purple, brown, magenta, teal, olive, cyan, maroon, navy, lime,
-# pink, lavender, dark gold.
-PALETTE = ("#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#9a6324", "#f032e6", "#469990", "#808000",
-           "#42d4f4", "#800000", "#000075", "#a4c639", "#f49ac1", "#b19cd9", "#b8860b")
+# Distinct colours for configurations: Trubetskoy's 20 distinct colours without the greys and the shades too light to
+# see on white, then tuned so that no two are closer than 21 in CIEDE2000 (the eye's colour difference; Trubetskoy's
+# own lime / green, pink / lavender and brown / dark gold were 15-18 apart): blue, orange, green, red, purple, brown,
+# magenta, teal, olive, sky blue, maroon, navy, periwinkle, rose, forest green, tan. Small studies use the first,
+# most distinct ones.
+PALETTE = ("#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#965a0f", "#ff3cff", "#469990", "#808000",
+           "#19b4f0", "#800000", "#000075", "#a5a5e1", "#e196a5", "#1e6432", "#d2b469")
 
 
 def config_styles(configs: list[str]) -> dict[str, dict]:
@@ -634,7 +636,7 @@ def config_styles(configs: list[str]) -> dict[str, dict]:
     of a run whichever subset of configurations a plot shows. Colour, marker shape and line style all change from
     one configuration to the next, so two configurations with the same values stay distinguishable (hollow markers
     of different shapes, interleaved dashes) and the plots stay readable in greyscale. The colours are PALETTE: sixteen
-    colours at least 0.2 apart in RGB (tab20's light and dark shades of one hue had paired up a study's sixteen
+    colours at least 21 apart in CIEDE2000 (tab20's light and dark shades of one hue had paired up a study's sixteen
     configurations; a few neighbours here, such as blue and navy, still share a hue and differ in lightness) and no
     grey, which plots keep for references (initial values, text baselines)."""
     colours = PALETTE
