@@ -18,7 +18,13 @@ from lmlab.eval.perplexity import positional_perplexity
 from lmlab.hylorada import apply_hylorada, learned_boundaries, position_components_removed
 from lmlab.hylorada.position import LearnableBuckets, bucket_edges, bucketize, effective_buckets
 from lmlab.models.hf import load_causal_lm
-from lmlab.studies.hylorada_study import HYLORADA, HyloradaStudyConfig, _Context, step_size_scale
+from lmlab.studies.hylorada_study import (
+    HYLORADA,
+    HyloradaStudyConfig,
+    _Context,
+    initial_effective_buckets,
+    step_size_scale,
+)
 from test_hylorada_model import VOCAB, hy_config, lm_logits, perturb, tiny_llama, token_batch
 
 
@@ -123,6 +129,29 @@ def test_learned_boundaries_report_resolution_and_assignment():
     assert info["assignment"] == "absolute" and info["num_buckets"] == 8
     weights = assignment(model.hylorada.landmarks.buckets)
     assert info["effective_buckets"] == effective_buckets(weights) == len(set(weights.argmax(-1).tolist()))
+
+
+def test_learned_boundaries_rebuild_the_trained_assignment_exactly_and_record_the_untrained_count():
+    """Both counts of the report's sentence are recorded at training time, and the record's exact boundary values
+    rebuild the trained assignment bit for bit, through JSON, for every assignment."""
+    import json
+
+    for rule in ("relative", "absolute", "straight_through"):
+        model = apply_hylorada(tiny_llama(), hy_config(landmarks="learnable_bucket", boundary_assignment=rule,
+                                                       boundary_temperature=0.1))
+        buckets = model.hylorada.landmarks.buckets
+        untrained = len(set(assignment(buckets).argmax(-1).tolist()))
+        with torch.no_grad():  # a trained state: boundaries moved by odd amounts, two of them nearly merged
+            buckets.boundaries.add_(torch.randn(buckets.boundaries.shape, generator=torch.Generator().manual_seed(0))
+                                    * 3e-3)
+            buckets.boundaries[2] = buckets.boundaries[1] + 1e-6
+        info = json.loads(json.dumps(learned_boundaries(model)))
+        assert info["initial_effective_buckets"] == untrained
+        rebuilt = LearnableBuckets.rebuild(info)
+        assert torch.equal(assignment(rebuilt), assignment(buckets))
+        assert rebuilt.effective_buckets() == info["effective_buckets"] == len(set(assignment(buckets).argmax(-1)
+                                                                                  .tolist()))
+        assert initial_effective_buckets(info) == untrained
 
 
 def test_step_size_scale_is_the_sum_and_root_sum_square_of_the_learning_rates():

@@ -395,14 +395,23 @@ def component_param_counts(model: nn.Module, trainable_only: bool = False) -> di
 
 
 def learned_boundaries(model: nn.Module) -> dict[str, list]:
-    """Bucket boundaries in token positions: `initial` (the fixed scheme's edges) and `learned` (sorted)."""
+    """Bucket boundaries in token positions: `initial` (the fixed scheme's edges) and `learned` (sorted), with
+    `boundaries_u`, the parameter's exact values (float32, sorted, as fractions of max_positions), from which
+    `LearnableBuckets.rebuild` gives back the trained assignment bit for bit - `learned` is rounded through a
+    float32 product, and a soft assignment's argmax can flip at a near tie. `effective_buckets` counts the
+    buckets the trained assignment tells apart, `initial_effective_buckets` those the untrained one did, both
+    computed here the same way."""
     state = hylorada_state(model)
     buckets = getattr(state.landmarks, "buckets", None)
     if buckets is None:
         raise ConfigError(f"the model has no learnable buckets (landmarks='{state.config.landmarks}')")
+    untrained = LearnableBuckets(list(state.edges), state.max_positions, buckets.temperature, buckets.assignment)
     return {"initial": list(state.edges), "learned": buckets.learned_edges(), "max_positions": state.max_positions,
-            "effective_buckets": buckets.effective_buckets(), "num_buckets": state.config.num_buckets,
-            "assignment": buckets.assignment, "temperature": buckets.temperature}
+            "boundaries_u": torch.sort(buckets.boundaries.detach().float().cpu()).values.tolist(),
+            "effective_buckets": buckets.effective_buckets(),
+            "initial_effective_buckets": untrained.to(buckets.boundaries.device).effective_buckets(),
+            "num_buckets": state.config.num_buckets, "assignment": buckets.assignment,
+            "temperature": buckets.temperature}
 
 
 def position_bias_reach(model: nn.Module, length: int | None = None) -> dict | None:

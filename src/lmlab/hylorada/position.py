@@ -191,6 +191,15 @@ class LearnableBuckets(nn.Module):
         b = torch.sort(self.boundaries.detach().float()).values
         return (b * self.max_positions + 0.5).tolist()
 
+    @classmethod
+    def rebuild(cls, record: dict) -> LearnableBuckets:
+        """The trained assignment from a `learned_boundaries` record: its edges, settings and exact boundary values
+        (`boundaries_u`), so `rebuild(record).effective_buckets()` equals the recorded `effective_buckets`."""
+        buckets = cls(record["initial"], record["max_positions"], record["temperature"], record["assignment"])
+        with torch.no_grad():
+            buckets.boundaries.copy_(torch.tensor(record["boundaries_u"], dtype=torch.float32))
+        return buckets
+
     @torch.no_grad()
     def effective_buckets(self) -> int:
         """How many buckets hold the largest weight at some position in [0, max_positions): num_buckets for a

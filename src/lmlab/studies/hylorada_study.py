@@ -1699,9 +1699,12 @@ def boundary_sentence(config: str, cells: list[dict]) -> str:
 def initial_effective_buckets(boundaries: dict) -> int | None:
     """How many buckets a learnable-bucket cell's assignment told apart before training (`effective_buckets` of its
     initial boundaries): all of them for a hard or relative assignment, 8 of 32 for the notes' absolute one over 512
-    positions. None for a record without the assignment's settings."""
+    positions. Recorded at training time beside the trained count (`learned_boundaries`); rebuilt from the initial
+    edges for an older record; None for a record without the assignment's settings."""
     from lmlab.hylorada.position import LearnableBuckets
 
+    if "initial_effective_buckets" in boundaries:
+        return boundaries["initial_effective_buckets"]
     if not {"initial", "max_positions", "temperature", "assignment"} <= set(boundaries):
         return None
     return LearnableBuckets(boundaries["initial"], boundaries["max_positions"], boundaries["temperature"],
