@@ -667,7 +667,7 @@ REACH = {"moved": "bias_rescale_pct", "allowed": "bias_rescale_allowed_pct",
 
 
 @pytest.mark.parametrize(("fast_factor", "seeds", "reading"), [
-    (1.0, 3, ": up to that learning rate, a gain of at most "),
+    (1.0, 3, ": at that learning rate, a gain of at most "),
     (0.97, 3, ": the run's learning rate held the component back"),
     (1.0, 1, ": no interval, so nothing follows about the learning rate")])
 def test_a_null_claim_quotes_what_the_component_did_at_a_larger_learning_rate(fast_factor, seeds, reading):

@@ -627,8 +627,8 @@ def faster_reading(effect: dict) -> str:
     if significant_gain(effect):
         return ": the run's learning rate held the component back"
     if ci[1] > 0:
-        return f": up to that learning rate, a gain of at most {ci[1]:.2g}% (95% CI)"
-    return ": up to that learning rate, no gain (the 95% interval excludes one)"
+        return f": at that learning rate, a gain of at most {ci[1]:.2g}% (95% CI)"
+    return ": at that learning rate, no gain (the 95% interval excludes one)"
 
 
 def seed_spread(values: dict, configs: list[str], metric: str) -> float | None:

@@ -788,8 +788,12 @@ class HyloradaStudy(Study):
         faster = [{**c, "candidate": names.get(c["candidate"], c["candidate"]),
                    "slow": names.get(_slow_twin(self.arms, c["candidate"]))} for c in summary.get("comparisons", [])
                   if c["candidate"] in self.arms and self.arms[c["candidate"]].bias_lr_scale is not None]
+        parents = {}  # each candidate's parent in its first comparison
+        for comp in summary.get("comparisons", []):
+            parents.setdefault(names.get(comp["candidate"], comp["candidate"]), names.get(comp["parent"],
+                                                                                         comp["parent"]))
         lines += _ablation_section(ok, configs, roles, {c: _position_parts(a.adapter) for c, a in arms.items()},
-                                   {c: _how_alone(a) for c, a in arms.items()}, faster)
+                                   {c: _how_alone(a) for c, a in arms.items()}, faster, parents)
         lines += _bias_reach_section(ok, configs, faster)
         if _decile_plot(ok, configs, run):
             counts = next((r["details"].get("decile_tokens") for r in ok if r["details"].get("decile_tokens")), None)
@@ -1115,25 +1119,60 @@ def _distance_sentence(rows: list[dict], configs: list[str], context: int | None
     return said
 
 
-def _first_decile(rows: list[dict], config: str) -> dict[int, float]:
-    """{seed: perplexity over the window's first position decile} of `config`'s cells that recorded it."""
-    return {r["seed"]: r["details"]["decile_ppl"][0] for r in rows if r["config"] == config
+def _decile_values(rows: list[dict], config: str, decile: int) -> dict[int, float]:
+    """{seed: perplexity over position decile `decile` (0 the first, -1 the last)} of `config`'s cells."""
+    return {r["seed"]: r["details"]["decile_ppl"][decile] for r in rows if r["config"] == config
             and r["details"].get("decile_ppl")}
 
 
-def _first_decile_act(rows: list[dict], faster: dict) -> str:
-    """Where the bias trained at a larger learning rate (`faster`: its comparison) changed perplexity significantly
-    over the window's first position decile - where log buckets are narrowest and the bias's largest factors sit -
-    the sentence that says it acted there, and which way; "" otherwise. The overall null is then not for want of
-    the bias doing anything."""
-    change = stats.paired_relative_change(_first_decile(rows, faster["candidate"]),
-                                          _first_decile(rows, faster["parent"]))
-    ci = change and change.get("ci95")
-    if not ci or ci[0] <= 0 <= ci[1]:
+def _first_decile(rows: list[dict], config: str) -> dict[int, float]:
+    """{seed: perplexity over the window's first position decile} of `config`'s cells that recorded it."""
+    return _decile_values(rows, config, 0)
+
+
+def _same_adapters(rows: list[dict], candidate: str, parent: str) -> bool:
+    """Whether `candidate` with its position components removed scores `parent`'s val_ppl on every seed (to 1e-6
+    relative): its adapters are then `parent`'s, and what it changes is its position components' own doing."""
+    without = {r["seed"]: r["metrics"].get("val_ppl_without_position") for r in rows if r["config"] == candidate}
+    ref = {r["seed"]: r["metrics"].get("val_ppl") for r in rows if r["config"] == parent}
+    return bool(without) and set(without) <= set(ref) and all(
+        v is not None and ref[s] is not None and abs(v - ref[s]) <= 1e-6 * abs(ref[s]) for s, v in without.items())
+
+
+def _acts_by_position(rows: list[dict], candidate: str, parent: str) -> str:
+    """Where `candidate` changes perplexity significantly vs `parent` (paired by seed) over the window's first
+    position decile (the narrowest log buckets, where the bias's largest factors sit) or its last (the widest), the
+    clause that says so (no closing full stop), both ends given, with whether the two cancel in val_ppl and whose
+    doing they are: the position components' own where `candidate`'s adapters are `parent`'s (`_same_adapters`),
+    else theirs and the weights trained beside them together. Two deciles fixed in advance, not a search over ten;
+    "" where neither moved - a null on val_ppl is then not hiding opposite changes at the window's ends."""
+    ends = {}
+    for name, decile in (("first", 0), ("last", -1)):
+        change = stats.paired_relative_change(_decile_values(rows, candidate, decile),
+                                              _decile_values(rows, parent, decile))
+        if change and change.get("ci95"):
+            ends[name] = change
+    moved = {n: ch for n, ch in ends.items() if ch["ci95"][0] > 0 or ch["ci95"][1] < 0}
+    if not moved:
         return ""
-    return (f" It did act: over the window's first position decile, where the log buckets are narrowest, "
-            f"`{faster['candidate']}` changes perplexity by {change_cell(change)} vs `{faster['parent']}` (paired by "
-            f"seed) - {'for the worse' if ci[0] > 0 else 'for the better'} there.")
+    where = {"first": "first position decile (the narrowest log buckets)", "last": "last (the widest)"}
+    def way(ch):
+        ci = ch["ci95"]
+        return ", for the worse" if ci[0] > 0 else ", for the better" if ci[1] < 0 else ""
+    said = f"`{candidate}` changes perplexity vs `{parent}` " + ", and ".join(
+        f"over the window's {where[n]} by {change_cell(ch)}{way(ch)}" for n, ch in ends.items())
+    said += " (paired by seed; the two end deciles, fixed in advance, uncorrected)"
+    if len(moved) == 2 and (moved["first"]["ci95"][0] > 0) != (moved["last"]["ci95"][0] > 0):
+        overall = stats.paired_relative_change(
+            {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == candidate},
+            {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == parent})
+        ci = overall and overall.get("ci95")
+        said += (": changes of opposite sign, which cancel in val_ppl" if ci and ci[0] <= 0 <= ci[1] else
+                 ": changes of opposite sign")
+    said += (f"; with them removed it scores `{parent}`'s val_ppl on every seed, so these are the position "
+             "components' own doing" if _same_adapters(rows, candidate, parent) else
+             "; it also trains its adapters beside them, so these are the components and those weights together")
+    return said
 
 
 def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
@@ -1313,15 +1352,17 @@ NEGLIGIBLE_PCT = 0.1  # a change of val_ppl below this (in %) is negligible in t
 
 def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str],
                       parts: dict[str, set[str]] | None = None, how: dict[str, str] | None = None,
-                      faster: list[dict] = ()) -> list[str]:
+                      faster: list[dict] = (), parents: dict[str, str] | None = None) -> list[str]:
     """What the trained position components contribute: each cell evaluated with them removed. `parts` names each
     configuration's position components ("bias", "landmarks"), so that a positive control speaks for the
     configurations that train the same ones; `how` says how each positive control trained them. `faster`: the
     comparisons of configurations that train the bias at a multiple of the run's learning rate (with `slow`, the
     configuration that trains it at the run's): where a bias positive control does not move the metric, a faster bias
     that moved FASTER_ROOM times as far and still gained little shows it had room to act - its null is then a
-    finding, not a blind spot."""
+    finding, not a blind spot. `parents`: each configuration's parent, against which a bias positive control that
+    leaves val_ppl alone is read by position (`_acts_by_position`)."""
     parts = parts or {}
+    parents = parents or {}
     how = how or {}
     with_parts = [c for c in configs if _metric_mean(rows, c, "val_ppl_without_position") is not None]
     if not with_parts:
@@ -1361,6 +1402,8 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                     f"{change_cell(ch)}")
             if not moved:
                 values = per_seed_values(rows)
+                by_position = (_acts_by_position(rows, c, parents[c])
+                               if "bias" in parts.get(c, ()) and c in parents else "")
                 room = None  # a faster bias that moved FASTER_ROOM times as far as its slow twin, and what it gained
                 for f in faster if "bias" in parts.get(c, ()) else ():
                     r = f.get("slow") and faster_room(values, f["slow"], {**BIAS_REACH, "faster": f["candidate"]},
@@ -1370,16 +1413,22 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                         break
                 if room is not None:
                     f, r = room
-                    text += (f": even alone they do not move the metric measurably; but at a larger learning rate "
-                             f"(`{f['candidate']}`) "
+                    text += (": over the whole window even alone they do not move val_ppl measurably"
+                             + (f"; by position they do: {by_position}" if by_position else "")
+                             + f". But at a larger learning rate (`{f['candidate']}`) "
                              + faster_reach_text(values, BIAS_REACH, f["candidate"], r["moved"], f["slow"], r["slow"])
                              + " and val_ppl "
                              f"gains at most {r['bound']:.2g}% (95% "
-                             "CI): the bias had room to act and did not help, so its null here is a finding at this "
-                             "scale rather than a blind spot of the setting." + _first_decile_act(rows, f))
+                             "CI): the bias had room to act and did not help val_ppl, so its null there is a finding "
+                             "at this scale rather than a blind spot of the setting.")
+                    fast_by_position = _acts_by_position(rows, f["candidate"], f["parent"])
+                    text += f" By position it acts too: {fast_by_position}." if fast_by_position else ""
                 else:
                     text += (": even alone they do not move the metric measurably, so a null result for them here may "
-                             "be a blind spot of this setting rather than a finding")
+                             "be a blind spot of this setting rather than a finding" if not by_position else
+                             ": over the whole window even alone they do not move val_ppl measurably, but by position "
+                             f"they do: {by_position} - the setting sees them act, and a null for them on val_ppl is "
+                             "what their changes add up to over the window, not a blind spot")
                     reach = reach_clause(values, c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
                     text += f"; {reach}." if reach else "."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
