@@ -450,9 +450,9 @@ def test_the_mu_verdict_names_its_budget_and_mu_simple_is_judged_against_mu_sota
     for factor, improving in ((0.98, True), (1.0, False)):
         m3 = {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows, late=late(factor))}["M3"][
             "verdict"]
-        assert "over the last quarter of training (evaluations at steps 75 and 100, as the cosine schedule takes the " \
-               "learning rate to 0) val_ppl changed by `mu-sota` " in m3
-        assert ("at its best at its last evaluation (6 of 6)" in m3) == (last and improving)
+        assert "over the last quarter of training (from its first evaluation, at step 75, to the last, at step " \
+               "100, as the cosine schedule takes the learning rate to 0) val_ppl changed by `mu-sota` " in m3
+        assert ("had its best at its last evaluation (6 of 6)" in m3) == (last and improving)
         assert ("not about converged models" in m3) == (last and improving)
         assert ("still falling in every one" in m3) == improving
     assert "last quarter" not in {c["id"]: c for c in mu_claims(lower.model_dump(mode="json"), summary, rows)}["M3"][
@@ -543,7 +543,8 @@ def test_the_validation_gap_over_the_second_half_is_paired_by_seed_and_read_by_i
     from lmlab.studies.mu_study import _gap_lines, _trend_clause, curve_gap
 
     steps = [10, 20, 30, 40]  # the second half: from step 20 (the first at or after 40 / 2) to step 40
-    factors = {10: 1.40, 20: late_gap[0], 30: (late_gap[0] + late_gap[1]) / 2, 40: late_gap[1]}
+    # most of the move by step 30, the start of the last quarter (the first at or after 0.75 x 40)
+    factors = {10: 1.40, 20: late_gap[0], 30: late_gap[0] + 0.9 * (late_gap[1] - late_gap[0]), 40: late_gap[1]}
     noise = {1: 1.002, 2: 0.998, 3: 1.001}
     dense = {1: 9.0, 2: 10.0, 3: 11.0}
     rows = []
@@ -568,9 +569,21 @@ def test_the_validation_gap_over_the_second_half_is_paired_by_seed_and_read_by_i
                                                   100 * math.expm1(sum(trend) / 3 + half)])
     text = "\n".join(_gap_lines(gap))
     assert "Over the second half of the run (step 20 to step 40;" in text and f": {reading} (" in text
+    # the last quarter alone (step 30 to 40), directly on the log scale
+    late = [math.log(noise[s] * factors[40] / factors[30]) for s in (1, 2, 3)]
+    assert gap["late_from"] == 30 and gap["late_trend"]["delta_pct"] == pytest.approx(
+        100 * math.expm1(sum(late) / 3))
+    assert ("mostly before the last quarter of training: from step 30 to step 40 the ratio changed by only "
+            in text) == (reading != "no significant change")
     clause = _trend_clause(gap)
     assert f": {reading} (" in clause
-    assert ("whether it closes, this run cannot say" in clause) == (reading == "it narrowed")
+    assert ("whether more training would close it, this run cannot say" in clause) == (reading == "it narrowed")
+    # at different peak rates on a decaying schedule a narrowing gap is not read as a trend more training continues
+    clause = _trend_clause(gap, {"mu-sota": 0.01, "dense": 0.003}, "cosine")
+    assert ("The two train at different peak learning rates (`mu-sota` 0.01, `dense` 0.003) on a cosine schedule"
+            in clause) == (reading == "it narrowed")
+    assert "whether more training would close it" not in clause
+    assert "different peak" not in _trend_clause(gap, {"mu-sota": 0.003, "dense": 0.003}, "cosine")
     assert curve_gap(SimpleNamespace(root=tmp_path), [r for r in rows if r["config"] == "dense"], "mu-sota",
                      "dense") is None  # nothing to pair
 
@@ -604,7 +617,8 @@ def test_the_late_change_of_validation_perplexity_is_read_from_the_cells_curves(
         expected = 100 * (math.exp(sum(math.log(r) for r in ratios) / len(ratios)) - 1)
         assert abs(change["delta_pct"] - expected) < 1e-9, config
     side = (smoke_run / "report.md").read_text().split("## Models side by side")[1].split("\n\n")[1]
-    assert f"Over the last quarter of training (evaluations at steps {late['from']} and {late['to']}" in side
+    assert (f"Over the last quarter of training (from its first evaluation, at step {late['from']}, to the last, at "
+            f"step {late['to']}") in side
 
 
 def test_tuning_seeds_that_disagree_on_the_best_rate_are_named():

@@ -386,8 +386,8 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         said += same_sign_clause(effect, c["candidate"], c["metric"])
         if c.get("positive_control"):
             said += (" - a positive control that does not move the metric: by itself it cannot tell a blind spot of "
-                     "this setting from a part that does nothing here (what the part did given more room, where a run "
-                     "tried it, is in the ablation and the claims)")
+                     "this setting from a part that does nothing here (the ablation section reads the part further: by "
+                     "position where it can, and against a run that gave it more room where there is one)")
         return said + "."
     if scenario == "worse":
         size = " - by less than 0.5%, a negligible amount" if imp > -0.5 else ""

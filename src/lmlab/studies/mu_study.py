@@ -675,9 +675,11 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
         at_last = best_at_last(rows, (CANDIDATE, REFERENCE))
         words, falling = late_words(late, (CANDIDATE, REFERENCE), cfg["train"])
         if at_last and falling:
-            budget += (f", with every cell of `{CANDIDATE}` and `{REFERENCE}` at its best at its last evaluation "
-                       f"({at_last} of {at_last}) and {words}: a finding about this budget, not about converged "
-                       "models" + _trend_clause(gap))
+            budget += (f". Every cell of `{CANDIDATE}` and `{REFERENCE}` had its best at its last evaluation "
+                       f"({at_last} of {at_last}), and {words}, so the verdict is a finding about this budget, not "
+                       "about converged models."
+                       + _trend_clause(gap, chosen_learning_rates(rows, (CANDIDATE, REFERENCE)),
+                                       cfg["train"].get("schedule")))
         elif words:
             budget += f"; {words}"
         verdict = ("not testable here: no interval (one seed, or one shared measurement)" if lo is None else
@@ -738,7 +740,9 @@ def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> 
     or after half the last one's step (`middle`) to the last - paired by seed (negative: the candidate's perplexity
     came closer to the reference's, or moved further below it). The first half is left out: early in training the
     gap swings widely, and whether more training would change the verdict is a question about the end.
-    None with fewer than two shared evaluations."""
+    `late_trend`: the same over the last quarter alone (from `late_from`, as `late_change` counts it), so a gap that
+    moved early in the second half and then levelled off is told from one still moving at the end; None where the
+    last quarter starts no later than the second half. None with fewer than two shared evaluations."""
     from lmlab import stats
 
     seeds = sorted({r["seed"] for r in rows if r["config"] == candidate and r["status"] == "ok"}
@@ -754,7 +758,9 @@ def curve_gap(run: RunDir, rows: list[dict], candidate: str, reference: str) -> 
         return None
     middle = second_half_start(steps)
     ratio = {step: {s: curves[candidate][s][step] / curves[reference][s][step] for s in seeds} for step in steps}
-    return {"candidate": candidate, "reference": reference, "seeds": seeds, "middle": middle,
+    late = _late_start(steps)
+    return {"candidate": candidate, "reference": reference, "seeds": seeds, "middle": middle, "late_from": late,
+            "late_trend": stats.paired_relative_change(ratio[steps[-1]], ratio[late]) if late > middle else None,
             "changes": [{"step": step, **stats.paired_relative_change(
                 {s: curves[candidate][s][step] for s in seeds}, {s: curves[reference][s][step] for s in seeds})}
                 for step in steps],
@@ -777,19 +783,36 @@ def _gap_words(gap: dict) -> tuple[str, str, str]:
             said = f"it changed sign ({moved})"
         else:  # one sign throughout: the ratio moving towards 1 is the gap narrowing
             said = ("it narrowed" if abs(last["delta_pct"]) < abs(first["delta_pct"]) else "it widened") + f" ({moved})"
+        late = gap.get("late_trend")
+        if late and late.get("ci95") and not said.startswith("no significant"):
+            span = f"from step {gap['late_from']} to step {last['step']} the ratio changed by"
+            said += (f", mostly before the last quarter of training: {span} only {change_cell(late)}"
+                     if abs(late["delta_pct"]) < abs(trend["delta_pct"]) / 2 else
+                     f"; over the last quarter of training ({span.removeprefix('from ').replace(' the ratio', ')')}"
+                     f" {change_cell(late)}")
     return change_cell(first), change_cell(last), said
 
 
-def _trend_clause(gap: dict | None) -> str:
-    """For M3's verdict: how the validation gap moved over the second half of the run."""
+def _trend_clause(gap: dict | None, rates: dict[str, float] | None = None, schedule: str | None = None) -> str:
+    """For M3's verdict: how the validation gap moved over the second half of the run (a sentence). A narrowing gap
+    is not read as a trend that more training continues: where the two models train at different peak rates
+    (`rates`) on a schedule that decays them, the one at the larger rate gains more as the rate anneals, which alone
+    narrows a gap it opened mid-run."""
     if not gap:
         return ""
     first, last, said = _gap_words(gap)
-    text = (f"; over the second half of the run the validation gap went from {first} at step {gap['middle']} to "
+    text = (f" Over the second half of the run the validation gap went from {first} at step {gap['middle']} to "
             f"{last} at step {gap['changes'][-1]['step']}: {said}")
     if said.startswith("it narrowed"):
-        text += ", so more training may shrink it further; whether it closes, this run cannot say"
-    return text
+        pair = [rates.get(gap["candidate"]), rates.get(gap["reference"])] if rates else [None, None]
+        if None not in pair and pair[0] != pair[1] and schedule in ("cosine", "linear"):
+            text += (f". The two train at different peak learning rates (`{gap['candidate']}` {pair[0]:g}, "
+                     f"`{gap['reference']}` {pair[1]:g}) on a {schedule} schedule that decays them, and the model at "
+                     "the larger rate gains the more as it decays, so the narrowing need not go on with more "
+                     "training; whether a longer schedule would close the gap, this run cannot say")
+        else:
+            text += "; whether more training would close it, this run cannot say"
+    return text + "."
 
 
 def _gap_lines(gap: dict | None) -> list[str]:
@@ -819,6 +842,13 @@ def best_at_last(rows: list[dict], configs: tuple[str, ...]) -> int:
 LATE_FRACTION = 0.75  # "the last quarter of training": from the first evaluation at or after 75% of the last step
 
 
+def _late_start(steps: list[int]) -> int:
+    """The first of the sorted evaluation `steps` in the last quarter of training (at or after LATE_FRACTION of the
+    last one), never the last itself (at least two steps)."""
+    start = next(step for step in steps if step >= LATE_FRACTION * steps[-1])
+    return steps[-2] if start == steps[-1] else start
+
+
 def late_change(run: RunDir, rows: list[dict], configs: list[str]) -> dict | None:
     """How validation perplexity moved over the last quarter of training, per configuration: from the first
     evaluation at or after LATE_FRACTION of the last evaluation's step (`from`) to the last (`to`), paired by seed
@@ -838,8 +868,7 @@ def late_change(run: RunDir, rows: list[dict], configs: list[str]) -> dict | Non
     steps = sorted(set.intersection(*(set(c) for by_seed in curves.values() for c in by_seed.values())))
     if len(steps) < 2:
         return None
-    start = next(step for step in steps if step >= LATE_FRACTION * steps[-1])
-    start = steps[-2] if start == steps[-1] else start
+    start = _late_start(steps)
     return {"from": start, "to": steps[-1],
             "changes": {c: stats.paired_relative_change({s: v[steps[-1]] for s, v in by_seed.items()},
                                                         {s: v[start] for s, v in by_seed.items()})
@@ -872,8 +901,8 @@ def late_words(late: dict | None, configs: tuple[str, ...] | list[str], train: d
     else:
         reading = ("not falling significantly in every one" + (": near where this schedule levels off" if decays else
                                                                 ""))
-    return (f"over the last quarter of training (evaluations at steps {late['from']} and {late['to']}{decay}) "
-            f"val_ppl changed by {changes}: {reading}"), falling
+    return (f"over the last quarter of training (from its first evaluation, at step {late['from']}, to the last, at "
+            f"step {late['to']}{decay}) val_ppl changed by {changes}: {reading}"), falling
 
 
 def _first_ok(rows: list[dict], config: str) -> dict | None:
