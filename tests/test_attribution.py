@@ -964,3 +964,17 @@ def test_the_decision_names_the_other_metrics_that_differ_where_the_primary_one_
     assert f"[{low:+.2f}, " in said and f"`acc` {acc:+.2f}%" in said and "worse" in said
     assert said.endswith("; no significant difference on `lim_ppl`.") and "tokens_per_s" not in said
     assert secondary_sentence(summary, out, ["test_ppl", "tokens_per_s"]) == ""  # nothing else of quality
+    # a second name for the primary numbers (LatentWire's strict accuracy where no answer was invalid) is said to add
+    # nothing, not read as a second null; one that differs in a single cell is compared as usual
+    for r in out:
+        r["metrics"]["strict"] = r["metrics"]["test_ppl"]
+    assert secondary_sentence(summary, out, ["test_ppl", "strict"]) == (
+        "The run's other metric, `strict`, equals `test_ppl` in every cell, so it adds nothing to the decision.")
+    assert secondary_sentence(summary, out, ["test_ppl", "val_ppl", "strict"]).endswith(
+        "; `strict` equals `test_ppl` in every cell, so it adds nothing.")
+    out[0]["metrics"]["strict"] += 0.5
+    assert "no significant difference on `strict`" in secondary_sentence(summary, out, ["test_ppl", "strict"])
+    # an interval within the metric's resolution reads as such, as the primary metric's does
+    for r in out:
+        r["metrics"]["fine"] = 10.0 * (1 + 1e-9 * r["seed"]) if r["config"] == "mu" else 10.0
+    assert "the same to the metric's resolution on `fine`" in secondary_sentence(summary, out, ["test_ppl", "fine"])

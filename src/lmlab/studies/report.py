@@ -44,26 +44,39 @@ def secondary_sentence(summary: dict, rows: list[dict], metrics: list[str]) -> s
     if not candidate or not reference or not others:
         return ""
     values = attribution.per_seed_values(rows)
-    differ, same = [], []
+    copies = [m for m in others if _same_in_every_cell(rows, m, primary)]
+    differ, same, resolution = [], [], []
     for metric in others:
         effect = attribution.improvement(values, candidate, reference, metric, lower_is_better(metric))
-        if effect is None or not effect.get("ci95"):
+        if metric in copies or effect is None or not effect.get("ci95"):
             continue
-        if (attribution.significant_gain(effect) or attribution.significant_loss(effect)) \
-                and not attribution.below_resolution(effect):
+        if attribution.below_resolution(effect):
+            resolution.append(f"`{metric}`")
+        elif attribution.significant_gain(effect) or attribution.significant_loss(effect):
             differ.append(f"`{metric}` {attribution.effect_text(effect)}")
         else:
             same.append(f"`{metric}`")
-    if not differ and not same:
-        return ""
-    count = len(differ) + len(same)
-    said = (f"`{candidate}` vs `{reference}` on the run's other metric{'s' if count > 1 else ''} (secondary: "
+    named = " and ".join(f"`{m}`" for m in copies)
+    copied = (f"{named} equal{'s' if len(copies) == 1 else ''} `{primary}` in every cell, so "
+              f"{'it adds' if len(copies) == 1 else 'they add'} nothing" if copies else "")
+    if not differ and not same and not resolution:
+        return (f"The run's other metric{'s' if len(copies) > 1 else ''}, {copied.replace(' equal', ', equal', 1)} "
+                "to the decision." if copies else "")
+    count = len(differ) + len(same) + len(resolution)
+    parts = differ + ([f"no significant difference on {', '.join(same)}"] if same else []) + (
+        [f"the same to the metric's resolution on {', '.join(resolution)}"] if resolution else []) + (
+        [copied] if copied else [])
+    return (f"`{candidate}` vs `{reference}` on the run's other metric{'s' if count > 1 else ''} (secondary: "
             + (f"each at 95%, uncorrected for the {count} compared" if count > 1 else "at 95%")
-            + f"; the decision and its controls are judged on {primary} alone): ")
-    said += "; ".join(differ) if differ else f"no significant difference on {', '.join(same)}"
-    if differ and same:
-        said += f"; no significant difference on {', '.join(same)}"
-    return said + "."
+            + f"; the decision and its controls are judged on {primary} alone): " + "; ".join(parts) + ".")
+
+
+def _same_in_every_cell(rows: list[dict], metric: str, primary: str) -> bool:
+    """Whether `metric` equals `primary` in every finished cell that recorded both (and at least one did): a second
+    name for the same numbers, e.g. a strict accuracy where no answer was invalid."""
+    pairs = [(r["metrics"][metric], r["metrics"][primary]) for r in rows if r.get("status", "ok") == "ok"
+             and r.get("metrics", {}).get(metric) is not None and r["metrics"].get(primary) is not None]
+    return bool(pairs) and all(a == b for a, b in pairs)
 
 
 def fmt(value, digits: int = 4) -> str:
