@@ -883,7 +883,7 @@ def test_a_gain_that_survives_removing_the_components_is_said_to_lie_in_the_weig
             r["metrics"]["val_ppl_without_position"] = parent[r["seed"]] * without[r["seed"]]
     comp = build_summary(record(configs, comparisons), out)["comparisons"][0]
     assert comp["improvement_pct"] > 0 and comp["ci95"][0] > 0
-    said = "Its gain does not come from what its position components add at evaluation"
+    said = "Its gain on val_ppl does not come from what its position components add at evaluation"
     assert (said in comp["text"]) == kept and ("gain_without_components" in comp) == kept
     if case == "partly":  # the residual alone would qualify: it is the components' own share that rules it out
         logs = [math.log(without[s]) for s in SEEDS]

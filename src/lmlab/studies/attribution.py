@@ -46,8 +46,10 @@ LEGEND = [
     "- `not-significant`: the 95% interval of the change vs the parent contains 0: the data cannot tell them apart.",
     "- `worse`: the candidate is significantly worse than its parent.",
     "- `explained-by-control`: the candidate beats its parent but not a control, and the interval vs that control "
-    "excludes a gain as large as the one over the parent, so the control's trivial explanation accounts for the gain; "
-    "not credited.",
+    "excludes a gain as large as the one over the parent: a trivial alternative gains at least as much, so the "
+    "component is not needed for a gain of this size; not credited. (The two gains may arise differently: where the "
+    "ablation shows that the candidate's gain lies in the weights trained beside its components, the sentence says "
+    "so.)",
     "- `control-unresolved`: the candidate beats its parent, but the interval vs a control holds both 0 and the whole "
     "gain over the parent: the comparison cannot tell whether the control would gain as much, so the component is not "
     "credited (nor is the control said to explain the gain).",
@@ -265,7 +267,8 @@ def judge_comparison(spec: dict, values: dict, params: dict, roles: dict, metric
         if effect is not None and significant_gain(effect) and not spec.get("positive_control") else None
     if residual is not None:
         out["gain_without_components"] = residual
-        out["text"] += (f" Its gain does not come from what its position components add at evaluation: removing them "
+        out["text"] += (f" Its gain on {metric} does not come from what its position components add at evaluation: "
+                        "removing them "
                         f"(the ablation) changes {metric} by {effect_text(residual['components'])}, and without them "
                         f"`{candidate}` still beats `{parent}`: {effect_text(residual)} - the gain is in the weights "
                         "trained beside them (which training with them may have shaped).")
@@ -878,7 +881,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
                 out["verdict"] += (f"; nor is the gain the component's: on {metric} `{spec['candidate']}` does not "
                                    "beat " + " and ".join(name for name, *_ in explains) + ": "
                                    + "; ".join(text for _, text, _ in explains)
-                                   + explained_reading([vs for *_, vs in explains], spec["parent"], metric))
+                                   + explained_reading([vs for *_, vs in explains], spec["parent"], metric)
+                                   + ", so the study does not credit that gain to the component")
             elif unresolved:
                 out["verdict"] += (f"; nor is the gain shown to be the component's: on {metric} it is not separated "
                                    "from its control" + ("s" if len(unresolved) > 1 else "") + " ("
