@@ -786,7 +786,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             if spec.get("total_parent") else None
         own_top = comp["ci95"][1] if comp["n"] and comp.get("ci95") else None
         whole = total["improvement_pct"] if total is not None and significant_gain(total) else None
-        parent_s = f"`{spec['parent']}` alone gives {effect_text(share)} of it" if share is not None else ""
+        parent_s = (f"`{spec['parent']}` alone changes {metric} vs `{spec['total_parent']}` by {effect_text(share)}"
+                    if share is not None else "")
         if comp["credited"]:
             return {**row, "measured": measured,
                     "verdict": "supported: the component is credited (beats its parent and its controls)"}
@@ -794,7 +795,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
             # most of the whole gain is not the component's, whatever its own comparison resolves
             verdict = (f"not supported: the component's own gain over `{spec['parent']}` is at most "
                        f"{max(own_top, 0.0) / whole:.2%} of the whole gain over `{spec['total_parent']}` (95% CI); "
-                       f"{parent_s}; its own comparison: {comp['scenario']}")
+                       f"{parent_s}; the component's own comparison with `{spec['parent']}` reads "
+                       f"{comp['scenario']} (see the attribution)")
             return {**row, "measured": measured, "verdict": verdict}
         if comp["scenario"] in ("control-unresolved", "not-significant"):
             verdict = (f"not testable at this scale: the component is not credited ({comp['scenario']}: the data "
@@ -819,7 +821,8 @@ def judge_claim(spec: dict, values: dict, comparisons: list[dict], lower_is_bett
         spread = seed_spread(values, [c for a, b, _ in ran for c in (a, b)], metric)
         in_noise = differ and spread is not None and reach < spread
         noise = (f"within the noise between seeds (the 95% intervals stay below the {spread:.2g}% by which {metric} "
-                 f"varies from seed to seed, sd); paired by seed, {named} differ consistently, by less than that") \
+                 f"varies from seed to seed, sd); paired by seed, {named} differ consistently, by less than "
+                 f"{spread:.2g}%") \
             if in_noise else ""
         if within is None:
             verdict = ("supported: no pair differs significantly" if not differ else

@@ -1444,8 +1444,8 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                 text += (f": trained alone they move val_ppl by {abs(ch['delta_pct']):.2g}%, so the metric registers "
                          f"effects of that size from them; their near-zero share in the fine-tuned configurations that "
                          f"train {what} (at most {share:.3f}%, a mean over seeds) is what they contribute there, a "
-                         "finding at this scale rather than a blind spot of the metric (for effects up to the "
-                         "control's size: larger ones it does not speak to).")
+                         "finding at this scale - what they learned in this budget - rather than a limit of the "
+                         "metric.")
             else:
                 text += ": they can move the metric."
             lines[-1] += text
