@@ -805,7 +805,8 @@ class HyloradaStudy(Study):
                       + (f" Tokens per decile: {', '.join(f'{c:,}' for c in counts)}; LIM-PPL covers {lim:,} tokens."
                          if counts and lim else "") + " See `plots/perplexity_by_decile.png`.",
                       *_first_decile_sentence(ok, [c for c in configs if roles.get(c) != "positive control"
-                                                   and not c.endswith("(INVALID)")], cfg), ""]
+                                                   and not c.endswith("(INVALID)")], cfg,
+                                              _aside(configs, roles)), ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
             sparse = _retrieval_plot(ok, configs, run, 9 * 10 ** (cfg.get("value_digits", 4) - 1))
@@ -1175,7 +1176,15 @@ def _acts_by_position(rows: list[dict], candidate: str, parent: str) -> str:
     return said
 
 
-def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> list[str]:
+def _aside(configs: list[str], roles: dict[str, str]) -> str:
+    """' (positive controls and diagnostics aside)', naming only what the run has of them, for a sentence about the
+    fine-tuned configurations; '' where it has neither."""
+    kinds = [k for k, present in (("positive controls", any(roles.get(c) == "positive control" for c in configs)),
+                                  ("diagnostics", any(c.endswith("(INVALID)") for c in configs))) if present]
+    return f" ({' and '.join(kinds)} aside)" if kinds else ""
+
+
+def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict, aside: str = "") -> list[str]:
     """Where the first position decile lies within the base's pretraining context: what fine-tuning did to perplexity
     there, each fine-tuned configuration of `configs` (the caller leaves out positive controls and diagnostics) vs
     the base, paired by seed (the window's first tokens see no more context than the base was trained on)."""
@@ -1199,7 +1208,7 @@ def _first_decile_sentence(rows: list[dict], configs: list[str], cfg: dict) -> l
     deltas = sorted(ch["delta_pct"] for ch in changes.values())
     most = max(changes, key=lambda c: changes[c]["delta_pct"])
     said = (f"In the first decile (positions 0-{span - 1}, within the base's {context}-token pretraining context) the "
-            f"fine-tuned configurations (positive controls and diagnostics aside) change perplexity by "
+            f"fine-tuned configurations{aside} change perplexity by "
             f"{deltas[0]:+.2g}% to {deltas[-1]:+.2g}% against the "
             f"base's (paired by seed; the most: `{most}` {change_cell(changes[most])}): {len(worse)} of "
             f"{len(changes)} significantly raise it, {len(better)} significantly lower it.")
@@ -1387,7 +1396,7 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
     alone = [(c, changes[c]) for c in with_parts if roles.get(c) == "positive control" and changes[c]]
     if adapted:
         widest = max(adapted, key=lambda c: abs(changes[c]["delta_pct"]))
-        lines += ["", "In the fine-tuned configurations (positive controls and diagnostics aside), removing the "
+        lines += ["", f"In the fine-tuned configurations{_aside(configs, roles)}, removing the "
                   f"trained position components changes val_ppl by at most {abs(changes[widest]['delta_pct']):.3f}% "
                   f"(mean over seeds, in `{widest}`)."]
         for c, ch in alone:
