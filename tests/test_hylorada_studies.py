@@ -253,7 +253,7 @@ def test_retrieval_gains_are_tested_paired_over_the_same_queries():
     assert "highest mean:" in text and "best:" not in text
     assert ("Paired by seed (each seed's recall over its 200 queries, the same queries for every configuration; a "
             "95% t-interval over the 3 seeds, as for val_ppl), 2 of 2 fine-tuned configurations recall significantly "
-            "more than the base; 0 of 1 differ significantly from `rslora`, so retrieval does not separate the "
+            "more than the base; none of 1 differs significantly from `rslora`, so retrieval does not separate the "
             "configurations at this scale.") in text
     row = next(line for line in lines if line.startswith("| rslora |"))
     gains = [(sum(ref[s]) - sum(base[s])) / 200 for s in (1, 2, 3)]  # per seed, independently counted
@@ -267,7 +267,15 @@ def test_retrieval_gains_are_tested_paired_over_the_same_queries():
     text = "\n".join(_positive_control_section(rows, ["base", "rslora", "better"],
                                                {"max_length": 512, "rope_scaling": "none", "value_digits": 1},
                                                "rslora"))
-    assert "1 of 1 differs significantly from `rslora` (`better`)." in text
+    assert "against `rslora`, 1 of 1 recall significantly more." in text
+    # one that recalls less is named as such, and those that do not differ are counted
+    worse = {s: [0 if i < 20 + 5 * s else v for i, v in enumerate(hits)] for s, hits in ref.items()}
+    rows = _retrieval_rows({"base": base, "rslora": ref, "better": better, "worse": worse, "other": null})
+    text = "\n".join(_positive_control_section(rows, ["base", "rslora", "better", "worse", "other"],
+                                               {"max_length": 512, "rope_scaling": "none", "value_digits": 1},
+                                               "rslora"))
+    assert ("against `rslora`, 1 of 3 recall significantly more and 1 significantly less (`worse`); 1 do not differ "
+            "significantly from it.") in text
 
 
 def test_a_recall_gain_that_varies_across_seeds_is_not_significant_however_many_queries():

@@ -1313,10 +1313,17 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                     + "; ")
             others = [c for c in tested if c != reference and vs_ref[c] is not None]
             if others:
-                said += (f"{len(apart)} of {len(others)} {'differs' if len(apart) == 1 else 'differ'} significantly "
-                         f"from `{reference}`"
-                         + (f" ({', '.join(f'`{c}`' for c in apart)})" if apart else
-                            ", so retrieval does not separate the configurations at this scale") + ".")
+                higher = [c for c in apart if vs_ref[c]["difference"] > 0]
+                lower = [c for c in apart if vs_ref[c]["difference"] < 0]
+                names = lambda cs: ", ".join(f"`{c}`" for c in cs)  # noqa: E731
+                if not apart:
+                    said += (f"none of {len(others)} differs significantly from `{reference}`, so retrieval does not "
+                             "separate the configurations at this scale.")
+                else:
+                    said += (f"against `{reference}`, {len(higher)} of {len(others)} recall significantly more"
+                             + (f" and {len(lower)} significantly less ({names(lower)})" if lower else "")
+                             + (f"; {len(others) - len(apart)} do not differ significantly from it"
+                                if len(apart) < len(others) else "") + ".")
             else:
                 said = said[:-2] + "."
             if not up:
