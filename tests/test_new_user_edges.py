@@ -374,3 +374,188 @@ def test_a_shape_mismatch_between_weights_and_config_names_the_tensor(capsys, tm
     assert re.search(rf"the weights of {re.escape(str(model))} do not fit its config.json: tensor "
                      r"'model\.layers\.0\.mlp\.\w+_proj\.weight' is \[\d+, \d+\] in the weights but \[\d+, \d+\] by "
                      r"config.json \(6 tensor\(s\) differ\)", line), line
+
+
+# ---------------------------------------------------------------------------------------------------
+# 6. --nproc N: every input check before the N processes start (one line, exit 2, nothing started)
+
+
+@pytest.mark.parametrize("case", ["existing out", "file out", "seeds 0", "parallel", "slurm without executor",
+                                  "resume with overrides", "seeds twice", "empty out"])
+def test_bad_input_with_nproc_is_one_line_before_any_process_starts(capsys, tmp_path, monkeypatch, case):
+    """Under --nproc 2 the input is checked in this process before torchrun starts two ranks; before, most checks
+    ran in every rank: the line twice, torchrun's traceback and exit 1. A started launcher would fail this test
+    (subprocess.call is replaced by one that records it)."""
+    import lmlab.cli as cli_module
+
+    started = []
+    monkeypatch.setattr(cli_module, "_relaunch_distributed", lambda n, argv: started.append(argv) or 0)
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "keep.txt").write_text("x")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    base = ["run", "hylorada", "--preset", "smoke", "--seeds", "1", "--nproc", "2"]
+    args, expected = {
+        "existing out": (base + ["--out", str(used)], "already exists and is not empty; continue it with --resume"),
+        "file out": (base + ["--out", str(afile)], "is a file, not a directory; choose another --out"),
+        "seeds 0": (["run", "hylorada", "--preset", "smoke", "--seeds", "0", "--nproc", "2", "--out",
+                     str(tmp_path / "r")], "--seeds must be >= 1, got 0"),
+        "parallel": (base + ["--parallel", "2", "--out", str(tmp_path / "r")],
+                     "they do not combine with --nproc (DDP): drop one of them"),
+        "slurm without executor": (base + ["--slurm-partition", "gpu", "--out", str(tmp_path / "r")],
+                                   "add --executor slurm"),
+        "resume with overrides": (["run", "hylorada", "--resume", str(used), "--nproc", "2", "train.lr=1e-3"],
+                                  "has no study.yaml"),
+        "seeds twice": (base + ["--out", str(tmp_path / "r"), "seeds=[7]"],
+                        "--seeds 1 and the override seeds=... both choose the seeds; drop one"),
+        "empty out": (base + ["--out", ""], "--out '' names no directory"),
+    }[case]
+    code, out, err = cli(capsys, *args)
+    assert code == 2 and out == "" and started == []
+    assert expected in one_error_line(err)
+    assert not (tmp_path / "r").exists() and (used / "keep.txt").read_text() == "x"
+
+
+def test_nproc_above_the_cores_is_refused_on_the_cpu(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    code, out, err = cli(capsys, "run", "hylorada", "--preset", "smoke", "--nproc", "64", "--out", str(tmp_path / "r"))
+    assert code == 2 and out == ""
+    assert one_error_line(err) == ("lmlab: error: --nproc 64 starts 64 processes on the CPU, but this process may "
+                                   "use 2 core(s): use --nproc 2 or fewer")
+
+
+def test_torchrun_hands_every_lmlab_option_to_the_ranks(monkeypatch):
+    """lmlab's arguments after `--`: torchrun's own parser (its real one, not a copy) leaves them all to the script,
+    `--log` included, which it would otherwise read as an ambiguous abbreviation of its `--log-dir`; the rank drops
+    the `--` if torchrun passes it on."""
+    import subprocess as sp
+
+    from torch.distributed.run import get_args_parser
+
+    import lmlab.cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(sp, "call", lambda cmd: seen.append(cmd) or 0)
+    argv = ["run", "mu", "--preset", "smoke", "--nproc", "2", "--log", "tensorboard", "--log=mlflow", "lr=1e-3"]
+    assert cli_module._relaunch_distributed(2, argv) == 0
+    cmd = seen[0]
+    parsed = get_args_parser().parse_args(cmd[cmd.index("torch.distributed.run") + 1:])
+    assert parsed.module and parsed.training_script == "lmlab.cli" and parsed.nproc_per_node == "2"
+    given = list(parsed.training_script_args)
+    assert given[given[:1] == ["--"]:] == ["run", "mu", "--preset", "smoke", "--log", "tensorboard", "--log=mlflow",
+                                           "lr=1e-3"]
+
+
+def test_bad_lmlab_device_is_the_only_line(capsys, monkeypatch, tmp_path):
+    """LMLAB_DEVICE=cuda on a machine without CUDA: refused before the run says anything (the CPU-share note
+    included)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("LMLAB_DEVICE", "cuda")
+    code, out, err = cli(capsys, "run", "hylorada", "--preset", "smoke", "--seeds", "1", "--out", str(tmp_path / "r"))
+    assert code == 2 and out == ""
+    assert "LMLAB_DEVICE=cuda, but torch sees no CUDA device" in one_error_line(err)
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_seeds_a_run_uses_are_the_ones_its_config_records():
+    """--seeds N replaces the preset's seeds in the run's config (study.yaml's config.seeds, which the Setting
+    section reads), not only in the list of cells; a preset's one `seed` yields to it too."""
+    from lmlab.studies.runner import check_run
+
+    plan = check_run("hylorada", preset="smoke", seeds=1)
+    assert plan.record["seeds"] == [42] and plan.cfg.seeds == [42]
+    plan = check_run("hylorada", preset="smoke", seeds=2, overrides=["train.lr=1e-3"])
+    assert plan.cfg.seeds == [42, 123] and plan.cfg.train.lr == 1e-3
+    assert check_run("hylorada", preset="smoke", overrides=["seed=7"]).cfg.seeds == [7]
+    with pytest.raises(ConfigError, match=r"^--seeds 2 and the override seed=\.\.\. both choose the seeds; drop one$"):
+        check_run("hylorada", preset="smoke", seeds=2, overrides=["seed=7"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7. report, bench, summarize-eval and overrides: bad input that used to pass or crash
+
+
+def test_report_refuses_a_run_whose_results_are_gone_and_leaves_out_rows_of_cells_it_does_not_have(capsys,
+                                                                                                   mu_copy):
+    report = (mu_copy / "report.md").read_text()
+    results = (mu_copy / "results.jsonl").read_text()
+    (mu_copy / "results.jsonl").unlink()
+    code, out, err = cli(capsys, "report", str(mu_copy))
+    assert code == 2 and out == ""
+    assert "results.jsonl is missing: the report is built from it" in one_error_line(err)
+    assert (mu_copy / "report.md").read_text() == report  # the report of the finished cells is kept
+    rows = [json.loads(line) for line in results.splitlines() if line.strip()]
+    stray = {**rows[0], "config": "nosuchcfg", "metrics": {k: 1e6 for k in rows[0]["metrics"]}}
+    (mu_copy / "results.jsonl").write_text(results + json.dumps(stray) + "\n")
+    code, _, err = cli(capsys, "report", str(mu_copy))
+    assert code == 0, err
+    text = (mu_copy / "report.md").read_text()
+    assert ("1 row(s) in `results.jsonl` are for cells this run does not have and were left out** (nosuchcfg "
+            "seed") in text
+    assert "| nosuchcfg |" not in text and "nosuchcfg" not in (mu_copy / "summary.json").read_text()
+    assert "nosuchcfg" in (mu_copy / "results.jsonl").read_text()  # the file itself is never rewritten
+
+
+def test_report_on_a_missing_directory_says_it_does_not_exist(capsys, tmp_path):
+    code, _, err = cli(capsys, "report", str(tmp_path / "nope"))
+    assert code == 2
+    assert f"{tmp_path / 'nope'} does not exist: give the directory of an lmlab run" in one_error_line(err)
+
+
+@pytest.mark.parametrize("case", ["out is a file", "out below a file", "only names nothing"])
+def test_bench_refuses_bad_options_before_measuring(capsys, tmp_path, monkeypatch, case):
+    """Before, `--out FILE` measured for minutes and then crashed with two tracebacks, losing the numbers, and a
+    bare `--only` ran the whole suite."""
+    import lmlab.bench as bench
+
+    monkeypatch.setattr(bench, "_child", lambda *a, **k: pytest.fail("the benchmarks started"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args, expected = {"out is a file": (["--out", str(afile)], f"cannot write benchmark results to {afile}"),
+                      "out below a file": (["--out", str(afile / "sub")], "cannot write benchmark results to"),
+                      "only names nothing": (["--only"], "--only names no benchmark: give one or more of")}[case]
+    code, out, err = cli(capsys, "bench", "--quick", *args)
+    assert code == 2 and out == "" and expected in one_error_line(err)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"caf\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 3)"),
+    (b'{"systems": {"bridged": {"flexible": "x", "correct_flexible": "false"}}}\n', ":1: not an eval_samples line"),
+    (b'{"systems": {"bridged": {"flexible": 3, "correct_flexible": true}}}\n', ":1: not an eval_samples line"),
+    (b'{"systems": {"bridged": {"flexible": null, "correct_flexible": true}}}\n', ":1: not an eval_samples line"),
+    (b"\n\n", "no eval samples in it (empty)"),
+])
+def test_summarize_eval_refuses_files_that_are_not_eval_samples(capsys, tmp_path, content, expected):
+    path = tmp_path / "eval_samples.jsonl"
+    path.write_bytes(content)
+    code, out, err = cli(capsys, "summarize-eval", str(path))
+    assert code == 2 and out == "" and expected in one_error_line(err)
+
+
+@pytest.mark.parametrize("override", ["adapter.r=true", "train.epochs=true", "train.lr=false"])
+def test_a_boolean_for_a_number_is_refused(capsys, tmp_path, override):
+    """pydantic would read true as 1: `adapter.r=true` trained at rank 1 without a word."""
+    code, out, err = cli(capsys, "run", "hylorada", "--preset", "smoke", "--out", str(tmp_path / "r"), override)
+    key = override.split("=")[0]
+    assert code == 2 and out == "" and f"{key} = " in one_error_line(err)
+    assert "expected a number, got " in one_error_line(err) and not (tmp_path / "r").exists()
+    from lmlab.config import preset_path
+    from lmlab.studies.registry import get_study
+
+    cfg = load_config(get_study("hylorada").config_cls, preset_path("hylorada", "smoke"), ["adapter.use_rslora=true"])
+    assert cfg.adapter.use_rslora is True  # a boolean field still takes one
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (("run",), "name a study: `lmlab run STUDY [KEY=VALUE ...]`, STUDY one of hylorada, landmarks"),
+    (("eval",), "name what to evaluate: `lmlab eval ppl ...` (perplexity) or `lmlab eval lm-eval ...`"),
+    (("run", "mu", "--preset", "smoke", "train.lr"), "(a config override is KEY=VALUE, e.g. train.lr=...)"),
+])
+def test_usage_errors_say_what_to_give(capsys, args, expected):
+    code, out, err = cli(capsys, *args)
+    assert code == 2 and out == "" and expected in one_error_line(err)

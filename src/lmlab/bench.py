@@ -31,6 +31,10 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
     from lmlab.benchsuite import results_dir
     from lmlab.benchsuite.suite import BENCHMARKS
 
+    if only is not None and not only:  # `--only` with nothing after it: not "everything"
+        raise LmlabError(f"--only names no benchmark: give one or more of {', '.join(BENCHMARKS)} (with --gpu: "
+                         f"{', '.join(gpu_bench.MODELS)}), or drop --only to run them all")
+    _check_out(Path(out) if out else results_dir())
     if gpu is None:  # LMLAB_DEVICE=cpu: the CPU benchmarks also on a machine with a GPU
         from lmlab.engine import distributed as D
 
@@ -52,6 +56,18 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
                "out": str(Path(out).resolve() if out else results_dir())}
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     return _child([sys.executable, "-m", SUITE_MODULE, "run", json.dumps(options)], env)
+
+
+def _check_out(out: Path) -> None:
+    """The results directory can be made and written, before minutes of benchmarks are measured into it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise LmlabError(f"cannot write benchmark results to {out}: {exc.strerror or exc}; choose another --out "
+                         "(a directory)") from None
 
 
 def _child(command: list[str], env: dict) -> Path:

@@ -23,6 +23,12 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like every other bad input."""
 
     def error(self, message: str):
+        # argparse names an optional positional (run's KEY=VALUE overrides) among the missing ones, and the eval
+        # subcommand by its dest: say what to give instead
+        if message.startswith("the following arguments are required: study"):
+            message = f"name a study: `lmlab run STUDY [KEY=VALUE ...]`, STUDY one of {', '.join(STUDIES)}"
+        elif message == "the following arguments are required: {ppl,lm-eval}":
+            message = "name what to evaluate: `lmlab eval ppl ...` (perplexity) or `lmlab eval lm-eval ...`"
         raise LmlabError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -59,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir")
 
     ev = sub.add_parser("eval", help="evaluate a model")
-    ev_sub = ev.add_subparsers(dest="metric", required=True, parser_class=_Parser)
+    ev_sub = ev.add_subparsers(dest="metric", required=True, parser_class=_Parser, metavar="{ppl,lm-eval}")
     ppl = ev_sub.add_parser("ppl", help="corpus perplexity and bits per byte of text files")
     ppl.add_argument("--model", required=True, help="a save_pretrained directory (or hub id where online)")
     ppl.add_argument("--adapter", help="an adapter directory (lmlab or peft format)")
@@ -195,23 +201,6 @@ def _warn_beyond_positions(config, max_length: int) -> None:
           file=sys.stderr)
 
 
-def _check_batch_split(args, nproc: int) -> None:
-    """Before `nproc` processes start: the study's train.batch_size (the global batch) splits evenly across them.
-    One line here instead of one error per process and torchrun's report."""
-    from lmlab.config import build, load_config, preset_path
-    from lmlab.engine.train import check_batch_split
-    from lmlab.studies.rundir import RunDir
-    from lmlab.studies.runner import get_study
-
-    study = get_study(args.study)
-    if args.resume:
-        run = RunDir(Path(args.resume))
-        config = build(study.config_cls, run.read_study()["config"], where=str(run.study_path))
-    else:
-        config = load_config(study.config_cls, preset_path(args.study, args.preset or "default"), args.overrides)
-    check_batch_split(config, nproc)
-
-
 def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
     """Re-run this command under torchrun with `nproc` processes (gloo on CPU, NCCL on GPU)."""
     import subprocess
@@ -227,8 +216,10 @@ def _relaunch_distributed(nproc: int, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         cleaned.append(a)
+    # `--` ends torchrun's own options: without it torchrun's parser reads lmlab's `--log` as an ambiguous
+    # abbreviation of its `--log-dir` / `--logs-specs`; the child drops the `--` if it is passed through (`main`)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "lmlab.cli", *cleaned]
+           "-m", "lmlab.cli", "--", *cleaned]
     return subprocess.call(cmd)
 
 
@@ -237,7 +228,12 @@ def _run(args, argv: list[str]) -> int:
 
     nproc = D.resolve_nproc(args.nproc) if not os.environ.get("LOCAL_RANK") else 1
     if nproc > 1:
-        _check_batch_split(args, nproc)
+        from lmlab.studies.runner import check_run
+
+        # every check of the input before N processes start: one line from here, not one per rank
+        check_run(args.study, preset=args.preset, overrides=args.overrides, out=args.out, seeds=args.seeds,
+                  resume=args.resume, parallel=args.parallel, executor=_executor_options(args), log=args.log,
+                  world=nproc)
         return _relaunch_distributed(nproc, argv)
     from lmlab.studies.runner import run_study
 
@@ -290,6 +286,8 @@ def _share_cpu(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"] and os.environ.get("LOCAL_RANK"):  # relaunched under torchrun (`_relaunch_distributed`)
+        argv = argv[1:]
     _share_cpu(argv)
     quiet_libraries()
     try:
@@ -297,7 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         # `key=value` overrides may come after options (`run hylorada --seeds 2 lr=1e-3`).
         unknown = [x for x in extra if not (args.command == "run" and "=" in x and not x.startswith("-"))]
         if unknown:
-            raise LmlabError(f"unrecognized arguments: {' '.join(unknown)} (see `lmlab --help`)")
+            bare = [x for x in unknown if not x.startswith("-")] if args.command == "run" else []
+            raise LmlabError(f"unrecognized arguments: {' '.join(unknown)}"
+                             + (f" (a config override is KEY=VALUE, e.g. {bare[0]}=...)" if bare else
+                                " (see `lmlab --help`)"))
         if args.command == "run":
             args.overrides = [*args.overrides, *extra]
         if getattr(args, "threads", None) is not None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from lmlab.errors import ConfigError
 
@@ -32,6 +35,18 @@ class Section(BaseModel):
 
     # Short flag names (as in the research notes) mapped to dotted field paths.
     ALIASES: ClassVar[dict[str, str]] = {}
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads true / false as 1 / 0 for a number field: `adapter.r=true` would train at rank 1 without a
+        word. A number field (not also a boolean one) refuses them."""
+        if isinstance(value, bool):
+            kinds = _scalar_types(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise PydanticCustomError("bool_as_number", "expected a number, got {value}",
+                                          {"value": str(value).lower()})
+        return value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -48,6 +63,15 @@ def valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
         if sub is not None:
             keys.extend(valid_keys(sub, dotted + "."))
     return keys
+
+
+def _scalar_types(annotation: Any) -> set[type]:
+    """The plain types an annotation admits (`int`, `float | None` -> {float, NoneType}); nothing inside a list."""
+    if isinstance(annotation, type):
+        return {annotation}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return {t for arg in typing.get_args(annotation) for t in _scalar_types(arg)}
+    return set()
 
 
 def _section_type(annotation: Any) -> type[BaseModel] | None:

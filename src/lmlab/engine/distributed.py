@@ -154,14 +154,18 @@ def split_batch(batch_size: int, world: int | None = None) -> int:
 
 
 def resolve_nproc(value: str | int) -> int:
-    """`--nproc N` (on GPUs: at most one process per visible GPU, see `check_gpus`); `--nproc auto`: $NUM_GPUS,
-    else the number of visible GPUs, else 1."""
+    """`--nproc N` (on GPUs: at most one process per visible GPU, see `check_gpus`; on the CPU: at most one per
+    core this process may use); `--nproc auto`: $NUM_GPUS, else the number of visible GPUs, else 1."""
     text = str(value).strip()
     if isinstance(value, int) or text.lstrip("+-").isdigit():
         n = int(text)
         if n < 1:
             raise ConfigError(f"--nproc must be a positive integer or 'auto', got {value!r}")
         check_gpus(n)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if n > cores and not uses_gpu():  # gloo on the CPU: each process needs a core of its own to progress
+            raise ConfigError(f"--nproc {n} starts {n} processes on the CPU, but this process may use {cores} "
+                              f"core(s): use --nproc {cores} or fewer")
         return n
     if text != "auto":
         raise ConfigError(f"--nproc must be a positive integer or 'auto', got {value!r}")

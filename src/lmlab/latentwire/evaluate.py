@@ -230,21 +230,32 @@ def summarize_eval(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
     every cell and are always counted."""
     counts: dict[str, dict] = {}
     seen: set[tuple] = set()
-    for file in _sample_files(paths):
+    files = _sample_files(paths)
+    for file in files:
         columns: dict[str, list[tuple]] = {}
-        with file.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    sample = json.loads(line)
-                    for name, r in sample["systems"].items():
-                        columns.setdefault(name, []).append(
-                            (r.get("evaluation"), sample.get("index"), sample.get("question"), r.get("output"),
-                             r["flexible"], bool(r["correct_flexible"])))
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    raise DataError(f"{file}:{lineno}: not an eval_samples line "
-                                    "(expected JSON with systems.<name>.flexible and correct_flexible)") from None
+        try:
+            lines = file.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{file} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): "
+                            "give the eval_samples*.jsonl files a latentwire run writes") from None
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+                for name, r in sample["systems"].items():
+                    flexible, correct = r["flexible"], r["correct_flexible"]
+                    # the writer's types: the extracted number as text (None: no number), whether it is the gold
+                    if not isinstance(correct, bool) or not (flexible is None or isinstance(flexible, str)) or (
+                            correct and flexible is None):
+                        raise TypeError
+                    columns.setdefault(name, []).append(
+                        (r.get("evaluation"), sample.get("index"), sample.get("question"), r.get("output"),
+                         flexible, correct))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise DataError(f"{file}:{lineno}: not an eval_samples line (expected JSON with "
+                                "systems.<name>.flexible, the extracted answer as text or null, and "
+                                "correct_flexible, true or false)") from None
         for name, column in columns.items():
             c = counts.setdefault(name, {"total": 0, "valid": 0, "invalid": 0, "correct": 0, "evaluations": 0})
             signature = (name, tuple(column))
@@ -256,6 +267,9 @@ def summarize_eval(paths: Sequence[str | os.PathLike]) -> dict[str, dict]:
                 c["total"] += 1
                 c["valid" if flexible is not None else "invalid"] += 1
                 c["correct"] += correct
+    if not any(c["total"] for c in counts.values()):
+        raise DataError(f"{', '.join(map(str, files))}: no eval samples in {'it' if len(files) == 1 else 'them'} "
+                        "(empty); give the eval_samples*.jsonl files of a latentwire run that evaluated items")
     return {name: {"total": c["total"], "valid": c["valid"], "invalid": c["invalid"],
                    "accuracy": c["correct"] / c["total"], "evaluations": c["evaluations"]}
             for name, c in counts.items()}

@@ -927,6 +927,9 @@ def write_reports(run: RunDir) -> dict:
     study = registry.get_study(record["study"])
     record = with_declarations(study, record)
     rows = run.read_results()
+    # rows of cells the run does not have (an edited or merged results.jsonl): left out, and named
+    strays = [r for r in rows if r["config"] not in record["configurations"] or r["seed"] not in record["seeds"]]
+    rows = [r for r in rows if r not in strays]
     summary = build_summary(record, rows)
     extra = json_safe(study.extra_summary(summary, rows, run, record))
     claims = summary.get("claims", []) + extra.pop("claims", [])
@@ -952,6 +955,7 @@ def write_reports(run: RunDir) -> dict:
         f"(regenerate with `lmlab report {run.root}`). How to read it: {guide_link(run)}.",
         "",
         *([run.duplicates_note(), ""] if run.duplicates else []),
+        *([_strays_note(strays, record), ""] if strays else []),
         "## Decision",
         "",
         summary["decision"]["text"],
@@ -1042,13 +1046,28 @@ def guide_link(run: RunDir) -> str:
     return f"[{GUIDE}]({Path(os.path.relpath(guide, run.root.resolve())).as_posix()})"
 
 
+def _strays_note(strays: list[dict], record: dict) -> str:
+    """The report's line on `results.jsonl` rows for cells the run does not have."""
+    cells = sorted({f"{r['config']} seed {r['seed']}" for r in strays})
+    shown = ", ".join(cells[:10]) + (f" and {len(cells) - 10} more" if len(cells) > 10 else "")
+    return (f"**{len(strays)} row(s) in `results.jsonl` are for cells this run does not have and were left out** "
+            f"({shown}; the run's configurations: {', '.join(record['configurations'])}; seeds: "
+            f"{', '.join(map(str, record['seeds']))}).")
+
+
 def regenerate(directory: Path) -> Path:
     """The report files of a run, from its results - after recording the rows its jobs wrote since (`--executor`:
-    jobs that finished after the submitting process stopped)."""
+    jobs that finished after the submitting process stopped). A run whose results.jsonl is gone is refused: its
+    report would say no cell finished, over the report of the cells that did."""
+    from lmlab.errors import ConfigError
     from lmlab.studies.parallel import collect_cell_results
 
     run = RunDir(directory)
-    run.read_study()  # a directory that is no run is refused before anything is written
+    record = run.read_study()  # a directory that is no run is refused before anything is written
     collect_cell_results(run)
+    if not run.results_path.exists() and (run.root / "report.md").exists():
+        raise ConfigError(f"{run.results_path} is missing: the report is built from it, and rewriting it now would "
+                          "replace the report of the finished cells with an empty one; restore the file, or continue "
+                          f"the run (`lmlab run {record['study']} --resume {run.root}`) to compute the cells again")
     write_reports(run)
     return run.root

@@ -124,16 +124,27 @@ class RunDir:
         return self.root / "cells" / config / f"seed-{seed}"
 
     # creation
-    def create(self) -> None:
-        """Claim a new run directory, before any training starts: a path that is a file, or a directory that
-        holds anything (an earlier run), is refused, never overwritten. study.yaml is created exclusively, so
-        two runs started at once (the same --out, or the same default name) cannot share a directory, and
-        creating it proves the directory is writable."""
+    def check_new(self) -> None:
+        """The refusals of `create` that need nothing written: a path that is a file, or a directory that holds
+        anything (an earlier run) - so a launcher can refuse them before it starts processes."""
         if self.root.exists() and not self.root.is_dir():
             raise ConfigError(f"output path {self.root} is a file, not a directory; choose another --out")
         if self.root.exists() and any(self.root.iterdir()):
             raise ConfigError(f"output directory {self.root} already exists and is not empty; continue it with "
                               f"--resume {self.root}, or choose another --out")
+        for parent in self.root.parents:  # a file where a parent directory should be (--out afile/sub)
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ConfigError(f"output path {self.root}: {parent} is a file, not a directory; choose "
+                                      "another --out")
+                break
+
+    def create(self) -> None:
+        """Claim a new run directory, before any training starts: a path that is a file, or a directory that
+        holds anything (an earlier run), is refused, never overwritten. study.yaml is created exclusively, so
+        two runs started at once (the same --out, or the same default name) cannot share a directory, and
+        creating it proves the directory is writable."""
+        self.check_new()
         try:
             self._made_root = not self.root.exists()
             self.root.mkdir(parents=True, exist_ok=True)
@@ -220,6 +231,9 @@ class RunDir:
             atomic_write_text(self.study_path, dump_yaml(json_safe(record)))
 
     def read_study(self) -> dict:
+        if not self.root.exists():
+            raise ConfigError(f"{self.root} does not exist: give the directory of an lmlab run (the one its "
+                              "`report: DIR/report.md` line names)")
         if not self.study_path.exists():
             raise ConfigError(f"{self.root} has no study.yaml: it is not an lmlab run directory")
         try:

@@ -229,49 +229,27 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
     `threads` cores where the config pins `threads`; None: the config's `parallel`, else 1); `executor`: one
     submitit job per cell (SLURM, or submitit's local executor) - see lmlab.studies.parallel. `log`: experiment
     trackers each cell logs to (tensorboard, wandb, mlflow: lmlab.tracking)."""
-    study = get_study(name)
-    trackers = parse_trackers(log)
-    resolve_parallel(parallel)  # a malformed --parallel: refused before anything is read
+    plan = check_run(name, preset=preset, overrides=overrides, out=out, seeds=seeds, resume=resume,
+                     parallel=parallel, executor=executor, log=log)
+    study, cfg, run, record = plan.study, plan.cfg, plan.run, plan.record
     if resume:
-        run = RunDir(Path(resume))
-        record = run.read_study()
-        if record["study"] != name:
-            raise ConfigError(f"{resume} holds a '{record['study']}' study, not '{name}'")
-        given = [what for what, present in (("the overrides", overrides), ("--seeds", seeds is not None),
-                                            ("--preset", preset is not None), ("--out", out is not None)) if present]
-        if given:
-            raise ConfigError(f"--resume continues a run in its own directory with its saved configuration "
-                              f"(study.yaml, preset '{record['preset']}'); drop {' and '.join(given)}, or start a "
-                              "new run with --out")
-        cfg = build(study.config_cls, record["config"], where=str(run.study_path))
-        workers = _workers(parallel, cfg, executor)
-        seed_values = list(record["seeds"])
         if D.is_main():
             run.check_writable()
             run.lock()  # a second process on this directory stops here, naming this one
     else:
-        preset = preset or "default"
-        cfg = load_config(study.config_cls, preset_path(name, preset), overrides)
-        check_batch_split(cfg, D.world_size())  # the global batch splits across the processes, before any file
-        workers = _workers(parallel, cfg, executor)
-        seed_values = seed_list(seeds) if seeds is not None else list(cfg.seeds)
-        configs = selected_configurations(study, cfg)
-        run = RunDir(Path(D.broadcast_object(str(out or _default_out(name)))))
+        run = RunDir(Path(D.broadcast_object(str(run.root))))
         if D.is_main():
             run.create()  # refuses a used directory; fails here, before any training, when unwritable
             run.lock()
         record = {
-            "study": name, "preset": preset, "seeds": seed_values, "configurations": configs,
-            "reference": study.reference(cfg), "candidate": study.candidate(cfg),
-            "primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
-            "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
-            **declarations(study, cfg, configs),
+            **record, **declarations(study, cfg, record["configurations"]),
             "config": cfg.model_dump(mode="json"),
             "versions": library_versions(), "started": datetime.now().isoformat(timespec="seconds"),
-            "command": " ".join(["lmlab", *sys.argv[1:]]) if sys.argv else "",
+            "command": " ".join(["lmlab", *sys.argv[1 + (sys.argv[1:2] == ["--"]):]]) if sys.argv else "",
         }
         run.write_study(record)
         D.barrier()
+    workers, trackers = plan.workers, plan.trackers
     try:
         with bars.enabled(progress):  # bars for evaluation, generation and data that take seconds
             _execute(study, cfg, run, record, Display(progress, study.name, log_line, trackers=trackers),
@@ -288,15 +266,83 @@ def run_study(name: str, *, preset: str | None = None, overrides: list[str] = ()
     return run.root
 
 
-def _workers(parallel: int | str | None, cfg: StudyConfig, executor: ExecutorOptions | None) -> int:
+@dataclass
+class RunPlan:
+    """What `check_run` found: the study, its validated config, the run directory (not yet created or claimed), the
+    run's study.yaml record so far (a new run: without declarations, config and versions), cell workers and
+    trackers."""
+
+    study: Study
+    cfg: StudyConfig
+    run: RunDir
+    record: dict
+    workers: int
+    trackers: list
+
+
+def check_run(name: str, *, preset: str | None = None, overrides: list[str] = (), out: str | None = None,
+              seeds: int | None = None, resume: str | None = None, parallel: int | str | None = None,
+              executor: ExecutorOptions | None = None, log: list[str] | tuple[str, ...] = (),
+              world: int | None = None) -> RunPlan:
+    """Every check `run_study` makes of its input, for `world` processes (default: this job's), without creating,
+    claiming or writing anything: a launcher (`--nproc N`) calls it before it starts N processes, so bad input is
+    one line from one process, not one per rank and a launcher's traceback."""
+    world = D.world_size() if world is None else world
+    D.device_choice()  # a bad LMLAB_DEVICE: refused before anything is said or read
+    study = get_study(name)
+    trackers = parse_trackers(log)
+    resolve_parallel(parallel)  # a malformed --parallel: refused before anything is read
+    if out is not None and not str(out).strip():
+        raise ConfigError("--out '' names no directory: give a path, or leave --out out for runs/<study>-<time>")
+    if resume:
+        run = RunDir(Path(resume))
+        record = run.read_study()
+        if record["study"] != name:
+            raise ConfigError(f"{resume} holds a '{record['study']}' study, not '{name}': continue it with "
+                              f"`lmlab run {record['study']} --resume {resume}`")
+        given = [what for what, present in (("the overrides", overrides), ("--seeds", seeds is not None),
+                                            ("--preset", preset is not None), ("--out", out is not None)) if present]
+        if given:
+            raise ConfigError(f"--resume continues a run in its own directory with its saved configuration "
+                              f"(study.yaml, preset '{record['preset']}'); drop {' and '.join(given)}, or start a "
+                              "new run with --out")
+        cfg = build(study.config_cls, record["config"], where=str(run.study_path))
+        check_batch_split(cfg, world)
+        workers = _workers(parallel, cfg, executor, world)
+        return RunPlan(study, cfg, run, record, workers, trackers)
+    preset = preset or "default"
+    if seeds is not None:
+        chosen = [o.split("=", 1)[0].strip() for o in overrides if o.split("=", 1)[0].strip() in ("seeds", "seed")]
+        if chosen:
+            raise ConfigError(f"--seeds {seeds} and the override {chosen[0]}=... both choose the seeds; drop one")
+        overrides = [*overrides, f"seeds=[{', '.join(map(str, seed_list(seeds)))}]", "seed=null"]
+    cfg = load_config(study.config_cls, preset_path(name, preset), overrides)
+    check_batch_split(cfg, world)  # the global batch splits across the processes, before any file
+    workers = _workers(parallel, cfg, executor, world)
+    configs = selected_configurations(study, cfg)
+    run = RunDir(Path(out or _default_out(name)))
+    if out is not None:
+        run.check_new()
+    record = {
+        "study": name, "preset": preset, "seeds": list(cfg.seeds), "configurations": configs,
+        "reference": study.reference(cfg), "candidate": study.candidate(cfg),
+        "primary_metric": study.primary_metric, "lower_is_better": study.lower_is_better,
+        "table_metrics": study.table_metrics(cfg), "change_metrics": study.change_metrics(cfg),
+    }
+    return RunPlan(study, cfg, run, record, workers, trackers)
+
+
+def _workers(parallel: int | str | None, cfg: StudyConfig, executor: ExecutorOptions | None,
+             world: int | None = None) -> int:
     """Worker processes for the cells: `--parallel` as given, else the config's `parallel` where neither DDP nor
     an executor runs the cells (a preset's default yields to them); too many for the machine: refused here, before
-    any directory is made."""
+    any directory is made. `world`: the DDP processes (default: this job's)."""
+    world = D.world_size() if world is None else world
     asked = "--parallel {}"
-    if parallel is None and cfg.parallel is not None and executor is None and D.world_size() == 1:
+    if parallel is None and cfg.parallel is not None and executor is None and world == 1:
         parallel, asked = cfg.parallel, "parallel={}"
     workers = resolve_parallel(parallel, cfg.threads)
-    if (workers > 1 or executor is not None) and D.world_size() > 1:
+    if (workers > 1 or executor is not None) and world > 1:
         raise ConfigError("--parallel and --executor run each cell in its own process; they do not combine with "
                           "--nproc (DDP): drop one of them")
     if workers > 1 and executor is not None:
