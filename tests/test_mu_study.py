@@ -116,8 +116,14 @@ def test_smoke_run_has_every_cell_with_the_contracted_metrics(smoke_run: Path):
     assert report.splitlines()[0] == "# mu study (smoke preset): a pipeline check, not evidence"
     claims = {c["id"]: c for c in summary["claims"]}
     assert list(claims) == ["M1", "M2", "M3"]
-    assert claims["M1"]["verdict"].startswith("not testable at this scale (data builtin")
+    assert claims["M1"]["verdict"].startswith("not testable at this scale (data: lmlab's built-in generated text, not "
+                                              "WikiText-2")
     assert claims["M2"]["verdict"].startswith("not testable at this scale")
+    # each row's setting is the notes' (M2 at its recipe's 192 tokens), then what this run does differently
+    params = summary["configs"]["mu-sota"]["trainable_params"]
+    assert claims["M1"]["setting"].startswith("12 layers, ~16.7M parameters, WikiText-2, 128 tokens; this run differs")
+    assert claims["M2"]["setting"].startswith("12 layers, ~16.7M parameters, WikiText-2, 192 tokens; this run differs")
+    assert claims["M2"]["setting"].endswith(f"; {params:,} parameters, not ~16.7M")
     decision = summary["decision"]
     m3 = claims["M3"]["verdict"]
     if decision["scenario"] == "worse":
@@ -221,14 +227,17 @@ def test_out_of_memory_cell_is_reported_with_smaller_settings(smoke_run: Path, t
     shutil.copytree(smoke_run, run)
     with pytest.raises(OutOfMemory) as caught, out_of_memory_advice("training mu-sota", 192, 4, 8):
         allocate_too_much()
-    RunDir(run).append_result({"config": "mu-sota", "seed": 456, "status": "failed", "metrics": {},
+    seed = read_jsonl(run / "results.jsonl")[-1]["seed"]  # one of the run's cells fails instead
+    kept = [r for r in read_jsonl(run / "results.jsonl") if (r["config"], r["seed"]) != ("mu-sota", seed)]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    RunDir(run).append_result({"config": "mu-sota", "seed": seed, "status": "failed", "metrics": {},
                                "error": f"OutOfMemory: {caught.value}"})
     regenerate(run)  # what `lmlab report DIR` runs
     report = (run / "report.md").read_text()
     flag_rows = [line for line in report.splitlines() if "| out-of-memory |" in line]
     assert len(flag_rows) == 1 and "max_seq_len=160" in flag_rows[0] and "batch_size=2 grad_accum=16" in flag_rows[0]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["failed_cells"] == [{"config": "mu-sota", "seed": 456, "error": f"OutOfMemory: {caught.value}"}]
+    assert summary["failed_cells"] == [{"config": "mu-sota", "seed": seed, "error": f"OutOfMemory: {caught.value}"}]
 
 
 # ---------------------------------------------------------------------------------------------------

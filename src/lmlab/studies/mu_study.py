@@ -595,17 +595,28 @@ class MUStudy(Study):
 # The notes' claims (docs/studies.md, claims of the research notes: M1-M3)
 
 NOTES_SETTING = "12 layers, ~16.7M parameters, WikiText-2, 128 tokens"
+NOTES_RECIPE_SETTING = "12 layers, ~16.7M parameters, WikiText-2, 192 tokens"  # M2: the recipe's own length
 
 
 def _notes_scale(cfg: dict) -> str | None:
     """None when the run is at the notes' scale (WikiText-2, mu-sota 12 layers), else what differs."""
     differs = []
     if not str(cfg["dataset"]).startswith("wikitext-2"):
-        differs.append(f"data {cfg['dataset']}")
+        data = ("lmlab's built-in generated text" if cfg["dataset"] == "builtin" else f"`{cfg['dataset']}`")
+        differs.append(f"data: {data}, not WikiText-2")
     layers = (cfg.get("mu_sota") or {}).get("n_layers") or PRESETS["mu-sota"]["n_layers"]
     if layers != PRESETS["mu-sota"]["n_layers"]:
-        differs.append(f"{layers} layers")
-    return ", ".join(differs) or None
+        differs.append(f"mu-sota: {layers} layers, not {PRESETS['mu-sota']['n_layers']}")
+    return "; ".join(differs) or None
+
+
+def _setting(notes: str, cfg: dict, summary: dict) -> str:
+    """A claim's setting: the notes', and what this run does differently (data, depth, size)."""
+    differs = [_notes_scale(cfg)] if _notes_scale(cfg) else []
+    params = summary["configs"].get(CANDIDATE, {}).get("trainable_params")
+    if differs and params:
+        differs.append(f"{params:,} parameters, not ~16.7M")
+    return notes + (f"; this run differs - {'; '.join(differs)}" if differs else "")
 
 
 def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = None,
@@ -626,7 +637,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                if epochs > 6 else f"; a plateau after epoch 6 is not observable (the run ends at epoch {epochs:g})")
     claims = []
     m1 = {"id": "M1", "claim": "MU-SOTA reached PPL 402.17 and 17.25% accuracy after 10 epochs, plateauing after "
-                              "epoch 6", "setting": NOTES_SETTING}
+                              "epoch 6", "setting": _setting(NOTES_SETTING, cfg, summary)}
     if not test:
         claims.append({**m1, "measured": "not run", "verdict": f"not testable here: `{CANDIDATE}` did not run"})
     else:
@@ -645,7 +656,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
             verdict = "not testable here: one seed gives no interval"
         claims.append({**m1, "measured": measured, "verdict": verdict})
     m2 = {"id": "M2", "claim": "with lr 1e-4, warmup 2000, 30 epochs and 192 tokens MU-SOTA reaches PPL < 200",
-          "setting": NOTES_SETTING}
+          "setting": _setting(NOTES_RECIPE_SETTING, cfg, summary)}
     recipe = cfg["train"]["lr"] == 1e-4 and cfg["train"]["epochs"] >= 30 and cfg["max_seq_len"] == 192
     if not test:
         claims.append({**m2, "measured": "not run", "verdict": f"not testable here: `{CANDIDATE}` did not run"})
