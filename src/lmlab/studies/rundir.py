@@ -135,8 +135,8 @@ class RunDir:
         for parent in self.root.parents:  # a file where a parent directory should be (--out afile/sub)
             if parent.exists():
                 if not parent.is_dir():
-                    raise ConfigError(f"output path {self.root}: {parent} is a file, not a directory; choose "
-                                      "another --out")
+                    raise ConfigError(f"cannot write to the output directory {self.root}: {parent} is a file, "
+                                      "not a directory; choose another --out")
                 break
 
     def create(self) -> None:
