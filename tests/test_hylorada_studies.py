@@ -721,3 +721,18 @@ def test_a_bias_is_said_to_act_by_position_where_an_end_decile_changed(first, la
                             r"\[([-+.\d]+), ([-+.\d]+)\]", text)
         assert [float(v) for v in printed.groups()] == pytest.approx(
             [100 * math.expm1(statistics.mean(logs)), low, high], abs=6e-3)  # as printed, to 3 decimals
+
+
+def test_the_depth_table_shows_the_base_as_pretrained_only_where_the_run_extends_its_context():
+    """Without a context extension the base as pretrained is `base` itself: no second, identical row."""
+    from lmlab.studies.hylorada_study import _retrieval_table
+
+    def rows(native):
+        return [{"config": "base", "seed": s, "details": {"retrieval_by_depth": [0.1 * s, 0.5],
+                                                          "retrieval_by_depth_native": native(s)}}
+                for s in (1, 2)]
+
+    same = "\n".join(_retrieval_table(rows(lambda s: [0.1 * s, 0.5]), ["base"]))
+    assert "as pretrained" not in same and "| base | 0.15 | 0.50 |" in same
+    extended = "\n".join(_retrieval_table(rows(lambda s: [0.0, 0.25]), ["base"]))
+    assert "| base (as pretrained, no extension) | 0.00 | 0.25 |" in extended and "| base | 0.15 | 0.50 |" in extended

@@ -406,8 +406,10 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         wide = [k for k in failed if k.get("ci95") and effect.get("ci95")]
         ratio = max(((k["ci95"][1] - k["ci95"][0]) / (effect["ci95"][1] - effect["ci95"][0]) for k in wide
                      if effect["ci95"][1] > effect["ci95"][0]), default=0.0)
-        power = (f" (its interval is {ratio:.0f}x as wide as the one vs `{c['parent']}`: this control cannot resolve "
-                 f"a gain this small at {effect['n']} seeds)") if ratio >= LOW_POWER_RATIO else ""
+        power = (f" (its interval is {ratio:.0f}x as wide as the one vs `{c['parent']}`: the control does not share "
+                 "the candidate's other trained weights seed by seed, so pairing by seed cancels little of the noise "
+                 f"between them, and at {effect['n']} seeds it cannot resolve a gain this small)"
+                 ) if ratio >= LOW_POWER_RATIO else ""
         return (f"{said}, but not separated from its control " + "; ".join(parts) + " - that interval holds both 0 "
                 f"and the whole gain over `{c['parent']}`{power}, so the data cannot tell whether the control would "
                 "gain as much: the component is not credited, and the control is not shown to explain the gain "

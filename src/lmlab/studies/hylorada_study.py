@@ -1679,6 +1679,8 @@ def _retrieval_table(rows, configs) -> list[str]:
     lines = ["| configuration | " + " | ".join(f"{d * 10}-{d * 10 + 10}%" for d in range(10)) + " |",
              "|" + "---|" * 11]
     native = _by_config(rows, ["base"], "retrieval_by_depth_native")
+    # the base as pretrained is a row of its own only where the run extends its context (else it is `base` again)
+    native = {c: v for c, v in native.items() if v != curves.get(c)}
     for c, values in [*(("base (as pretrained, no extension)", v) for v in native.values()), *curves.items()]:
         lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
     # every configuration answers the same queries: their count per decile (over the seeds) says how far a mean can be
