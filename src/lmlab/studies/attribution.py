@@ -508,7 +508,7 @@ def interval_verdict(interval: list[float] | None, claimed: float | None, claime
     if claimed is None:
         return "not supported: no significant difference (the interval holds 0)"
     if lo <= claimed <= hi:
-        return "not testable at this scale: the interval holds both 0 and the claimed size"
+        return f"not testable at this scale: the interval holds both 0 and {claimed_text or 'the claimed size'}"
     return f"not supported: no significant effect, and the interval excludes {claimed_text}"
 
 
