@@ -674,3 +674,17 @@ def test_the_late_change_reads_a_rise_a_missing_interval_and_a_flat_end_each_as_
     assert "takes the learning rate to 0.1 times its peak" in words
     words, _ = late_words(flat, ["mu-sota"], {**cosine, "schedule": "constant"})
     assert words.endswith("not falling significantly in every one") and "schedule" not in words
+
+
+def test_a_comparison_of_models_at_different_chosen_rates_says_so():
+    from lmlab.studies.mu_study import _with_rates
+
+    rows = [{"config": c, "seed": s, "status": "ok", "details": {"lr": lr}}
+            for c, lr in (("mu-sota", 0.01), ("mu-simple", 0.003), ("dense", 0.003)) for s in (1, 2)]
+    comparisons = [{"candidate": "mu-sota", "parent": "dense", "text": "A."},
+                   {"candidate": "mu-simple", "parent": "dense", "text": "B."}]
+    out = _with_rates(comparisons, {"lr_grid": [0.003, 0.01]}, rows)
+    assert out[0]["text"] == ("A - each at its own chosen learning rate (`mu-sota` 0.01, `dense` 0.003): the two as "
+                              "tuned, not the change at one rate.")
+    assert out[1]["text"] == "B."  # the same rate: nothing to add
+    assert _with_rates(comparisons, {}, rows)[0]["text"] == "A."  # one shared rate, no search

@@ -569,7 +569,7 @@ class MUStudy(Study):
         gap = curve_gap(run, rows, CANDIDATE, REFERENCE)
         late = late_change(run, rows, record["configurations"])
         return {"claims": mu_claims(record["config"], summary, rows, gap, late), "validation_gap": gap,
-                "late_change": late}
+                "late_change": late, "comparisons": _with_rates(summary["comparisons"], record["config"], rows)}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         cfg = record["config"]
@@ -702,6 +702,21 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                    f"baseline (95% CI), and its test perplexity is the lower on {_lower_on(rows)}, {budget}")
         claims.append({**m3, "measured": measured, "verdict": verdict})
     return claims
+
+
+def _with_rates(comparisons: list[dict], cfg: dict, rows: list[dict]) -> list[dict]:
+    """Each comparison whose two models trained at different learning rates (each chosen from `lr_grid`) says so
+    beside its reading: it compares the two as tuned, not the architectural change at one rate."""
+    rates = chosen_learning_rates(rows, CONFIGURATIONS) if cfg.get("lr_grid") else {}
+    out = []
+    for c in comparisons:
+        mine, theirs = rates.get(c["candidate"]), rates.get(c["parent"])
+        if mine is not None and theirs is not None and mine != theirs:
+            c = {**c, "text": c["text"].removesuffix(".") + " - each at its own chosen learning rate "
+                 f"(`{c['candidate']}` {mine:g}, `{c['parent']}` {theirs:g}): the two as tuned, not the change at one "
+                 "rate."}
+        out.append(c)
+    return out
 
 
 def _lower_on(rows: list[dict]) -> str:
