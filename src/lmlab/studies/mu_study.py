@@ -1086,7 +1086,7 @@ def _validation_curves_plot(run: RunDir, configs: list[str]) -> bool:
         return False
     line_plot(run, "validation_curves.png", mean_over_seeds(curves), styles=config_styles(configs),
               xlabel="optimizer step", ylabel="validation perplexity (mean over seeds)",
-              title="MU models vs the dense baseline: validation perplexity (log scale)", logy=True, integer_x=True)
+              title="Validation perplexity: MU vs the dense baseline", logy=True, integer_x=True)
     return True
 
 
