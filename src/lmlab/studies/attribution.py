@@ -370,7 +370,7 @@ def comparison_text(c: dict, effect: dict | None) -> str:
         ci_text = f"one shared measurement on {effect['n']} seeds, no interval"
     else:
         ci_text = f"95% CI [{signed(ci[0], digits)}%, {signed(ci[1], digits)}%]" if ci else "no interval (one seed)"
-    p_text = f"p = {effect['p_value']:.3g}" if effect.get("p_value") is not None else "no p-value"
+    p_text = f"p = {effect['p_value']:.2g}" if effect.get("p_value") is not None else "no p-value"
     said = (f"{head}: {c['metric']} {signed(effect['delta_pct'], digits)}% vs `{c['parent']}`, {direction(effect)} "
             f"({ci_text}, {p_text}, {effect['n']} paired seeds)")
     scenario = c["scenario"]
