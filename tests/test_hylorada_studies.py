@@ -316,6 +316,11 @@ def test_a_positive_control_that_cannot_move_the_metric_makes_the_null_a_possibl
     how = {"landmarks-only": "trained alone on the frozen base",
            "rslora-frozen+bias": "trained alone on a trained, frozen rsLoRA"}
     text = "\n".join(_ablation_section(rows, list(roles), roles, parts, how))
+    assert "No configuration of this run trains them alone" not in text
+    without_controls = [r for r in rows if roles[r["config"]] is None]
+    bare = "\n".join(_ablation_section(without_controls, ["rslora+bias", "rslora+landmarks"], roles, parts, how))
+    assert bare.rstrip().endswith("No configuration of this run trains them alone (a positive control), so the run "
+                                  "does not show whether the metric could register more from them in this setting.")
     # the landmarks can move the metric, and in the fine-tuned models that train them they carry ~1.6%: no
     # "near-zero share" (the bias's tiny share must not speak for the landmarks)
     assert ("`landmarks-only` (landmarks trained alone on the frozen base): the trained components change val_ppl "

@@ -1405,7 +1405,9 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
         widest = max(adapted, key=lambda c: abs(changes[c]["delta_pct"]))
         lines += ["", f"In the fine-tuned configurations{_aside(configs, roles)}, removing the "
                   f"trained position components changes val_ppl by at most {abs(changes[widest]['delta_pct']):.3f}% "
-                  f"(mean over seeds, in `{widest}`)."]
+                  f"(mean over seeds, in `{widest}`)."
+                  + ("" if alone else " No configuration of this run trains them alone (a positive control), so "
+                     "the run does not show whether the metric could register more from them in this setting.")]
         for c, ch in alone:
             ci = ch["ci95"]
             moved = ci is not None and (ci[0] > 0 or ci[1] < 0)
