@@ -559,3 +559,33 @@ def test_a_boolean_for_a_number_is_refused(capsys, tmp_path, override):
 def test_usage_errors_say_what_to_give(capsys, args, expected):
     code, out, err = cli(capsys, *args)
     assert code == 2 and out == "" and expected in one_error_line(err)
+
+
+def test_a_preset_that_extends_a_missing_one_names_its_file_and_the_presets(capsys, tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("extends: hylorada/smokee\ntrain:\n  lr: 0.001\n")
+    code, out, err = cli(capsys, "run", "hylorada", "--preset", str(preset), "--out", str(tmp_path / "r"))
+    line = one_error_line(err)
+    assert code == 2 and out == "" and f"{preset}: 'extends: hylorada/smokee' names no preset" in line
+    assert "hylorada's presets are default, paper, smoke" in line and not (tmp_path / "r").exists()
+
+
+def test_a_pickle_named_like_safetensors_is_called_a_pickle_and_never_unpickled(capsys, tmp_path, tiny_model):
+    """torch.save output renamed model.safetensors: not "truncated or corrupt" but a pickle, with the conversion."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    from test_reliability_security import hostile_pickle
+
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT)
+    marker = tmp_path / "pwned"
+    for content in (b"torch.save", hostile_pickle(marker)):  # torch.save's zip of pickles, and a raw live pickle
+        if content == b"torch.save":
+            torch.save({"w": torch.zeros(2)}, model / "model.safetensors")
+        else:
+            (model / "model.safetensors").write_bytes(content)
+        code, out, err = cli(capsys, "eval", "ppl", "--model", str(model), "--data", str(data), "--max-length", "32")
+        line = one_error_line(err)
+        assert code == 2 and out == "" and "model.safetensors is a pickle (torch.save), not safetensors" in line
+        assert "save_pretrained(dir, safe_serialization=True)" in line
+    assert not marker.exists()

@@ -128,7 +128,8 @@ def load_yaml(path: str | os.PathLike) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level, got {type(data).__name__}"
+                          " - write one `key: value` per line, e.g. `extends: hylorada/smoke` and `train: {lr: 0.001}`")
     return data
 
 
@@ -297,6 +298,12 @@ def load_preset(path: str | os.PathLike, _seen: tuple = (), model_cls: type[Sect
     parent_path = Path(parent) if parent.endswith((".yaml", ".yml")) else config_dir() / f"{parent}.yaml"
     if not parent_path.is_absolute() and not parent_path.exists():
         parent_path = path.parent / parent_path
+    if not parent_path.exists():
+        study = parent.split("/")[0] if "/" in parent and not parent.endswith((".yaml", ".yml")) else None
+        presets = sorted(p.stem for p in (config_dir() / study).glob("*.yaml")) if study else []
+        raise ConfigError(f"{path}: 'extends: {parent}' names no preset ({parent_path} does not exist); "
+                          + (f"{study}'s presets are {', '.join(presets)}" if presets else
+                             "name one such as hylorada/default, or a YAML file's path"))
     return deep_merge(load_preset(parent_path, (*_seen, path), model_cls), data)
 
 

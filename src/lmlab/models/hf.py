@@ -52,7 +52,8 @@ def check_model_dir(path: Path) -> None:
                 f"{path} has only pickle weights ({', '.join(sorted(pickled))}); lmlab loads safetensors only - "
                 f"convert them in a trusted environment with model.save_pretrained(dir, safe_serialization=True)"
             )
-        raise CheckpointError(f"{path} has no model weights (*.safetensors); it holds only a config")
+        raise CheckpointError(f"{path} has no model weights (*.safetensors); it holds only a config - write the model "
+                              "with model.save_pretrained(dir), which saves its weights beside the config")
 
 
 def check_weight_files(path: Path) -> None:
@@ -63,6 +64,13 @@ def check_weight_files(path: Path) -> None:
             with safe_open(str(weights), framework="pt"):
                 pass
         except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
+            with open(weights, "rb") as f:
+                head = f.read(2)
+            if head[:1] == b"\x80" or head == b"PK":  # a pickle (or torch.save's zip of pickles), renamed
+                raise CheckpointError(f"cannot load model weights from {path}: {weights.name} is a pickle (torch.save),"
+                                      " not safetensors, whatever its name; lmlab never unpickles - convert it in a "
+                                      "trusted environment with model.save_pretrained(dir, safe_serialization=True)"
+                                      ) from None
             raise CheckpointError(f"cannot load model weights from {path}: {weights.name} is not a readable "
                                   f"safetensors file ({str(exc).splitlines()[0]}); it may be truncated or corrupt - "
                                   "copy or save the model again") from None
@@ -89,7 +97,8 @@ def _from_hub_or_cache(loader: Callable, name: str, what: str, **kwargs):
     if not hub_reachable():
         raise CheckpointError(
             f"{what} '{name}' is not in the local Hugging Face cache and the hub is unreachable (offline); "
-            f"give a local directory written by save_pretrained (model=path/to/dir) or run where the hub is reachable"
+            f"give a local directory written by save_pretrained (`--model DIR` for lmlab eval, `model=DIR` for a "
+            f"study) or run where the hub is reachable"
         ) from None
     try:
         return loader(name, **kwargs)
