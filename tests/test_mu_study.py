@@ -587,12 +587,17 @@ def test_the_validation_gap_over_the_second_half_is_paired_by_seed_and_read_by_i
     clause = _trend_clause(gap)
     assert f": {reading} (" in clause
     assert ("whether more training would close it, this run cannot say" in clause) == (reading == "it narrowed")
-    # at different peak rates on a decaying schedule a narrowing gap is not read as a trend more training continues
+    # at different peak rates on a decaying schedule a narrowing gap is not read as a trend more training continues,
+    # where the model behind at mid-run (here mu-sota: every planted factor is above 1) has the larger rate
     clause = _trend_clause(gap, {"mu-sota": 0.01, "dense": 0.003}, "cosine")
     assert ("The two train at different peak learning rates (`mu-sota` 0.01, `dense` 0.003) on a cosine schedule"
             in clause) == (reading == "it narrowed")
     assert "whether more training would close it" not in clause
     assert "different peak" not in _trend_clause(gap, {"mu-sota": 0.003, "dense": 0.003}, "cosine")
+    # the model ahead at the larger rate: annealing would widen the gap, so it explains no narrowing
+    ahead = _trend_clause(gap, {"mu-sota": 0.003, "dense": 0.01}, "cosine")
+    assert "different peak" not in ahead
+    assert ("whether more training would close it, this run cannot say" in ahead) == (reading == "it narrowed")
     assert curve_gap(SimpleNamespace(root=tmp_path), [r for r in rows if r["config"] == "dense"], "mu-sota",
                      "dense") is None  # nothing to pair
 
@@ -684,7 +689,28 @@ def test_a_comparison_of_models_at_different_chosen_rates_says_so():
     comparisons = [{"candidate": "mu-sota", "parent": "dense", "text": "A."},
                    {"candidate": "mu-simple", "parent": "dense", "text": "B."}]
     out = _with_rates(comparisons, {"lr_grid": [0.003, 0.01]}, rows)
-    assert out[0]["text"] == ("A - each at its own chosen learning rate (`mu-sota` 0.01, `dense` 0.003): the two as "
-                              "tuned, not the change at one rate.")
+    assert out[0]["text"] == ("A. Each trained at its own chosen learning rate (`mu-sota` 0.01, `dense` 0.003): this "
+                              "compares the two as tuned, not the change at one rate.")
+    decision = {"candidate": "mu-sota", "reference": "dense", "text": "D."}  # the decision names its pair so
+    assert _with_rates([decision], {"lr_grid": [0.003, 0.01]}, rows)[0]["text"].startswith("D. Each trained at")
     assert out[1]["text"] == "B."  # the same rate: nothing to add
     assert _with_rates(comparisons, {}, rows)[0]["text"] == "A."  # one shared rate, no search
+
+
+def test_a_gap_that_moved_back_over_the_last_quarter_is_not_read_as_narrowing_on():
+    """Narrowed over the second half, but widened again over the last quarter: said so, and no 'close it' ending."""
+    from lmlab import stats
+    from lmlab.studies.mu_study import _gap_words, _trend_clause
+
+    def change(values):
+        return stats.paired_relative_change({s: v for s, v in enumerate(values, 1)}, dict.fromkeys((1, 2, 3), 1.0))
+
+    gap = {"candidate": "mu-sota", "reference": "dense", "middle": 20, "late_from": 30,
+           "changes": [{"step": 20, **change([1.30, 1.31, 1.29])}, {"step": 40, **change([1.18, 1.19, 1.17])}],
+           "trend": change([0.90, 0.91, 0.905]), "late_trend": change([1.08, 1.081, 1.079])}
+    said = _gap_words(gap)[2]
+    assert said.startswith("it narrowed")
+    assert ", but it moved back over the last quarter of training: from step 30 to step 40 the ratio changed by " \
+           "+8.00%" in said
+    clause = _trend_clause(gap, {"mu-sota": 0.01, "dense": 0.003}, "cosine")
+    assert "close" not in clause and "different peak" not in clause

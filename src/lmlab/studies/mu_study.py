@@ -568,8 +568,11 @@ class MUStudy(Study):
     def extra_summary(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> dict:
         gap = curve_gap(run, rows, CANDIDATE, REFERENCE)
         late = late_change(run, rows, record["configurations"])
+        decision = summary.get("decision") or {}
         return {"claims": mu_claims(record["config"], summary, rows, gap, late), "validation_gap": gap,
-                "late_change": late, "comparisons": _with_rates(summary["comparisons"], record["config"], rows)}
+                "late_change": late, "comparisons": _with_rates(summary["comparisons"], record["config"], rows),
+                **({"decision": _with_rates([decision], record["config"], rows)[0]}
+                   if decision.get("candidate") and decision.get("text") else {})}
 
     def report_sections(self, summary: dict, rows: list[dict], run: RunDir, record: dict) -> list[str]:
         cfg = record["config"]
@@ -705,16 +708,17 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
 
 
 def _with_rates(comparisons: list[dict], cfg: dict, rows: list[dict]) -> list[dict]:
-    """Each comparison whose two models trained at different learning rates (each chosen from `lr_grid`) says so
-    beside its reading: it compares the two as tuned, not the architectural change at one rate."""
+    """Each comparison (or the decision: `reference` for `parent`) whose two models trained at different learning
+    rates (each chosen from `lr_grid`) says so after its reading: it compares the two as tuned, not the
+    architectural change at one rate."""
     rates = chosen_learning_rates(rows, CONFIGURATIONS) if cfg.get("lr_grid") else {}
     out = []
     for c in comparisons:
-        mine, theirs = rates.get(c["candidate"]), rates.get(c["parent"])
+        other = c.get("parent", c.get("reference"))
+        mine, theirs = rates.get(c["candidate"]), rates.get(other)
         if mine is not None and theirs is not None and mine != theirs:
-            c = {**c, "text": c["text"].removesuffix(".") + " - each at its own chosen learning rate "
-                 f"(`{c['candidate']}` {mine:g}, `{c['parent']}` {theirs:g}): the two as tuned, not the change at one "
-                 "rate."}
+            c = {**c, "text": c["text"].rstrip() + f" Each trained at its own chosen learning rate (`{c['candidate']}` "
+                 f"{mine:g}, `{other}` {theirs:g}): this compares the two as tuned, not the change at one rate."}
         out.append(c)
     return out
 
@@ -811,11 +815,17 @@ def _gap_words(gap: dict) -> tuple[str, str, str]:
             said = ("it narrowed" if abs(last["delta_pct"]) < abs(first["delta_pct"]) else "it widened") + f" ({moved})"
         late = gap.get("late_trend")
         if late and late.get("ci95") and not said.startswith("no significant"):
-            span = f"from step {gap['late_from']} to step {last['step']} the ratio changed by"
-            said += (f", mostly before the last quarter of training: {span} only {change_cell(late)}"
-                     if abs(late["delta_pct"]) < abs(trend["delta_pct"]) / 2 else
-                     f"; over the last quarter of training ({span.removeprefix('from ').replace(' the ratio', ')')}"
-                     f" {change_cell(late)}")
+            span = f"from step {gap['late_from']} to step {last['step']}"
+            against = (late["ci95"][0] > 0 or late["ci95"][1] < 0) and (late["delta_pct"] > 0) != (
+                trend["delta_pct"] > 0)
+            if against:  # the last quarter moved back: not a gap that kept narrowing (or widening)
+                said += (f", but it moved back over the last quarter of training: {span} the ratio changed by "
+                         f"{change_cell(late)}")
+            elif abs(late["delta_pct"]) < abs(trend["delta_pct"]) / 2:
+                said += f", mostly before the last quarter of training: {span} the ratio changed by only " \
+                        f"{change_cell(late)}"
+            else:
+                said += f"; over the last quarter of training, {span}, the ratio changed by {change_cell(late)}"
     return change_cell(first), change_cell(last), said
 
 
@@ -829,13 +839,21 @@ def _trend_clause(gap: dict | None, rates: dict[str, float] | None = None, sched
     first, last, said = _gap_words(gap)
     text = (f" Over the second half of the run the validation gap went from {first} at step {gap['middle']} to "
             f"{last} at step {gap['changes'][-1]['step']}: {said}")
-    if said.startswith("it narrowed"):
+    late = gap.get("late_trend")
+    reversed_late = bool(late and late.get("ci95") and (late["ci95"][0] > 0 or late["ci95"][1] < 0)
+                         and gap["trend"] and (late["delta_pct"] > 0) != (gap["trend"]["delta_pct"] > 0))
+    if said.startswith("it narrowed") and not reversed_late:
         pair = [rates.get(gap["candidate"]), rates.get(gap["reference"])] if rates else [None, None]
-        if None not in pair and pair[0] != pair[1] and schedule in ("cosine", "linear"):
+        behind = next(c for c in gap["changes"] if c["step"] == gap["middle"])["delta_pct"] > 0  # candidate worse
+        # annealing narrows a gap only where the model behind at mid-run trains at the larger peak rate
+        anneals = (None not in pair and schedule in ("cosine", "linear")
+                   and (pair[0] > pair[1] if behind else pair[1] > pair[0]))
+        if anneals:
             text += (f". The two train at different peak learning rates (`{gap['candidate']}` {pair[0]:g}, "
-                     f"`{gap['reference']}` {pair[1]:g}) on a {schedule} schedule that decays them, and the model at "
-                     "the larger rate gains the more as it decays, so the narrowing need not go on with more "
-                     "training; whether a longer schedule would close the gap, this run cannot say")
+                     f"`{gap['reference']}` {pair[1]:g}) on a {schedule} schedule that decays them, and the model "
+                     "behind at mid-run has the larger rate, so it gains more as the rate decays: the narrowing need "
+                     "not go on with more training; whether a longer schedule would close the gap, this run cannot "
+                     "say")
         else:
             text += "; whether more training would close it, this run cannot say"
     return text + "."
