@@ -41,11 +41,20 @@ class Section(BaseModel):
     def _no_booleans_as_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         """pydantic reads true / false as 1 / 0 for a number field: `adapter.r=true` would train at rank 1 without a
         word. A number field (not also a boolean one) refuses them."""
+        annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool):
-            kinds = _scalar_types(cls.model_fields[info.field_name].annotation)
+            kinds = _scalar_types(annotation)
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
+            kinds = _element_types(annotation)  # seeds=[true]: a list of numbers takes no booleans either
+            value_text = next(str(v).lower() for v in value if isinstance(v, bool))
             if bool not in kinds and kinds & {int, float}:
-                raise PydanticCustomError("bool_as_number", "expected a number, got {value}",
-                                          {"value": str(value).lower()})
+                raise PydanticCustomError("bool_as_number", "expected numbers, got {value} in the list",
+                                          {"value": value_text})
+            return value
+        else:
+            return value
+        if bool not in kinds and kinds & {int, float}:
+            raise PydanticCustomError("bool_as_number", "expected a number, got {value}", {"value": str(value).lower()})
         return value
 
 
@@ -66,11 +75,27 @@ def valid_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _scalar_types(annotation: Any) -> set[type]:
-    """The plain types an annotation admits (`int`, `float | None` -> {float, NoneType}); nothing inside a list."""
+    """The plain types an annotation admits (`int`, `float | None` -> {float, NoneType}, `Annotated[int, ...]` ->
+    {int}); nothing inside a list."""
     if isinstance(annotation, type):
         return {annotation}
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _scalar_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
         return {t for arg in typing.get_args(annotation) for t in _scalar_types(arg)}
+    return set()
+
+
+def _element_types(annotation: Any) -> set[type]:
+    """The plain types the items of a list / tuple annotation admit (`list[int] | None` -> {int})."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _element_types(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return {t for arg in typing.get_args(annotation) for t in _element_types(arg)}
+    if origin in (list, tuple, set, frozenset):
+        return {t for arg in typing.get_args(annotation) if arg is not Ellipsis for t in _scalar_types(arg)}
     return set()
 
 
