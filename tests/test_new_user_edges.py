@@ -592,3 +592,19 @@ def test_a_pickle_named_like_safetensors_is_called_a_pickle_and_never_unpickled(
         assert code == 2 and out == "" and "model.safetensors is a pickle (torch.save), not safetensors" in line
         assert "save_pretrained(dir, safe_serialization=True)" in line
     assert not marker.exists()
+
+
+def test_a_truncated_safetensors_file_whose_header_length_starts_like_a_pickle_is_called_truncated(tmp_path):
+    """A safetensors file starts with its header's length: 640 = 0x280 makes its first byte 0x80, a pickle's PROTO.
+    The JSON header after the length tells them apart."""
+    import struct
+
+    from lmlab.errors import CheckpointError
+    from lmlab.models.hf import check_weight_files
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}).encode()
+    header += b" " * (640 - len(header))
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 100)
+    assert (tmp_path / "model.safetensors").read_bytes()[0] == 0x80
+    with pytest.raises(CheckpointError, match="is not a readable safetensors file .* truncated or corrupt"):
+        check_weight_files(tmp_path)

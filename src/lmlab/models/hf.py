@@ -64,9 +64,16 @@ def check_weight_files(path: Path) -> None:
             with safe_open(str(weights), framework="pt"):
                 pass
         except Exception as exc:  # safetensors raises its own error types for truncated or garbled files
-            with open(weights, "rb") as f:
-                head = f.read(2)
-            if head[:1] == b"\x80" or head == b"PK":  # a pickle (or torch.save's zip of pickles), renamed
+            try:
+                with open(weights, "rb") as f:
+                    head = f.read(9)
+            except OSError:
+                head = b""
+            # safetensors: an 8-byte header length, then the JSON header's "{"; a pickle: PROTO (0x80) and its
+            # version 2-5; torch.save: a zip (PK\x03\x04) of pickles
+            raw_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+            pickled = head[8:9] != b"{" and (raw_pickle or head[:4] == b"PK\x03\x04")
+            if pickled:  # a pickle (or torch.save's zip of pickles), renamed
                 raise CheckpointError(f"cannot load model weights from {path}: {weights.name} is a pickle (torch.save),"
                                       " not safetensors, whatever its name; lmlab never unpickles - convert it in a "
                                       "trusted environment with model.save_pretrained(dir, safe_serialization=True)"
