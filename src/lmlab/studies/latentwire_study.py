@@ -928,31 +928,41 @@ def _kv_claim(config: str, summary: dict, setting: str) -> dict:
 FLOOR_CONTROLS = ("zero_prefix", "shuffled_source")  # the target given nothing about the item: the task's floor
 
 
+FLOOR_POINTS = 0.10  # the source "barely solves" the task: at most 10 points above a no-information control
+
+
 def source_at_floor(entry: dict) -> str | None:
     """Why "bridged above the source" says nothing here, or None: the source reading the text barely solves the task
-    where its 95% interval (Wilson over items) overlaps a floor control's (`FLOOR_CONTROLS`) - it solves at most a
-    few items more than the target given nothing about the item. That is a judgement of size, not a test: the
-    clause also gives the source's paired difference from each floor control (`source_vs`, paired per item), which
-    can exclude 0 where a few more items are solved; token_budget, which reads part of the question, is no floor."""
+    where its 95% interval (Wilson over items) overlaps a floor control's (`FLOOR_CONTROLS`) and, paired per item
+    (`source_vs`), it is at most FLOOR_POINTS above each such control (the upper end of the paired 95% interval;
+    records without the paired test rest on the overlap alone). That is a judgement of size, not a test: the clause
+    gives the paired differences, which can exclude 0 where a few more items are solved; token_budget, which reads
+    part of the question, is no floor."""
     accuracy = entry.get("accuracy", {})
     source = accuracy.get("source_text")
     overlapping = [c for c in FLOOR_CONTROLS if source and c in accuracy and
                    accuracy[c]["ci95"][1] >= source["ci95"][0]]
-    if not overlapping:
+    paired = [(c, t) for c, t in entry.get("source_vs", {}).items() if c in overlapping]
+    if not overlapping or any(t["ci95"][1] >= FLOOR_POINTS for _, t in paired):
         return None
     controls = " and ".join(f"{c}'s {_acc(accuracy[c])}" for c in overlapping)
+
     def reading(t: dict) -> str:
+        if t.get("p_value") is None:
+            return "no p-value"
         excludes, small_p = t["ci95"][0] > 0 or t["ci95"][1] < 0, t["p_value"] < 0.05
         if excludes != small_p:
-            return (f"{p_text(t['p_value'])}, marginal: the bootstrap interval "
-                    + ("excludes 0, the permutation test does not" if excludes else
-                       "holds 0, the permutation test does not"))
+            return (f"{p_text(t['p_value'])}, marginal: " + (
+                "the bootstrap interval excludes 0 while the permutation test's p is above 0.05" if excludes else
+                "the permutation test's p is below 0.05 while the bootstrap interval holds 0"))
         return p_text(t["p_value"]) + ("" if excludes else ", not significant")
-    paired = [(c, t) for c, t in entry.get("source_vs", {}).items() if c in overlapping]
     above = " and ".join(f"{pp_interval(t['difference'], t['ci95'])} points vs {c} ({reading(t)})" for c, t in paired)
+    bound = (f"at most {100 * max(t['ci95'][1] for _, t in paired):.1f} points above the controls that carry nothing "
+             f"about the item (the upper ends of its paired 95% intervals)" if paired else
+             "not clearly above the controls that carry nothing about the item")
     return (f"the source barely solves the task here: source_text {_acc(source)}, unlike the notes' source at "
-            f"{NOTES_SOURCE:.3f}, is at most a few points above the controls that carry nothing about the item - its "
-            f"95% interval overlaps {controls}" + (f"; paired per item it differs by {above}" if above else ""))
+            f"{NOTES_SOURCE:.3f}, is {bound} - its 95% interval overlaps {controls}"
+            + (f"; paired per item it differs by {above}" if above else ""))
 
 
 def _between_claim(config: str, items: dict, setting: str) -> dict:
