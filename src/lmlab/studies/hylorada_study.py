@@ -1140,13 +1140,14 @@ def _same_adapters(rows: list[dict], candidate: str, parent: str) -> bool:
         v is not None and ref[s] is not None and abs(v - ref[s]) <= 1e-6 * abs(ref[s]) for s, v in without.items())
 
 
-def _acts_by_position(rows: list[dict], candidate: str, parent: str) -> str:
-    """Where `candidate` changes perplexity significantly vs `parent` (paired by seed) over the window's first
-    position decile (the narrowest log buckets, where the bias's largest factors sit) or its last (the widest), the
-    clause that says so (no closing full stop), both ends given, with whether the two cancel in val_ppl and whose
-    doing they are: the position components' own where `candidate`'s adapters are `parent`'s (`_same_adapters`),
-    else theirs and the weights trained beside them together. Two deciles fixed in advance, not a search over ten;
-    "" where neither moved - a null on val_ppl is then not hiding opposite changes at the window's ends."""
+def _acts_by_position(rows: list[dict], candidate: str, parent: str) -> tuple[str, bool]:
+    """(the clause, whether the changes are the position components' own). Where `candidate` changes perplexity
+    significantly vs `parent` (paired by seed) over the window's first or last position decile (where log spacing
+    puts its narrowest and widest buckets), the clause says so, both ends given, with whether val_ppl over the whole
+    window moved, and whose doing the changes are: the position components' own where `candidate` with them removed
+    scores `parent`'s val_ppl on every seed (`_same_adapters`: its other weights are `parent`'s), else possibly also
+    the weights trained beside them. Two deciles fixed in advance, not a search over ten; ("", False) where neither
+    moved - a null on val_ppl is then not hiding opposite changes at the window's ends. No closing full stop."""
     ends = {}
     for name, decile in (("first", 0), ("last", -1)):
         change = stats.paired_relative_change(_decile_values(rows, candidate, decile),
@@ -1155,25 +1156,27 @@ def _acts_by_position(rows: list[dict], candidate: str, parent: str) -> str:
             ends[name] = change
     moved = {n: ch for n, ch in ends.items() if ch["ci95"][0] > 0 or ch["ci95"][1] < 0}
     if not moved:
-        return ""
-    where = {"first": "first position decile (the narrowest log buckets)", "last": "last (the widest)"}
+        return "", False
+
     def way(ch):
         ci = ch["ci95"]
         return ", for the worse" if ci[0] > 0 else ", for the better" if ci[1] < 0 else ""
     said = f"`{candidate}` changes perplexity vs `{parent}` " + ", and ".join(
-        f"over the window's {where[n]} by {change_cell(ch)}{way(ch)}" for n, ch in ends.items())
+        f"over the window's {n} position decile by {change_cell(ch)}{way(ch)}" for n, ch in ends.items())
     said += " (paired by seed; the two end deciles, fixed in advance, uncorrected)"
     if len(moved) == 2 and (moved["first"]["ci95"][0] > 0) != (moved["last"]["ci95"][0] > 0):
         overall = stats.paired_relative_change(
             {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == candidate},
             {r["seed"]: r["metrics"]["val_ppl"] for r in rows if r["config"] == parent})
         ci = overall and overall.get("ci95")
-        said += (": changes of opposite sign, which cancel in val_ppl" if ci and ci[0] <= 0 <= ci[1] else
-                 ": changes of opposite sign")
+        said += (": changes of opposite sign, while val_ppl over the whole window shows no significant change"
+                 if ci and ci[0] <= 0 <= ci[1] else ": changes of opposite sign")
+    own = _same_adapters(rows, candidate, parent)
     said += (f"; with them removed it scores `{parent}`'s val_ppl on every seed, so these are the position "
-             "components' own doing" if _same_adapters(rows, candidate, parent) else
-             "; it also trains its adapters beside them, so these are the components and those weights together")
-    return said
+             "components' own doing" if own else
+             f"; with them removed it does not score `{parent}`'s val_ppl exactly, so these may include the weights "
+             "trained beside them")
+    return said, own
 
 
 def _aside(configs: list[str], roles: dict[str, str]) -> str:
@@ -1420,8 +1423,8 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                     f"{change_cell(ch)}")
             if not moved:
                 values = per_seed_values(rows)
-                by_position = (_acts_by_position(rows, c, parents[c])
-                               if "bias" in parts.get(c, ()) and c in parents else "")
+                by_position, own = (_acts_by_position(rows, c, parents[c])
+                                    if "bias" in parts.get(c, ()) and c in parents else ("", False))
                 room = None  # a faster bias that moved FASTER_ROOM times as far as its slow twin, and what it gained
                 for f in faster if "bias" in parts.get(c, ()) else ():
                     r = f.get("slow") and faster_room(values, f["slow"], {**BIAS_REACH, "faster": f["candidate"]},
@@ -1432,21 +1435,25 @@ def _ablation_section(rows: list[dict], configs: list[str], roles: dict[str, str
                 if room is not None:
                     f, r = room
                     text += (": over the whole window even alone they do not move val_ppl measurably"
-                             + (f"; by position they do: {by_position}" if by_position else "")
+                             + (f"; by position they do: {by_position}" if by_position and own else
+                                f"; by position, {by_position}" if by_position else "")
                              + f". But at a larger learning rate (`{f['candidate']}`) "
                              + faster_reach_text(values, BIAS_REACH, f["candidate"], r["moved"], f["slow"], r["slow"])
                              + " and val_ppl "
                              f"gains at most {r['bound']:.2g}% (95% "
                              "CI): the bias had room to act and did not help val_ppl, so its null there is a finding "
                              "at this scale rather than a blind spot of the setting.")
-                    fast_by_position = _acts_by_position(rows, f["candidate"], f["parent"])
-                    text += f" By position it acts too: {fast_by_position}." if fast_by_position else ""
+                    fast_by_position, fast_own = _acts_by_position(rows, f["candidate"], f["parent"])
+                    if fast_by_position:  # "acts" only where the changes are the components' own
+                        text += (f" By position it acts{' too' if by_position and own else ''}: {fast_by_position}."
+                                 if fast_own else f" By position, {fast_by_position}.")
                 else:
-                    text += (": even alone they do not move the metric measurably, so a null result for them here may "
-                             "be a blind spot of this setting rather than a finding" if not by_position else
-                             ": over the whole window even alone they do not move val_ppl measurably, but by position "
+                    text += (": over the whole window even alone they do not move val_ppl measurably, but by position "
                              f"they do: {by_position} - the setting sees them act, and a null for them on val_ppl is "
-                             "what their changes add up to over the window, not a blind spot")
+                             "what their changes add up to over the window, not a blind spot" if by_position and own
+                             else ": even alone they do not move the metric measurably, so a null result for them here "
+                             "may be a blind spot of this setting rather than a finding"
+                             + (f" (by position, {by_position})" if by_position else ""))
                     reach = reach_clause(values, c, BIAS_REACH) if "bias" in parts.get(c, ()) else ""
                     text += f"; {reach}." if reach else "."
             elif ch["delta_pct"] > 0:  # a perplexity: trained alone, they made it worse
