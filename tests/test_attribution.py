@@ -976,6 +976,9 @@ def test_the_decision_names_the_other_metrics_that_differ_where_the_primary_one_
         "; `strict` equals `test_ppl` in every cell, so it adds nothing.")
     out[0]["metrics"]["strict"] += 0.5
     assert "no significant difference on `strict`" in secondary_sentence(summary, out, ["test_ppl", "strict"])
+    out[0]["metrics"]["strict"] -= 0.5
+    del out[-1]["metrics"]["strict"]  # missing from one cell: not "equal in every cell"
+    assert "equals" not in secondary_sentence(summary, out, ["test_ppl", "strict"])
     # an interval within the metric's resolution reads as such, as the primary metric's does
     for r in out:
         r["metrics"]["fine"] = 10.0 * (1 + 1e-9 * r["seed"]) if r["config"] == "mu" else 10.0

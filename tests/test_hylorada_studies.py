@@ -274,8 +274,8 @@ def test_retrieval_gains_are_tested_paired_over_the_same_queries():
     text = "\n".join(_positive_control_section(rows, ["base", "rslora", "better", "worse", "other"],
                                                {"max_length": 512, "rope_scaling": "none", "value_digits": 1},
                                                "rslora"))
-    assert ("against `rslora`, 1 of 3 recall significantly more and 1 significantly less (`worse`); 1 do not differ "
-            "significantly from it.") in text
+    assert ("against `rslora`, 1 of 3 recall significantly more and 1 of 3 significantly less (`worse`); 1 does not "
+            "differ significantly from it.") in text
 
 
 def test_a_recall_gain_that_varies_across_seeds_is_not_significant_however_many_queries():

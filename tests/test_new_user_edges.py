@@ -507,7 +507,7 @@ def test_report_on_a_missing_directory_says_it_does_not_exist(capsys, tmp_path):
     assert f"{tmp_path / 'nope'} does not exist: give the directory of an lmlab run" in one_error_line(err)
 
 
-@pytest.mark.parametrize("case", ["out is a file", "out below a file", "only names nothing"])
+@pytest.mark.parametrize("case", ["out is a file", "out below a file", "only names nothing", "unknown name"])
 def test_bench_refuses_bad_options_before_measuring(capsys, tmp_path, monkeypatch, case):
     """Before, `--out FILE` measured for minutes and then crashed with two tracebacks, losing the numbers, and a
     bare `--only` ran the whole suite."""
@@ -518,9 +518,12 @@ def test_bench_refuses_bad_options_before_measuring(capsys, tmp_path, monkeypatc
     afile.write_text("x")
     args, expected = {"out is a file": (["--out", str(afile)], f"cannot write benchmark results to {afile}"),
                       "out below a file": (["--out", str(afile / "sub")], "cannot write benchmark results to"),
-                      "only names nothing": (["--only"], "--only names no benchmark: give one or more of")}[case]
+                      "only names nothing": (["--only"], "--only names no benchmark: give one or more of"),
+                      "unknown name": (["--only", "nosuch", "--out", str(tmp_path / "new")],
+                                       "unknown benchmark(s) nosuch")}[case]
     code, out, err = cli(capsys, "bench", "--quick", *args)
     assert code == 2 and out == "" and expected in one_error_line(err)
+    assert not (tmp_path / "new").exists()  # refused before the results directory is made
 
 
 @pytest.mark.parametrize(("content", "expected"), [
@@ -608,3 +611,17 @@ def test_a_truncated_safetensors_file_whose_header_length_starts_like_a_pickle_i
     assert (tmp_path / "model.safetensors").read_bytes()[0] == 0x80
     with pytest.raises(CheckpointError, match="is not a readable safetensors file .* truncated or corrupt"):
         check_weight_files(tmp_path)
+
+
+def test_resume_with_overrides_under_nproc_is_refused_before_any_process_starts(capsys, monkeypatch, mu_copy):
+    import lmlab.cli as cli_module
+
+    started = []
+    monkeypatch.setattr(cli_module, "_relaunch_distributed", lambda n, argv: started.append(argv) or 0)
+    monkeypatch.setenv("LMLAB_DEVICE", "cpu")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    before = (mu_copy / "results.jsonl").read_text()
+    code, out, err = cli(capsys, "run", "mu", "--resume", str(mu_copy), "--nproc", "2", "train.lr=1e-3")
+    assert code == 2 and out == "" and started == []
+    assert "--resume continues a run in its own directory with its saved configuration" in one_error_line(err)
+    assert "drop the overrides" in one_error_line(err) and (mu_copy / "results.jsonl").read_text() == before

@@ -34,7 +34,6 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
     if only is not None and not only:  # `--only` with nothing after it: not "everything"
         raise LmlabError(f"--only names no benchmark: give one or more of {', '.join(BENCHMARKS)} (with --gpu: "
                          f"{', '.join(gpu_bench.MODELS)}), or drop --only to run them all")
-    _check_out(Path(out) if out else results_dir())
     if gpu is None:  # LMLAB_DEVICE=cpu: the CPU benchmarks also on a machine with a GPU
         from lmlab.engine import distributed as D
 
@@ -42,6 +41,7 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
     if gpu:
         gpu_bench.require_cuda()
         options = {**gpu_bench.options(quick, lengths, only), "out": str(Path(out).resolve() if out else results_dir())}
+        _check_out(Path(options["out"]))  # after the options are checked, before minutes of measuring
         return _child([sys.executable, "-m", gpu_bench.__name__, "run", json.dumps(options)], dict(os.environ))
     if lengths is not None:
         raise LmlabError("--lengths sets the long-context probe of the GPU benchmarks: use it with --gpu")
@@ -54,6 +54,7 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
         raise LmlabError(f"LMLAB_BENCH_THREADS must be a positive integer, got {threads!r}")
     options = {"quick": quick, "only": only or None, "threads": int(threads),
                "out": str(Path(out).resolve() if out else results_dir())}
+    _check_out(Path(options["out"]))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     return _child([sys.executable, "-m", SUITE_MODULE, "run", json.dumps(options)], env)
 

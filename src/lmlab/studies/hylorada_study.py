@@ -1323,10 +1323,12 @@ def _positive_control_section(rows: list[dict], configs: list[str], cfg: dict, r
                     said += (f"none of {len(others)} differs significantly from `{reference}`, so retrieval does not "
                              "separate the configurations at this scale.")
                 else:
-                    said += (f"against `{reference}`, {len(higher)} of {len(others)} recall significantly more"
-                             + (f" and {len(lower)} significantly less ({names(lower)})" if lower else "")
-                             + (f"; {len(others) - len(apart)} do not differ significantly from it"
-                                if len(apart) < len(others) else "") + ".")
+                    rest = len(others) - len(apart)
+                    parts = ([f"{len(higher)} of {len(others)} recall significantly more"] if higher else []) + (
+                        [f"{len(lower)} of {len(others)} significantly less ({names(lower)})"] if lower else [])
+                    said += (f"against `{reference}`, " + " and ".join(parts)
+                             + (f"; {rest} {'does' if rest == 1 else 'do'} not differ significantly from it"
+                                if rest else "") + ".")
             else:
                 said = said[:-2] + "."
             if not up:

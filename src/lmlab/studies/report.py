@@ -63,10 +63,11 @@ def secondary_sentence(summary: dict, rows: list[dict], metrics: list[str]) -> s
         return (f"The run's other metric{'s' if len(copies) > 1 else ''}, {copied.replace(' equal', ', equal', 1)} "
                 "to the decision." if copies else "")
     count = len(differ) + len(same) + len(resolution)
+    named_count = count + len(copies)
     parts = differ + ([f"no significant difference on {', '.join(same)}"] if same else []) + (
         [f"the same to the metric's resolution on {', '.join(resolution)}"] if resolution else []) + (
         [copied] if copied else [])
-    return (f"`{candidate}` vs `{reference}` on the run's other metric{'s' if count > 1 else ''} (secondary: "
+    return (f"`{candidate}` vs `{reference}` on the run's other metric{'s' if named_count > 1 else ''} (secondary: "
             + (f"each at 95%, uncorrected for the {count} compared" if count > 1 else "at 95%")
             + f"; the decision and its controls are judged on {primary} alone): " + "; ".join(parts) + ".")
 
@@ -74,9 +75,8 @@ def secondary_sentence(summary: dict, rows: list[dict], metrics: list[str]) -> s
 def _same_in_every_cell(rows: list[dict], metric: str, primary: str) -> bool:
     """Whether `metric` equals `primary` in every finished cell that recorded both (and at least one did): a second
     name for the same numbers, e.g. a strict accuracy where no answer was invalid."""
-    pairs = [(r["metrics"][metric], r["metrics"][primary]) for r in rows if r.get("status", "ok") == "ok"
-             and r.get("metrics", {}).get(metric) is not None and r["metrics"].get(primary) is not None]
-    return bool(pairs) and all(a == b for a, b in pairs)
+    with_primary = [r for r in rows if r.get("status", "ok") == "ok" and r.get("metrics", {}).get(primary) is not None]
+    return bool(with_primary) and all(r["metrics"].get(metric) == r["metrics"][primary] for r in with_primary)
 
 
 def fmt(value, digits: int = 4) -> str:

@@ -292,7 +292,7 @@ def check_run(name: str, *, preset: str | None = None, overrides: list[str] = ()
     study = get_study(name)
     trackers = parse_trackers(log)
     resolve_parallel(parallel)  # a malformed --parallel: refused before anything is read
-    if out is not None and not str(out).strip():
+    if out is not None and not str(out).strip() and not resume:
         raise ConfigError("--out '' names no directory: give a path, or leave --out out for runs/<study>-<time>")
     if resume:
         run = RunDir(Path(resume))
