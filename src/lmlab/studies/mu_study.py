@@ -613,12 +613,15 @@ def _notes_scale(cfg: dict) -> str | None:
     return "; ".join(differs) or None
 
 
-def _setting(notes: str, cfg: dict, summary: dict) -> str:
-    """A claim's setting: the notes', and what this run does differently (data, depth, size)."""
+def _setting(notes: str, cfg: dict, summary: dict, tokens: int) -> str:
+    """A claim's setting: the notes' (at `tokens` per sequence), and what this run does differently (data, depth,
+    size, sequence length)."""
     differs = [_notes_scale(cfg)] if _notes_scale(cfg) else []
     params = summary["configs"].get(CANDIDATE, {}).get("trainable_params")
-    if differs and params:
+    if params and abs(params - 16.7e6) > 0.1 * 16.7e6:
         differs.append(f"{params:,} parameters, not ~16.7M")
+    if cfg.get("max_seq_len") and cfg["max_seq_len"] != tokens:
+        differs.append(f"{cfg['max_seq_len']} tokens, not {tokens}")
     return notes + (f"; this run differs - {'; '.join(differs)}" if differs else "")
 
 
@@ -640,7 +643,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
                if epochs > 6 else f"; a plateau after epoch 6 is not observable (the run ends at epoch {epochs:g})")
     claims = []
     m1 = {"id": "M1", "claim": "MU-SOTA reached PPL 402.17 and 17.25% accuracy after 10 epochs, plateauing after "
-                              "epoch 6", "setting": _setting(NOTES_SETTING, cfg, summary)}
+                              "epoch 6", "setting": _setting(NOTES_SETTING, cfg, summary, 128)}
     if not test:
         claims.append({**m1, "measured": "not run", "verdict": f"not testable here: `{CANDIDATE}` did not run"})
     else:
@@ -659,7 +662,7 @@ def mu_claims(cfg: dict, summary: dict, rows: list[dict], gap: dict | None = Non
             verdict = "not testable here: one seed gives no interval"
         claims.append({**m1, "measured": measured, "verdict": verdict})
     m2 = {"id": "M2", "claim": "with lr 1e-4, warmup 2000, 30 epochs and 192 tokens MU-SOTA reaches PPL < 200",
-          "setting": _setting(NOTES_RECIPE_SETTING, cfg, summary)}
+          "setting": _setting(NOTES_RECIPE_SETTING, cfg, summary, 192)}
     recipe = cfg["train"]["lr"] == 1e-4 and cfg["train"]["epochs"] >= 30 and cfg["max_seq_len"] == 192
     if not test:
         claims.append({**m2, "measured": "not run", "verdict": f"not testable here: `{CANDIDATE}` did not run"})
