@@ -73,8 +73,9 @@ def secondary_sentence(summary: dict, rows: list[dict], metrics: list[str]) -> s
 
 
 def _same_in_every_cell(rows: list[dict], metric: str, primary: str) -> bool:
-    """Whether `metric` equals `primary` in every finished cell that recorded both (and at least one did): a second
-    name for the same numbers, e.g. a strict accuracy where no answer was invalid."""
+    """Whether `metric` equals `primary` in every finished cell that recorded `primary` (and at least one did; a
+    cell without `metric` breaks it): a second name for the same numbers, e.g. a strict accuracy where no answer
+    was invalid."""
     with_primary = [r for r in rows if r.get("status", "ok") == "ok" and r.get("metrics", {}).get(primary) is not None]
     return bool(with_primary) and all(r["metrics"].get(metric) == r["metrics"][primary] for r in with_primary)
 
@@ -1048,10 +1049,8 @@ def guide_link(run: RunDir) -> str:
 
 def _strays_note(strays: list[dict], record: dict) -> str:
     """The report's line on `results.jsonl` rows for cells the run does not have."""
-    cells = sorted({f"{r['config']} seed {r['seed']}" for r in strays})
-    shown = ", ".join(cells[:10]) + (f" and {len(cells) - 10} more" if len(cells) > 10 else "")
     return (f"**{len(strays)} row(s) in `results.jsonl` are for cells this run does not have and were left out** "
-            f"({shown}; the run's configurations: {', '.join(record['configurations'])}; seeds: "
+            f"({RunDir.cells_text(strays)}; the run's configurations: {', '.join(record['configurations'])}; seeds: "
             f"{', '.join(map(str, record['seeds']))}).")
 
 

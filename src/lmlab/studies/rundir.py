@@ -268,10 +268,15 @@ class RunDir:
         rows, self.duplicates = unique_results(rows)
         return rows
 
+    @staticmethod
+    def cells_text(rows: list[dict]) -> str:
+        """'lora seed 42, rslora seed 42 and 3 more': the distinct cells of `rows`, the first ten named."""
+        cells = sorted({f"{r['config']} seed {r['seed']}" for r in rows})
+        return ", ".join(cells[:10]) + (f" and {len(cells) - 10} more" if len(cells) > 10 else "")
+
     def duplicates_note(self) -> str:
         """The report's line on the rows read_results() dropped."""
-        cells = sorted({f"{r['config']} seed {r['seed']}" for r in self.duplicates})
-        shown = ", ".join(cells[:10]) + (f" and {len(cells) - 10} more" if len(cells) > 10 else "")
+        shown = self.cells_text(self.duplicates)
         return (f"**{len(self.duplicates)} duplicate row(s) in `results.jsonl` were dropped** ({shown}): each cell "
                 "counts once, with its first recorded row (two processes once ran this directory at the same time).")
 
