@@ -28,7 +28,7 @@ BAD_OVERRIDES = {
     "unknown-alias": (["epoch=2"], "unknown key 'epoch' in the command-line overrides; did you mean 'epochs'?"),
     "key-below-a-leaf": (["train.lr.max=3"],
                          "unknown key 'train.lr.max' in the command-line overrides; did you mean 'train.lr'?"),
-    "empty-key": (["=3"], "unknown key '' in the command-line overrides"),
+    "empty-key": (["=3"], "override '=3' has no key before its '=': write key=value, e.g. train.lr=1e-4"),
     "unknown-key-in-a-mapping": (["adapter={rr: 3}"], "unknown key 'adapter.rr' in HyloradaStudyConfig"),
     "section-as-scalar": (["adapter=3"], "adapter = 3: Input should be a valid dictionary"),
     "unknown-configuration": (["only=[lora,dora]"], "only=['dora'] names no configuration of study 'hylorada'"),

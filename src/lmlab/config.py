@@ -180,8 +180,7 @@ def apply_overrides(data: dict, overrides: list[str], model_cls: type[Section]) 
     data = _deep_copy(data)
     aliases = getattr(model_cls, "ALIASES", {})
     known = set(valid_keys(model_cls))
-    given: dict[str, str] = {}
-    for item in overrides:
+    for item in overrides:  # a key given twice takes its last value, as scripts that extend a base list expect
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.lr=1e-4)")
         key, raw = item.split("=", 1)
@@ -191,10 +190,7 @@ def apply_overrides(data: dict, overrides: list[str], model_cls: type[Section]) 
         path = aliases.get(key, key)
         if path not in known:
             raise ConfigError(unknown_key_message(key, model_cls, "in the command-line overrides"))
-        if path in given:  # the last would win without a word: a typo or a leftover, either way ambiguous
-            raise ConfigError(f"{path} is set twice in the command-line overrides ({given[path]}, then {item}); "
-                              "give it once")
-        given[path] = item
+
         node = data
         parts = path.split(".")
         for part in parts[:-1]:
