@@ -43,18 +43,15 @@ class Section(BaseModel):
         word. A number field (not also a boolean one) refuses them."""
         annotation = cls.model_fields[info.field_name].annotation
         if isinstance(value, bool):
-            kinds = _scalar_types(annotation)
+            kinds, found, message = _scalar_types(annotation), value, "expected a number, got {value}"
         elif isinstance(value, (list, tuple)) and any(isinstance(v, bool) for v in value):
-            kinds = _element_types(annotation)  # seeds=[true]: a list of numbers takes no booleans either
-            value_text = next(str(v).lower() for v in value if isinstance(v, bool))
-            if bool not in kinds and kinds & {int, float}:
-                raise PydanticCustomError("bool_as_number", "expected numbers, got {value} in the list",
-                                          {"value": value_text})
-            return value
+            # seeds=[true]: a list of numbers takes no booleans either
+            kinds, message = _element_types(annotation), "expected numbers, got {value} in the list"
+            found = next(v for v in value if isinstance(v, bool))
         else:
             return value
         if bool not in kinds and kinds & {int, float}:
-            raise PydanticCustomError("bool_as_number", "expected a number, got {value}", {"value": str(value).lower()})
+            raise PydanticCustomError("bool_as_number", message, {"value": str(found).lower()})
         return value
 
 
