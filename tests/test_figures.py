@@ -354,6 +354,40 @@ def test_the_decile_plot_zooms_on_the_change_vs_the_reference_paired_by_seed(plo
     assert "Drawn on top of one another: rslora, twin (each mean within " in text
 
 
+def test_each_comparison_gets_its_own_panel_of_per_decile_change_vs_its_parent(run: RunDir, figures: list):
+    """One panel per comparison whose two configurations have deciles, the candidate's change vs its parent in %
+    paired by seed, on its own y axis: a component with no effect (twin, exactly rslora) is a flat line at 0 whose axis
+    is not stretched by the others' (a shared axis would flatten small components); a parent without deciles leaves
+    its comparison out."""
+    comparisons = [{"component": "rsLoRA scaling", "candidate": "rslora", "parent": "lora"},
+                   {"component": "a copy", "candidate": "twin", "parent": "rslora"},
+                   {"component": "buckets", "candidate": "buckets", "parent": "lora"},
+                   {"component": "nothing to pair", "candidate": "rslora", "parent": "absent"}]
+    drawn = hylorada_study._component_decile_plot(_rows(), CONFIGS, comparisons, run)
+    assert drawn == [("rsLoRA scaling", "rslora", "lora"), ("a copy", "twin", "rslora"), ("buckets", "buckets", "lora")]
+    fig = figures[-1]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(panels) == 3
+    assert [ax.get_title().replace("\n", " ") for ax in panels] == [
+        "rsLoRA scaling: rslora vs lora", "a copy: twin vs rslora", "buckets: buckets vs lora"]
+
+    def data_line(ax):  # the one line with ten points (the other is the zero line)
+        return next(line for line in ax.get_lines() if len(line.get_xdata()) == 10)
+
+    # decile d of seed offset off: lora 55 + 10d + 20 off, rslora 60 + ..., buckets 70 + ... (see _row)
+    def expected(shift):
+        return [sum(100 * shift / (55 + 10 * d + 20 * off) for off in (0, 0.05)) / 2 for d in range(10)]
+
+    assert list(data_line(panels[0]).get_ydata()) == pytest.approx(expected(5))
+    assert list(data_line(panels[1]).get_ydata()) == [0.0] * 10
+    assert list(data_line(panels[2]).get_ydata()) == pytest.approx(expected(15))
+    assert to_rgba(data_line(panels[2]).get_color()) == to_rgba(config_styles(CONFIGS)["buckets"]["color"])
+    spans = [ax.get_ylim()[1] - ax.get_ylim()[0] for ax in panels]
+    assert spans[1] < spans[0] < spans[2]  # each on its own axis
+    assert (run.plots / "component_by_decile.png").is_file() and (run.plots / "component_by_decile.pdf").is_file()
+    assert hylorada_study._component_decile_plot(_rows(), CONFIGS, comparisons[3:], run) == []
+
+
 def test_every_plot_is_saved_as_png_and_vector_pdf(run: RunDir, plots: dict):
     assert plots  # drawn into run.plots
     pngs = sorted(p.stem for p in run.plots.glob("*.png"))

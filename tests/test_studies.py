@@ -41,8 +41,8 @@ def smoke_run(tmp_path_factory) -> Path:
 
 
 def test_smoke_run_writes_the_contracted_layout(smoke_run: Path):
-    assert_run_layout(smoke_run, ["training_curves.png", "perplexity_by_decile.png", "retrieval_by_depth.png",
-                                  "bucket_boundaries.png"])
+    assert_run_layout(smoke_run, ["training_curves.png", "perplexity_by_decile.png", "component_by_decile.png",
+                                  "retrieval_by_depth.png", "bucket_boundaries.png"])
     rows = [json.loads(line) for line in (smoke_run / "results.jsonl").read_text().splitlines()]
     assert sorted((r["config"], r["seed"]) for r in rows) == sorted((c, s) for c in HYLORADA_CONFIGS for s in (42, 123))
     for r in rows:

@@ -61,11 +61,10 @@ def run_benchmarks(quick: bool = False, only: list[str] | None = None, out: str 
 
 def _check_out(out: Path) -> None:
     """The results directory can be made and written, before minutes of benchmarks are measured into it."""
+    from lmlab.fileio import probe_writable
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        probe_writable(out, make=True)
     except OSError as exc:
         raise LmlabError(f"cannot write benchmark results to {out}: {exc.strerror or exc}; choose another --out "
                          "(a directory)") from None

@@ -50,6 +50,16 @@ def current_umask() -> int:
     return mask
 
 
+def probe_writable(directory: Path, *, make: bool = False) -> None:
+    """Prove `directory` can take new files (made first when `make`) by writing and removing a probe file, before
+    minutes of work are computed into it. Raises the OSError; each caller words it for its own option."""
+    if make:
+        directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".write-probe-{os.getpid()}"
+    probe.write_text("ok")
+    probe.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` for the block to write a file to; synced and renamed over `path` when the

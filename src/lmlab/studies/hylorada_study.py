@@ -807,6 +807,14 @@ class HyloradaStudy(Study):
                       *_first_decile_sentence(ok, [c for c in configs if roles.get(c) != "positive control"
                                                    and not c.endswith("(INVALID)")], cfg,
                                               _aside(configs, roles)), ""]
+            drawn = _component_decile_plot(ok, configs, [{**c, "candidate": names.get(c["candidate"], c["candidate"]),
+                                                          "parent": names.get(c["parent"], c["parent"])}
+                                                         for c in summary.get("comparisons", [])], run)
+            if drawn:
+                lines += [f"Where each component acts along the window: `plots/component_by_decile.png` draws each of "
+                          f"the {plural(len(drawn), 'comparison')} of the change table as its candidate's per-decile "
+                          "change vs its parent, paired by seed, each on its own y axis (the panel above is vs the "
+                          "reference, on one axis for all).", ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
             sparse = _retrieval_plot(ok, configs, run, 9 * 10 ** (cfg.get("value_digits", 4) - 1))
@@ -1681,6 +1689,70 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
         fig.subplots_adjust(hspace=0.3)
     save_figure(fig, run, "perplexity_by_decile.png")
     return True
+
+
+def _component_decile_plot(rows, configs, comparisons: list[dict], run: RunDir) -> list[str]:
+    """Where along the window each declared comparison's component acts: one small panel per comparison whose
+    candidate and parent both have per-decile perplexity, showing the candidate's change vs its parent in % per
+    position decile, paired by seed (the mean over seeds, shaded between the lowest and highest seed), each panel on
+    its own y axis with the zero line marked - so a component worth 0.05% is read on its own scale rather than flattened
+    by one worth 30%, and changes of opposite sign at the window's two ends, which cancel in val_ppl, show. Saved as
+    plots/component_by_decile.png; returns the comparisons drawn as (component, candidate, parent), in order."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lmlab.studies.report import curve_over_seeds
+
+    x = [(d + 0.5) / 10 for d in range(10)]
+    by_cell = {(r["config"], r["seed"]): r["details"]["decile_ppl"] for r in rows if r["details"].get("decile_ppl")}
+    panels = []
+    for comp in comparisons:
+        cand, parent = comp["candidate"], comp["parent"]
+        per_seed = [[None if v is None or b is None else 100 * (v / b - 1)
+                     for v, b in zip(values, by_cell[(parent, seed)], strict=True)]
+                    for (config, seed), values in sorted(by_cell.items(), key=lambda kv: kv[0][1])
+                    if config == cand and (parent, seed) in by_cell]
+        if per_seed and any(v is not None for seed_values in per_seed for v in seed_values):
+            panels.append((comp["component"], cand, parent, curve_over_seeds(x, per_seed)))
+    if not panels:
+        return []
+    styles = config_styles(configs)
+    columns = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(3.6 * columns, 2.6 * rows_n + 0.6), sharex=True, squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for i, (ax, (component, cand, parent, curve)) in enumerate(zip(axes.flat, panels, strict=False)):
+        style = styles.get(cand, {"color": "C0", "marker": "o", "linestyle": "-"})
+        ax.axvspan(0.25, 0.75, color="grey", alpha=0.1)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        y = [float("nan") if v is None else v for v in curve.y]
+        ax.plot(curve.x, y, fillstyle="none", markersize=5, **style)
+        if curve.seeds > 1:
+            ax.fill_between(curve.x, [float("nan") if v is None else v for v in curve.low],
+                            [float("nan") if v is None else v for v in curve.high], color=style["color"], alpha=0.2,
+                            linewidth=0)
+        ax.set_title(textwrap.fill(f"{component}: {cand} vs {parent}", 38), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if i % columns == 0:
+            ax.set_ylabel("change in %", fontsize=8)
+        if i + columns >= len(panels):
+            ax.set_xlabel("relative position in the window", fontsize=8)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    seeds = max(c.seeds for *_, c in panels)
+    fig.suptitle(textwrap.fill(
+        "Perplexity change of each comparison's candidate vs its parent, by position decile, paired by seed (below 0: "
+        "lower perplexity). Each panel has its own y axis; grey band: the LIM region"
+        + (f"; line: mean over seeds, shaded: min-max over {seeds} seeds." if seeds > 1 else "; one seed."),
+        110), fontsize=9)
+    save_figure(fig, run, "component_by_decile.png")
+    return [(component, cand, parent) for component, cand, parent, _ in panels]
 
 
 def _retrieval_table(rows, configs) -> list[str]:

@@ -886,6 +886,8 @@ def save_figure(fig, run: RunDir, name: str) -> str:
     run.plots.mkdir(parents=True, exist_ok=True)
     try:
         with matplotlib.rc_context({"pdf.fonttype": 42}):
+            if fig.get_layout_engine() is not None:  # a constrained layout places the axes when drawn: before measuring
+                fig.draw_without_rendering()
             bbox = fig.get_tightbbox(fig.canvas.get_renderer()).padded(0.05)
             for ext, options in (("png", {"dpi": 150}), ("pdf", {"metadata": {"CreationDate": None}})):
                 tmp = run.plots / f".{stem}.tmp.{ext}"

@@ -29,7 +29,7 @@ import yaml
 from lmlab.engine import distributed as D
 from lmlab.engine.state import complete_checkpoints
 from lmlab.errors import ConfigError
-from lmlab.fileio import atomic_write_text, dump_yaml, parse_yaml
+from lmlab.fileio import atomic_write_text, dump_yaml, parse_yaml, probe_writable
 
 
 def json_safe(value):
@@ -216,9 +216,7 @@ class RunDir:
     def check_writable(self) -> None:
         """Prove an existing run directory is writable (before `--resume` trains anything)."""
         try:
-            probe = self.root / f".write-probe-{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            probe_writable(self.root)
         except OSError as exc:
             raise ConfigError(self._unwritable(exc)) from None
 
