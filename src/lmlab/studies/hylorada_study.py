@@ -225,8 +225,9 @@ HYLORADA_CLAIMS = [
     {"id": "H6", "claim": "rsLoRA + position bias + position-adaptive landmarks: +18.37% over baseline",
      "setting": "same", "candidate": "rslora+bias+landmarks", "parent": "lora", "claimed_pct": 18.37,
      "explanation": LARGER_LR},
+    # the landmarks' own share of H6: H6 against H6 without them (the bias and rsLoRA stay), over H6's whole gain
     {"id": "H6", "claim": "... credited to the landmarks", "setting": "same", "kind": "credit",
-     "candidate": "rslora+bias+landmarks", "parent": "rslora", "total_parent": "lora"},
+     "candidate": "rslora+bias+landmarks", "parent": "rslora+bias", "total_parent": "lora"},
     {"id": "H7", "claim": "learnable bucketing: -2.26% vs fixed buckets (56.33 -> 57.60)", "setting": "same",
      "candidate": "rslora+bias+learnable_bucket", "parent": "rslora+bias+landmarks", "claimed_pct": -2.26,
      "through": THROUGH_POSITION},

@@ -2,11 +2,14 @@
 
 A pretrained tiny base is saved with `save_pretrained` (plus its tokenizer) in a cache directory keyed
 by a hash of everything that determines it (architecture, data, tokenizer, training), so later runs
-reuse it (docs/protocol.md section 2). It is the same base on every machine: one process pretrains it in fp32 on the
-CPU with one torch thread (`PRETRAIN_DEVICE`, `PRETRAIN_THREADS`) - the rounding of a float sum depends on how many
-threads share it, and over a few hundred steps that changes the base (at the default preset's recipe a base
-pretrained on 2 threads reached val ppl 6.11, on 1 thread 5.58), and with it every conclusion drawn on top of it.
-Building one is safe under concurrency (a file lock) and under torchrun (rank 0 pretrains it alone while the others
+reuse it (docs/protocol.md section 2). It is the same base on every x86-64 machine with the same torch build: a
+process of its own pretrains it in fp32 on the CPU with one torch thread (`PRETRAIN_DEVICE`, `PRETRAIN_THREADS`) and
+with the CPU's vector instructions out of the sums (`PINNED_NUMERICS`: PyTorch's portable kernels, MKL's
+cross-processor branch). The rounding of a float sum depends on how many threads share it and on the instructions
+that add it up, and over a few hundred steps that changes the base (at the default preset's recipe, pretrained on 2
+threads: val ppl 6.11; on 1 thread: 5.58 on one machine and 5.78 on an AVX-512 one), and with it every conclusion
+drawn on top of it. Those settings take effect only before PyTorch first computes, hence the process of its own.
+Building one is safe under concurrency (a file lock) and under torchrun (rank 0 has it built while the others
 wait, then every rank loads it). The models themselves (config and builder) are components in `lmlab.models.tiny`;
 this is a recipe: it runs the training loop.
 """
@@ -40,8 +43,17 @@ from lmlab.fileio import cache_root
 from lmlab.models.tiny import TinyModelConfig, build_tiny
 from lmlab.studies.rundir import library_versions
 
-PRETRAIN_FORMAT = 2  # bump when the pretraining recipe changes in a way the code hash below misses
+PRETRAIN_FORMAT = 3  # bump when the pretraining recipe changes in a way the code hash below misses (3: PINNED_NUMERICS)
 PRETRAIN_DEVICE, PRETRAIN_THREADS = "cpu", 1  # where every tiny base is pretrained (module doc)
+# The pretraining process's environment, so its sums do not depend on the machine's CPU: PyTorch's kernels without
+# AVX2/AVX-512 (its `default` capability; read once, before the first kernel runs) and MKL's conditional numerical
+# reproducibility branch that gives the same results on every Intel and compatible processor (read when MKL starts).
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+                   "OMP_NUM_THREADS": str(PRETRAIN_THREADS), "MKL_NUM_THREADS": str(PRETRAIN_THREADS)}
+# torchrun's variables stay out of it: the pretraining process is a world of its own
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                      "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                      "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS")
 
 
 def _recipe_fingerprint() -> str:
@@ -136,8 +148,7 @@ def pretrained_tiny(cfg: PretrainConfig, *, display: Display | None = None) -> P
     try:
         ready = D.broadcast_object((target / "lmlab_pretrain.json").exists())
         if not ready and D.is_main():
-            with D.alone(), torch_threads(PRETRAIN_THREADS):
-                _pretrain_into(cfg, target, display or Display())
+            _pretrain_in_own_process(cfg, target, display or Display())
         D.barrier()
     finally:
         if lock is not None:
@@ -145,12 +156,37 @@ def pretrained_tiny(cfg: PretrainConfig, *, display: Display | None = None) -> P
     return target
 
 
+def _pretrain_in_own_process(cfg: PretrainConfig, target: Path, display: Display) -> None:
+    """Pretrain into `target` in a new Python process with `PINNED_NUMERICS` (module doc). Its messages come back
+    through `display` (one per stdout line); its progress bar, where `display` shows one, goes to stderr."""
+    import subprocess
+    import sys
+
+    import lmlab
+
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(PINNED_NUMERICS)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # it trains on the CPU: no CUDA context, no GPU memory
+    package_root = str(Path(lmlab.__file__).resolve().parent.parent)  # lmlab as this process imports it
+    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    request = json.dumps({"config": cfg.model_dump(), "target": str(target), "progress": bool(display.progress),
+                          "position": display.position})
+    with subprocess.Popen([sys.executable, "-m", __name__, request], stdout=subprocess.PIPE, text=True, env=env,
+                          stdin=subprocess.DEVNULL) as child:
+        for line in child.stdout:
+            display.line(line.rstrip("\n"))
+    if child.returncode != 0:
+        raise RuntimeError(f"pretraining the tiny base '{cfg.name}' failed (exit code {child.returncode}); its error "
+                           "is above")
+
+
 def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
-    """Pretrain and save into `target` - in one process (rank 0 alone under torchrun, `pretrained_tiny`)."""
+    """Pretrain and save into `target`, in the process `_pretrain_in_own_process` starts (or, in tests, in this one)."""
     started = time.perf_counter()
     display.line(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
                  f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data, on the CPU with "
-                 f"{PRETRAIN_THREADS} thread (the same base on every machine); cached at {target}")
+                 f"{PRETRAIN_THREADS} thread and portable kernels (the same base on every machine); cached at "
+                 f"{target}")
     tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
     docs = _training_documents(cfg, tokenizer)
     texts = [getattr(d, "text", d) for d in docs]  # a LongDocument's text, or the text itself
@@ -177,9 +213,32 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
             "recall_phase": None if recall is None else {"steps": recall.steps, "final_loss": recall.final_loss,
                                                          "train_time_s": recall.train_time_s},
             "wall_time_s": time.perf_counter() - started, "device": PRETRAIN_DEVICE,
-            "threads": torch.get_num_threads(), "versions": library_versions()}
+            "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "mkl_cbwr": os.environ.get("MKL_CBWR"), "versions": library_versions()}
     (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     display.line(f"pretrained '{cfg.name}': val ppl {val['ppl']:.2f} at context {cfg.model.context} "
                  f"({result.steps} steps, {info['wall_time_s']:.0f}s)")
+
+
+def _main(argv: list[str]) -> None:
+    """`python -m lmlab.studies.pretrain REQUEST`: the process `_pretrain_in_own_process` starts (REQUEST: its JSON)."""
+    import sys
+
+    from lmlab.progress import quiet_libraries
+
+    quiet_libraries()  # as the process that started it: no library's own bars or advice
+    request = json.loads(argv[0])
+    cfg = PretrainConfig.model_validate(request["config"])
+    display = Display(progress=request["progress"], position=request["position"],
+                      log=lambda message: print(message, flush=True))
+    with torch_threads(PRETRAIN_THREADS):
+        _pretrain_into(cfg, Path(request["target"]), display)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1:])
