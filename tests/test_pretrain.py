@@ -42,6 +42,7 @@ def test_a_base_pretrained_on_two_threads_is_the_base_pretrained_on_one(tmp_path
     assert _same(one, two)
     assert info["device"] == "cpu" and info["threads"] == 1 and info["versions"]["torch"] == torch.__version__
     assert info["cpu_capability"] == "DEFAULT" and info["mkl_cbwr"] == "COMPATIBLE"
+    assert info["lmlab_cpu_kernels"] is False  # compiled with -march=native: another CPU would add up differently
 
 
 def test_without_one_thread_the_base_would_depend_on_the_thread_count(tmp_path: Path):

@@ -5,10 +5,11 @@ by a hash of everything that determines it (architecture, data, tokenizer, train
 reuse it (docs/protocol.md section 2). It is the same base on every x86-64 machine with the same torch build: a
 process of its own pretrains it in fp32 on the CPU with one torch thread (`PRETRAIN_DEVICE`, `PRETRAIN_THREADS`) and
 with the CPU's vector instructions out of the sums (`PINNED_NUMERICS`: PyTorch's portable kernels, MKL's
-cross-processor branch). The rounding of a float sum depends on how many threads share it and on the instructions
-that add it up, and over a few hundred steps that changes the base (at the default preset's recipe, pretrained on 2
-threads: val ppl 6.11; on 1 thread: 5.58 on one machine and 5.78 on an AVX-512 one), and with it every conclusion
-drawn on top of it. Those settings take effect only before PyTorch first computes, hence the process of its own.
+cross-processor branch, none of lmlab's natively compiled C kernels). The rounding of a float sum depends on how many
+threads share it and on the instructions that add it up, and over a few hundred steps that changes the base (at the
+default preset's recipe, pretrained on 2 threads: val ppl 6.11; on 1 thread: 5.58 on one machine and 5.78 on an
+AVX-512 one), and with it every conclusion drawn on top of it. Those settings take effect only before PyTorch first
+computes, hence the process of its own.
 Building one is safe under concurrency (a file lock) and under torchrun (rank 0 has it built while the others
 wait, then every rank loads it). The models themselves (config and builder) are components in `lmlab.models.tiny`;
 this is a recipe: it runs the training loop.
@@ -40,6 +41,7 @@ from lmlab.engine.hooks import Display, PaddedLM
 from lmlab.engine.train import TrainConfig, train
 from lmlab.eval.perplexity import evaluate_perplexity
 from lmlab.fileio import cache_root
+from lmlab.kernels.build import disabled as kernels_disabled
 from lmlab.models.tiny import TinyModelConfig, build_tiny
 from lmlab.studies.rundir import library_versions
 
@@ -47,8 +49,9 @@ PRETRAIN_FORMAT = 3  # bump when the pretraining recipe changes in a way the cod
 PRETRAIN_DEVICE, PRETRAIN_THREADS = "cpu", 1  # where every tiny base is pretrained (module doc)
 # The pretraining process's environment, so its sums do not depend on the machine's CPU: PyTorch's kernels without
 # AVX2/AVX-512 (its `default` capability; read once, before the first kernel runs) and MKL's conditional numerical
-# reproducibility branch that gives the same results on every Intel and compatible processor (read when MKL starts).
-PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+# reproducibility branch that gives the same results on every Intel and compatible processor (read when MKL starts),
+# and none of lmlab's C kernels, which are compiled for the machine's own CPU (-march=native): attention is PyTorch's.
+PINNED_NUMERICS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE", "LMLAB_CPU_KERNELS": "0",
                    "OMP_NUM_THREADS": str(PRETRAIN_THREADS), "MKL_NUM_THREADS": str(PRETRAIN_THREADS)}
 # torchrun's variables stay out of it: the pretraining process is a world of its own
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
@@ -214,7 +217,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
                                                          "train_time_s": recall.train_time_s},
             "wall_time_s": time.perf_counter() - started, "device": PRETRAIN_DEVICE,
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "mkl_cbwr": os.environ.get("MKL_CBWR"), "versions": library_versions()}
+            "mkl_cbwr": os.environ.get("MKL_CBWR"), "lmlab_cpu_kernels": not kernels_disabled(),
+            "versions": library_versions()}
     (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
