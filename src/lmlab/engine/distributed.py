@@ -10,7 +10,6 @@ one between processes, so more processes than GPUs is a ConfigError before anyth
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -22,23 +21,9 @@ import torch.distributed as dist
 
 from lmlab.errors import ConfigError
 
-_alone = 0  # > 0 inside `alone()`
-
 
 def is_distributed() -> bool:
-    return _alone == 0 and dist.is_available() and dist.is_initialized()
-
-
-@contextlib.contextmanager
-def alone():
-    """Inside, this process computes on its own: every helper here answers as in a single-process run (rank 0 of
-    a world of 1, no collectives). For work one process does while the others wait at a barrier after it."""
-    global _alone
-    _alone += 1
-    try:
-        yield
-    finally:
-        _alone -= 1
+    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
