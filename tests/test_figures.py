@@ -384,6 +384,16 @@ def test_each_comparison_gets_its_own_panel_of_per_decile_change_vs_its_parent(r
     assert to_rgba(data_line(panels[2]).get_color()) == to_rgba(config_styles(CONFIGS)["buckets"]["color"])
     spans = [ax.get_ylim()[1] - ax.get_ylim()[0] for ax in panels]
     assert spans[1] < spans[0] < spans[2]  # each on its own axis
+    # a copy differs by nothing: drawn at the metric's resolution, saying so, not blown up to fill its axis
+    assert panels[1].get_ylim() == pytest.approx((-2e-4, 2e-4))
+    assert "within ±0.0001% (float rounding) at every decile" in [t.get_text() for t in panels[1].texts]
+    # laid out (constrained) before save_figure measured it: the PNG holds the whole laid-out figure, suptitle included
+    import matplotlib.image
+
+    png = matplotlib.image.imread(run.plots / "component_by_decile.png")
+    box = fig.get_tightbbox(_renderer(fig)).padded(0.05)
+    assert png.shape[1] == pytest.approx(box.width * 150, abs=3) and png.shape[0] == pytest.approx(box.height * 150,
+                                                                                                    abs=3)
     assert (run.plots / "component_by_decile.png").is_file() and (run.plots / "component_by_decile.pdf").is_file()
     assert hylorada_study._component_decile_plot(_rows(), CONFIGS, comparisons[3:], run) == []
 

@@ -62,6 +62,7 @@ from lmlab.hylorada.model import DEFAULT_TARGETS, component_of, hylorada_state
 from lmlab.models.hf import context_length, load_causal_lm, load_config, load_tokenizer, prefix_token_id
 from lmlab.studies import lr_search
 from lmlab.studies.attribution import (
+    RESOLUTION_PCT,
     effect_text,
     faster_reach_text,
     faster_reading,
@@ -813,9 +814,9 @@ class HyloradaStudy(Study):
                                                          for c in summary.get("comparisons", [])], run)
             if drawn:
                 lines += [f"Where each component acts along the window: `plots/component_by_decile.png` draws each of "
-                          f"the {plural(len(drawn), 'comparison')} of the change table as its candidate's per-decile "
-                          "change vs its parent, paired by seed, each on its own y axis (the panel above is vs the "
-                          "reference, on one axis for all).", ""]
+                          f"the {plural(len(drawn), 'comparison')} of the attribution table as its candidate's "
+                          "per-decile change vs its parent, paired by seed, each on its own y axis (the panel above is "
+                          "vs the reference, on one axis for all).", ""]
         depth_lines = _retrieval_table(ok, configs)
         if depth_lines:
             sparse = _retrieval_plot(ok, configs, run, 9 * 10 ** (cfg.get("value_digits", 4) - 1))
@@ -1692,12 +1693,14 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
     return True
 
 
-def _component_decile_plot(rows, configs, comparisons: list[dict], run: RunDir) -> list[str]:
+def _component_decile_plot(rows, configs, comparisons: list[dict], run: RunDir) -> list[tuple[str, str, str]]:
     """Where along the window each declared comparison's component acts: one small panel per comparison whose
     candidate and parent both have per-decile perplexity, showing the candidate's change vs its parent in % per
     position decile, paired by seed (the mean over seeds, shaded between the lowest and highest seed), each panel on
     its own y axis with the zero line marked - so a component worth 0.05% is read on its own scale rather than flattened
-    by one worth 30%, and changes of opposite sign at the window's two ends, which cancel in val_ppl, show. Saved as
+    by one worth 30%, and changes of opposite sign at the window's two ends, which cancel in val_ppl, show; a panel
+    whose values all lie within the metric's resolution (RESOLUTION_PCT: float rounding) is drawn at that scale and says
+    so. The title's seed count is the most any panel pairs. Saved as
     plots/component_by_decile.png; returns the comparisons drawn as (component, candidate, parent), in order."""
     import textwrap
 
@@ -1738,6 +1741,13 @@ def _component_decile_plot(rows, configs, comparisons: list[dict], run: RunDir) 
             ax.fill_between(curve.x, [float("nan") if v is None else v for v in curve.low],
                             [float("nan") if v is None else v for v in curve.high], color=style["color"], alpha=0.2,
                             linewidth=0)
+        reach = max((abs(v) for v in (curve.low or []) + (curve.high or []) + curve.y if v is not None), default=0.0)
+        if reach < RESOLUTION_PCT:  # float rounding only: drawn at the metric's resolution, not blown up
+            ax.set_ylim(-2 * RESOLUTION_PCT, 2 * RESOLUTION_PCT)
+            for edge in (-RESOLUTION_PCT, RESOLUTION_PCT):
+                ax.axhline(edge, color="grey", linewidth=0.8, linestyle=":")
+            ax.text(0.5, 0.95, f"within ±{RESOLUTION_PCT:g}% (float rounding) at every decile", fontsize=7,
+                    ha="center", va="top", transform=ax.transAxes)
         ax.set_title(textwrap.fill(f"{component}: {cand} vs {parent}", 38), fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
@@ -1750,7 +1760,8 @@ def _component_decile_plot(rows, configs, comparisons: list[dict], run: RunDir) 
     fig.suptitle(textwrap.fill(
         "Perplexity change of each comparison's candidate vs its parent, by position decile, paired by seed (below 0: "
         "lower perplexity). Each panel has its own y axis; grey band: the LIM region"
-        + (f"; line: mean over seeds, shaded: min-max over {seeds} seeds." if seeds > 1 else "; one seed."),
+        + (f"; line: mean over seeds, shaded: min-max over the seeds both ran (up to {seeds})." if seeds > 1
+           else "; one seed."),
         110), fontsize=9)
     save_figure(fig, run, "component_by_decile.png")
     return [(component, cand, parent) for component, cand, parent, _ in panels]

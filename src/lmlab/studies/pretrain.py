@@ -161,26 +161,59 @@ def pretrained_tiny(cfg: PretrainConfig, *, display: Display | None = None) -> P
 
 def _pretrain_in_own_process(cfg: PretrainConfig, target: Path, display: Display) -> None:
     """Pretrain into `target` in a new Python process with `PINNED_NUMERICS` (module doc). Its messages come back
-    through `display` (one per stdout line); its progress bar, where `display` shows one, goes to stderr."""
+    through `display` (one per stdout line); its progress bar, where `display` shows one, goes to stderr. The process
+    ends with this one: stopped here on any exception (an interrupt included), and on Linux sent SIGTERM by the
+    kernel if this process dies first; it exits quietly on either signal."""
+    import signal
     import subprocess
     import sys
-
-    import lmlab
 
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update(PINNED_NUMERICS)
     env["CUDA_VISIBLE_DEVICES"] = ""  # it trains on the CPU: no CUDA context, no GPU memory
-    package_root = str(Path(lmlab.__file__).resolve().parent.parent)  # lmlab as this process imports it
-    env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONSAFEPATH"] = "1"  # not the working directory first on its path: the modules this process imports
+    package_root = _package_root()
+    if package_root is not None:  # lmlab from a source tree (an editable install, PYTHONPATH=src), as imported here
+        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
+    for stale in target.parent.glob(f"{target.name}.tmp*"):  # a staging copy an earlier, killed build left
+        shutil.rmtree(stale, ignore_errors=True)
     request = json.dumps({"config": cfg.model_dump(), "target": str(target), "progress": bool(display.progress),
-                          "position": display.position})
-    with subprocess.Popen([sys.executable, "-m", __name__, request], stdout=subprocess.PIPE, text=True, env=env,
-                          stdin=subprocess.DEVNULL) as child:
+                          "position": display.position, "parent": os.getpid()})
+    child = subprocess.Popen([sys.executable, "-m", __name__, request], stdout=subprocess.PIPE, text=True, env=env,
+                             stdin=subprocess.DEVNULL)
+    try:
         for line in child.stdout:
             display.line(line.rstrip("\n"))
+        child.wait()
+    except BaseException:  # an interrupt or an error here: the child stops with us, not minutes later
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        raise
+    finally:
+        child.stdout.close()
     if child.returncode != 0:
-        raise RuntimeError(f"pretraining the tiny base '{cfg.name}' failed (exit code {child.returncode}); its error "
-                           "is above")
+        how = (f"it was killed by {signal.Signals(-child.returncode).name}" if child.returncode < 0 and
+               -child.returncode in {s.value for s in signal.Signals} else
+               f"exit code {child.returncode}; its error is above")
+        raise RuntimeError(f"pretraining the tiny base '{cfg.name}' in its own process failed ({how})")
+    if not (target / "lmlab_pretrain.json").exists():
+        raise RuntimeError(f"pretraining the tiny base '{cfg.name}' ended without writing {target}")
+
+
+def _package_root() -> str | None:
+    """The directory lmlab is imported from, where it is not an installed site-packages (whose directory must not go
+    ahead of the standard library on the pretraining process's path)."""
+    import site
+
+    import lmlab
+
+    root = Path(lmlab.__file__).resolve().parent.parent
+    installed = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return None if root in installed else str(root)
 
 
 def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
@@ -188,8 +221,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
     started = time.perf_counter()
     display.line(f"pretraining tiny base '{cfg.name}' ({cfg.model.arch}, {cfg.model.num_layers} layers, width "
                  f"{cfg.model.hidden_size}, context {cfg.model.context}) on built-in {cfg.data} data, on the CPU with "
-                 f"{PRETRAIN_THREADS} thread and portable kernels (the same base on every machine); cached at "
-                 f"{target}")
+                 f"{PRETRAIN_THREADS} thread and portable kernels (the same base on every x86-64 machine with this "
+                 f"torch build); cached at {target}")
     tokenizer = train_bpe_tokenizer(tokenizer_texts(cfg.data, seed=cfg.tokenizer_seed), cfg.vocab_size)
     docs = _training_documents(cfg, tokenizer)
     texts = [getattr(d, "text", d) for d in docs]  # a LongDocument's text, or the text itself
@@ -217,7 +250,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
                                                          "train_time_s": recall.train_time_s},
             "wall_time_s": time.perf_counter() - started, "device": PRETRAIN_DEVICE,
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "mkl_cbwr": os.environ.get("MKL_CBWR"), "lmlab_cpu_kernels": not kernels_disabled(),
+            "mkl": torch.backends.mkl.is_available(), "mkl_cbwr_requested": os.environ.get("MKL_CBWR"),
+            "lmlab_cpu_kernels": not kernels_disabled(),
             "versions": library_versions()}
     (staging / "lmlab_pretrain.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(target, ignore_errors=True)
@@ -226,23 +260,56 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
                  f"({result.steps} steps, {info['wall_time_s']:.0f}s)")
 
 
-def _main(argv: list[str]) -> None:
-    """`python -m lmlab.studies.pretrain REQUEST`: the process `_pretrain_in_own_process` starts (REQUEST: its JSON)."""
+def _main(argv: list[str]) -> int:
+    """`python -m lmlab.studies.pretrain REQUEST`: the process `_pretrain_in_own_process` starts (REQUEST: its JSON).
+    It ends with the process that started it (SIGTERM when that one dies, on Linux) and exits quietly when stopped:
+    143 on SIGTERM, 130 on an interrupt, without a traceback and without a half-written base (the staging copy goes)."""
+    import signal
     import sys
 
-    from lmlab.progress import quiet_libraries
-
-    quiet_libraries()  # as the process that started it: no library's own bars or advice
     request = json.loads(argv[0])
-    cfg = PretrainConfig.model_validate(request["config"])
-    display = Display(progress=request["progress"], position=request["position"],
-                      log=lambda message: print(message, flush=True))
-    with torch_threads(PRETRAIN_THREADS):
-        _pretrain_into(cfg, Path(request["target"]), display)
-    sys.stdout.flush()
+    _end_with_parent(request["parent"])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    target = Path(request["target"])
+    try:
+        from lmlab.progress import quiet_libraries
+
+        quiet_libraries()  # as the process that started it: no library's own bars or advice
+        cfg = PretrainConfig.model_validate(request["config"])
+        display = Display(progress=request["progress"], position=request["position"],
+                          log=lambda message: print(message, flush=True))
+        with torch_threads(PRETRAIN_THREADS):
+            _pretrain_into(cfg, target, display)
+        sys.stdout.flush()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the process reading its messages is gone
+        return 141
+    finally:
+        staging = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _end_with_parent(parent: int) -> None:
+    """On Linux, ask the kernel to send this process SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), then exit
+    at once if the parent is already gone. Elsewhere nothing: the parent stops it itself on its own way out."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        sys.exit(143)
 
 
 if __name__ == "__main__":
     import sys
 
-    _main(sys.argv[1:])
+    sys.exit(_main(sys.argv[1:]))
