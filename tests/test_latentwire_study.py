@@ -658,3 +658,24 @@ def test_the_report_states_both_models_the_items_and_the_translators(smoke_run: 
     translators = next(line for line in setting.splitlines() if line.startswith("- Translators ("))
     for k in config["compression_k"]:  # every K's translator is described
         assert f"K = {k}" in translators or f", {k}" in translators.split(":")[0], k
+
+
+def test_the_timings_say_which_base_this_run_built_though_its_cells_found_it_cached():
+    """Under --parallel the run's process builds a missing base before its workers start: every cell then records
+    0 s to pretrain or find it. The base's build time against the run's start says this run built it."""
+    from lmlab.studies.latentwire_study import _timing_section
+
+    def row(config, source_s):
+        info = {"val_ppl": 2.07, "steps": 238, "wall_time_s": 65.0}
+        setup = {"source": "/cache/source", "target": "/cache/target", "source_pretrain_s": source_s,
+                 "target_pretrain_s": 0.0, "source_load_s": 0.1, "target_load_s": 0.1,
+                 "source_pretrain": {**info, "built_at": "2026-12-07T22:03:00"},
+                 "target_pretrain": {**info, "built_at": "2026-12-06T10:00:00"}}
+        return {"config": config, "seed": 1, "details": {"setup": setup, "stopped_early": False},
+                "metrics": {"train_steps": 10, "train_time_s": 1.0, "eval_time_s": 0.5}}
+
+    lines = _timing_section([row("a", 0.0), row("b", 66.5)], ["a", "b"], started="2026-12-07T22:01:45")
+    source, target = lines[2], lines[3]
+    assert "at most 66.5 s to pretrain or find in the cache" in source  # the largest over the cells
+    assert "65 s when built (by this run, at 2026-12-07 22:03:00)" in source
+    assert "at most 0.0 s" in target and "(at 2026-12-06 10:00:00)" in target and "by this run" not in target

@@ -545,7 +545,7 @@ class LatentWireStudy(Study):
                       "its best point's weights at the end (and early stopping ends its curve early where its "
                       "patience allows); a `baseline_*` arm keeps its last weights. See "
                       "`plots/bridged_accuracy_over_training.png`.", ""]
-        lines += _timing_section(ok, configs)
+        lines += _timing_section(ok, configs, record.get("started"))
         return lines
 
 
@@ -1099,15 +1099,26 @@ def _systems_section(rows: list[dict], configs: list[str], items: dict) -> list[
     return [*lines, ""]
 
 
-def _timing_section(rows: list[dict], configs: list[str]) -> list[str]:
-    setup = rows[0]["details"].get("setup", {})
+def _timing_section(rows: list[dict], configs: list[str], started: str | None = None) -> list[str]:
+    """Where each model came from and what it cost, then each configuration's training and evaluation times. A cell
+    records the seconds its own process took to pretrain or find a base: under `--parallel` the run's process builds
+    a missing base before the workers start, so the cells' figure can be 0 for a base this run built - the base's
+    build time (`built_at`, bases built since it is recorded) against the run's start (`started`) says which."""
+    setups = [r["details"].get("setup", {}) for r in rows]
+    setup = setups[0]
     lines = ["## Timings", ""]
     for role in ("source", "target"):
         info = setup.get(f"{role}_pretrain")
-        cached = "" if info is None else (f"; pretrained tiny base: val ppl {info['val_ppl']:.3f}, {info['steps']} "
-                                          f"steps, {info['wall_time_s']:.0f} s when built")
-        lines.append(f"- {role}: `{setup.get(role)}` (this run: {setup.get(f'{role}_pretrain_s', 0):.1f} s to "
-                     f"pretrain or find in the cache, {setup.get(f'{role}_load_s', 0):.1f} s to load{cached})")
+        cached = ""
+        if info is not None:
+            when = info.get("built_at")
+            during = bool(when and started and when >= started)
+            cached = (f"; pretrained tiny base: val ppl {info['val_ppl']:.3f}, {info['steps']} steps, "
+                      f"{info['wall_time_s']:.0f} s when built"
+                      + (f" ({'by this run, ' if during else ''}at {when.replace('T', ' ')})" if when else ""))
+        taken = max(s.get(f"{role}_pretrain_s", 0) for s in setups)
+        lines.append(f"- {role}: `{setup.get(role)}` (its cells' processes: at most {taken:.1f} s to pretrain or find "
+                     f"in the cache, {setup.get(f'{role}_load_s', 0):.1f} s to load{cached})")
     lines += ["", "| configuration | train steps (mean) | train s (mean) | evaluation s (mean) | stopped early |",
               "|---|---|---|---|---|"]
     for config in configs:

@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import time
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -249,6 +250,8 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
             "recall_phase": None if recall is None else {"steps": recall.steps, "final_loss": recall.final_loss,
                                                          "train_time_s": recall.train_time_s},
             "wall_time_s": time.perf_counter() - started, "device": PRETRAIN_DEVICE,
+            # local time, as a run's study.yaml records its start: which run built it
+            "built_at": datetime.now().isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "mkl": torch.backends.mkl.is_available(), "mkl_cbwr_requested": os.environ.get("MKL_CBWR"),
             "lmlab_cpu_kernels": not kernels_disabled(),
