@@ -76,6 +76,7 @@ from lmlab.studies.report import (
     MARKERS,
     change_cell,
     config_styles,
+    curve_over_seeds,
     detail_curves,
     fmt,
     label_axes,
@@ -1582,6 +1583,17 @@ def _by_config(rows: list[dict], configs: list[str], key: str) -> dict[str, list
     return out
 
 
+def _decile_change(rows: list[dict], candidate: str, other: str, x: list):
+    """`candidate`'s perplexity change vs `other` per position decile, paired by seed: a Curve over x of
+    100 * (candidate / other - 1) (mean over the seeds both ran, min and max), or None where no seed has both."""
+    theirs = {r["seed"]: r["details"]["decile_ppl"] for r in rows
+              if r["config"] == other and r["details"].get("decile_ppl")}
+    per_seed = [[None if v is None or b is None else 100 * (v / b - 1)
+                 for v, b in zip(r["details"]["decile_ppl"], theirs[r["seed"]], strict=True)]
+                for r in rows if r["config"] == candidate and r["details"].get("decile_ppl") and r["seed"] in theirs]
+    return curve_over_seeds(x, per_seed) if per_seed else None
+
+
 def _decile_plot(rows, configs, run: RunDir) -> bool:
     """Perplexity per position decile in two panels over the same x axis. Top: every configuration on a log axis, the
     mean over seeds shaded between the lowest and highest seed, one style per configuration of `configs` (the run's full
@@ -1597,7 +1609,7 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmlab.studies.report import band_note, curve_over_seeds, plain_log_y, same_values_notes
+    from lmlab.studies.report import band_note, plain_log_y, same_values_notes
 
     zoom_pct = 25.0  # the bottom panel's reach: beyond it a curve would flatten the others again
     x = [(d + 0.5) / 10 for d in range(10)]
@@ -1614,14 +1626,10 @@ def _decile_plot(rows, configs, run: RunDir) -> bool:
     # The change vs the reference, paired by seed: {config: Curve of 100 * (config / reference - 1) per decile}.
     changes = {}
     if reference is not None:
-        ref = {r["seed"]: r["details"]["decile_ppl"] for r in rows
-               if r["config"] == reference and r["details"].get("decile_ppl")}
         for c in curves:
-            per_seed = [[None if v is None or b is None else 100 * (v / b - 1)
-                         for v, b in zip(r["details"]["decile_ppl"], ref[r["seed"]], strict=True)]
-                        for r in rows if r["config"] == c and r["details"].get("decile_ppl") and r["seed"] in ref]
-            if per_seed:
-                changes[c] = curve_over_seeds(x, per_seed)
+            change = _decile_change(rows, c, reference, x)
+            if change is not None:
+                changes[c] = change
     shown = {c: ch for c, ch in changes.items()
              if all(v is None or abs(v) <= zoom_pct for v in (ch.low or ch.y) + (ch.high or ch.y))}
     left_out = [c for c in curves if c not in shown]
@@ -1709,19 +1717,14 @@ def _component_decile_plot(rows, configs, comparisons: list[dict], run: RunDir) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from lmlab.studies.report import curve_over_seeds
 
     x = [(d + 0.5) / 10 for d in range(10)]
-    by_cell = {(r["config"], r["seed"]): r["details"]["decile_ppl"] for r in rows if r["details"].get("decile_ppl")}
     panels = []
     for comp in comparisons:
         cand, parent = comp["candidate"], comp["parent"]
-        per_seed = [[None if v is None or b is None else 100 * (v / b - 1)
-                     for v, b in zip(values, by_cell[(parent, seed)], strict=True)]
-                    for (config, seed), values in sorted(by_cell.items(), key=lambda kv: kv[0][1])
-                    if config == cand and (parent, seed) in by_cell]
-        if per_seed and any(v is not None for seed_values in per_seed for v in seed_values):
-            panels.append((comp["component"], cand, parent, curve_over_seeds(x, per_seed)))
+        change = _decile_change(rows, cand, parent, x)
+        if change is not None and any(v is not None for v in change.y):
+            panels.append((comp["component"], cand, parent, change))
     if not panels:
         return []
     styles = config_styles(configs)
