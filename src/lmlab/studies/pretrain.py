@@ -176,7 +176,7 @@ def _pretrain_in_own_process(cfg: PretrainConfig, target: Path, display: Display
     package_root = _package_root()
     if package_root is not None:  # lmlab from a source tree (an editable install, PYTHONPATH=src), as imported here
         env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
-    for stale in target.parent.glob(f"{target.name}.tmp*"):  # a staging copy an earlier, killed build left
+    for stale in target.parent.glob(_staging(target, "*").name):  # a staging copy an earlier, killed build left
         shutil.rmtree(stale, ignore_errors=True)
     request = json.dumps({"config": cfg.model_dump(), "target": str(target), "progress": bool(display.progress),
                           "position": display.position, "parent": os.getpid()})
@@ -217,6 +217,11 @@ def _package_root() -> str | None:
     return None if root in installed else str(root)
 
 
+def _staging(target: Path, pid: int | str | None = None) -> Path:
+    """Where the process `pid` (default: this one) writes a base before renaming it to `target`."""
+    return target.with_name(f"{target.name}.tmp{os.getpid() if pid is None else pid}")
+
+
 def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
     """Pretrain and save into `target`, in the process `_pretrain_in_own_process` starts (or, in tests, in this one)."""
     started = time.perf_counter()
@@ -241,7 +246,7 @@ def _pretrain_into(cfg: PretrainConfig, target: Path, display: Display) -> None:
     result = train(model, examples, cfg.train, seed=cfg.init_seed, hooks=PaddedLM(tokenizer.pad_token_id),
                    display=display.named(f"pretrain {cfg.name}"), device=PRETRAIN_DEVICE)
     val = evaluate_perplexity(model, val_texts, tokenizer, cfg.model.context, positional=False)
-    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    staging = _staging(target)
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
@@ -290,8 +295,7 @@ def _main(argv: list[str]) -> int:
     except BrokenPipeError:  # the process reading its messages is gone
         return 141
     finally:
-        staging = target.with_name(target.name + f".tmp{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(_staging(target), ignore_errors=True)
 
 
 def _end_with_parent(parent: int) -> None:
