@@ -40,6 +40,18 @@ def test_describe_reports_mean_sample_std_and_interval():
     assert describe([2.0])["std"] is None and describe([])["mean"] is None
 
 
+def test_a_value_every_seed_shares_has_no_spread_and_reads_as_shared():
+    """Three seeds of a shared 0.025 (5 of 200 items): (0.025 + 0.025 + 0.025) / 3 is not 0.025 in floats, and the
+    spread it would leave (4e-18) once printed as `0.025000 ± 4.2e-18` in a results table."""
+    from lmlab.studies.report import _mean_std
+
+    assert sum([0.025] * 3) / 3 != 0.025  # the rounding this guards against
+    d = describe([0.025] * 3)
+    assert d["mean"] == 0.025 and d["std"] == 0.0 and d["ci95"] == [0.025, 0.025]
+    assert _mean_std(d) == "0.025 (same on every seed)"
+    assert paired_relative_change({1: 0.05, 2: 0.05, 3: 0.05}, {1: 0.025, 2: 0.025, 3: 0.025})["constant"]
+
+
 def test_paired_relative_change_is_a_log_ratio_interval_reported_as_percent():
     reference = {42: 20.0, 123: 21.0, 456: 19.5, 789: 20.4}
     candidate = {42: 19.0, 123: 20.5, 456: 19.4, 789: 19.8, 1011: 5.0}  # 1011 has no reference: unpaired

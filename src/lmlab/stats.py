@@ -26,17 +26,25 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> list[float]
     n = len(vals)
     if n < 2:
         return None
-    mean = sum(vals) / n
+    mean = _mean(vals)
     sd = _std(vals)
     half = _scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return [mean - half, mean + half]
+
+
+def _mean(vals: list[float]) -> float:
+    """The mean; exactly the value where all values are equal (the sum of three 0.025s over 3 is not 0.025 in floats,
+    which would give a measurement every seed shares a spread of 4e-18)."""
+    if all(v == vals[0] for v in vals):
+        return vals[0]
+    return sum(vals) / len(vals)
 
 
 def _std(vals: list[float]) -> float:
     n = len(vals)
     if n < 2:
         return 0.0
-    mean = sum(vals) / n
+    mean = _mean(vals)
     return math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
 
 
@@ -46,7 +54,7 @@ def describe(values: Sequence[float | None]) -> dict:
     if not vals:
         return {"mean": None, "std": None, "ci95": None, "values": [], "n": 0}
     return {
-        "mean": sum(vals) / len(vals),
+        "mean": _mean(vals),
         "std": _std(vals) if len(vals) > 1 else None,
         "ci95": t_interval(vals),
         "values": vals,
@@ -81,7 +89,7 @@ def paired_relative_change(candidate: Mapping[int, float], reference: Mapping[in
     per_seed = {s: 100.0 * (c - r) / abs(r) for s, (c, r) in pairs.items()}
     vals = [math.log(c / r) for c, r in pairs.values()] if log_scale else list(per_seed.values())
     back = (lambda x: 100.0 * math.expm1(x)) if log_scale else (lambda x: x)
-    mean = sum(vals) / len(vals)
+    mean = _mean(vals)
     constant = len(vals) >= 2 and _std(vals) <= 1e-12 * max(abs(mean), 1e-300)
     interval = None if constant else t_interval(vals)
     p_value = None
