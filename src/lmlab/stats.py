@@ -6,14 +6,23 @@ variance) are `None`, never a made-up number.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from scipy import stats as _scipy_stats
 
 Z95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
+
+
+@functools.cache
+def _scipy_stats():
+    """scipy.stats, imported on first use: about 0.6 s at startup that a process computing no statistic (a parallel
+    worker, a pretraining process, a command refused for bad input) does not pay."""
+    from scipy import stats
+
+    return stats
 
 
 def _finite(values: Sequence[float | None]) -> list[float]:
@@ -28,7 +37,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> list[float]
         return None
     mean = _mean(vals)
     sd = _std(vals)
-    half = _scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = _scipy_stats().t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return [mean - half, mean + half]
 
 
@@ -94,7 +103,7 @@ def paired_relative_change(candidate: Mapping[int, float], reference: Mapping[in
     interval = None if constant else t_interval(vals)
     p_value = None
     if interval is not None:
-        p_value = float(_scipy_stats.ttest_1samp(vals, 0.0).pvalue)
+        p_value = float(_scipy_stats().ttest_1samp(vals, 0.0).pvalue)
     return {
         "delta_pct": back(mean),
         "ci95": [back(interval[0]), back(interval[1])] if interval else None,
@@ -163,7 +172,7 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
     None when there are too few values for any interval to reach `level` (fewer than 6 at 95%, e.g. --quick)."""
     ordered = sorted(values)
     n = len(ordered)
-    k = int(_scipy_stats.binom.ppf((1 - level) / 2, n, 0.5))  # the smallest k with P(B <= k) >= alpha / 2
+    k = int(_scipy_stats().binom.ppf((1 - level) / 2, n, 0.5))  # the smallest k with P(B <= k) >= alpha / 2
     return (ordered[k - 1], ordered[n - k]) if k >= 1 else None
 
 
@@ -175,7 +184,7 @@ def sign_test(better: int, worse: int) -> float:
     untied pairs. On discordant items it is the exact McNemar test."""
     if better + worse == 0:
         return 1.0
-    return float(_scipy_stats.binomtest(min(better, worse), better + worse, 0.5).pvalue)
+    return float(_scipy_stats().binomtest(min(better, worse), better + worse, 0.5).pvalue)
 
 
 def mcnemar_exact(better: int, worse: int) -> float:
