@@ -99,6 +99,14 @@ def test_aliases_set_the_dotted_field():
     assert cfg.train.epochs == 2 and cfg.train.lr == 5e-4
 
 
+def test_a_key_given_twice_takes_its_last_value_also_under_its_short_name():
+    """As the README says: a script can append an override to a base command, and the later one wins, whichever
+    name (short or dotted) either uses."""
+    assert load_config(StudyConfig, None, ["train.lr=1e-3", "train.lr=2e-3"]).train.lr == 2e-3
+    assert load_config(StudyConfig, None, ["lr=1e-3", "train.lr=3e-3"]).train.lr == 3e-3
+    assert load_config(StudyConfig, None, ["train.lr=3e-3", "lr=4e-3"]).train.lr == 4e-3
+
+
 def test_nested_dotted_override_changes_one_leaf_and_keeps_the_rest(tmp_path):
     path = write(tmp_path / "c.yaml", "train:\n  lr: 0.01\n  epochs: 4\nadapter:\n  dropout: 0.1\n")
     cfg = load_config(StudyConfig, path, ["adapter.rank=16", "train.epochs=5", "seeds=[7, 8, 9]"])
