@@ -150,7 +150,13 @@ def test_the_pretraining_process_stops_with_the_run(how, tmp_path: Path):
             os.killpg(run.pid, signal.SIGINT)
         else:
             run.send_signal(signal.SIGTERM)
-        run.wait(timeout=60)
+        try:
+            run.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # say which process still ran, and what they wrote, before stopping them
+            still = [f"{p.pid} ({'lmlab' if p.pid == run.pid else 'pretraining'}: {p.status()})"
+                     for p in [psutil.Process(run.pid), *children] if p.is_running()]
+            os.killpg(run.pid, signal.SIGKILL)
+            pytest.fail(f"still running 60 s after {how}: {', '.join(still)}; stderr: {run.stderr.read()[-3000:]}")
         _, alive = psutil.wait_procs(children, timeout=60)
         assert not alive
         errors = run.stderr.read()  # both processes' stderr (the child inherits lmlab's)

@@ -275,9 +275,21 @@ def _main(argv: list[str]) -> int:
     import signal
     import sys
 
+    from lmlab.engine.interrupt import deliver_later, in_finalizer
+
+    def stop(signum, frame):
+        if in_finalizer(frame):  # raised inside a __del__, the exception would be printed and dropped: again shortly
+            deliver_later(signum)
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            sys.exit(143)
+
     request = json.loads(argv[0])
     _end_with_parent(request["parent"])
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, stop)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores Ctrl-C
+        signal.signal(signal.SIGINT, stop)
     target = Path(request["target"])
     try:
         from lmlab.progress import quiet_libraries
