@@ -138,9 +138,14 @@ def test_the_pretraining_process_stops_with_the_run(how, tmp_path: Path):
 
     import psutil
 
+    def as_from_a_terminal():  # Ctrl-C's default action, unblocked, whatever an earlier test left in this process
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    inherited = (signal.getsignal(signal.SIGINT), signal.pthread_sigmask(signal.SIG_BLOCK, []))
     env = {**os.environ, "LMLAB_CACHE": str(tmp_path)}
     run = subprocess.Popen([sys.executable, "-c", STOPPABLE], env=env, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+                           start_new_session=True, preexec_fn=as_from_a_terminal)
     try:
         assert "pretraining tiny base 'stop-test'" in run.stderr.readline()  # the child runs the recipe
         time.sleep(1.0)
@@ -156,7 +161,8 @@ def test_the_pretraining_process_stops_with_the_run(how, tmp_path: Path):
             still = [f"{p.pid} ({'lmlab' if p.pid == run.pid else 'pretraining'}: {p.status()})"
                      for p in [psutil.Process(run.pid), *children] if p.is_running()]
             os.killpg(run.pid, signal.SIGKILL)
-            pytest.fail(f"still running 60 s after {how}: {', '.join(still)}; stderr: {run.stderr.read()[-3000:]}")
+            pytest.fail(f"still running 60 s after {how}: {', '.join(still)} (this process's SIGINT handler and "
+                        f"blocked signals: {inherited}); stderr: {run.stderr.read()[-3000:]}")
         _, alive = psutil.wait_procs(children, timeout=60)
         assert not alive
         errors = run.stderr.read()  # both processes' stderr (the child inherits lmlab's)
