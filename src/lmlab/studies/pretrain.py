@@ -275,21 +275,9 @@ def _main(argv: list[str]) -> int:
     import signal
     import sys
 
-    from lmlab.engine.interrupt import deliver_later, in_finalizer
-
-    def stop(signum, frame):
-        if in_finalizer(frame):  # raised inside a __del__, the exception would be printed and dropped: again shortly
-            deliver_later(signum)
-        elif signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        else:
-            sys.exit(143)
-
     request = json.loads(argv[0])
     _end_with_parent(request["parent"])
-    signal.signal(signal.SIGTERM, stop)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores Ctrl-C
-        signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     target = Path(request["target"])
     try:
         from lmlab.progress import quiet_libraries
@@ -308,6 +296,10 @@ def _main(argv: list[str]) -> int:
         return 141
     finally:
         shutil.rmtree(_staging(target), ignore_errors=True)
+        # from here on the process only exits: a signal now (its parent's death, a late Ctrl-C) ends it at once,
+        # where raised inside an exit handler it would be printed as a traceback
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: os._exit(128 + signum))
 
 
 def _end_with_parent(parent: int) -> None:
